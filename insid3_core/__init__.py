@@ -1,0 +1,26 @@
+"""insid3_core: training-free segmentation by example with frozen DINOv3 features (INSID3)."""
+
+from .backbone import Backbone, BackboneError, load_backbone, random_backbone
+from .config import EngineConfig
+from .engine import ReferenceSet, SegmentationResult, Segmenter
+from .io import InputError, load_image, load_mask
+from .quality import QualityReport, QualityThresholds, quality_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "EngineConfig",
+    "InputError",
+    "QualityReport",
+    "QualityThresholds",
+    "ReferenceSet",
+    "SegmentationResult",
+    "Segmenter",
+    "load_backbone",
+    "load_image",
+    "load_mask",
+    "quality_report",
+    "random_backbone",
+]

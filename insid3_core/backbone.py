@@ -1,0 +1,327 @@
+"""Loading a frozen DINOv3 ViT through timm.
+
+Three sources are accepted by :func:`load_backbone`:
+
+* a Meta ``.pth`` checkpoint (``dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth`` …), whose keys
+  are converted by timm's DINOv3 converter; the architecture is read from the weights, and a
+  JSON sidecar (``X.json`` beside ``X.pth``) holding the keyword arguments of Meta's
+  ``DinoVisionTransformer`` overrides what the weights cannot tell (heads, norm, RoPE base);
+* a timm model name such as ``vit_large_patch16_dinov3_qkvb.lvd1689m`` (downloads when online);
+* nothing: the small random-weight test checkpoint bundled with the package, for smoke tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "tiny_dinov3_meta.pth"
+
+DINOV3_MODELS = {
+    # embed_dim, swiglu -> timm architecture with the qkv bias kept
+    (384, False): "vit_small_patch16_dinov3_qkvb",
+    (384, True): "vit_small_plus_patch16_dinov3_qkvb",
+    (768, False): "vit_base_patch16_dinov3_qkvb",
+    (1024, False): "vit_large_patch16_dinov3_qkvb",
+    (1280, True): "vit_huge_plus_patch16_dinov3_qkvb",
+}
+
+SVD_COMPONENTS_DEFAULT = {1024: 500}
+"""Positional directions removed per backbone width; widths not listed use half the width.
+
+The release removes 500 for ViT-L (C = 1024), about half its width; the same share is kept
+for the other sizes so the debiased features always keep half their dimensions."""
+
+_META_NORM_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5}
+_META_SWIGLU_ALIGN = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
+_META_DEFAULTS = {
+    "patch_size": 16,
+    "pos_embed_rope_base": 100.0,
+    "pos_embed_rope_normalize_coords": "separate",
+    "norm_layer": "layernormbf16",
+    "ffn_ratio": 4.0,
+    "ffn_layer": "mlp",
+    "qkv_bias": True,
+    "n_storage_tokens": 0,
+}
+
+
+class BackboneError(RuntimeError):
+    """A backbone could not be loaded; the message names the source and the problem."""
+
+
+@dataclass
+class Backbone:
+    """A frozen DINOv3 ViT ready for feature extraction.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        timm ``Eva`` model in eval mode on ``device`` with parameters in ``dtype``.
+    name : str
+        timm architecture name.
+    identity : str or None
+        Stable identifier of the weights (used to cache the positional basis); ``None`` for
+        random weights, which are never cached.
+    device : torch.device
+    dtype : torch.dtype
+        Compute dtype of the backbone; features are always returned in float32.
+    is_smoke_test : bool
+        True for the bundled random-weight checkpoint: masks carry no semantics.
+    """
+
+    model: nn.Module
+    name: str
+    identity: str | None
+    device: torch.device
+    dtype: torch.dtype
+    is_smoke_test: bool = False
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.patch_embed.patch_size[0]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    def default_svd_components(self) -> int:
+        """Per-backbone default ``k`` (see :data:`SVD_COMPONENTS_DEFAULT`)."""
+        return SVD_COMPONENTS_DEFAULT.get(self.embed_dim, self.embed_dim // 2)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Map ``auto|cuda|mps|cpu`` (or ``cuda:N``) to an available :class:`torch.device`."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    resolved = torch.device(name)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"device {name!r} requested but CUDA is not available")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise BackboneError(f"device {name!r} requested but MPS is not available")
+    return resolved
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``float32|float16|bfloat16`` -> dtype; half precision is refused on the CPU."""
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if precision not in dtypes:
+        raise BackboneError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
+    if precision != "float32" and device.type == "cpu":
+        raise BackboneError(f"half precision ({precision}) needs a GPU; use float32 on the CPU")
+    return dtypes[precision]
+
+
+def load_backbone(
+    source: str | Path | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "float32",
+) -> Backbone:
+    """Load a DINOv3 backbone from a checkpoint file or a timm model name.
+
+    Parameters
+    ----------
+    source : str, Path or None
+        Path to a Meta ``.pth`` checkpoint, a timm DINOv3 model name, or ``None`` for the
+        bundled random-weight test checkpoint (smoke tests only).
+    device : str
+        ``auto``, ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
+    precision : str
+        ``float32`` (default), ``float16`` or ``bfloat16`` (GPU only).
+    """
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    if source is None:
+        model, name, identity = _from_meta_checkpoint(BUNDLED_CHECKPOINT)
+        smoke = True
+    elif Path(source).expanduser().is_file():
+        model, name, identity = _from_meta_checkpoint(Path(source).expanduser())
+        smoke = Path(source).expanduser().resolve() == BUNDLED_CHECKPOINT.resolve()
+    else:
+        model, name, identity = _from_timm_name(str(source))
+        smoke = False
+    model = model.to(device=torch_device, dtype=dtype).eval().requires_grad_(False)
+    return Backbone(model, name, identity, torch_device, dtype, is_smoke_test=smoke)
+
+
+def random_backbone(
+    name: str, device: str | torch.device = "auto", precision: str = "float32", seed: int = 0
+) -> Backbone:
+    """The real timm architecture ``name`` with random weights, for speed measurements only."""
+    _check_dinov3_name(name)
+    import timm
+
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    model = model.to(device=torch_device, dtype=dtype).eval().requires_grad_(False)
+    return Backbone(model, name, None, torch_device, dtype)
+
+
+def _check_dinov3_name(name: str) -> None:
+    import timm
+
+    architecture = name.split(".")[0]
+    if architecture not in timm.list_models("*dinov3*"):
+        known = ", ".join(timm.list_models("*dinov3*"))
+        raise BackboneError(
+            f"{name!r} is neither an existing checkpoint file nor a timm DINOv3 model (known: {known})"
+        )
+
+
+def _from_timm_name(name: str) -> tuple[nn.Module, str, str]:
+    _check_dinov3_name(name)
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as err:  # hub errors come in many types (HTTP, offline, missing file)
+        raise BackboneError(
+            f"could not download the weights of timm model {name!r} ({type(err).__name__}: {err}); "
+            "this machine may be offline: pass --weights PATH to a local DINOv3 checkpoint"
+        ) from err
+    tag = model.pretrained_cfg.get("tag") or "default"
+    return model, name.split(".")[0], f"timm-{name.split('.')[0]}.{tag}"
+
+
+def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
+    import timm
+    from timm.layers import LayerNorm
+    from timm.models.eva import checkpoint_filter_fn
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise BackboneError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    state = _unwrap_state_dict(state, path)
+    arguments = {**_META_DEFAULTS, **_arguments_from_weights(state, path)}
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            arguments.update(json.loads(sidecar.read_text()))
+        except json.JSONDecodeError as err:
+            raise BackboneError(f"{sidecar}: invalid JSON ({err})") from err
+    if "num_heads" not in arguments:
+        raise BackboneError(
+            f"{path}: width {arguments['embed_dim']} is not a standard DINOv3 size; put Meta's "
+            f"constructor arguments (num_heads, ...) in {sidecar}"
+        )
+    name, timm_arguments = _timm_arguments(arguments, path)
+    model = timm.create_model(
+        name,
+        pretrained=False,
+        num_classes=0,
+        norm_layer=partial(LayerNorm, eps=_META_NORM_EPS[arguments["norm_layer"]]),
+        **timm_arguments,
+    )
+    periods = state.get("rope_embed.periods")
+    if periods is not None and not torch.allclose(periods.float(), model.rope.periods.float(), rtol=1e-4):
+        raise BackboneError(
+            f"{path}: the checkpoint's RoPE periods differ from those of base "
+            f"{arguments['pos_embed_rope_base']}; give Meta's constructor arguments in {sidecar.name}"
+        )
+    converted = checkpoint_filter_fn(state, model)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise BackboneError(
+            f"{path}: weights do not fit {name} ({arguments['embed_dim']} wide, depth "
+            f"{arguments['depth']}): missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model, name, f"{path.stem}-{_file_digest(path)}"
+
+
+def _unwrap_state_dict(state, path: Path) -> dict:
+    for key in ("model", "teacher", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or "cls_token" not in state or "storage_tokens" not in state:
+        raise BackboneError(f"{path}: not a DINOv3 checkpoint in Meta's format (no cls_token/storage_tokens)")
+    return {key.removeprefix("backbone."): value for key, value in state.items()}
+
+
+def _arguments_from_weights(state: dict, path: Path) -> dict:
+    """Meta constructor arguments that the weights determine (64 channels per head assumed)."""
+    embed_dim = state["cls_token"].shape[-1]
+    depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
+    swiglu = "blocks.0.mlp.w1.weight" in state
+    hidden = state["blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[0]
+    arguments = {
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "patch_size": state["patch_embed.proj.weight"].shape[-1],
+        "n_storage_tokens": state["storage_tokens"].shape[1],
+        "ffn_layer": "swiglu" if swiglu else "mlp",
+        "ffn_hidden": hidden,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+    }
+    if embed_dim % 64 == 0:
+        arguments["num_heads"] = embed_dim // 64
+    return arguments
+
+
+def _timm_arguments(arguments: dict, path: Path) -> tuple[str, dict]:
+    """Translate Meta's ``DinoVisionTransformer`` arguments into timm ``Eva`` arguments."""
+    unsupported = {
+        "pos_embed_rope_normalize_coords": lambda v: v != "separate",
+        "pos_embed_rope_min_period": lambda v: v is not None,
+        "pos_embed_rope_max_period": lambda v: v is not None,
+        "untie_cls_and_patch_norms": bool,
+        "untie_global_and_local_cls_norm": bool,
+        "norm_layer": lambda v: v not in _META_NORM_EPS,
+        "ffn_layer": lambda v: v != "mlp" and v not in _META_SWIGLU_ALIGN,
+    }
+    for key, is_unsupported in unsupported.items():
+        if key in arguments and is_unsupported(arguments[key]):
+            raise BackboneError(f"{path}: Meta argument {key}={arguments[key]!r} is not supported")
+    embed_dim = arguments["embed_dim"]
+    swiglu = arguments["ffn_layer"] != "mlp"
+    hidden = arguments.get("ffn_hidden") or int(embed_dim * arguments["ffn_ratio"])
+    name = DINOV3_MODELS.get((embed_dim, swiglu), DINOV3_MODELS[(384, swiglu)])
+    timm_arguments = {
+        "embed_dim": embed_dim,
+        "depth": arguments["depth"],
+        "num_heads": arguments["num_heads"],
+        "patch_size": arguments["patch_size"],
+        "qkv_bias": arguments["qkv_bias"],
+        "num_reg_tokens": arguments["n_storage_tokens"],
+        "rope_temperature": float(arguments["pos_embed_rope_base"]),
+        "mlp_ratio": hidden / embed_dim,
+    }
+    if swiglu:
+        timm_arguments["swiglu_align_to"] = _META_SWIGLU_ALIGN[arguments["ffn_layer"]]
+    return name, timm_arguments
+
+
+def _file_digest(path: Path, length: int = 16) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def warn_if_smoke_test(backbone: Backbone) -> None:
+    """Warn loudly that a random-weight backbone gives smoke-test masks, not DINOv3 quality."""
+    if backbone.is_smoke_test:
+        warnings.warn(
+            "insid3 is running on the bundled random-weight TEST checkpoint: its masks are a smoke "
+            "test, not DINOv3 quality. Pass --weights PATH (or set INSID3_WEIGHTS) to a real DINOv3 checkpoint.",
+            stacklevel=2,
+        )

@@ -1,0 +1,257 @@
+"""The ``insid3`` command line: ``insid3 segment`` and ``insid3 info``."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import platform
+import sys
+from pathlib import Path
+
+from . import __version__
+from .backbone import BackboneError, load_backbone, resolve_device
+from .coco import coco_document, mask_record, records_from_document, result_record
+from .config import EngineConfig, cache_dir, env_setting
+from .engine import Segmenter
+from .io import IMAGE_EXTENSIONS, InputError, load_image, load_mask, write_json, write_mask_png
+from .quality import VERDICTS, QualityThresholds
+
+SMOKE_TEST_BANNER = """\
+############################################################################
+#  NO DINOv3 WEIGHTS CONFIGURED: running on the bundled random-weight TEST  #
+#  checkpoint. These masks are a SMOKE TEST, not DINOv3 quality.            #
+#  Pass --weights PATH (or set INSID3_WEIGHTS) to a real DINOv3 checkpoint. #
+############################################################################"""
+
+
+class UsageError(Exception):
+    """A problem with the command's arguments or files, reported without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``insid3`` console script; returns the exit code."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    try:
+        return arguments.handler(arguments)
+    except (UsageError, InputError, BackboneError, ValueError) as err:
+        print(f"insid3: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="insid3", description="Segment images by example (INSID3, DINOv3).")
+    parser.add_argument("--version", action="version", version=f"insid3 {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    segment = commands.add_parser("segment", help="segment target images from (image, mask) references")
+    segment.add_argument("targets", nargs="+", metavar="TARGET", help="image files, folders or glob patterns")
+    segment.add_argument("--ref", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
+                         help="a reference image and its mask (repeat for several shots)")
+    segment.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    segment.add_argument("--category", default="object", help="category name in annotations.json")
+    segment.add_argument("--overwrite", action="store_true", help="re-segment targets whose mask already exists")
+    add_engine_arguments(segment)
+    quality = segment.add_argument_group("quality verdicts")
+    defaults = QualityThresholds()
+    quality.add_argument("--min-area-ratio", type=float, default=defaults.min_area_ratio)
+    quality.add_argument("--max-area-ratio", type=float, default=defaults.max_area_ratio)
+    quality.add_argument("--max-components", type=int, default=defaults.max_components)
+    segment.set_defaults(handler=run_segment)
+
+    info = commands.add_parser("info", help="print versions, device and cache location")
+    info.add_argument("--device", default=env_setting("device", "auto"))
+    info.set_defaults(handler=run_info)
+    return parser
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine options shared by the sub-commands; defaults come from ``INSID3_<NAME>``."""
+    engine = parser.add_argument_group("engine (defaults from INSID3_<NAME> environment variables)")
+    source = engine.add_mutually_exclusive_group()
+    source.add_argument("--weights", default=env_setting("weights"), metavar="PATH",
+                        help="Meta DINOv3 .pth checkpoint (constructor arguments from PATH.json when present)")
+    source.add_argument("--backbone", default=env_setting("backbone"), metavar="NAME",
+                        help="timm DINOv3 model name, e.g. vit_large_patch16_dinov3_qkvb.lvd1689m (needs network)")
+    engine.add_argument("--image-size", type=int, default=env_setting("image_size", 1024, int))
+    engine.add_argument("--svd-components", type=int, default=env_setting("svd_components", None, int),
+                        help="positional directions removed (default: half the backbone width, 500 for ViT-L)")
+    engine.add_argument("--basis", type=Path, default=env_setting("basis"), metavar="NPY",
+                        help="(C, k) .npy positional basis to use instead of computing it")
+    engine.add_argument("--tau", type=float, default=env_setting("tau", 0.6, float))
+    engine.add_argument("--merge-threshold", type=float, default=env_setting("merge_threshold", 0.2, float))
+    engine.add_argument("--device", default=env_setting("device", "auto"), choices=None,
+                        help="auto|cpu|cuda|cuda:N|mps")
+    engine.add_argument("--precision", default=env_setting("precision", "float32"),
+                        choices=("float32", "float16", "bfloat16"), help="backbone precision (half on GPU only)")
+    engine.add_argument("--batch-size", type=int, default=env_setting("batch_size", 4, int))
+
+
+def segmenter_from_arguments(arguments: argparse.Namespace) -> Segmenter:
+    """Load the backbone and build a :class:`Segmenter` from parsed engine options."""
+    if arguments.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {arguments.batch_size}")
+    config = EngineConfig(
+        image_size=arguments.image_size,
+        svd_components=arguments.svd_components,
+        tau=arguments.tau,
+        merge_threshold=arguments.merge_threshold,
+    )
+    if arguments.weights is not None and not Path(arguments.weights).expanduser().is_file():
+        raise UsageError(f"--weights {arguments.weights}: no such file")
+    backbone = load_backbone(arguments.weights or arguments.backbone, arguments.device, arguments.precision)
+    if backbone.is_smoke_test:
+        print(SMOKE_TEST_BANNER, file=sys.stderr)
+    quality = QualityThresholds(
+        getattr(arguments, "min_area_ratio", QualityThresholds.min_area_ratio),
+        getattr(arguments, "max_area_ratio", QualityThresholds.max_area_ratio),
+        getattr(arguments, "max_components", QualityThresholds.max_components),
+    )
+    return Segmenter(backbone, config, quality, basis_file=arguments.basis)
+
+
+def resolve_targets(specs: list[str]) -> list[Path]:
+    """Expand files, folders (their images, sorted) and glob patterns, without duplicates."""
+    found: dict[Path, None] = {}
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        elif path.is_file():
+            files = [path]
+        else:
+            files = sorted(
+                Path(match) for match in glob.glob(str(path), recursive=True)
+                if Path(match).is_file() and Path(match).suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not files:
+                raise UsageError(f"{spec}: no such file, and no image matches it as a pattern")
+        found.update((f.resolve(), None) for f in files)
+    by_stem = collections.defaultdict(list)
+    for target in found:
+        by_stem[target.stem].append(target)
+    clashes = [paths for paths in by_stem.values() if len(paths) > 1]
+    if clashes:
+        listed = "; ".join(" and ".join(str(p) for p in paths) for paths in clashes)
+        raise UsageError(f"targets share a file stem, so their output masks would collide: {listed}")
+    return list(found)
+
+
+def load_records(path: Path, overwrite: bool) -> dict[str, dict]:
+    """Records of an earlier run's annotations.json, to merge this run's into."""
+    if not path.is_file():
+        return {}
+    try:
+        return records_from_document(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        if overwrite:
+            return {}
+        raise UsageError(
+            f"{path}: existing file is not an insid3 COCO document ({err}); move it away or pass --overwrite"
+        ) from err
+
+
+def run_segment(arguments: argparse.Namespace) -> int:
+    targets = resolve_targets(arguments.targets)
+    out: Path = arguments.out
+    inputs = {Path(p).expanduser().resolve() for pair in arguments.ref for p in pair} | set(targets)
+    outputs = {target: out.resolve() / f"{target.stem}.png" for target in targets}
+    clobbered = sorted(str(p) for p in inputs & set(outputs.values()))
+    if clobbered:
+        raise UsageError(f"output masks would overwrite input files: {', '.join(clobbered)}; choose another --out")
+    annotations_path = out / "annotations.json"
+    records = load_records(annotations_path, arguments.overwrite)
+    pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
+    for target in targets:
+        if target not in pending and target.name not in records:
+            records[target.name] = mask_record(target.name, load_mask(outputs[target]))
+
+    segmenter = segmenter_from_arguments(arguments)
+    references = segmenter.encode_references([(Path(image), Path(mask)) for image, mask in arguments.ref])
+    info = {
+        "description": "insid3 segment",
+        "version": __version__,
+        "backbone": segmenter.backbone.name,
+        "weights": segmenter.backbone.identity,
+        "smoke_test": segmenter.backbone.is_smoke_test,
+        "image_size": segmenter.config.image_size,
+        "svd_components": int(segmenter.basis.shape[1]),
+        "tau": segmenter.config.tau,
+        "merge_threshold": segmenter.config.merge_threshold,
+        "references": list(references.names),
+    }
+    print(f"insid3: {len(targets)} target(s), {len(targets) - len(pending)} already done, "
+          f"{len(pending)} to segment on {segmenter.backbone.device}", file=sys.stderr)
+
+    from tqdm import tqdm
+
+    failures: dict[str, str] = {}
+    verdicts = collections.Counter()
+    with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress:
+        for start in range(0, len(pending), arguments.batch_size):
+            loaded = []
+            for target in pending[start : start + arguments.batch_size]:
+                try:
+                    loaded.append((target, load_image(target)))
+                except InputError as err:
+                    failures[str(target)] = str(err)
+                    progress.update(1)
+            if not loaded:
+                continue
+            results = segmenter.segment_batch(references, [image for _, image in loaded])
+            for (target, _), result in zip(loaded, results):
+                write_mask_png(outputs[target], result.mask)
+                records[target.name] = result_record(target.name, result)
+                verdicts[result.quality.verdict] += 1
+            write_json(annotations_path, coco_document(records, arguments.category, info))
+            progress.update(len(loaded))
+            progress.set_postfix(verdicts)
+    if not pending:
+        write_json(annotations_path, coco_document(records, arguments.category, info))
+
+    summary = ", ".join(f"{verdict} {verdicts[verdict]}" for verdict in VERDICTS if verdicts[verdict])
+    print(f"insid3: segmented {sum(verdicts.values())}, skipped {len(targets) - len(pending)}, "
+          f"failed {len(failures)} -> {out}", file=sys.stderr)
+    if summary:
+        print(f"insid3: quality: {summary}", file=sys.stderr)
+    for name, message in failures.items():
+        print(f"insid3: FAILED {name}: {message}", file=sys.stderr)
+    if segmenter.backbone.is_smoke_test:
+        print("insid3: reminder: these masks come from the random-weight TEST checkpoint (smoke test).",
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
+def run_info(arguments: argparse.Namespace) -> int:
+    import numpy
+    import PIL
+    import scipy
+    import timm
+    import torch
+
+    lines = {
+        "insid3": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "pillow": PIL.__version__,
+        "cuda available": torch.cuda.is_available(),
+        "device": str(resolve_device(arguments.device)),
+        "cache": str(cache_dir()),
+        "weights": env_setting("weights") or "(none: bundled random-weight test checkpoint)",
+    }
+    if torch.cuda.is_available():
+        lines["gpu"] = torch.cuda.get_device_name()
+    for key, value in lines.items():
+        print(f"{key:15} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Hyper-parameters of the pipeline and the environment variables that set defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "INSID3_"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Hyper-parameters of the INSID3 pipeline (see ``ALGORITHM.md``).
+
+    Parameters
+    ----------
+    image_size : int
+        Side ``s`` of the square input; must be a multiple of the patch size (16).
+    svd_components : int or None
+        Number ``k`` of positional directions projected out. ``None`` picks the
+        backbone's default (:func:`insid3_core.backbone.default_svd_components`).
+    tau : float
+        Clustering similarity; clusters merge while their average cosine distance
+        is strictly below ``1 - tau``.
+    merge_threshold : float
+        Clusters whose aggregation score exceeds it form the mask.
+    """
+
+    image_size: int = 1024
+    svd_components: int | None = None
+    tau: float = 0.6
+    merge_threshold: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16 or self.image_size % 16:
+            raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
+        if self.svd_components is not None and self.svd_components < 0:
+            raise ValueError(f"svd_components must be >= 0, got {self.svd_components}")
+        if not -1.0 < self.tau < 1.0:
+            raise ValueError(f"tau must lie in (-1, 1), got {self.tau}")
+
+
+def env_setting(name: str, default=None, cast=str):
+    """Read ``INSID3_<NAME>`` from the environment.
+
+    Parameters
+    ----------
+    name : str
+        Setting name as on the command line, e.g. ``"image-size"`` or ``"image_size"``.
+    default : object
+        Returned when the variable is unset or empty.
+    cast : callable
+        Converts the string value; a failure raises ``ValueError`` naming the variable.
+    """
+    key = ENV_PREFIX + name.upper().replace("-", "_")
+    raw = os.environ.get(key, "")
+    if raw == "":
+        return default
+    try:
+        return cast(raw)
+    except ValueError as err:
+        raise ValueError(f"environment variable {key}={raw!r} is not a valid {cast.__name__}") from err
+
+
+def cache_dir() -> Path:
+    """Folder for cached positional bases: ``$INSID3_CACHE_DIR`` or ``~/.cache/insid3``."""
+    configured = env_setting("cache_dir")
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "insid3"

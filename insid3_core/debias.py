@@ -1,0 +1,110 @@
+"""Positional subspace of a backbone and its removal (ALGORITHM.md step 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import Backbone
+from .features import normalise, patch_features
+from .io import atomic_write
+
+
+def positional_directions(backbone: Backbone, image_size: int, cache: Path | None = None) -> torch.Tensor:
+    """All left singular vectors of the centred features of a constant (all-zero) image.
+
+    Cached on disk under ``cache`` per backbone identity and input size; backbones with
+    random weights (``identity is None``) are never cached.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(C, r)`` float32 on the backbone's device, columns ordered by decreasing singular
+        value, ``r = min(C, h*w)``.
+    """
+    path = None
+    if cache is not None and backbone.identity is not None:
+        path = Path(cache) / f"positional_{backbone.identity}_s{image_size}.npy"
+        if path.is_file():
+            return torch.from_numpy(np.load(path)).to(backbone.device)
+    constant = normalise(torch.zeros(1, 3, image_size, image_size))
+    features = patch_features(backbone, constant)[0].T.double()  # (C, N)
+    centred = features - features.mean(dim=1, keepdim=True)
+    directions = torch.linalg.svd(centred.cpu(), full_matrices=False).U.float()
+    if path is not None:
+        with atomic_write(path) as stream:
+            np.save(stream, directions.numpy())
+    return directions.to(backbone.device)
+
+
+def positional_basis(
+    backbone: Backbone,
+    image_size: int,
+    components: int | None = None,
+    cache: Path | None = None,
+    basis_file: str | Path | None = None,
+) -> torch.Tensor:
+    """The basis ``U_k`` of the positional subspace that debiasing projects out.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    image_size : int
+    components : int or None
+        ``k``; ``None`` uses the backbone's default. Must be ``< C``.
+    cache : Path or None
+        Folder of cached singular vectors.
+    basis_file : str, Path or None
+        A ``(C, k)`` ``.npy`` to use instead of computing the basis; ``components``, when
+        given, must then equal its ``k``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(C, k)`` float32 with orthonormal columns, on the backbone's device.
+    """
+    width = backbone.embed_dim
+    if basis_file is not None:
+        basis = np.load(basis_file)
+        if basis.ndim != 2 or basis.shape[0] != width:
+            raise ValueError(f"{basis_file}: positional basis of shape {basis.shape}, expected ({width}, k)")
+        if components is not None and components != basis.shape[1]:
+            raise ValueError(f"{basis_file}: holds {basis.shape[1]} components, svd_components={components}")
+        components = basis.shape[1]
+    k = backbone.default_svd_components() if components is None else components
+    if not 0 <= k < width:
+        raise ValueError(
+            f"svd_components={k} must be smaller than the backbone width C={width} "
+            f"(removing {k} of {width} dimensions would wipe out the features); "
+            f"default for this backbone: {backbone.default_svd_components()}"
+        )
+    if basis_file is not None:
+        return torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32)).to(backbone.device)
+    directions = positional_directions(backbone, image_size, cache)
+    if k > directions.shape[1]:
+        raise ValueError(
+            f"svd_components={k} exceeds the {directions.shape[1]} directions of a {image_size}px grid"
+        )
+    return directions[:, :k].contiguous()
+
+
+def debias(features: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Project the positional subspace out and re-normalise: ``normalize((I - U Uᵀ) x)``.
+
+    Parameters
+    ----------
+    features : torch.Tensor
+        ``(..., C)`` features.
+    basis : torch.Tensor
+        ``(C, k)`` orthonormal columns.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., C)`` L2-normalised.
+    """
+    return F.normalize(features - (features @ basis) @ basis.T, dim=-1)
+

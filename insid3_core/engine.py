@@ -1,0 +1,205 @@
+"""The batch engine: references encoded once, targets segmented in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .aggregation import cluster_scores
+from .backbone import Backbone
+from .clustering import cluster_patches
+from .config import EngineConfig, cache_dir
+from .debias import debias, positional_basis
+from .features import image_tensor, patch_features
+from .io import InputError, load_image, load_mask, mask_array
+from .matching import backward_candidates, downsample_mask, forward_candidates, mask_tensor, reference_prototype
+from .quality import QualityReport, QualityThresholds, quality_report
+from .upsample import upsample_mask
+
+ImageLike = str | Path | Image.Image
+MaskLike = str | Path | Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """References encoded once for any number of targets.
+
+    Attributes
+    ----------
+    features : torch.Tensor
+        ``(S, N, C)`` debiased, L2-normalised reference patch features.
+    masks : torch.Tensor
+        ``(S, N)`` bool reference masks at feature resolution.
+    prototype : torch.Tensor
+        ``(C,)`` L2-normalised reference prototype ``p``.
+    image_size : int
+        Input size the references were encoded at.
+    names : tuple of str
+        Where each reference came from (file path or ``reference <i>``).
+    """
+
+    features: torch.Tensor
+    masks: torch.Tensor
+    prototype: torch.Tensor
+    image_size: int
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """The prediction for one target.
+
+    Attributes
+    ----------
+    mask : np.ndarray
+        ``(H, W)`` bool at the target's own size and (EXIF-applied) orientation.
+    lowres_mask : np.ndarray
+        ``(h, w)`` bool at feature resolution.
+    score : float
+        Confidence in [0, 1]: mean debiased similarity to the reference prototype over the
+        predicted patches (0 for an empty mask).
+    quality : QualityReport
+    """
+
+    mask: np.ndarray
+    lowres_mask: np.ndarray
+    score: float
+    quality: QualityReport
+
+
+class Segmenter:
+    """Segment targets by example with a frozen DINOv3 backbone.
+
+    Parameters
+    ----------
+    backbone : Backbone
+    config : EngineConfig
+    quality : QualityThresholds
+    basis_file : str, Path or None
+        ``(C, k)`` ``.npy`` positional basis to use instead of computing one.
+    cache : Path or None
+        Folder caching positional bases (default :func:`insid3_core.config.cache_dir`).
+
+    Examples
+    --------
+    >>> segmenter = Segmenter(load_backbone("dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"))
+    >>> references = segmenter.encode_references([("cat.jpg", "cat_mask.png")])
+    >>> results = segmenter.segment(references, ["a.jpg", "b.jpg"], batch_size=8)
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: EngineConfig = EngineConfig(),
+        quality: QualityThresholds = QualityThresholds(),
+        basis_file: str | Path | None = None,
+        cache: Path | None = None,
+    ) -> None:
+        if config.image_size % backbone.patch_size:
+            raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {backbone.patch_size}")
+        self.backbone = backbone
+        self.config = config
+        self.quality = quality
+        side = config.image_size // backbone.patch_size
+        self.grid = (side, side)
+        self.basis = positional_basis(
+            backbone, config.image_size, config.svd_components, cache or cache_dir(), basis_file
+        )
+
+    def encode_references(self, references: Sequence[tuple[ImageLike, MaskLike]]) -> ReferenceSet:
+        """Encode ``(image, mask)`` pairs in one backbone call.
+
+        Raises :class:`InputError` naming the reference when an image is unreadable, a mask's
+        size differs from its image's, or a mask is empty.
+        """
+        if not references:
+            raise InputError("at least one (image, mask) reference is needed")
+        names, images, masks = [], [], []
+        for index, (image, mask) in enumerate(references):
+            name = str(image) if isinstance(image, (str, Path)) else f"reference {index}"
+            image = load_image(image) if isinstance(image, (str, Path)) else image
+            mask = self._reference_mask(name, image, mask)
+            names.append(name)
+            images.append(image_tensor(image, self.config.image_size))
+            masks.append(mask_tensor(mask, self.config.image_size))
+        features = debias(patch_features(self.backbone, torch.stack(images)), self.basis)
+        low = downsample_mask(torch.stack(masks).to(self.backbone.device), self.grid).flatten(1)
+        return ReferenceSet(features, low, reference_prototype(features, low), self.config.image_size, tuple(names))
+
+    @staticmethod
+    def _reference_mask(name: str, image: Image.Image, mask: MaskLike) -> np.ndarray:
+        if isinstance(mask, (str, Path)):
+            array = load_mask(mask, image.size)
+            name = str(mask)
+        else:
+            array = mask_array(mask)
+            if array.shape != (image.height, image.width):
+                raise InputError(
+                    f"{name}: mask is {array.shape[1]}x{array.shape[0]} but its image is "
+                    f"{image.width}x{image.height} (width x height)"
+                )
+        if not array.any():
+            raise InputError(f"{name}: reference mask is empty (no foreground pixel)")
+        return array
+
+    def segment(
+        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8
+    ) -> list[SegmentationResult]:
+        """Segment targets (paths or PIL images) in batches of ``batch_size``."""
+        results, batch = [], []
+        for target in targets:
+            batch.append(load_image(target) if isinstance(target, (str, Path)) else target)
+            if len(batch) == batch_size:
+                results += self.segment_batch(references, batch)
+                batch = []
+        if batch:
+            results += self.segment_batch(references, batch)
+        return results
+
+    def segment_batch(self, references: ReferenceSet, images: Sequence[Image.Image]) -> list[SegmentationResult]:
+        """Segment RGB images (EXIF already applied) with one backbone call."""
+        if references.image_size != self.config.image_size:
+            raise ValueError(
+                f"references were encoded at {references.image_size}px, this segmenter runs at {self.config.image_size}px"
+            )
+        batch = torch.stack([image_tensor(image, self.config.image_size) for image in images])
+        features = patch_features(self.backbone, batch)
+        debiased = debias(features, self.basis)
+        similarity = debiased @ references.prototype
+        candidates = forward_candidates(similarity) & backward_candidates(
+            debiased, references.features, references.masks
+        )
+        results = []
+        for index, (image, has_candidates) in enumerate(zip(images, candidates.any(dim=1).tolist())):
+            lowres = torch.zeros(features.shape[1], dtype=torch.bool, device=features.device)
+            if has_candidates:
+                labels = torch.from_numpy(cluster_patches(features[index], self.config.tau)).to(features.device)
+                scores = cluster_scores(
+                    labels,
+                    candidates[index],
+                    features[index],
+                    debiased[index],
+                    similarity[index],
+                    references.prototype,
+                )
+                lowres = scores[labels] > self.config.merge_threshold
+            results.append(self._result(lowres, similarity[index], (image.height, image.width)))
+        return results
+
+    def _result(self, lowres: torch.Tensor, similarity: torch.Tensor, size: tuple[int, int]) -> SegmentationResult:
+        confidence = similarity[lowres].mean().clamp(0.0, 1.0) if lowres.any() else similarity.new_zeros(())
+        mask = upsample_mask(lowres.view(self.grid), self.config.image_size, size).cpu().numpy()
+        return SegmentationResult(
+            mask=mask,
+            lowres_mask=lowres.view(self.grid).cpu().numpy(),
+            score=float(confidence),
+            quality=quality_report(mask, self.quality),
+        )

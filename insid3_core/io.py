@@ -1,0 +1,125 @@
+"""Reading the images and masks users have, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class InputError(ValueError):
+    """An input file cannot be used; the message names the file and the problem."""
+
+
+def _open_oriented(path: str | Path) -> Image.Image:
+    """Open, fully decode and apply the EXIF orientation; any failure names the file."""
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return ImageOps.exif_transpose(handle)
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: file not found") from err
+    except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
+        raise InputError(f"{path}: unreadable or truncated image ({type(err).__name__}: {err})") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB view of any PIL image: 16-bit greyscale is scaled to 8 bits, alpha is dropped."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if pixels.max(initial=0) > 255 or image.mode != "I" else 1.0
+        image = Image.fromarray(np.clip(pixels / scale, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Load an image as RGB in its displayed orientation (EXIF applied).
+
+    Grayscale, palette, RGBA and 16-bit files are accepted. Raises :class:`InputError`
+    naming the file when it is missing, unreadable or truncated.
+    """
+    return to_rgb(_open_oriented(path))
+
+
+def mask_array(mask: Image.Image | np.ndarray, value: int | None = None) -> np.ndarray:
+    """Foreground of a mask as stored: ``array > 0`` (or ``== value`` for one class).
+
+    Palette masks compare their indices; colour masks count a pixel as foreground when any
+    colour channel is nonzero and, with an alpha channel, the pixel is not transparent.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` bool.
+    """
+    array = np.asarray(mask)
+    if array.ndim == 2:
+        return array > 0 if value is None else array == value
+    if value is not None:
+        raise ValueError("a class value selects pixels of single-channel (greyscale or palette) masks only")
+    has_alpha = array.shape[2] in (2, 4)
+    foreground = (array[..., :-1] if has_alpha else array).max(axis=2) > 0
+    if has_alpha:
+        foreground &= array[..., -1] > 0
+    return np.asarray(foreground, dtype=bool)
+
+
+def load_mask(
+    path: str | Path, image_size: tuple[int, int] | None = None, value: int | None = None
+) -> np.ndarray:
+    """Load a reference mask (EXIF applied) as ``(H, W)`` bool.
+
+    Parameters
+    ----------
+    path : str or Path
+    image_size : (W, H) or None
+        Size of the image the mask belongs to; a different mask size raises
+        :class:`InputError` naming both sizes.
+    value : int or None
+        Take only pixels equal to this class value (multi-class and palette masks).
+    """
+    image = _open_oriented(path)
+    if image_size is not None and image.size != tuple(image_size):
+        raise InputError(
+            f"{path}: mask is {image.size[0]}x{image.size[1]} but its image is "
+            f"{image_size[0]}x{image_size[1]} (width x height, EXIF orientation applied)"
+        )
+    return mask_array(image, value)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb"):
+    """Open a temporary file beside ``path`` and move it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, mode) as stream:
+            yield stream
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
+    """Write a ``(H, W)`` bool mask as a 0/255 8-bit PNG, atomically."""
+    with atomic_write(path) as stream:
+        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(stream, format="PNG")
+
+
+def write_json(path: str | Path, payload) -> None:
+    """Write JSON atomically (UTF-8, indented)."""
+    with atomic_write(path, "w") as stream:
+        json.dump(payload, stream, indent=1)

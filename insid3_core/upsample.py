@@ -1,0 +1,27 @@
+"""From the feature-resolution mask back to the target's pixels (ALGORITHM.md step 7)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def upsample_mask(lowres: torch.Tensor, image_size: int, original_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a 0/1 mask to ``(s, s)`` then to ``(H, W)``, thresholding at 0.5 each time.
+
+    Parameters
+    ----------
+    lowres : torch.Tensor
+        ``(h, w)`` bool.
+    image_size : int
+        Square model input size ``s``.
+    original_size : (H, W)
+
+    Returns
+    -------
+    torch.Tensor
+        ``(H, W)`` bool on the device of ``lowres``.
+    """
+    square = F.interpolate(lowres.float()[None, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
+    full = F.interpolate((square > 0.5).float(), size=tuple(original_size), mode="bilinear", align_corners=False)
+    return full[0, 0] > 0.5

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine: the torch/torchvision pair that imports here, then the project.
+# Usage: bash scripts/bootstrap.sh [EXTRA[,EXTRA...]]   e.g. bash scripts/bootstrap.sh test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+case "$(uname -m)" in
+  aarch64|arm64) torch_pair=(torch==2.9.1 torchvision==0.24.1) ;;
+  *) torch_pair=(torch==2.14.1 torchvision==0.29.1) ;;
+esac
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "${torch_pair[@]}"
+.venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"

@@ -1,0 +1,159 @@
+"""`insid3 segment` and `insid3 info` end to end on the example images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import EXAMPLES
+from insid3_core.cli import main
+from insid3_core.coco import rle_decode
+
+REFERENCE = [str(EXAMPLES / "reference" / "disks.png"), str(EXAMPLES / "reference" / "disks_mask.png")]
+FAST = ["--image-size", "128", "--svd-components", "16", "--device", "cpu", "--batch-size", "3"]
+
+
+@pytest.fixture
+def targets(tmp_path):
+    folder = tmp_path / "targets"
+    shutil.copytree(EXAMPLES / "targets", folder)
+    return folder
+
+
+def segment(*arguments) -> int:
+    return main(["segment", "--ref", *REFERENCE, *FAST, *map(str, arguments)])
+
+
+def test_console_script_end_to_end(tmp_path, targets):
+    out = tmp_path / "out"
+    command = [str(Path(sys.executable).parent / "insid3"), "segment", "--ref", *REFERENCE,
+               "--out", str(out), "--image-size", "256", "--svd-components", "16", str(targets)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "SMOKE TEST" in run.stderr and "segment: 100%" in run.stderr
+    assert "insid3: quality:" in run.stderr and "segmented 8, skipped 0, failed 0" in run.stderr
+
+    document = json.loads((out / "annotations.json").read_text())
+    assert [image["file_name"] for image in document["images"]] == sorted(p.name for p in targets.iterdir())
+    assert document["info"]["smoke_test"] is True and document["categories"] == [{"id": 1, "name": "object"}]
+    for image, annotation in zip(document["images"], document["annotations"]):
+        png = np.array(Image.open(out / image["file_name"]))
+        assert png.shape == Image.open(targets / image["file_name"]).size[::-1]
+        assert set(np.unique(png)) <= {0, 255}
+        np.testing.assert_array_equal(rle_decode(annotation["segmentation"]), png > 0)
+        assert annotation["area"] == int((png > 0).sum())
+        assert annotation["quality"]["verdict"] in ("ok", "too_small", "too_large", "fragmented", "empty")
+        assert 0.0 <= annotation["score"] <= 1.0
+
+
+def test_resume_skips_existing_and_keeps_annotations(tmp_path, targets, capsys):
+    out = tmp_path / "out"
+    assert segment("--out", out, targets) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    (out / "scene_03.png").unlink()
+    capsys.readouterr()
+    assert segment("--out", out, targets) == 0
+    assert "segmented 1, skipped 7" in capsys.readouterr().err
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert {k: v for k, v in after.items() if k != "scene_03.png"} == {k: v for k, v in first.items() if k != "scene_03.png"}
+    assert len(json.loads((out / "annotations.json").read_text())["annotations"]) == 8
+
+    assert segment("--out", out, "--overwrite", targets) == 0
+    assert "segmented 8, skipped 0" in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns != first[p.name] for p in out.glob("*.png") if p.name != "scene_03.png")
+
+
+def test_masks_written_by_hand_get_annotations_on_resume(tmp_path, targets):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(EXAMPLES / "masks" / "scene_01.png", out / "scene_01.png")
+    assert segment("--out", out, targets) == 0
+    document = json.loads((out / "annotations.json").read_text())
+    by_name = {i["file_name"]: a for i, a in zip(document["images"], document["annotations"])}
+    assert by_name["scene_01.png"]["score"] is None
+    truth = np.array(Image.open(EXAMPLES / "masks" / "scene_01.png")) > 0
+    np.testing.assert_array_equal(rle_decode(by_name["scene_01.png"]["segmentation"]), truth)
+
+
+def test_failed_target_is_reported_and_batch_goes_on(tmp_path, targets, capsys):
+    data = (targets / "scene_02.png").read_bytes()
+    (targets / "scene_02.png").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert segment("--out", out, targets) == 1
+    error = capsys.readouterr().err
+    assert f"FAILED {targets / 'scene_02.png'}" in error and "truncated" in error
+    assert len(list(out.glob("*.png"))) == 7 and not (out / "scene_02.png").exists()
+
+
+def test_exif_rotated_target_keeps_its_orientation(tmp_path):
+    image = Image.open(EXAMPLES / "targets" / "scene_01.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    image.save(folder / "rotated.jpg", exif=exif, quality=95)
+    out = tmp_path / "out"
+    assert segment("--out", out, folder / "rotated.jpg") == 0
+    assert Image.open(out / "rotated.png").size == (image.height, image.width)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t, r: Image.new("L", (10, 10)).save(r / "mask.png"), "10x10 but its image is 480x360"),
+        (lambda t, r: Image.new("L", (480, 360)).save(r / "mask.png"), "reference mask is empty"),
+        (lambda t, r: (r / "mask.png").write_bytes(b"not a png"), "unreadable or truncated"),
+    ],
+    ids=["mask-size", "empty-mask", "unreadable-mask"],
+)
+def test_bad_reference_is_a_clear_error(tmp_path, targets, capsys, mutate, message):
+    references = tmp_path / "ref"
+    references.mkdir()
+    mutate(targets, references)
+    code = main(["segment", "--ref", REFERENCE[0], str(references / "mask.png"), *FAST,
+                 "--out", str(tmp_path / "out"), str(targets)])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and "mask.png" in error
+    assert "Traceback" not in error
+
+
+def test_target_resolution_errors(tmp_path, targets, capsys):
+    assert segment("--out", tmp_path / "out", tmp_path / "missing.png") == 2
+    assert "no such file" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(targets / "scene_01.png", other / "scene_01.png")
+    assert segment("--out", tmp_path / "out", targets, other) == 2
+    assert "share a file stem" in capsys.readouterr().err
+    assert segment("--out", targets, targets / "scene_01.png") == 2
+    assert "would overwrite input files" in capsys.readouterr().err
+
+
+def test_glob_pattern_and_corrupt_annotations(tmp_path, targets, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "annotations.json").write_text("{ not json")
+    assert segment("--out", out, str(targets / "scene_0[12].png")) == 2
+    assert "move it away or pass --overwrite" in capsys.readouterr().err
+    assert segment("--out", out, "--overwrite", str(targets / "scene_0[12].png")) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["scene_01.png", "scene_02.png"]
+
+
+def test_svd_components_must_be_below_width(tmp_path, targets, capsys):
+    code = main(["segment", "--ref", *REFERENCE, "--image-size", "128", "--svd-components", "96",
+                 "--device", "cpu", "--out", str(tmp_path / "out"), str(targets)])
+    assert code == 2 and "smaller than the backbone width C=96" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(["info", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "torch" in printed and "timm" in printed and "device          cpu" in printed
+    assert "cache" in printed and "insid3-cache" in printed

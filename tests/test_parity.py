@@ -1,0 +1,82 @@
+"""Parity with the released INSID3 on the episodes of tests/fixtures/parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ARTIFACTS, EPISODES, PARITY
+from insid3_core import EngineConfig, Segmenter
+from insid3_core.features import image_tensor, patch_features
+from insid3_core.io import load_image
+
+IOUS: dict[str, float] = {}
+
+
+def episode_segmenter(backbone, episode) -> Segmenter:
+    config = EngineConfig(
+        image_size=episode["image_size"],
+        svd_components=episode["svd_components"],
+        tau=episode["tau"],
+        merge_threshold=episode["merge_threshold"],
+    )
+    return Segmenter(backbone, config, cache=None)
+
+
+@pytest.mark.parametrize("episode", EPISODES, ids=[e["id"] for e in EPISODES])
+def test_features_match_release(tiny_backbone, episode):
+    folder = PARITY / episode["id"]
+    expected = np.load(folder / "target_features.npy")  # (C, h, w)
+    image = image_tensor(load_image(folder / episode["target"]), episode["image_size"])
+    features = patch_features(tiny_backbone, image[None])[0]  # (N, C)
+    ours = features.T.reshape(expected.shape).numpy()
+    assert np.abs(ours - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("episode", EPISODES, ids=[e["id"] for e in EPISODES])
+def test_positional_basis_spans_release_subspace(tiny_backbone, episode):
+    expected = np.load(PARITY / episode["id"] / "positional_basis.npy")
+    basis = episode_segmenter(tiny_backbone, episode).basis.numpy()
+    assert basis.shape == expected.shape
+    assert np.abs(basis @ basis.T - expected @ expected.T).max() <= 1e-3
+
+
+@pytest.mark.parametrize("episode", EPISODES, ids=[e["id"] for e in EPISODES])
+def test_mask_matches_release(tiny_backbone, episode):
+    folder = PARITY / episode["id"]
+    segmenter = episode_segmenter(tiny_backbone, episode)
+    references = segmenter.encode_references(
+        [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]
+    )
+    result = segmenter.segment(references, [folder / episode["target"]])[0]
+    expected = np.array(Image.open(folder / episode["expected_mask"])) > 0
+    assert result.mask.shape == expected.shape
+    iou = (result.mask & expected).sum() / (result.mask | expected).sum()
+    IOUS[episode["id"]] = float(iou)
+    print(f"parity {episode['id']}: IoU {iou:.4f}")
+    assert iou >= 0.99
+
+
+def test_positional_basis_from_release_file(tiny_backbone):
+    """A basis given as .npy is used as is and reproduces the release's mask."""
+    episode = EPISODES[0]
+    folder = PARITY / episode["id"]
+    config = EngineConfig(image_size=episode["image_size"], tau=episode["tau"])
+    segmenter = Segmenter(tiny_backbone, config, basis_file=folder / "positional_basis.npy", cache=None)
+    assert torch.equal(segmenter.basis, torch.from_numpy(np.load(folder / "positional_basis.npy")))
+    references = segmenter.encode_references(
+        [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]
+    )
+    mask = segmenter.segment(references, [folder / episode["target"]])[0].mask
+    expected = np.array(Image.open(folder / episode["expected_mask"])) > 0
+    assert (mask & expected).sum() / (mask | expected).sum() >= 0.99
+
+
+def teardown_module(module):
+    if IOUS:
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "parity_iou.json").write_text(json.dumps(IOUS, indent=1))
