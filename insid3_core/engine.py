@@ -85,8 +85,9 @@ class Segmenter:
     quality : QualityThresholds
     basis_file : str, Path or None
         ``(C, k)`` ``.npy`` positional basis to use instead of computing one.
-    cache : Path or None
-        Folder caching positional bases (default :func:`insid3_core.config.cache_dir`).
+    cache : Path, None or False
+        Folder caching positional bases; ``None`` uses :func:`insid3_core.config.cache_dir`,
+        ``False`` disables the cache.
 
     Examples
     --------
@@ -101,7 +102,7 @@ class Segmenter:
         config: EngineConfig = EngineConfig(),
         quality: QualityThresholds = QualityThresholds(),
         basis_file: str | Path | None = None,
-        cache: Path | None = None,
+        cache: Path | None | bool = None,
     ) -> None:
         if config.image_size % backbone.patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {backbone.patch_size}")
@@ -111,7 +112,7 @@ class Segmenter:
         side = config.image_size // backbone.patch_size
         self.grid = (side, side)
         self.basis = positional_basis(
-            backbone, config.image_size, config.svd_components, cache or cache_dir(), basis_file
+            backbone, config.image_size, config.svd_components, cache_dir() if cache is None else cache or None, basis_file
         )
 
     def encode_references(self, references: Sequence[tuple[ImageLike, MaskLike]]) -> ReferenceSet:
@@ -125,7 +126,7 @@ class Segmenter:
         names, images, masks = [], [], []
         for index, (image, mask) in enumerate(references):
             name = str(image) if isinstance(image, (str, Path)) else f"reference {index}"
-            image = load_image(image) if isinstance(image, (str, Path)) else image
+            image = load_image(image)
             mask = self._reference_mask(name, image, mask)
             names.append(name)
             images.append(image_tensor(image, self.config.image_size))
@@ -156,7 +157,7 @@ class Segmenter:
         """Segment targets (paths or PIL images) in batches of ``batch_size``."""
         results, batch = [], []
         for target in targets:
-            batch.append(load_image(target) if isinstance(target, (str, Path)) else target)
+            batch.append(load_image(target))
             if len(batch) == batch_size:
                 results += self.segment_batch(references, batch)
                 batch = []
@@ -165,7 +166,7 @@ class Segmenter:
         return results
 
     def segment_batch(self, references: ReferenceSet, images: Sequence[Image.Image]) -> list[SegmentationResult]:
-        """Segment RGB images (EXIF already applied) with one backbone call."""
+        """Segment RGB images in their displayed orientation (see :func:`load_image`) with one backbone call."""
         if references.image_size != self.config.image_size:
             raise ValueError(
                 f"references were encoded at {references.image_size}px, this segmenter runs at {self.config.image_size}px"

@@ -42,13 +42,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Load an image as RGB in its displayed orientation (EXIF applied).
+def load_image(image: str | Path | Image.Image) -> Image.Image:
+    """An image as RGB in its displayed orientation (EXIF applied), from a path or PIL image.
 
-    Grayscale, palette, RGBA and 16-bit files are accepted. Raises :class:`InputError`
+    Grayscale, palette, RGBA and 16-bit images are accepted. Raises :class:`InputError`
     naming the file when it is missing, unreadable or truncated.
     """
-    return to_rgb(_open_oriented(path))
+    if isinstance(image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(image))
+    return to_rgb(_open_oriented(image))
 
 
 def mask_array(mask: Image.Image | np.ndarray, value: int | None = None) -> np.ndarray:

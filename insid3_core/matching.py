@@ -10,9 +10,17 @@ import torch.nn.functional as F
 
 
 def mask_tensor(mask: np.ndarray, image_size: int) -> torch.Tensor:
-    """Nearest-neighbour resize of a ``(H, W)`` bool mask to ``(s, s)`` (torch ``nearest``)."""
+    """Nearest-neighbour resize of a ``(H, W)`` bool mask to ``(s, s)`` (torch ``nearest``).
+
+    A nonempty mask whose pixels all fall between the sampled ones keeps one pixel, at its
+    centroid scaled to ``(s, s)``.
+    """
     resized = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(image_size, image_size), mode="nearest")
-    return resized[0, 0] > 0.5
+    square = resized[0, 0] > 0.5
+    if mask.any() and not square.any():
+        ys, xs = np.nonzero(mask)
+        square[int(ys.mean() * image_size / mask.shape[0]), int(xs.mean() * image_size / mask.shape[1])] = True
+    return square
 
 
 def downsample_mask(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -15,7 +15,7 @@ TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_backbone):
-    return Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16), cache=None)
+    return Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16), cache=False)
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +60,14 @@ def test_result_fields(segmenter, references):
 
 
 def test_empty_prediction_scores_zero(tiny_backbone, references):
-    strict = Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16, merge_threshold=1.0), cache=None)
+    strict = Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16, merge_threshold=1.0), cache=False)
     result = strict.segment(references, [TARGETS[0]])[0]
     assert not result.mask.any() and not result.lowres_mask.any()
     assert result.score == 0.0 and result.quality.verdict == "empty"
 
 
 def test_references_must_match_image_size(tiny_backbone, references):
-    other = Segmenter(tiny_backbone, EngineConfig(image_size=128, svd_components=16), cache=None)
+    other = Segmenter(tiny_backbone, EngineConfig(image_size=128, svd_components=16), cache=False)
     with pytest.raises(ValueError, match="256px"):
         other.segment(references, [TARGETS[0]])
 

@@ -24,7 +24,7 @@ def episode_segmenter(backbone, episode) -> Segmenter:
         tau=episode["tau"],
         merge_threshold=episode["merge_threshold"],
     )
-    return Segmenter(backbone, config, cache=None)
+    return Segmenter(backbone, config, cache=False)
 
 
 @pytest.mark.parametrize("episode", EPISODES, ids=[e["id"] for e in EPISODES])
@@ -66,7 +66,7 @@ def test_positional_basis_from_release_file(tiny_backbone):
     episode = EPISODES[0]
     folder = PARITY / episode["id"]
     config = EngineConfig(image_size=episode["image_size"], tau=episode["tau"])
-    segmenter = Segmenter(tiny_backbone, config, basis_file=folder / "positional_basis.npy", cache=None)
+    segmenter = Segmenter(tiny_backbone, config, basis_file=folder / "positional_basis.npy", cache=False)
     assert torch.equal(segmenter.basis, torch.from_numpy(np.load(folder / "positional_basis.npy")))
     references = segmenter.encode_references(
         [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]
