@@ -75,6 +75,8 @@ class Backbone:
         Compute dtype of the backbone; features are always returned in float32.
     is_smoke_test : bool
         True for the bundled random-weight checkpoint: masks carry no semantics.
+    images_seen : int
+        Images passed through the backbone so far (counts reference re-encoding).
     """
 
     model: nn.Module
@@ -83,6 +85,7 @@ class Backbone:
     device: torch.device
     dtype: torch.dtype
     is_smoke_test: bool = False
+    images_seen: int = 0
 
     @property
     def embed_dim(self) -> int:

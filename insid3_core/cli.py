@@ -8,6 +8,7 @@ import glob
 import json
 import platform
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
@@ -87,6 +88,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--precision", default=env_setting("precision", "float32"),
                         choices=("float32", "float16", "bfloat16"), help="backbone precision (half on GPU only)")
     engine.add_argument("--batch-size", type=int, default=env_setting("batch_size", 4, int))
+    engine.add_argument("--workers", type=int, default=env_setting("workers", 4, int),
+                        help="threads decoding and resizing targets ahead of the device")
+    engine.add_argument("--clustering", default=env_setting("clustering", "auto"), choices=("auto", "scipy", "torch"),
+                        help="clustering implementation (same partition): auto = torch on GPU, scipy on CPU")
 
 
 def segmenter_from_arguments(arguments: argparse.Namespace) -> Segmenter:
@@ -98,6 +103,7 @@ def segmenter_from_arguments(arguments: argparse.Namespace) -> Segmenter:
         svd_components=arguments.svd_components,
         tau=arguments.tau,
         merge_threshold=arguments.merge_threshold,
+        clustering=arguments.clustering,
     )
     if arguments.weights is not None and not Path(arguments.weights).expanduser().is_file():
         raise UsageError(f"--weights {arguments.weights}: no such file")
@@ -191,27 +197,24 @@ def run_segment(arguments: argparse.Namespace) -> int:
 
     failures: dict[str, str] = {}
     verdicts = collections.Counter()
-    with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress:
-        for start in range(0, len(pending), arguments.batch_size):
-            loaded = []
-            for target in pending[start : start + arguments.batch_size]:
-                try:
-                    loaded.append((target, load_image(target)))
-                except InputError as err:
-                    failures[str(target)] = str(err)
-                    progress.update(1)
-            if not loaded:
+    with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="insid3-write") as writer:
+        writes = []
+        stream = segmenter.iter_segment(references, pending, arguments.batch_size, arguments.workers)
+        for done, (target, result) in enumerate(stream, start=1):
+            progress.update(1)
+            if isinstance(result, InputError):
+                failures[str(target)] = str(result)
                 continue
-            results = segmenter.segment_batch(references, [image for _, image in loaded])
-            for (target, _), result in zip(loaded, results):
-                write_mask_png(outputs[target], result.mask)
-                records[target.name] = result_record(target.name, result)
-                verdicts[result.quality.verdict] += 1
-            write_json(annotations_path, coco_document(records, arguments.category, info))
-            progress.update(len(loaded))
-            progress.set_postfix(verdicts)
-    if not pending:
-        write_json(annotations_path, coco_document(records, arguments.category, info))
+            writes.append(writer.submit(write_mask_png, outputs[target], result.mask))
+            records[target.name] = result_record(target.name, result)
+            verdicts[result.quality.verdict] += 1
+            progress.set_postfix(verdicts, refresh=False)
+            if done % arguments.batch_size == 0:
+                write_json(annotations_path, coco_document(records, arguments.category, info))
+        for write in writes:
+            write.result()
+    write_json(annotations_path, coco_document(records, arguments.category, info))
 
     summary = ", ".join(f"{verdict} {verdicts[verdict]}" for verdict in VERDICTS if verdicts[verdict])
     print(f"insid3: segmented {sum(verdicts.values())}, skipped {len(targets) - len(pending)}, "

@@ -25,12 +25,16 @@ class EngineConfig:
         is strictly below ``1 - tau``.
     merge_threshold : float
         Clusters whose aggregation score exceeds it form the mask.
+    clustering : {"auto", "scipy", "torch"}
+        Implementation of the (identical) clustering: ``auto`` uses torch on an accelerator
+        and scipy on the CPU.
     """
 
     image_size: int = 1024
     svd_components: int | None = None
     tau: float = 0.6
     merge_threshold: float = 0.2
+    clustering: str = "auto"
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 16:
@@ -39,6 +43,8 @@ class EngineConfig:
             raise ValueError(f"svd_components must be >= 0, got {self.svd_components}")
         if not -1.0 < self.tau < 1.0:
             raise ValueError(f"tau must lie in (-1, 1), got {self.tau}")
+        if self.clustering not in ("auto", "scipy", "torch"):
+            raise ValueError(f"clustering must be auto, scipy or torch, got {self.clustering!r}")
 
 
 def env_setting(name: str, default=None, cast=str):

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone
-from .features import normalise, patch_features
+from .features import patch_features
 from .io import atomic_write
 
 
 def positional_directions(backbone: Backbone, image_size: int, cache: Path | None = None) -> torch.Tensor:
-    """All left singular vectors of the centred features of a constant (all-zero) image.
+    """All left singular vectors of the centred features of a constant image (zeros before normalisation).
 
     Cached on disk under ``cache`` per backbone identity and input size; backbones with
     random weights (``identity is None``) are never cached.
@@ -30,8 +30,8 @@ def positional_directions(backbone: Backbone, image_size: int, cache: Path | Non
         path = Path(cache) / f"positional_{backbone.identity}_s{image_size}.npy"
         if path.is_file():
             return torch.from_numpy(np.load(path)).to(backbone.device)
-    constant = normalise(torch.zeros(1, 3, image_size, image_size))
-    features = patch_features(backbone, constant)[0].T.double()  # (C, N)
+    black = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
+    features = patch_features(backbone, black)[0].T.double()  # (C, N)
     centred = features - features.mean(dim=1, keepdim=True)
     directions = torch.linalg.svd(centred.cpu(), full_matrices=False).U.float()
     if path is not None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from .backbone import Backbone
 from .clustering import cluster_patches
 from .config import EngineConfig, cache_dir
 from .debias import debias, positional_basis
-from .features import image_tensor, patch_features
+from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
+from .loader import load_batches
 from .matching import backward_candidates, downsample_mask, forward_candidates, mask_tensor, reference_prototype
 from .quality import QualityReport, QualityThresholds, quality_report
+from .timing import StageTimer
 from .upsample import upsample_mask
 
 ImageLike = str | Path | Image.Image
@@ -88,6 +91,8 @@ class Segmenter:
     cache : Path, None or False
         Folder caching positional bases; ``None`` uses :func:`insid3_core.config.cache_dir`,
         ``False`` disables the cache.
+    timer : StageTimer or None
+        Accumulates seconds per stage (backbone, matching, clustering, aggregation, output).
 
     Examples
     --------
@@ -103,12 +108,14 @@ class Segmenter:
         quality: QualityThresholds = QualityThresholds(),
         basis_file: str | Path | None = None,
         cache: Path | None | bool = None,
+        timer: StageTimer | None = None,
     ) -> None:
         if config.image_size % backbone.patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {backbone.patch_size}")
         self.backbone = backbone
         self.config = config
         self.quality = quality
+        self.timer = timer
         side = config.image_size // backbone.patch_size
         self.grid = (side, side)
         self.basis = positional_basis(
@@ -129,7 +136,7 @@ class Segmenter:
             image = load_image(image)
             mask = self._reference_mask(name, image, mask)
             names.append(name)
-            images.append(image_tensor(image, self.config.image_size))
+            images.append(resized_pixels(image, self.config.image_size))
             masks.append(mask_tensor(mask, self.config.image_size))
         features = debias(patch_features(self.backbone, torch.stack(images)), self.basis)
         low = downsample_mask(torch.stack(masks).to(self.backbone.device), self.grid).flatten(1)
@@ -152,48 +159,92 @@ class Segmenter:
         return array
 
     def segment(
-        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8
+        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int = 4
     ) -> list[SegmentationResult]:
-        """Segment targets (paths or PIL images) in batches of ``batch_size``."""
-        results, batch = [], []
-        for target in targets:
-            batch.append(load_image(target))
-            if len(batch) == batch_size:
-                results += self.segment_batch(references, batch)
-                batch = []
-        if batch:
-            results += self.segment_batch(references, batch)
+        """Segment targets (paths or PIL images) in batches; an unreadable one raises :class:`InputError`."""
+        results = []
+        for _, result in self.iter_segment(references, targets, batch_size, workers):
+            if isinstance(result, InputError):
+                raise result
+            results.append(result)
         return results
 
-    def segment_batch(self, references: ReferenceSet, images: Sequence[Image.Image]) -> list[SegmentationResult]:
-        """Segment RGB images in their displayed orientation (see :func:`load_image`) with one backbone call."""
+    def iter_segment(
+        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int = 4
+    ) -> Iterator[tuple[ImageLike, SegmentationResult | InputError]]:
+        """Yield ``(target, result)`` in input order, or ``(target, InputError)`` for an unreadable one.
+
+        Targets are decoded and resized in ``workers`` threads while the device works on the
+        previous batch; batches travel through pinned memory to a GPU.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        pin = self.backbone.device.type == "cuda"
+        for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
+            yield from batch.failures
+            if batch.pixels is not None:
+                yield from zip(batch.targets, self.segment_pixels(references, batch.pixels, batch.sizes))
+
+    def segment_batch(self, references: ReferenceSet, images: Sequence[ImageLike]) -> list[SegmentationResult]:
+        """Segment images (paths or PIL images, see :func:`load_image`) with one backbone call."""
+        loaded = [load_image(image) for image in images]
+        pixels = torch.stack([resized_pixels(image, self.config.image_size) for image in loaded])
+        return self.segment_pixels(references, pixels, [(image.height, image.width) for image in loaded])
+
+    def segment_pixels(
+        self, references: ReferenceSet, pixels: torch.Tensor, sizes: Sequence[tuple[int, int]]
+    ) -> list[SegmentationResult]:
+        """Segment a batch of resized images with one backbone call.
+
+        Parameters
+        ----------
+        references : ReferenceSet
+        pixels : torch.Tensor
+            ``(B, 3, s, s)`` uint8 RGB (see :func:`insid3_core.features.resized_pixels`).
+        sizes : sequence of (H, W)
+            Each target's size, which its mask is returned at.
+        """
         if references.image_size != self.config.image_size:
             raise ValueError(
                 f"references were encoded at {references.image_size}px, this segmenter runs at {self.config.image_size}px"
             )
-        batch = torch.stack([image_tensor(image, self.config.image_size) for image in images])
-        features = patch_features(self.backbone, batch)
-        debiased = debias(features, self.basis)
-        similarity = debiased @ references.prototype
-        candidates = forward_candidates(similarity) & backward_candidates(
-            debiased, references.features, references.masks
-        )
+        with self._stage("backbone"):
+            features = patch_features(self.backbone, pixels)
+        return self.segment_features(references, features, sizes)
+
+    def segment_features(
+        self, references: ReferenceSet, features: torch.Tensor, sizes: Sequence[tuple[int, int]]
+    ) -> list[SegmentationResult]:
+        """Steps 2-7 on targets' patch features ``(B, N, C)`` (from :func:`patch_features`)."""
+        with self._stage("matching"):
+            debiased = debias(features, self.basis)
+            similarity = debiased @ references.prototype
+            candidates = forward_candidates(similarity) & backward_candidates(
+                debiased, references.features, references.masks
+            )
+            has_candidates = candidates.any(dim=1).tolist()
         results = []
-        for index, (image, has_candidates) in enumerate(zip(images, candidates.any(dim=1).tolist())):
+        for index, size in enumerate(sizes):
             lowres = torch.zeros(features.shape[1], dtype=torch.bool, device=features.device)
-            if has_candidates:
-                labels = torch.from_numpy(cluster_patches(features[index], self.config.tau)).to(features.device)
-                scores = cluster_scores(
-                    labels,
-                    candidates[index],
-                    features[index],
-                    debiased[index],
-                    similarity[index],
-                    references.prototype,
-                )
-                lowres = scores[labels] > self.config.merge_threshold
-            results.append(self._result(lowres, similarity[index], (image.height, image.width)))
+            if has_candidates[index]:
+                with self._stage("clustering"):
+                    labels = cluster_patches(features[index], self.config.tau, self.config.clustering)
+                with self._stage("aggregation"):
+                    scores = cluster_scores(
+                        labels,
+                        candidates[index],
+                        features[index],
+                        debiased[index],
+                        similarity[index],
+                        references.prototype,
+                    )
+                    lowres = scores[labels] > self.config.merge_threshold
+            with self._stage("output"):
+                results.append(self._result(lowres, similarity[index], size))
         return results
+
+    def _stage(self, name: str):
+        return self.timer.stage(name) if self.timer is not None else contextlib.nullcontext()
 
     def _result(self, lowres: torch.Tensor, similarity: torch.Tensor, size: tuple[int, int]) -> SegmentationResult:
         confidence = similarity[lowres].mean().clamp(0.0, 1.0) if lowres.any() else similarity.new_zeros(())

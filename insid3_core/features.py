@@ -13,35 +13,34 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def image_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
-    """Resize an RGB image to ``(s, s)`` (PIL bilinear, aspect not kept) and normalise.
+def resized_pixels(image: Image.Image, image_size: int) -> torch.Tensor:
+    """Resize an image to ``(s, s)`` with PIL bilinear (aspect ratio not kept).
 
     Returns
     -------
     torch.Tensor
-        ``(3, s, s)`` float32, ImageNet-normalised.
+        ``(3, s, s)`` uint8 RGB; :func:`patch_features` normalises it on the device.
     """
     resized = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return normalise(pixels)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """``(..., 3, H, W)`` in [0, 1] -> ImageNet-normalised (same shape)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=pixels.dtype, device=pixels.device)[:, None, None]
-    return (pixels - mean) / std
+    """``(B, 3, s, s)`` uint8 -> float32 in [0, 1], ImageNet-normalised (same device)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=pixels.device)[:, None, None]
+    return (pixels.float() / 255.0 - mean) / std
 
 
 @torch.inference_mode()
-def patch_features(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+def patch_features(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
     """Last-layer, final-norm patch features of a batch, L2-normalised over channels.
 
     Parameters
     ----------
     backbone : Backbone
-    images : torch.Tensor
-        ``(B, 3, s, s)`` normalised images (any device; moved without blocking).
+    pixels : torch.Tensor
+        ``(B, 3, s, s)`` uint8 RGB (any device; pinned CPU memory is copied without blocking).
 
     Returns
     -------
@@ -49,7 +48,8 @@ def patch_features(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
         ``(B, h*w, C)`` float32 on the backbone's device, rows in raster order of the
         ``(h, w) = (s/16, s/16)`` grid, each row L2-normalised.
     """
-    batch = images.to(backbone.device, dtype=backbone.dtype, non_blocking=True)
+    batch = normalise(pixels.to(backbone.device, non_blocking=True)).to(backbone.dtype)
+    backbone.images_seen += batch.shape[0]
     tokens = backbone.model.forward_features(batch)
     patches = tokens[:, backbone.num_prefix_tokens :].float()
     return F.normalize(patches, dim=-1)

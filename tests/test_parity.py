@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import ARTIFACTS, EPISODES, PARITY
 from insid3_core import EngineConfig, Segmenter
-from insid3_core.features import image_tensor, patch_features
+from insid3_core.features import patch_features, resized_pixels
 from insid3_core.io import load_image
 
 IOUS: dict[str, float] = {}
@@ -31,7 +31,7 @@ def episode_segmenter(backbone, episode) -> Segmenter:
 def test_features_match_release(tiny_backbone, episode):
     folder = PARITY / episode["id"]
     expected = np.load(folder / "target_features.npy")  # (C, h, w)
-    image = image_tensor(load_image(folder / episode["target"]), episode["image_size"])
+    image = resized_pixels(load_image(folder / episode["target"]), episode["image_size"])
     features = patch_features(tiny_backbone, image[None])[0]  # (N, C)
     ours = features.T.reshape(expected.shape).numpy()
     assert np.abs(ours - expected).max() <= 1e-4

@@ -275,15 +275,16 @@ def test_backward_vote_threshold_is_the_ceiling_of_half():
 # --- step 5: clustering ----------------------------------------------------------------
 
 
-def test_cluster_patches_finds_two_planted_groups():
+@pytest.mark.parametrize("method", ["scipy", "torch"])
+def test_cluster_patches_finds_two_planted_groups(method):
     generator = torch.Generator().manual_seed(0)
     groups = [0, 1, 1, 0, 1, 0, 0, 1, 1, 0]
     centres = torch.eye(8)[groups]
     features = F.normalize(centres + 0.1 * torch.randn(10, 8, generator=generator), dim=1)
 
-    labels = cluster_patches(features, tau=0.6)
+    labels = cluster_patches(features, tau=0.6, method=method)
 
-    assert labels.dtype == np.int64
+    assert labels.dtype == torch.int64
     assert sorted(set(labels.tolist())) == [0, 1]
     assert same_partition(labels, groups)
 
@@ -296,35 +297,38 @@ def test_cluster_patches_finds_two_planted_groups():
     ],
     ids=["similarity-0.5", "similarity-0.75"],
 )
-def test_cluster_patches_do_not_merge_at_exactly_the_threshold(other):
+@pytest.mark.parametrize("method", ["scipy", "torch"])
+def test_cluster_patches_do_not_merge_at_exactly_the_threshold(other, method):
     # unit vectors with dyadic components: the similarity, 1 - tau and the distance are exact
     features = torch.zeros(2, len(other))
     features[0, 0] = 1.0
     features[1] = torch.tensor(other)
     similarity = other[0]
 
-    at_threshold = cluster_patches(features, tau=similarity)
-    below_threshold = cluster_patches(features, tau=similarity - 1e-6)
+    at_threshold = cluster_patches(features, tau=similarity, method=method)
+    below_threshold = cluster_patches(features, tau=similarity - 1e-6, method=method)
 
     assert at_threshold[0] != at_threshold[1]
     assert below_threshold[0] == below_threshold[1]
 
 
-def test_cluster_patches_use_average_linkage():
+@pytest.mark.parametrize("method", ["scipy", "torch"])
+def test_cluster_patches_use_average_linkage(method):
     # a at 0°, b at 20°, c at 60°: d(a,b) = 0.060, d(b,c) = 0.234, d(a,c) = 0.5;
     # average distance between {a, b} and c is 0.367
     angles = torch.deg2rad(torch.tensor([0.0, 20.0, 60.0]))
     features = torch.stack([angles.cos(), angles.sin()], dim=1)
 
-    cut_at_0_3 = cluster_patches(features, tau=0.7)  # single linkage would merge c (0.234 < 0.3)
-    cut_at_0_4 = cluster_patches(features, tau=0.6)  # complete linkage would not (0.5 > 0.4)
+    cut_at_0_3 = cluster_patches(features, tau=0.7, method=method)  # single linkage would merge c (0.234 < 0.3)
+    cut_at_0_4 = cluster_patches(features, tau=0.6, method=method)  # complete linkage would not (0.5 > 0.4)
 
     assert same_partition(cut_at_0_3, [0, 0, 1])
     assert same_partition(cut_at_0_4, [0, 0, 0])
 
 
-def test_cluster_patches_of_a_single_patch():
-    assert cluster_patches(unit(1.0, 0.0)[None], tau=0.6).tolist() == [0]
+@pytest.mark.parametrize("method", ["scipy", "torch"])
+def test_cluster_patches_of_a_single_patch(method):
+    assert cluster_patches(unit(1.0, 0.0)[None], tau=0.6, method=method).tolist() == [0]
 
 
 # --- step 6: seed and aggregation ------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Decoding and resizing targets in worker threads, ahead of the device."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .features import resized_pixels
+from .io import InputError, load_image
+
+
+@dataclass
+class LoadedBatch:
+    """Targets decoded and resized for one backbone call.
+
+    Attributes
+    ----------
+    targets : list
+        The targets that loaded, in input order.
+    pixels : torch.Tensor
+        ``(B, 3, s, s)`` uint8, in pinned memory when requested.
+    sizes : list of (H, W)
+        Each target's size in its displayed orientation.
+    failures : list of (target, InputError)
+        Targets met since the previous batch that could not be read.
+    """
+
+    targets: list
+    pixels: torch.Tensor | None
+    sizes: list[tuple[int, int]]
+    failures: list[tuple[object, InputError]] = field(default_factory=list)
+
+
+def _load(target, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    image = load_image(target)
+    return resized_pixels(image, image_size), (image.height, image.width)
+
+
+def load_batches(
+    targets: Iterable,
+    image_size: int,
+    batch_size: int,
+    workers: int = 4,
+    pin_memory: bool = False,
+) -> Iterator[LoadedBatch]:
+    """Yield batches of decoded targets while the next ones load in ``workers`` threads.
+
+    PIL decodes and resizes outside the GIL, so threads overlap the device's work. At most
+    two batches are in flight. A batch may carry no pixels (``pixels is None``) when all its
+    targets failed; failures are reported with the batch that follows them.
+    """
+    pending: deque[tuple[object, Future]] = deque()
+    source = iter(targets)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="insid3-load") as pool:
+
+        def refill() -> None:
+            while len(pending) < 2 * batch_size:
+                target = next(source, None)
+                if target is None:
+                    return
+                pending.append((target, pool.submit(_load, target, image_size)))
+
+        refill()
+        while pending:
+            batch = LoadedBatch([], None, [])
+            tensors = []
+            while pending and len(tensors) < batch_size:
+                target, future = pending.popleft()
+                refill()
+                try:
+                    pixels, size = future.result()
+                except InputError as err:
+                    batch.failures.append((target, err))
+                    continue
+                batch.targets.append(target)
+                tensors.append(pixels)
+                batch.sizes.append(size)
+            if tensors:
+                batch.pixels = torch.stack(tensors)
+                if pin_memory:
+                    batch.pixels = batch.pixels.pin_memory()
+            yield batch

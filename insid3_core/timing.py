@@ -1,0 +1,37 @@
+"""Per-stage wall-clock times of the engine, for benchmarks and profiling."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+
+class StageTimer:
+    """Accumulate seconds per named stage, synchronising the device around each stage.
+
+    Synchronising serialises host and device work, so a timed run is slower than an
+    untimed one; use it to see where time goes, not to measure throughput.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    @contextmanager
+    def stage(self, name: str):
+        self._synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self.seconds[name] += time.perf_counter() - start
