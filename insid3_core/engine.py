@@ -128,6 +128,24 @@ class Segmenter:
         Raises :class:`InputError` naming the reference when an image is unreadable, a mask's
         size differs from its image's, or a mask is empty.
         """
+        pixels, masks, names = self.prepare_references(references)
+        with self._stage("backbone"):
+            features = patch_features(self.backbone, pixels)
+        return self.reference_set(features, masks, names)
+
+    def prepare_references(
+        self, references: Sequence[tuple[ImageLike, MaskLike]]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+        """Load and check ``(image, mask)`` pairs.
+
+        Returns
+        -------
+        pixels : torch.Tensor
+            ``(S, 3, s, s)`` uint8.
+        masks : torch.Tensor
+            ``(S, s, s)`` bool.
+        names : tuple of str
+        """
         if not references:
             raise InputError("at least one (image, mask) reference is needed")
         names, images, masks = [], [], []
@@ -138,9 +156,13 @@ class Segmenter:
             names.append(name)
             images.append(resized_pixels(image, self.config.image_size))
             masks.append(mask_tensor(mask, self.config.image_size))
-        features = debias(patch_features(self.backbone, torch.stack(images)), self.basis)
-        low = downsample_mask(torch.stack(masks).to(self.backbone.device), self.grid).flatten(1)
-        return ReferenceSet(features, low, reference_prototype(features, low), self.config.image_size, tuple(names))
+        return torch.stack(images), torch.stack(masks), tuple(names)
+
+    def reference_set(self, features: torch.Tensor, masks: torch.Tensor, names: Sequence[str]) -> ReferenceSet:
+        """Build a :class:`ReferenceSet` from references' patch features ``(S, N, C)`` and masks ``(S, s, s)``."""
+        debiased = debias(features, self.basis)
+        low = downsample_mask(masks.to(features.device), self.grid).flatten(1)
+        return ReferenceSet(debiased, low, reference_prototype(debiased, low), self.config.image_size, tuple(names))
 
     @staticmethod
     def _reference_mask(name: str, image: Image.Image, mask: MaskLike) -> np.ndarray:

@@ -10,19 +10,29 @@ import torch
 from PIL import Image
 
 from conftest import ARTIFACTS, EPISODES, PARITY
-from insid3_core import EngineConfig, Segmenter
+from insid3_core import EngineConfig, Segmenter, load_backbone
 from insid3_core.features import patch_features, resized_pixels
 from insid3_core.io import load_image
 
 IOUS: dict[str, float] = {}
 
 
-def episode_segmenter(backbone, episode) -> Segmenter:
+SPEEDUPS = [
+    pytest.param("cpu", "scipy", id="cpu-scipy"),
+    pytest.param("cpu", "torch", id="cpu-torch"),
+    pytest.param(
+        "cuda", "auto", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+
+
+def episode_segmenter(backbone, episode, clustering: str = "auto") -> Segmenter:
     config = EngineConfig(
         image_size=episode["image_size"],
         svd_components=episode["svd_components"],
         tau=episode["tau"],
         merge_threshold=episode["merge_threshold"],
+        clustering=clustering,
     )
     return Segmenter(backbone, config, cache=False)
 
@@ -45,10 +55,13 @@ def test_positional_basis_spans_release_subspace(tiny_backbone, episode):
     assert np.abs(basis @ basis.T - expected @ expected.T).max() <= 1e-3
 
 
+@pytest.mark.parametrize("device, clustering", SPEEDUPS)
 @pytest.mark.parametrize("episode", EPISODES, ids=[e["id"] for e in EPISODES])
-def test_mask_matches_release(tiny_backbone, episode):
+def test_mask_matches_release(tiny_backbone, episode, device, clustering):
+    """Every speed-up switched on (torch clustering, GPU, threaded loading) keeps parity."""
     folder = PARITY / episode["id"]
-    segmenter = episode_segmenter(tiny_backbone, episode)
+    backbone = tiny_backbone if device == "cpu" else load_backbone(None, device=device)
+    segmenter = episode_segmenter(backbone, episode, clustering)
     references = segmenter.encode_references(
         [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]
     )
@@ -56,8 +69,8 @@ def test_mask_matches_release(tiny_backbone, episode):
     expected = np.array(Image.open(folder / episode["expected_mask"])) > 0
     assert result.mask.shape == expected.shape
     iou = (result.mask & expected).sum() / (result.mask | expected).sum()
-    IOUS[episode["id"]] = float(iou)
-    print(f"parity {episode['id']}: IoU {iou:.4f}")
+    IOUS[f"{episode['id']}/{device}-{clustering}"] = float(iou)
+    print(f"parity {episode['id']} ({device}, {clustering} clustering): IoU {iou:.4f}")
     assert iou >= 0.99
 
 

@@ -1,0 +1,70 @@
+"""The speed-ups keep results: torch clustering, threaded loading, references encoded once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES
+from insid3_core import EngineConfig, InputError, Segmenter
+from insid3_core.clustering import cluster_patches
+from insid3_core.features import patch_features, resized_pixels
+from insid3_core.io import load_image
+
+REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")
+TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.6, 0.7])
+def test_torch_clustering_matches_scipy_on_backbone_features(tiny_backbone, tau):
+    import torch
+
+    pixels = torch.stack([resized_pixels(load_image(t), 512) for t in TARGETS])
+    features = patch_features(tiny_backbone, pixels)
+    for target in features:
+        scipy_labels = cluster_patches(target, tau, "scipy").numpy()
+        torch_labels = cluster_patches(target, tau, "torch").numpy()
+        assert len(set(scipy_labels.tolist())) > 1
+        assert same_partition(scipy_labels, torch_labels)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_backbone):
+    return Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16), cache=False)
+
+
+def test_threaded_stream_equals_direct_batches_and_keeps_order(segmenter, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(TARGETS[0].read_bytes()[:300])
+    targets = [TARGETS[0], TARGETS[1], broken, TARGETS[2], TARGETS[3], TARGETS[4]]
+    references = segmenter.encode_references([REFERENCE])
+    streamed = list(segmenter.iter_segment(references, targets, batch_size=2, workers=3))
+    assert [target for target, _ in streamed] == targets
+    assert isinstance(streamed[2][1], InputError) and "broken.png" in str(streamed[2][1])
+    direct = segmenter.segment_batch(references, [t for t in targets if t != broken])
+    for (_, result), expected in zip([s for s in streamed if s[0] != broken], direct):
+        np.testing.assert_array_equal(result.mask, expected.mask)
+    with pytest.raises(InputError, match="broken.png"):
+        segmenter.segment(references, targets, batch_size=2)
+
+
+def test_each_reference_passes_the_backbone_once_per_job(segmenter):
+    before = segmenter.backbone.images_seen
+    references = segmenter.encode_references([REFERENCE, (TARGETS[1], EXAMPLES / "masks" / TARGETS[1].name)])
+    segmenter.segment(references, TARGETS, batch_size=3)
+    assert segmenter.backbone.images_seen - before == 2 + len(TARGETS)
+
+
+def test_stage_timer_accounts_every_stage(tiny_backbone):
+    from insid3_core.timing import StageTimer
+
+    timer = StageTimer(tiny_backbone.device)
+    segmenter = Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16), cache=False, timer=timer)
+    segmenter.segment(segmenter.encode_references([REFERENCE]), TARGETS[:2])
+    assert set(timer.seconds) == {"backbone", "matching", "clustering", "aggregation", "output"}
+    assert all(seconds > 0 for seconds in timer.seconds.values())
