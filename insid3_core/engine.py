@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,16 +198,25 @@ class Segmenter:
     ) -> Iterator[tuple[ImageLike, SegmentationResult | InputError]]:
         """Yield ``(target, result)`` in input order, or ``(target, InputError)`` for an unreadable one.
 
-        Targets are decoded and resized in ``workers`` threads while the device works on the
-        previous batch; batches travel through pinned memory to a GPU.
+        Targets are decoded and resized in ``workers`` threads ahead of the device and travel
+        through pinned memory to a GPU; masks are brought to full resolution and judged in as
+        many threads again while the device works on the next batch.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         pin = self.backbone.device.type == "cuda"
-        for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
-            yield from batch.failures
-            if batch.pixels is not None:
-                yield from zip(batch.targets, self.segment_pixels(references, batch.pixels, batch.sizes))
+        ready: deque[tuple[ImageLike, Future | InputError]] = deque()
+        with ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="insid3-finish") as finisher:
+            for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
+                ready.extend(batch.failures)
+                if batch.pixels is not None:
+                    lowres, confidence = self._lowres_masks(references, self._features(references, batch.pixels))
+                    for target, mask, score, size in zip(batch.targets, lowres, confidence, batch.sizes):
+                        ready.append((target, finisher.submit(self._finish, mask, score, size)))
+                while ready and (len(ready) > batch_size or _is_done(ready[0][1])):
+                    yield _resolved(ready.popleft())
+            while ready:
+                yield _resolved(ready.popleft())
 
     def segment_batch(self, references: ReferenceSet, images: Sequence[ImageLike]) -> list[SegmentationResult]:
         """Segment images (paths or PIL images, see :func:`load_image`) with one backbone call."""
@@ -226,54 +237,67 @@ class Segmenter:
         sizes : sequence of (H, W)
             Each target's size, which its mask is returned at.
         """
-        if references.image_size != self.config.image_size:
-            raise ValueError(
-                f"references were encoded at {references.image_size}px, this segmenter runs at {self.config.image_size}px"
-            )
-        with self._stage("backbone"):
-            features = patch_features(self.backbone, pixels)
-        return self.segment_features(references, features, sizes)
+        return self.segment_features(references, self._features(references, pixels), sizes)
 
     def segment_features(
         self, references: ReferenceSet, features: torch.Tensor, sizes: Sequence[tuple[int, int]]
     ) -> list[SegmentationResult]:
         """Steps 2-7 on targets' patch features ``(B, N, C)`` (from :func:`patch_features`)."""
+        lowres, confidence = self._lowres_masks(references, features)
+        return [self._finish(mask, score, size) for mask, score, size in zip(lowres, confidence, sizes)]
+
+    def _features(self, references: ReferenceSet, pixels: torch.Tensor) -> torch.Tensor:
+        if references.image_size != self.config.image_size:
+            raise ValueError(
+                f"references were encoded at {references.image_size}px, this segmenter runs at {self.config.image_size}px"
+            )
+        with self._stage("backbone"):
+            return patch_features(self.backbone, pixels)
+
+    def _lowres_masks(self, references: ReferenceSet, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Steps 2-6 for a batch: ``(B, h, w)`` bool masks and ``(B,)`` confidences, on the host."""
         with self._stage("matching"):
             debiased = debias(features, self.basis)
             similarity = debiased @ references.prototype
             candidates = forward_candidates(similarity) & backward_candidates(
                 debiased, references.features, references.masks
             )
-            has_candidates = candidates.any(dim=1).tolist()
-        results = []
-        for index, size in enumerate(sizes):
-            lowres = torch.zeros(features.shape[1], dtype=torch.bool, device=features.device)
-            if has_candidates[index]:
-                with self._stage("clustering"):
-                    labels = cluster_patches(features[index], self.config.tau, self.config.clustering)
-                with self._stage("aggregation"):
+            matched = torch.nonzero(candidates.any(dim=1)).flatten().tolist()
+        lowres = torch.zeros(candidates.shape, dtype=torch.bool, device=features.device)
+        if matched:
+            with self._stage("clustering"):
+                labels = cluster_patches(features[matched], self.config.tau, self.config.clustering)
+            with self._stage("aggregation"):
+                for index, target_labels in zip(matched, labels):
                     scores = cluster_scores(
-                        labels,
+                        target_labels,
                         candidates[index],
                         features[index],
                         debiased[index],
                         similarity[index],
                         references.prototype,
                     )
-                    lowres = scores[labels] > self.config.merge_threshold
-            with self._stage("output"):
-                results.append(self._result(lowres, similarity[index], size))
-        return results
+                    lowres[index] = scores[target_labels] > self.config.merge_threshold
+        selected = lowres.float()
+        confidence = ((similarity * selected).sum(dim=1) / selected.sum(dim=1).clamp(min=1.0)).clamp(0.0, 1.0)
+        return lowres.view(-1, *self.grid).cpu().numpy(), confidence.cpu().numpy()
 
     def _stage(self, name: str):
         return self.timer.stage(name) if self.timer is not None else contextlib.nullcontext()
 
-    def _result(self, lowres: torch.Tensor, similarity: torch.Tensor, size: tuple[int, int]) -> SegmentationResult:
-        confidence = similarity[lowres].mean().clamp(0.0, 1.0) if lowres.any() else similarity.new_zeros(())
-        mask = upsample_mask(lowres.view(self.grid), self.config.image_size, size).cpu().numpy()
-        return SegmentationResult(
-            mask=mask,
-            lowres_mask=lowres.view(self.grid).cpu().numpy(),
-            score=float(confidence),
-            quality=quality_report(mask, self.quality),
-        )
+    def _finish(self, lowres: np.ndarray, confidence: float, size: tuple[int, int]) -> SegmentationResult:
+        """Step 7 on the host: the full-resolution mask and its quality report."""
+        with self._stage("output"):
+            mask = upsample_mask(torch.from_numpy(lowres), self.config.image_size, size).numpy()
+            return SegmentationResult(
+                mask=mask, lowres_mask=lowres, score=float(confidence), quality=quality_report(mask, self.quality)
+            )
+
+
+def _is_done(pending: Future | InputError) -> bool:
+    return not isinstance(pending, Future) or pending.done()
+
+
+def _resolved(item: tuple[ImageLike, Future | InputError]) -> tuple[ImageLike, SegmentationResult | InputError]:
+    target, pending = item
+    return target, pending.result() if isinstance(pending, Future) else pending

@@ -21,16 +21,18 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @pytest.mark.parametrize("tau", [0.5, 0.6, 0.7])
-def test_torch_clustering_matches_scipy_on_backbone_features(tiny_backbone, tau):
+def test_batched_torch_clustering_matches_scipy_on_backbone_features(tiny_backbone, tau):
     import torch
 
     pixels = torch.stack([resized_pixels(load_image(t), 512) for t in TARGETS])
     features = patch_features(tiny_backbone, pixels)
-    for target in features:
+    batched = cluster_patches(features, tau, "torch").numpy()  # all targets in one padded batch
+    counts = set()
+    for target, torch_labels in zip(features, batched):
         scipy_labels = cluster_patches(target, tau, "scipy").numpy()
-        torch_labels = cluster_patches(target, tau, "torch").numpy()
-        assert len(set(scipy_labels.tolist())) > 1
+        counts.add(len(set(scipy_labels.tolist())))
         assert same_partition(scipy_labels, torch_labels)
+    assert len(counts) > 1 and min(counts) > 1  # targets end with different cluster counts
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +70,22 @@ def test_stage_timer_accounts_every_stage(tiny_backbone):
     segmenter.segment(segmenter.encode_references([REFERENCE]), TARGETS[:2])
     assert set(timer.seconds) == {"backbone", "matching", "clustering", "aggregation", "output"}
     assert all(seconds > 0 for seconds in timer.seconds.values())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_torch_clustering_matches_scipy_on_random_structures(seed):
+    """Targets of different sizes of structure in one batch: nested groups, noise, duplicates."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for groups in (3, 7, 15, 40):
+        centres = torch.randn(groups, 24, generator=generator)
+        members = torch.randint(groups, (300,), generator=generator)
+        spread = 0.3 + 0.6 * torch.rand(300, 1, generator=generator)
+        targets.append(torch.nn.functional.normalize(centres[members] + spread * torch.randn(300, 24, generator=generator), dim=1))
+    features = torch.stack(targets)
+    features[0, 5] = features[0, 4]  # an exact duplicate pair
+    batched = cluster_patches(features, 0.6, "torch").numpy()
+    for target, torch_labels in zip(features, batched):
+        assert same_partition(cluster_patches(target, 0.6, "scipy").numpy(), torch_labels)
