@@ -24,7 +24,6 @@ import resource
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from insid3_core import EngineConfig, Segmenter, load_backbone, random_backbone  # noqa: E402
 from insid3_core.features import patch_features, resized_pixels  # noqa: E402
 from insid3_core.io import load_image, write_mask_png  # noqa: E402
+from insid3_core.loader import default_workers, executor  # noqa: E402
 from insid3_core.timing import StageTimer  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
@@ -52,7 +52,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--targets", type=int, default=12)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=None, help="default: 4 beside a GPU, 0 on the CPU")
     parser.add_argument("--precision", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="engine precision; the baseline always runs float32, so the IoU shows its effect")
     parser.add_argument("--clustering", default="auto", choices=("auto", "scipy", "torch"))
@@ -99,16 +99,16 @@ def run_per_pair(segmenter: Segmenter, references, targets, out: Path) -> tuple[
     synchronize(device)
     start = time.perf_counter()
     for target in targets:
-        with segmenter._stage("load"):
+        with segmenter.stage("load"):
             pixels, reference_masks, names = segmenter.prepare_references(references)
             image = load_image(target)
             batch = torch.cat([pixels, resized_pixels(image, segmenter.config.image_size)[None]])
-        with segmenter._stage("backbone"):
+        with segmenter.stage("backbone"):
             features = patch_features(segmenter.backbone, batch)
-        with segmenter._stage("matching"):
+        with segmenter.stage("matching"):
             reference_set = segmenter.reference_set(features[:-1], reference_masks, names)
         result = segmenter.segment_features(reference_set, features[-1:], [(image.height, image.width)])[0]
-        with segmenter._stage("write"):
+        with segmenter.stage("write"):
             write_mask_png(out / f"{target.stem}.png", result.mask)
         masks[target.name] = result.mask
     synchronize(device)
@@ -122,7 +122,7 @@ def run_engine(segmenter: Segmenter, references, targets, out: Path, batch_size:
     synchronize(device)
     start = time.perf_counter()
     encoded = segmenter.encode_references(references)
-    with ThreadPoolExecutor(max_workers=2) as writer:
+    with executor(min(workers, 2), "write") as writer:
         writes = []
         for target, result in segmenter.iter_segment(encoded, targets, batch_size, workers):
             writes.append(writer.submit(write_mask_png, out / f"{target.stem}.png", result.mask))
@@ -164,6 +164,8 @@ def main(argv=None) -> None:
         engine_backbone if arguments.precision == "float32" else make_backbone(arguments, "float32")
     )
     device = engine_backbone.device
+    if arguments.workers is None:
+        arguments.workers = default_workers(device)
     config = EngineConfig(image_size=arguments.image_size, clustering=arguments.clustering)
     baseline_config = EngineConfig(image_size=arguments.image_size, clustering="scipy")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

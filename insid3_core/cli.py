@@ -8,7 +8,6 @@ import glob
 import json
 import platform
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
@@ -16,7 +15,8 @@ from .backbone import BackboneError, load_backbone, resolve_device
 from .coco import coco_document, mask_record, records_from_document, result_record
 from .config import EngineConfig, cache_dir, env_setting
 from .engine import Segmenter
-from .io import IMAGE_EXTENSIONS, InputError, load_image, load_mask, write_json, write_mask_png
+from .io import IMAGE_EXTENSIONS, InputError, load_mask, write_json, write_mask_png
+from .loader import default_workers, executor
 from .quality import VERDICTS, QualityThresholds
 
 SMOKE_TEST_BANNER = """\
@@ -88,8 +88,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--precision", default=env_setting("precision", "float32"),
                         choices=("float32", "float16", "bfloat16"), help="backbone precision (half on GPU only)")
     engine.add_argument("--batch-size", type=int, default=env_setting("batch_size", 4, int))
-    engine.add_argument("--workers", type=int, default=env_setting("workers", 4, int),
-                        help="threads decoding and resizing targets ahead of the device")
+    engine.add_argument("--workers", type=int, default=env_setting("workers", None, int),
+                        help="threads decoding targets ahead of the device and finishing masks "
+                             "(default: 4 beside a GPU, 0 on the CPU)")
     engine.add_argument("--clustering", default=env_setting("clustering", "auto"), choices=("auto", "scipy", "torch"),
                         help="clustering implementation (same partition): auto = torch on GPU, scipy on CPU")
 
@@ -197,10 +198,11 @@ def run_segment(arguments: argparse.Namespace) -> int:
 
     failures: dict[str, str] = {}
     verdicts = collections.Counter()
+    workers = default_workers(segmenter.backbone.device) if arguments.workers is None else arguments.workers
     with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
-            ThreadPoolExecutor(max_workers=2, thread_name_prefix="insid3-write") as writer:
+            executor(min(workers, 2), "insid3-write") as writer:
         writes = []
-        stream = segmenter.iter_segment(references, pending, arguments.batch_size, arguments.workers)
+        stream = segmenter.iter_segment(references, pending, arguments.batch_size, workers)
         for done, (target, result) in enumerate(stream, start=1):
             progress.update(1)
             if isinstance(result, InputError):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from .config import EngineConfig, cache_dir
 from .debias import debias, positional_basis
 from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
-from .loader import load_batches
+from .loader import default_workers, executor, load_batches
 from .matching import backward_candidates, downsample_mask, forward_candidates, mask_tensor, reference_prototype
 from .quality import QualityReport, QualityThresholds, quality_report
 from .timing import StageTimer
@@ -109,7 +110,7 @@ class Segmenter:
         config: EngineConfig = EngineConfig(),
         quality: QualityThresholds = QualityThresholds(),
         basis_file: str | Path | None = None,
-        cache: Path | None | bool = None,
+        cache: Path | None | Literal[False] = None,
         timer: StageTimer | None = None,
     ) -> None:
         if config.image_size % backbone.patch_size:
@@ -131,7 +132,7 @@ class Segmenter:
         size differs from its image's, or a mask is empty.
         """
         pixels, masks, names = self.prepare_references(references)
-        with self._stage("backbone"):
+        with self.stage("backbone"):
             features = patch_features(self.backbone, pixels)
         return self.reference_set(features, masks, names)
 
@@ -183,7 +184,7 @@ class Segmenter:
         return array
 
     def segment(
-        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int = 4
+        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
     ) -> list[SegmentationResult]:
         """Segment targets (paths or PIL images) in batches; an unreadable one raises :class:`InputError`."""
         results = []
@@ -194,19 +195,21 @@ class Segmenter:
         return results
 
     def iter_segment(
-        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int = 4
+        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
     ) -> Iterator[tuple[ImageLike, SegmentationResult | InputError]]:
         """Yield ``(target, result)`` in input order, or ``(target, InputError)`` for an unreadable one.
 
         Targets are decoded and resized in ``workers`` threads ahead of the device and travel
         through pinned memory to a GPU; masks are brought to full resolution and judged in as
-        many threads again while the device works on the next batch.
+        many threads again while the device works on the next batch. ``None`` picks
+        :func:`insid3_core.loader.default_workers` (none on the CPU).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        workers = default_workers(self.backbone.device) if workers is None else workers
         pin = self.backbone.device.type == "cuda"
         ready: deque[tuple[ImageLike, Future | InputError]] = deque()
-        with ThreadPoolExecutor(max_workers=max(2, workers), thread_name_prefix="insid3-finish") as finisher:
+        with executor(workers, "insid3-finish") as finisher:
             for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
                 ready.extend(batch.failures)
                 if batch.pixels is not None:
@@ -251,12 +254,12 @@ class Segmenter:
             raise ValueError(
                 f"references were encoded at {references.image_size}px, this segmenter runs at {self.config.image_size}px"
             )
-        with self._stage("backbone"):
+        with self.stage("backbone"):
             return patch_features(self.backbone, pixels)
 
     def _lowres_masks(self, references: ReferenceSet, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Steps 2-6 for a batch: ``(B, h, w)`` bool masks and ``(B,)`` confidences, on the host."""
-        with self._stage("matching"):
+        with self.stage("matching"):
             debiased = debias(features, self.basis)
             similarity = debiased @ references.prototype
             candidates = forward_candidates(similarity) & backward_candidates(
@@ -265,9 +268,9 @@ class Segmenter:
             matched = torch.nonzero(candidates.any(dim=1)).flatten().tolist()
         lowres = torch.zeros(candidates.shape, dtype=torch.bool, device=features.device)
         if matched:
-            with self._stage("clustering"):
+            with self.stage("clustering"):
                 labels = cluster_patches(features[matched], self.config.tau, self.config.clustering)
-            with self._stage("aggregation"):
+            with self.stage("aggregation"):
                 for index, target_labels in zip(matched, labels):
                     scores = cluster_scores(
                         target_labels,
@@ -282,12 +285,13 @@ class Segmenter:
         confidence = ((similarity * selected).sum(dim=1) / selected.sum(dim=1).clamp(min=1.0)).clamp(0.0, 1.0)
         return lowres.view(-1, *self.grid).cpu().numpy(), confidence.cpu().numpy()
 
-    def _stage(self, name: str):
+    def stage(self, name: str):
+        """Context timing a named stage with :attr:`timer`, when one is set."""
         return self.timer.stage(name) if self.timer is not None else contextlib.nullcontext()
 
     def _finish(self, lowres: np.ndarray, confidence: float, size: tuple[int, int]) -> SegmentationResult:
         """Step 7 on the host: the full-resolution mask and its quality report."""
-        with self._stage("output"):
+        with self.stage("output"):
             mask = upsample_mask(torch.from_numpy(lowres), self.config.image_size, size).numpy()
             return SegmentationResult(
                 mask=mask, lowres_mask=lowres, score=float(confidence), quality=quality_report(mask, self.quality)

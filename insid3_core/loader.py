@@ -35,6 +35,34 @@ class LoadedBatch:
     failures: list[tuple[object, InputError]] = field(default_factory=list)
 
 
+class InlineExecutor:
+    """An executor that runs each task when it is submitted, in the caller's thread."""
+
+    def submit(self, function, *arguments) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(function(*arguments))
+        except BaseException as err:  # delivered by future.result(), as a pool would
+            future.set_exception(err)
+        return future
+
+    def __enter__(self) -> InlineExecutor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        return None
+
+
+def executor(workers: int, name: str) -> ThreadPoolExecutor | InlineExecutor:
+    """``workers`` threads, or the caller's own thread when ``workers`` is 0."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers else InlineExecutor()
+
+
+def default_workers(device: torch.device) -> int:
+    """Threads around the device: 4 beside an accelerator, none on the CPU, whose cores the backbone uses."""
+    return 0 if device.type == "cpu" else 4
+
+
 def _load(target, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     image = load_image(target)
     return resized_pixels(image, image_size), (image.height, image.width)
@@ -44,18 +72,18 @@ def load_batches(
     targets: Iterable,
     image_size: int,
     batch_size: int,
-    workers: int = 4,
+    workers: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[LoadedBatch]:
     """Yield batches of decoded targets while the next ones load in ``workers`` threads.
 
-    PIL decodes and resizes outside the GIL, so threads overlap the device's work. At most
-    two batches are in flight. A batch may carry no pixels (``pixels is None``) when all its
+    PIL decodes and resizes outside the GIL, so threads overlap the device's work; with
+    ``workers=0`` targets load in the caller's thread. At most two batches are in flight. A batch may carry no pixels (``pixels is None``) when all its
     targets failed; failures are reported with the batch that follows them.
     """
     pending: deque[tuple[object, Future]] = deque()
     source = iter(targets)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="insid3-load") as pool:
+    with executor(workers, "insid3-load") as pool:
 
         def refill() -> None:
             while len(pending) < 2 * batch_size:

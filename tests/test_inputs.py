@@ -19,11 +19,9 @@ CLOCKWISE_QUARTER_TURNS = {6: -1, 8: 1}  # EXIF orientation -> np.rot90 k giving
 
 
 @pytest.fixture(scope="module")
-def segmenter(tmp_path_factory):
-    """Tiny random-weight backbone at 128 px; the positional basis is cached in a temporary folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("INSID3_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return Segmenter(load_backbone(None, device="cpu"), EngineConfig(image_size=128, svd_components=16), cache=False)
+def segmenter():
+    """Tiny random-weight backbone at 128 px, positional basis not cached."""
+    return Segmenter(load_backbone(None, device="cpu"), EngineConfig(image_size=128, svd_components=16), cache=False)
 
 
 def scene(height: int, width: int) -> np.ndarray:
