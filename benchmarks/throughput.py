@@ -52,7 +52,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--targets", type=int, default=12)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=None, help="default: 4 beside a GPU, 0 on the CPU")
+    parser.add_argument("--workers", type=int, default=None, help="default: 4 beside a GPU, 2 on the CPU")
     parser.add_argument("--precision", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="engine precision; the baseline always runs float32, so the IoU shows its effect")
     parser.add_argument("--clustering", default="auto", choices=("auto", "scipy", "torch"))

@@ -1,4 +1,6 @@
-"""The ``insid3`` command line: ``insid3 segment`` and ``insid3 info``."""
+"""The ``insid3`` command line: ``insid3 segment``, ``insid3 info``, and the sub-commands that
+installed integrations register under the entry-point group ``insid3.commands`` (each entry is
+a function taking argparse's sub-parsers)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import glob
 import json
 import platform
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print versions, device and cache location")
     info.add_argument("--device", default=env_setting("device", "auto"))
     info.set_defaults(handler=run_info)
+    for entry in entry_points(group="insid3.commands"):
+        entry.load()(commands)
     return parser
 
 
@@ -90,7 +95,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--batch-size", type=int, default=env_setting("batch_size", 4, int))
     engine.add_argument("--workers", type=int, default=env_setting("workers", None, int),
                         help="threads decoding targets ahead of the device and finishing masks "
-                             "(default: 4 beside a GPU, 0 on the CPU)")
+                             "(default: 4 beside a GPU, 2 on the CPU; 0 runs everything in one thread)")
     engine.add_argument("--clustering", default=env_setting("clustering", "auto"), choices=("auto", "scipy", "torch"),
                         help="clustering implementation (same partition): auto = torch on GPU, scipy on CPU")
 

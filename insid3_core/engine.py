@@ -202,7 +202,7 @@ class Segmenter:
         Targets are decoded and resized in ``workers`` threads ahead of the device and travel
         through pinned memory to a GPU; masks are brought to full resolution and judged in as
         many threads again while the device works on the next batch. ``None`` picks
-        :func:`insid3_core.loader.default_workers` (none on the CPU).
+        :func:`insid3_core.loader.default_workers`; 0 runs everything in the caller's thread.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -59,8 +59,8 @@ def executor(workers: int, name: str) -> ThreadPoolExecutor | InlineExecutor:
 
 
 def default_workers(device: torch.device) -> int:
-    """Threads around the device: 4 beside an accelerator, none on the CPU, whose cores the backbone uses."""
-    return 0 if device.type == "cpu" else 4
+    """Threads around the device: 4 beside an accelerator, 2 when the backbone itself runs on the CPU."""
+    return 2 if device.type == "cpu" else 4
 
 
 def _load(target, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:

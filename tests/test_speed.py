@@ -46,7 +46,11 @@ def test_threaded_stream_equals_direct_batches_and_keeps_order(segmenter, tmp_pa
     targets = [TARGETS[0], TARGETS[1], broken, TARGETS[2], TARGETS[3], TARGETS[4]]
     references = segmenter.encode_references([REFERENCE])
     streamed = list(segmenter.iter_segment(references, targets, batch_size=2, workers=3))
-    assert [target for target, _ in streamed] == targets
+    inline = list(segmenter.iter_segment(references, targets, batch_size=2, workers=0))
+    assert [target for target, _ in streamed] == targets == [target for target, _ in inline]
+    assert isinstance(inline[2][1], InputError)
+    for (_, threaded), (_, alone) in zip(streamed[3:], inline[3:]):
+        np.testing.assert_array_equal(threaded.mask, alone.mask)
     assert isinstance(streamed[2][1], InputError) and "broken.png" in str(streamed[2][1])
     direct = segmenter.segment_batch(references, [t for t in targets if t != broken])
     for (_, result), expected in zip([s for s in streamed if s[0] != broken], direct):
