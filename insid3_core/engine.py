@@ -211,11 +211,11 @@ class Segmenter:
         ready: deque[tuple[ImageLike, Future | InputError]] = deque()
         with executor(workers, "insid3-finish") as finisher:
             for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
-                ready.extend(batch.failures)
                 if batch.pixels is not None:
                     lowres, confidence = self._lowres_masks(references, self._features(references, batch.pixels))
-                    for target, mask, score, size in zip(batch.targets, lowres, confidence, batch.sizes):
-                        ready.append((target, finisher.submit(self._finish, mask, score, size)))
+                    readable = iter(zip(lowres, confidence, batch.sizes))
+                for target, error in batch.entries:
+                    ready.append((target, error or finisher.submit(self._finish, *next(readable))))
                 while ready and (len(ready) > batch_size or _is_done(ready[0][1])):
                     yield _resolved(ready.popleft())
             while ready:

@@ -19,20 +19,18 @@ class LoadedBatch:
 
     Attributes
     ----------
-    targets : list
-        The targets that loaded, in input order.
-    pixels : torch.Tensor
-        ``(B, 3, s, s)`` uint8, in pinned memory when requested.
+    entries : list of (target, InputError or None)
+        Every target met for this batch, in input order, with its error if it could not be read.
+    pixels : torch.Tensor or None
+        ``(B, 3, s, s)`` uint8 of the readable targets, in pinned memory when requested;
+        ``None`` when none was readable.
     sizes : list of (H, W)
-        Each target's size in its displayed orientation.
-    failures : list of (target, InputError)
-        Targets met since the previous batch that could not be read.
+        Each readable target's size in its displayed orientation.
     """
 
-    targets: list
-    pixels: torch.Tensor | None
-    sizes: list[tuple[int, int]]
-    failures: list[tuple[object, InputError]] = field(default_factory=list)
+    entries: list[tuple[object, InputError | None]] = field(default_factory=list)
+    pixels: torch.Tensor | None = None
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 class InlineExecutor:
@@ -78,8 +76,7 @@ def load_batches(
     """Yield batches of decoded targets while the next ones load in ``workers`` threads.
 
     PIL decodes and resizes outside the GIL, so threads overlap the device's work; with
-    ``workers=0`` targets load in the caller's thread. At most two batches are in flight. A batch may carry no pixels (``pixels is None``) when all its
-    targets failed; failures are reported with the batch that follows them.
+    ``workers=0`` targets load in the caller's thread. At most two batches are in flight.
     """
     pending: deque[tuple[object, Future]] = deque()
     source = iter(targets)
@@ -94,7 +91,7 @@ def load_batches(
 
         refill()
         while pending:
-            batch = LoadedBatch([], None, [])
+            batch = LoadedBatch()
             tensors = []
             while pending and len(tensors) < batch_size:
                 target, future = pending.popleft()
@@ -102,9 +99,9 @@ def load_batches(
                 try:
                     pixels, size = future.result()
                 except InputError as err:
-                    batch.failures.append((target, err))
+                    batch.entries.append((target, err))
                     continue
-                batch.targets.append(target)
+                batch.entries.append((target, None))
                 tensors.append(pixels)
                 batch.sizes.append(size)
             if tensors:

@@ -12,3 +12,7 @@ esac
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "${torch_pair[@]}"
 .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+# the FiftyOne App browser test drives Debian's chromium (never a browser download)
+if [[ ",$extras," == *",test,"* ]] && ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

@@ -43,15 +43,18 @@ def segmenter(tiny_backbone):
 def test_threaded_stream_equals_direct_batches_and_keeps_order(segmenter, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(TARGETS[0].read_bytes()[:300])
-    targets = [TARGETS[0], TARGETS[1], broken, TARGETS[2], TARGETS[3], TARGETS[4]]
+    targets = [TARGETS[0], TARGETS[1], broken, TARGETS[2], TARGETS[3], broken, TARGETS[4]]
     references = segmenter.encode_references([REFERENCE])
     streamed = list(segmenter.iter_segment(references, targets, batch_size=2, workers=3))
     inline = list(segmenter.iter_segment(references, targets, batch_size=2, workers=0))
     assert [target for target, _ in streamed] == targets == [target for target, _ in inline]
-    assert isinstance(inline[2][1], InputError)
-    for (_, threaded), (_, alone) in zip(streamed[3:], inline[3:]):
-        np.testing.assert_array_equal(threaded.mask, alone.mask)
+    assert isinstance(inline[2][1], InputError) and isinstance(inline[5][1], InputError)
+    for (_, threaded), (_, alone) in zip(streamed, inline):
+        if not isinstance(alone, InputError):
+            np.testing.assert_array_equal(threaded.mask, alone.mask)
     assert isinstance(streamed[2][1], InputError) and "broken.png" in str(streamed[2][1])
+    first_failing = list(segmenter.iter_segment(references, [broken, TARGETS[0], TARGETS[1]], batch_size=2))
+    assert [target for target, _ in first_failing] == [broken, TARGETS[0], TARGETS[1]]
     direct = segmenter.segment_batch(references, [t for t in targets if t != broken])
     for (_, result), expected in zip([s for s in streamed if s[0] != broken], direct):
         np.testing.assert_array_equal(result.mask, expected.mask)

@@ -1,0 +1,87 @@
+"""``insid3 fiftyone install``: put the plugin into FiftyOne's plugins directory.
+
+Registered on the ``insid3`` command line through the entry point
+``fiftyone = "fiftyone_plugin.commands:register"`` of the group ``insid3.commands``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import sys
+from pathlib import Path
+
+from insid3_core.cli import UsageError
+
+SOURCE = Path(__file__).resolve().parent
+INSTALL_NAME = "insid3-fiftyone"
+IGNORED = ("__pycache__", "*.pyc")
+
+
+def register(subparsers) -> None:
+    """Add ``fiftyone install`` to the ``insid3`` sub-commands (argparse ``add_subparsers()``)."""
+    fiftyone = subparsers.add_parser("fiftyone", help="FiftyOne plugin @insid3/fiftyone")
+    actions = fiftyone.add_subparsers(dest="fiftyone_command", required=True)
+    install = actions.add_parser(
+        "install", help="link (or copy) the plugin into FiftyOne's plugins directory",
+        description=f"Install the plugin as <plugins dir>/{INSTALL_NAME}, a link to {SOURCE} (or a copy).",
+    )
+    install.add_argument("--plugins-dir", type=Path, metavar="DIR",
+                         help="FiftyOne plugins directory (default: fo.config.plugins_dir, FIFTYONE_PLUGINS_DIR)")
+    install.add_argument("--copy", action="store_true", help="copy the plugin's files instead of linking them")
+    install.add_argument("--force", action="store_true",
+                         help=f"replace whatever else is installed as <plugins dir>/{INSTALL_NAME}")
+    install.set_defaults(handler=run_install)
+
+
+def run_install(arguments: argparse.Namespace) -> int:
+    """Install the plugin; refuse to replace a different one unless ``--force``."""
+    plugins_dir = arguments.plugins_dir or default_plugins_dir()
+    destination = Path(plugins_dir).expanduser() / INSTALL_NAME
+    if is_installed(destination, arguments.copy):
+        print(f"insid3: @insid3/fiftyone already installed at {destination}", file=sys.stderr)
+        return 0
+    if destination.exists() or destination.is_symlink():
+        if not arguments.force:
+            raise UsageError(f"{destination} already holds a different plugin or version; pass --force to replace it")
+        remove(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if arguments.copy:
+        shutil.copytree(SOURCE, destination, ignore=shutil.ignore_patterns(*IGNORED))
+    else:
+        destination.symlink_to(SOURCE, target_is_directory=True)
+    print(f"insid3: installed @insid3/fiftyone at {destination} ({'copy' if arguments.copy else 'link'})",
+          file=sys.stderr)
+    return 0
+
+
+def default_plugins_dir() -> Path:
+    """FiftyOne's configured plugins directory."""
+    import fiftyone as fo
+
+    return Path(fo.config.plugins_dir)
+
+
+def is_installed(destination: Path, copy: bool) -> bool:
+    """Whether ``destination`` is already this plugin: a link to it, or an identical copy."""
+    if not copy:
+        return destination.is_symlink() and destination.resolve() == SOURCE
+    if destination.is_symlink() or not destination.is_dir():
+        return False
+    return _same_tree(filecmp.dircmp(SOURCE, destination, ignore=["__pycache__"]))
+
+
+def _same_tree(comparison: filecmp.dircmp) -> bool:
+    if comparison.left_only or comparison.right_only or comparison.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(comparison.left, comparison.right, comparison.common_files, shallow=False)
+    return not mismatch and not errors and all(_same_tree(sub) for sub in comparison.subdirs.values())
+
+
+def remove(path: Path) -> None:
+    """Remove a link, a file or a folder tree."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)

@@ -1,0 +1,62 @@
+"""Defaults of the operators' engine inputs.
+
+Each input takes, in order, the value given to the operator, the dataset's plugin settings
+(``dataset.app_config.plugins["@insid3/fiftyone"]``), FiftyOne's App config plugin settings
+(``fo.app_config.plugins["@insid3/fiftyone"]``, i.e. ``plugins`` in ``app_config.json``), the
+``INSID3_<NAME>`` environment variable, and finally the built-in default below.
+"""
+
+from __future__ import annotations
+
+PLUGIN_NAME = "@insid3/fiftyone"
+
+DEFAULTS = {
+    "weights": None,
+    "image_size": 1024,
+    "svd_components": None,
+    "tau": 0.6,
+    "merge_threshold": 0.2,
+    "device": "auto",
+    "precision": "float32",
+    "batch_size": 4,
+    "mask_dir": None,
+    "delegation_threshold": 100,
+}
+
+CASTS = {
+    "image_size": int,
+    "svd_components": int,
+    "tau": float,
+    "merge_threshold": float,
+    "batch_size": int,
+    "delegation_threshold": int,
+}
+
+
+def plugin_settings(dataset=None) -> dict:
+    """The plugin's settings: App config ones, overridden by the dataset's own."""
+    import fiftyone as fo
+
+    merged = dict(fo.app_config.plugins.get(PLUGIN_NAME) or {})
+    if dataset is not None:
+        merged.update((dataset.app_config.plugins or {}).get(PLUGIN_NAME) or {})
+    return merged
+
+
+def default(name: str, dataset=None):
+    """Default of one setting (see the module docstring for the order of sources)."""
+    from insid3_core.config import env_setting
+
+    cast = CASTS.get(name, str)
+    configured = plugin_settings(dataset).get(name)
+    if configured not in (None, ""):
+        return cast(configured)
+    return env_setting(name, DEFAULTS[name], cast)
+
+
+def resolve(params: dict, dataset=None) -> dict:
+    """Every setting of :data:`DEFAULTS`: the operator's value where given, else its default."""
+    return {
+        name: CASTS.get(name, str)(params[name]) if params.get(name) not in (None, "") else default(name, dataset)
+        for name in DEFAULTS
+    }

@@ -1,0 +1,20 @@
+"""``python -m labelstudio_backend serve|preannotate ...``: the ``insid3 labelstudio`` commands without the console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .commands import register
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` as ``insid3 labelstudio`` arguments and run the command; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m labelstudio_backend")
+    register(parser.add_subparsers(dest="command", required=True))
+    arguments = parser.parse_args(["labelstudio", *(sys.argv[1:] if argv is None else argv)])
+    return arguments.handler(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

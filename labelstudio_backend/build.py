@@ -1,0 +1,28 @@
+"""Assemble a :class:`~labelstudio_backend.service.Backend` from settings and a segmenter."""
+
+from __future__ import annotations
+
+from .credentials import Credentials
+from .images import ImageFetcher
+from .predictor import Predictor
+from .service import Backend
+from .settings import Settings
+
+
+def build_backend(settings: Settings, segmenter) -> Backend:
+    """The backend for ``settings``, predicting with ``segmenter`` (an ``insid3_core.Segmenter``).
+
+    The Label Studio API is used when ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` are set.
+    """
+    api = None
+    if settings.label_studio_url and settings.api_key:
+        from .api import LabelStudioApi
+
+        api = LabelStudioApi(settings.label_studio_url, settings.api_key)
+    fetcher = ImageFetcher(
+        Credentials(settings.label_studio_url, settings.api_key),
+        settings.allowed_hosts,
+        settings.max_download_bytes,
+        settings.max_pixels,
+    )
+    return Backend(settings, Predictor(segmenter, settings.batch_size), api, fetcher)

@@ -1,0 +1,20 @@
+"""The error the web app turns into an HTTP response with a clear message."""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """A request the backend cannot serve; ``status`` is the HTTP status to answer with.
+
+    Parameters
+    ----------
+    message : str
+        Shown to the Label Studio user as is.
+    status : int
+        HTTP status code (4xx for the caller's problem, 5xx for ours or an upstream one).
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status

@@ -1,0 +1,55 @@
+"""The parts of a Label Studio labelling config the backend needs: a ``BrushLabels`` on an image."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+
+from .errors import BackendError
+
+
+@dataclass(frozen=True)
+class BrushTarget:
+    """A ``<BrushLabels>`` control and the ``<Image>`` it paints on.
+
+    Attributes
+    ----------
+    from_name : str
+        The control's ``name``.
+    to_name : str
+        The image tag's ``name``.
+    data_key : str
+        Task data field holding the image address (``$image`` -> ``image``).
+    labels : tuple of str
+        The control's label values.
+    """
+
+    from_name: str
+    to_name: str
+    data_key: str
+    labels: tuple[str, ...]
+
+
+def brush_target(label_config: str) -> BrushTarget:
+    """The first ``BrushLabels`` control of ``label_config`` bound to an ``Image`` tag.
+
+    Raises :class:`BackendError` (400) when the config is missing, not XML, or has no
+    ``BrushLabels`` on an image.
+    """
+    if not label_config or not label_config.strip():
+        raise BackendError("the project has no labelling config")
+    try:
+        root = ElementTree.fromstring(label_config)
+    except ElementTree.ParseError as err:
+        raise BackendError(f"the labelling config is not valid XML: {err}") from err
+    images = {tag.get("name"): tag.get("value", "") for tag in root.iter() if tag.tag == "Image"}
+    for control in root.iter("BrushLabels"):
+        to_name = control.get("toName", "")
+        if to_name in images and images[to_name].startswith("$"):
+            labels = tuple(label.get("value", "") for label in control.iter("Label") if label.get("value"))
+            if not labels:
+                raise BackendError(f"BrushLabels {control.get('name')!r} has no <Label> values")
+            return BrushTarget(control.get("name", ""), to_name, images[to_name][1:], labels)
+    raise BackendError(
+        "the labelling config has no <BrushLabels> bound to an <Image>; insid3 predicts brush masks only"
+    )

@@ -1,0 +1,70 @@
+"""Backend settings, read from the label-studio-ml environment variables and ``INSID3_*``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from insid3_core.config import env_setting
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the backend reads from its environment.
+
+    Parameters
+    ----------
+    label_studio_url : str
+        ``LABEL_STUDIO_URL``, base address of Label Studio (no trailing slash).
+    api_key : str
+        ``LABEL_STUDIO_API_KEY``: a legacy token or a personal access token (JWT refresh token).
+    basic_auth : tuple of (str, str) or None
+        ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``; when set every route requires them.
+    model_dir : Path
+        ``MODEL_DIR``: cached references and pre-annotation progress.
+    reference_dir : Path or None
+        ``INSID3_REFERENCE_DIR``: one sub-folder per label of ``<stem>.<ext>`` images and
+        ``<stem>_mask.png`` masks.
+    allowed_hosts : frozenset of str
+        ``INSID3_ALLOWED_HOSTS`` (comma separated) beside Label Studio's own host.
+    max_download_bytes : int
+        ``INSID3_MAX_DOWNLOAD_BYTES``: largest image file fetched.
+    max_pixels : int
+        ``INSID3_MAX_PIXELS``: largest decoded image (width x height).
+    max_tasks_per_request : int
+        ``INSID3_MAX_TASKS_PER_REQUEST``: larger ``/predict`` requests are answered so that
+        Label Studio retrieves the tasks one by one (each within its own timeout).
+    batch_size : int
+        ``INSID3_BATCH_SIZE``: targets per backbone call.
+    """
+
+    label_studio_url: str = ""
+    api_key: str = ""
+    basic_auth: tuple[str, str] | None = None
+    model_dir: Path = Path("insid3-model")
+    reference_dir: Path | None = None
+    allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    max_download_bytes: int = 50 * 2**20
+    max_pixels: int = 100_000_000
+    max_tasks_per_request: int = 8
+    batch_size: int = 4
+
+    @classmethod
+    def from_environment(cls) -> "Settings":
+        """Read the settings from ``os.environ``."""
+        user, password = os.environ.get("BASIC_AUTH_USER", ""), os.environ.get("BASIC_AUTH_PASS", "")
+        reference_dir = env_setting("reference_dir")
+        hosts = env_setting("allowed_hosts", "")
+        return cls(
+            label_studio_url=os.environ.get("LABEL_STUDIO_URL", "").rstrip("/"),
+            api_key=os.environ.get("LABEL_STUDIO_API_KEY", ""),
+            basic_auth=(user, password) if user or password else None,
+            model_dir=Path(os.environ.get("MODEL_DIR", "insid3-model")).expanduser(),
+            reference_dir=Path(reference_dir).expanduser() if reference_dir else None,
+            allowed_hosts=frozenset(h.strip().lower() for h in hosts.split(",") if h.strip()),
+            max_download_bytes=env_setting("max_download_bytes", cls.max_download_bytes, int),
+            max_pixels=env_setting("max_pixels", cls.max_pixels, int),
+            max_tasks_per_request=env_setting("max_tasks_per_request", cls.max_tasks_per_request, int),
+            batch_size=env_setting("batch_size", cls.batch_size, int),
+        )

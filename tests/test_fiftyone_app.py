@@ -1,0 +1,86 @@
+"""Optional: the curator's path in the real FiftyOne App, driven by Playwright in Chromium.
+
+Skipped unless ``playwright`` is installed and a Chromium is found (``INSID3_CHROMIUM``, else
+``/usr/bin/chromium``; Debian's ``chromium`` package works). The App runs on the test
+database; the form's engine defaults come from the dataset's plugin settings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib.util import find_spec
+
+import pytest
+from conftest import ARTIFACTS, EXAMPLES
+from conftest_fiftyone import PLUGIN_URI, free_port, isolated_fiftyone
+
+CHROMIUM = os.environ.get("INSID3_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.skipif(
+    find_spec("fiftyone") is None or find_spec("playwright") is None or not os.path.exists(CHROMIUM),
+    reason="needs the fiftyone extra, playwright and a Chromium",
+)
+
+
+@pytest.fixture(scope="session")
+def fo(tmp_path_factory):
+    yield from isolated_fiftyone(tmp_path_factory.mktemp("fiftyone"))
+
+
+@pytest.fixture
+def dataset(fo):
+    samples = [fo.Sample(filepath=str(EXAMPLES / "reference" / "disks.png"), tags=["reference"],
+                         ground_truth=fo.Segmentation(mask_path=str(EXAMPLES / "reference" / "disks_mask.png")))]
+    samples += [fo.Sample(filepath=str(path)) for path in sorted((EXAMPLES / "targets").glob("*.png"))]
+    collection = fo.Dataset("insid3-app-test", overwrite=True)
+    collection.persistent = True  # the App server is another process
+    collection.add_samples(samples)
+    collection.app_config.plugins = {PLUGIN_URI: {"image_size": 128, "svd_components": 16, "device": "cpu"}}
+    collection.save()
+    yield collection
+    collection.delete()
+
+
+def test_segment_by_example_from_the_operator_browser(fo, dataset):
+    ARTIFACTS.mkdir(exist_ok=True)
+    from playwright.sync_api import sync_playwright
+
+    reference_id = dataset.match_tags("reference").first().id
+    port = free_port()
+    session = fo.launch_app(dataset, remote=True, port=port, auto=False)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/datasets/{dataset.name}", timeout=120_000)
+            page.get_by_text("ground_truth").first.wait_for(timeout=120_000)
+
+            dataset.untag_samples("reference")
+            open_form(page)
+            page.get_by_text("No sample is tagged 'reference'").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "fiftyone_no_reference.png"))
+            page.get_by_role("button", name="Cancel").click()
+
+            dataset.select(reference_id).tag_samples("reference")
+            open_form(page)
+            page.screenshot(path=str(ARTIFACTS / "fiftyone_form.png"))
+            page.get_by_role("button", name="Execute").click()
+            page.get_by_text("masks in 'insid3'").first.wait_for(timeout=300_000)  # the run's notification
+            page.screenshot(path=str(ARTIFACTS / "fiftyone_done.png"))
+            browser.close()
+    finally:
+        session.close()
+
+    dataset.reload()
+    assert dataset[reference_id].insid3 is None
+    targets = dataset.match_tags("reference", bool=False)
+    assert len(targets.exists("insid3")) == len(targets) == 8
+
+
+def open_form(page) -> None:
+    """Open ``segment_by_example`` from the operator browser and wait for its form."""
+    page.keyboard.press("Backquote")
+    page.keyboard.type("Segment by example")
+    page.get_by_text("segment_by_example", exact=True).click()
+    page.get_by_text("Reference mask field").first.wait_for(timeout=60_000)

@@ -1,0 +1,264 @@
+"""The FiftyOne plugin on a real FiftyOne (own MongoDB), run through FiftyOne's operator
+execution API, immediately and delegated; masks compared with the engine's."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES
+from conftest_fiftyone import PLUGIN_URI, isolated_fiftyone
+
+pytestmark = pytest.mark.skipif(find_spec("fiftyone") is None, reason="needs the fiftyone extra")
+
+SEGMENT = f"{PLUGIN_URI}/segment_by_example"
+ENGINE = {"image_size": 128, "svd_components": 16, "device": "cpu", "batch_size": 3}
+REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")
+TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def fo(tmp_path_factory):
+    yield from isolated_fiftyone(tmp_path_factory.mktemp("fiftyone"))
+
+
+@pytest.fixture(scope="session")
+def expected():
+    """The engine's own results for the example targets, by file name."""
+    from insid3_core import EngineConfig, Segmenter, load_backbone
+
+    segmenter = Segmenter(load_backbone(None, device="cpu"), EngineConfig(image_size=128, svd_components=16))
+    references = segmenter.encode_references([REFERENCE])
+    return {target.name: result for target, result in zip(TARGETS, segmenter.segment(references, TARGETS, 4))}
+
+
+@pytest.fixture
+def dataset(fo):
+    """The reference (mask file, tagged ``reference``) and the 8 example targets."""
+    samples = [fo.Sample(filepath=str(REFERENCE[0]), tags=["reference"],
+                         ground_truth=fo.Segmentation(mask_path=str(REFERENCE[1])))]
+    samples += [fo.Sample(filepath=str(target)) for target in TARGETS]
+    collection = fo.Dataset()
+    collection.add_samples(samples)
+    yield collection
+    collection.delete()
+
+
+def segment(dataset, params, **ctx):
+    import fiftyone.operators as foo
+
+    return foo.execute_operator(SEGMENT, {"dataset": dataset, **ctx},
+                                params={"reference_field": "ground_truth", **ENGINE, **params})
+
+
+def target_samples(dataset):
+    return [sample for sample in dataset if "reference" not in sample.tags]
+
+
+def assert_matches_engine(sample, field, expected):
+    label, result = sample[field], expected[sample.filename]
+    assert np.array_equal(label.get_mask() > 0, result.mask)
+    assert label.score == pytest.approx(result.score)
+    assert label.verdict == result.quality.verdict
+    assert label.area_ratio == pytest.approx(result.quality.area_ratio)
+    failure = f"insid3:{result.quality.verdict}"
+    assert (failure in sample.tags) == (result.quality.verdict != "ok")
+
+
+def plugin_module(name):
+    """A module of the plugin as FiftyOne loaded it."""
+    import fiftyone.operators as foo
+
+    package = type(foo.get_operator(SEGMENT)).__module__.rsplit(".", 1)[0]
+    return importlib.import_module(f"{package}.{name}")
+
+
+def test_immediate_run_on_dataset_matches_engine(dataset, expected):
+    result = segment(dataset, {"output_field": "pred"}, view_target="DATASET")
+
+    dataset.reload()
+    for sample in target_samples(dataset):
+        assert_matches_engine(sample, "pred", expected)
+        assert sample["pred"].mask is not None  # inline
+    reference = dataset.match_tags("reference").first()
+    assert reference["pred"] is None and reference.ground_truth.mask_path == str(REFERENCE[1])
+    triggered = [request.operator_uri for request in result.executor._requests]
+    assert "set_progress" in triggered and "notify" in triggered
+    assert "pred.score" in dataset.get_field_schema(flat=True)
+
+
+def test_selection_to_mask_files_and_overwrite(dataset, expected, tmp_path):
+    from fiftyone.operators.executor import ExecutionError
+
+    chosen = [sample.id for sample in target_samples(dataset)[2:4]]
+    params = {"output_field": "pred", "mask_dir": str(tmp_path)}
+    backbones = []
+    for overwrite in (False, True):
+        segment(dataset, {**params, "overwrite": overwrite}, view_target="SELECTED_SAMPLES", selected=chosen)
+        backbones.append(plugin_module("models")._CACHE["backbone"])
+    with pytest.raises(ExecutionError, match="already exists; tick overwrite"):
+        segment(dataset, params, view_target="SELECTED_SAMPLES", selected=chosen)
+
+    assert backbones[0] is backbones[1]  # the model stays loaded between runs
+    dataset.reload()
+    for sample in target_samples(dataset):
+        if sample.id in chosen:
+            assert sample.pred.mask_path == str(tmp_path / "pred" / f"{sample.id}.png")
+            assert_matches_engine(sample, "pred", expected)
+        else:
+            assert sample.pred is None
+
+
+def test_multiclass_reference_uses_the_chosen_class(fo, dataset, expected):
+    from insid3_core.io import load_mask
+
+    disks = load_mask(REFERENCE[1])
+    classes = np.where(disks, 1, 0).astype(np.uint8)
+    classes[:8, :8][~disks[:8, :8]] = 2
+    reference = dataset.match_tags("reference").first()
+    reference.ground_truth = fo.Segmentation(mask=classes)
+    reference.save()
+    dataset.mask_targets = {"ground_truth": {1: "disk", 2: "corner"}}
+    dataset.save()
+
+    chosen = [target_samples(dataset)[0].id]
+    segment(dataset, {"output_field": "pred", "reference_class": "1"}, view_target="SELECTED_SAMPLES",
+            selected=chosen)
+    assert_matches_engine(dataset[chosen[0]], "pred", expected)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_reference", "No sample is tagged 'reference'"),
+    ("reference_without_mask", "have no mask in 'ground_truth'"),
+    ("empty_mask", "have an empty mask in 'ground_truth'"),
+    ("output_is_reference_field", "holds the reference masks"),
+    ("not_a_segmentation_field", "'filepath' is not a Segmentation field"),
+])
+def test_invalid_runs_write_nothing(fo, dataset, case, message):
+    from fiftyone.operators.executor import ExecutionError
+
+    params = {"output_field": "pred"}
+    if case == "no_reference":
+        dataset.untag_samples("reference")
+    elif case == "reference_without_mask":
+        dataset.select(target_samples(dataset)[0].id).tag_samples("reference")
+    elif case == "empty_mask":
+        reference = dataset.match_tags("reference").first()
+        reference.ground_truth = fo.Segmentation(mask=np.zeros((64, 64), dtype=np.uint8))
+        reference.save()
+    elif case == "output_is_reference_field":
+        params["output_field"] = "ground_truth"
+    else:
+        params["reference_field"] = "filepath"
+
+    with pytest.raises(ExecutionError, match=message):
+        segment(dataset, params, view_target="DATASET")
+    assert "pred" not in dataset.get_field_schema()
+    assert not [tag for tag in dataset.distinct("tags") if tag.startswith("insid3:")]
+
+
+def test_delegated_run_executed_by_the_service(dataset, expected):
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    queued = segment(dataset, {"output_field": "pred"}, view_target="DATASET", request_delegation=True)
+    assert queued.delegated
+    assert "pred" not in dataset.get_field_schema()
+
+    service = DelegatedOperationService()
+    service.execute_queued_operations(dataset_name=dataset.name)
+    operation = service.get(queued.result["id"])
+    assert operation.run_state == ExecutionRunState.COMPLETED, operation.result
+    assert operation.status.progress == pytest.approx(1.0)
+    dataset.reload()
+    for sample in target_samples(dataset):
+        assert_matches_engine(sample, "pred", expected)
+
+
+def test_large_targets_default_to_delegation(fo, dataset):
+    from fiftyone.operators import OperatorRegistry
+    from fiftyone.operators.executor import resolve_execution_options
+
+    request = {"dataset_name": dataset.name, "params": {"view_target": "DATASET"}}
+    fo.app_config.plugins[PLUGIN_URI] = {"delegation_threshold": 5}
+    try:
+        options = asyncio.run(resolve_execution_options(OperatorRegistry(), SEGMENT, request))
+        assert options.default_choice_to_delegated and options.allow_immediate_execution
+        dataset.app_config.plugins = {PLUGIN_URI: {"delegation_threshold": 8}}  # 8 targets: not more
+        dataset.save()
+        options = asyncio.run(resolve_execution_options(OperatorRegistry(), SEGMENT, request))
+        assert not options.default_choice_to_delegated
+    finally:
+        del fo.app_config.plugins[PLUGIN_URI]
+
+
+def test_review_operators(dataset, expected):
+    import fiftyone.operators as foo
+
+    segment(dataset, {"output_field": "pred"}, view_target="DATASET")
+    report = foo.execute_operator(f"{PLUGIN_URI}/quality_report", {"dataset": dataset},
+                                  params={"field": "pred", "view_target": "DATASET"}).result
+    verdicts = [result.quality.verdict for result in expected.values()]
+    assert report["counts"] == {category: verdicts.count(category) for category in report["counts"]}
+    assert sum(report["histogram"]["counts"]) == len(expected)
+    outputs = foo.get_operator(f"{PLUGIN_URI}/quality_report").resolve_output(
+        foo.ExecutionContext({"dataset_name": dataset.name, "results": report}))
+    assert set(outputs.type.properties) == {"counts", "score_histogram"}
+    json.dumps(outputs.to_json())
+
+    saved = foo.execute_operator(f"{PLUGIN_URI}/save_failure_views", {"dataset": dataset},
+                                 params={"field": "pred"}).result["views"]
+    failures = sorted({verdict for verdict in verdicts if verdict != "ok"})
+    assert saved == [f"pred {category}" for category in ("too_small", "too_large", "fragmented", "empty")
+                     if category in failures]
+    for name in saved:
+        view = dataset.load_saved_view(name)
+        assert set(view.values("pred.verdict")) == {name.split()[1]}
+
+    chosen = [sample.id for sample in target_samples(dataset)[:2]]
+    tagged = foo.execute_operator(f"{PLUGIN_URI}/tag_references", {"dataset": dataset, "selected": chosen},
+                                  params={"reference_tag": "shot"}).result
+    assert tagged == {"tagged": 2}
+    assert sorted(dataset.match_tags("shot").values("id")) == sorted(chosen)
+
+
+def test_unreadable_target_is_tagged_and_the_others_go_on(fo, dataset, expected, tmp_path):
+    missing = fo.Sample(filepath=str(tmp_path / "gone.png"))
+    dataset.add_sample(missing)
+    chosen = [missing.id, target_samples(dataset)[0].id]
+    segment(dataset, {"output_field": "pred"}, view_target="SELECTED_SAMPLES", selected=chosen)
+
+    missing.reload()
+    assert missing.pred is None and "insid3:unreadable" in missing.tags
+    assert_matches_engine(dataset[chosen[1]], "pred", expected)
+
+
+def form(dataset, **params):
+    """The resolved input form of ``segment_by_example`` as the App gets it."""
+    from fiftyone.operators import OperatorRegistry
+    from fiftyone.operators.executor import resolve_type
+
+    request = {"dataset_name": dataset.name, "params": params, "target": "inputs"}
+    resolved = asyncio.run(resolve_type(OperatorRegistry(), SEGMENT, request))
+    json.dumps(resolved.to_json())  # what the App receives
+    return resolved.type.properties
+
+
+def test_form_offers_defaults_classes_and_explains_problems(fo, dataset):
+    properties = form(dataset)
+    assert {"view_target", "reference_tag", "reference_field", "output_field", "overwrite", "weights",
+            "image_size", "svd_components", "tau", "merge_threshold", "device", "batch_size"} <= set(properties)
+    assert properties["output_field"].default == "insid3"
+    assert properties["reference_field"].default == "ground_truth"
+    assert "problem" not in properties and "smoke_test" in properties
+
+    dataset.mask_targets = {"ground_truth": {0: "background", 1: "disk", 2: "corner"}}
+    dataset.save()
+    assert form(dataset)["reference_class"].type.values == ["0", "1", "2"]
+
+    problem = form(dataset, reference_tag="nothing")["problem"]
+    assert problem.invalid and "No sample is tagged 'nothing'" in problem.error_message

@@ -1,0 +1,69 @@
+"""``insid3 labelstudio serve|preannotate``: the parser the entry point registers, and a real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("flask")
+pytest.importorskip("label_studio_sdk")
+
+import requests  # noqa: E402
+from labelstudio_fixtures import insid3_parser  # noqa: E402
+from labelstudio_live import free_port  # noqa: E402
+
+from labelstudio_backend.commands import run_preannotate, run_serve  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_serve_arguments():
+    arguments = insid3_parser().parse_args(["labelstudio", "serve", "--host", "0.0.0.0", "--port", "9191", "--image-size", "256"])
+    assert (arguments.host, arguments.port, arguments.image_size) == ("0.0.0.0", 9191, 256)
+    assert arguments.handler is run_serve
+    defaults = insid3_parser().parse_args(["labelstudio", "serve"])
+    assert (defaults.host, defaults.port) == ("127.0.0.1", 9090)
+
+
+def test_preannotate_arguments(monkeypatch):
+    monkeypatch.setenv("INSID3_IMAGE_SIZE", "128")
+    arguments = insid3_parser().parse_args(["labelstudio", "preannotate", "--project", "3"])
+    assert (arguments.project, arguments.image_size, arguments.handler) == (3, 128, run_preannotate)
+    with pytest.raises(SystemExit):
+        insid3_parser().parse_args(["labelstudio", "preannotate"])
+
+
+def test_preannotate_without_label_studio_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    arguments = insid3_parser().parse_args(
+        ["labelstudio", "preannotate", "--project", "3", "--image-size", "128", "--svd-components", "16", "--device", "cpu"])
+    assert arguments.handler(arguments) == 2
+    assert "LABEL_STUDIO_URL" in capsys.readouterr().err
+
+
+def test_serve_answers_health(tmp_path):
+    port = free_port()
+    environment = dict(os.environ, MODEL_DIR=str(tmp_path), BASIC_AUTH_USER="", BASIC_AUTH_PASS="")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "labelstudio_backend", "serve", "--port", str(port), "--image-size", "128",
+         "--svd-components", "16", "--device", "cpu"],
+        cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read().decode()
+            try:
+                answer = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        assert answer.json() == {"status": "UP", "model_class": "INSID3"}
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
