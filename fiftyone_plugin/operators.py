@@ -124,34 +124,56 @@ class SegmentByExample(foo.Operator):
         return f"segment_by_example -> {choices(ctx)['output_field']}"
 
     def execute(self, ctx):
-        from insid3_core import InputError
+        if ctx.delegated:
+            return run_delegated(ctx)
+        return run_immediate(ctx)
 
-        from .models import segmenter as cached_segmenter
 
-        chosen = choices(ctx)
-        pairs, problem = check_run(ctx, chosen)
-        if problem:
-            raise ValueError(problem)
-        engine = plugin_settings.resolve(ctx.params, ctx.dataset)
-        segmenter = cached_segmenter(engine)
-        try:
-            references = segmenter.encode_references(pairs)
-        except InputError as err:
-            raise ValueError(f"reference unusable: {err}") from err
-        counts = collections.Counter()
-        targets = target_samples(ctx, chosen["reference_tag"])
-        job = segment_collection(segmenter, references, ctx.dataset, targets, chosen["output_field"],
-                                 engine["batch_size"], engine["mask_dir"], counts)
-        for done, total in job:
-            label = f"Segmented {done}/{total}"
-            if ctx.delegated:
-                ctx.set_progress(progress=done / total, label=label)
-            elif done % engine["batch_size"] == 0 or done == total:
-                yield ctx.ops.set_progress(progress=done / total, label=label)
-        if not ctx.delegated:
-            yield ctx.ops.notify(summary(counts, chosen["output_field"], segmenter.backbone.is_smoke_test),
-                                 variant="success")
-            yield ctx.ops.reload_dataset()
+def start_run(ctx):
+    """Check the inputs, encode the references and return the run's job, its counts and its summary."""
+    from insid3_core import InputError
+
+    from .models import segmenter as cached_segmenter
+
+    chosen = choices(ctx)
+    pairs, problem = check_run(ctx, chosen)
+    if problem:
+        raise ValueError(problem)
+    engine = plugin_settings.resolve(ctx.params, ctx.dataset)
+    segmenter = cached_segmenter(engine)
+    try:
+        references = segmenter.encode_references(pairs)
+    except InputError as err:
+        raise ValueError(f"reference unusable: {err}") from err
+    counts = collections.Counter()
+    targets = target_samples(ctx, chosen["reference_tag"])
+    job = segment_collection(segmenter, references, ctx.dataset, targets, chosen["output_field"],
+                             engine["batch_size"], engine["mask_dir"], counts)
+
+    def report() -> str:
+        return summary(counts, chosen["output_field"], segmenter.backbone.is_smoke_test)
+
+    return job, engine["batch_size"], counts, chosen["output_field"], report
+
+
+def run_delegated(ctx) -> dict:
+    """A delegated run: progress through ``ctx.set_progress``; the returned dict is the run's output."""
+    job, _, counts, output_field, report = start_run(ctx)
+    total = 0
+    for done, total in job:
+        ctx.set_progress(progress=done / total, label=f"Segmented {done}/{total}")
+    return {"output_field": output_field, "targets": total, "masks_written": sum(counts.values()),
+            "verdicts": dict(counts), "summary": report()}
+
+
+def run_immediate(ctx):
+    """An immediate run: a progress bar in the App, then a notification and a reload."""
+    job, batch_size, _, _, report = start_run(ctx)
+    for done, total in job:
+        if done % batch_size == 0 or done == total:
+            yield ctx.ops.set_progress(progress=done / total, label=f"Segmented {done}/{total}")
+    yield ctx.ops.notify(report(), variant="success")
+    yield ctx.ops.reload_dataset()
 
 
 def summary(counts: collections.Counter, output_field: str, smoke_test: bool) -> str:

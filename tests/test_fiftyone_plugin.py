@@ -174,8 +174,12 @@ def test_delegated_run_executed_by_the_service(dataset, expected):
     operation = service.get(queued.result["id"])
     assert operation.run_state == ExecutionRunState.COMPLETED, operation.result
     assert operation.status.progress == pytest.approx(1.0)
+    output = operation.result.result
     print(f"delegated run {operation.id}: state {operation.run_state}, progress {operation.status.progress}, "
-          f"result {operation.result}")
+          f"output {output}")
+    targets = len(target_samples(dataset))
+    assert output["targets"] == output["masks_written"] == targets
+    assert sum(output["verdicts"].values()) == targets and output["output_field"] == "pred"
     dataset.reload()
     for sample in target_samples(dataset):
         assert_matches_engine(sample, "pred", expected)
