@@ -67,6 +67,8 @@ def test_segment_by_example_from_the_operator_browser(fo, dataset):
             page.screenshot(path=str(ARTIFACTS / "fiftyone_form.png"))
             page.get_by_role("button", name="Execute").click()
             page.get_by_text("masks in 'insid3'").first.wait_for(timeout=300_000)  # the run's notification
+            page.get_by_text("insid3", exact=True).first.wait_for(timeout=60_000)  # the new field in the sidebar
+            page.wait_for_timeout(1500)  # let the sidebar finish its animation before the screenshot
             page.screenshot(path=str(ARTIFACTS / "fiftyone_done.png"))
             browser.close()
     finally:
