@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from insid3_core import EngineConfig, Segmenter, load_backbone, random_backbone  # noqa: E402
+from insid3_core.config import CLUSTERING_METHODS  # noqa: E402
 from insid3_core.features import patch_features, resized_pixels  # noqa: E402
 from insid3_core.io import load_image, write_mask_png  # noqa: E402
 from insid3_core.loader import default_workers, executor  # noqa: E402
@@ -55,7 +56,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None, help="default: 4 beside a GPU, 2 on the CPU")
     parser.add_argument("--precision", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="engine precision; the baseline always runs float32, so the IoU shows its effect")
-    parser.add_argument("--clustering", default="auto", choices=("auto", "scipy", "torch"))
+    parser.add_argument("--clustering", default="auto", choices=CLUSTERING_METHODS)
     parser.add_argument("--target-size", type=int, nargs=2, default=(1280, 960), metavar=("W", "H"),
                         help="size of the generated JPEG targets")
     parser.add_argument("--skip-baseline", action="store_true", help="measure only the engine and the backbone")

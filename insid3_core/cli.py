@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .backbone import BackboneError, load_backbone, resolve_device
 from .coco import coco_document, mask_record, records_from_document, result_record
-from .config import EngineConfig, cache_dir, env_setting
+from .config import CLUSTERING_METHODS, EngineConfig, cache_dir, env_setting
 from .engine import Segmenter
 from .io import IMAGE_EXTENSIONS, InputError, load_mask, write_json, write_mask_png
 from .loader import default_workers, executor
@@ -96,7 +96,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--workers", type=int, default=env_setting("workers", None, int),
                         help="threads decoding targets ahead of the device and finishing masks "
                              "(default: 4 beside a GPU, 2 on the CPU; 0 runs everything in one thread)")
-    engine.add_argument("--clustering", default=env_setting("clustering", "auto"), choices=("auto", "scipy", "torch"),
+    engine.add_argument("--clustering", default=env_setting("clustering", "auto"), choices=CLUSTERING_METHODS,
                         help="clustering implementation (same partition): auto = torch on GPU, scipy on CPU")
 
 

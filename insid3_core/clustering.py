@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
-METHODS = ("auto", "scipy", "torch")
+from .config import CLUSTERING_METHODS
+
 TORCH_MEMORY_BUDGET = 8 * 2**30
 """Bytes the torch clustering may use at once; a batch is clustered in chunks that fit."""
 
@@ -39,8 +40,8 @@ def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") ->
         ``(N,)`` or ``(B, N)`` int64 labels ``0..K-1`` per target, on the features' device;
         only the partition is meaningful.
     """
-    if method not in METHODS:
-        raise ValueError(f"clustering method must be one of {METHODS}, got {method!r}")
+    if method not in CLUSTERING_METHODS:
+        raise ValueError(f"clustering method must be one of {CLUSTERING_METHODS}, got {method!r}")
     if features.ndim == 2:
         return cluster_patches(features[None], tau, method)[0]
     if method == "torch" or (method == "auto" and features.device.type != "cpu"):
@@ -51,15 +52,20 @@ def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") ->
     return torch.stack(labels).to(features.device)
 
 
+def _cosine_similarities(features: torch.Tensor) -> torch.Tensor:
+    """``(..., N, N)`` float32 ``clamp(x_i · x_j, -1, 1)`` on the features' device."""
+    return (features @ features.transpose(-1, -2)).clamp_(-1.0, 1.0)
+
+
 def _cosine_distances(features: torch.Tensor) -> torch.Tensor:
     """``(..., N, N)`` float64 distances ``1 - clamp(x_i · x_j, -1, 1)`` (product in float32)."""
-    return 1.0 - (features @ features.transpose(-1, -2)).clamp_(-1.0, 1.0).double()
+    return 1.0 - _cosine_similarities(features).double()
 
 
 def _scipy_average_linkage(features: torch.Tensor, tau: float) -> np.ndarray:
     if features.shape[0] < 2:
         return np.zeros(features.shape[0], dtype=np.int64)
-    similarity = (features @ features.T).clamp_(-1.0, 1.0).cpu().numpy()
+    similarity = _cosine_similarities(features).cpu().numpy()
     count = similarity.shape[0]
     condensed = np.empty(count * (count - 1) // 2, dtype=np.float64)
     start = 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV_PREFIX = "INSID3_"
+CLUSTERING_METHODS = ("auto", "scipy", "torch")
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class EngineConfig:
             raise ValueError(f"svd_components must be >= 0, got {self.svd_components}")
         if not -1.0 < self.tau < 1.0:
             raise ValueError(f"tau must lie in (-1, 1), got {self.tau}")
-        if self.clustering not in ("auto", "scipy", "torch"):
-            raise ValueError(f"clustering must be auto, scipy or torch, got {self.clustering!r}")
+        if self.clustering not in CLUSTERING_METHODS:
+            raise ValueError(f"clustering must be one of {CLUSTERING_METHODS}, got {self.clustering!r}")
 
 
 def env_setting(name: str, default=None, cast=str):

@@ -7,8 +7,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from .config import EngineConfig, cache_dir
 from .debias import debias, positional_basis
 from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
-from .loader import default_workers, executor, load_batches
+from .loader import default_workers, executor, load_batches, load_target
 from .matching import backward_candidates, downsample_mask, forward_candidates, mask_tensor, reference_prototype
 from .quality import QualityReport, QualityThresholds, quality_report
 from .timing import StageTimer
@@ -223,9 +223,8 @@ class Segmenter:
 
     def segment_batch(self, references: ReferenceSet, images: Sequence[ImageLike]) -> list[SegmentationResult]:
         """Segment images (paths or PIL images, see :func:`load_image`) with one backbone call."""
-        loaded = [load_image(image) for image in images]
-        pixels = torch.stack([resized_pixels(image, self.config.image_size) for image in loaded])
-        return self.segment_pixels(references, pixels, [(image.height, image.width) for image in loaded])
+        pixels, sizes = zip(*(load_target(image, self.config.image_size) for image in images))
+        return self.segment_pixels(references, torch.stack(pixels), sizes)
 
     def segment_pixels(
         self, references: ReferenceSet, pixels: torch.Tensor, sizes: Sequence[tuple[int, int]]

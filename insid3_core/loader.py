@@ -61,7 +61,8 @@ def default_workers(device: torch.device) -> int:
     return 2 if device.type == "cpu" else 4
 
 
-def _load(target, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def load_target(target, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A target (path or PIL image) as ``(3, s, s)`` uint8 pixels and its displayed ``(H, W)``."""
     image = load_image(target)
     return resized_pixels(image, image_size), (image.height, image.width)
 
@@ -87,7 +88,7 @@ def load_batches(
                 target = next(source, None)
                 if target is None:
                     return
-                pending.append((target, pool.submit(_load, target, image_size)))
+                pending.append((target, pool.submit(load_target, target, image_size)))
 
         refill()
         while pending:
