@@ -13,13 +13,19 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from . import __version__
 from .backbone import BackboneError, load_backbone, resolve_device
 from .coco import coco_document, mask_record, records_from_document, result_record
-from .config import CLUSTERING_METHODS, EngineConfig, cache_dir, env_setting
+from .config import CLUSTERING_METHODS, REFINEMENTS, EngineConfig, cache_dir, env_setting
 from .engine import Segmenter
-from .io import IMAGE_EXTENSIONS, InputError, load_mask, write_json, write_mask_png
+from .eval_command import register as register_eval
+from .instances import INSTANCE_METHODS
+from .io import IMAGE_EXTENSIONS, InputError, atomic_write, load_mask, write_json, write_mask_png
 from .loader import default_workers, executor
+from .match_cli import register as register_match
 from .quality import VERDICTS, QualityThresholds
 
 SMOKE_TEST_BANNER = """\
@@ -52,10 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment target images from (image, mask) references")
     segment.add_argument("targets", nargs="+", metavar="TARGET", help="image files, folders or glob patterns")
-    segment.add_argument("--ref", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
-                         help="a reference image and its mask (repeat for several shots)")
+    segment.add_argument("--ref", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                         help="a reference image and its mask (repeat for several shots), class --category")
+    segment.add_argument("--class-ref", nargs=3, action="append", default=[], metavar=("NAME", "IMAGE", "MASK"),
+                         help="a reference of class NAME (repeat; several classes are segmented in one pass)")
+    segment.add_argument("--negative", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                         help="a negative reference: MASK marks a region that is NOT the concept (repeat)")
     segment.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    segment.add_argument("--category", default="object", help="category name in annotations.json")
+    segment.add_argument("--category", default="object", help="category name of --ref references")
+    segment.add_argument("--instances", action="store_true",
+                         help="one annotation per instance (COCO instance JSON) instead of one per class")
+    segment.add_argument("--instance-method", choices=INSTANCE_METHODS, default="necks",
+                         help="how a mask is split into instances (default: necks)")
+    segment.add_argument("--min-instance-patches", type=int, default=1, metavar="N",
+                         help="instances with fewer feature patches are dropped")
     segment.add_argument("--overwrite", action="store_true", help="re-segment targets whose mask already exists")
     add_engine_arguments(segment)
     quality = segment.add_argument_group("quality verdicts")
@@ -68,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print versions, device and cache location")
     info.add_argument("--device", default=env_setting("device", "auto"))
     info.set_defaults(handler=run_info)
+    register_match(commands)
+    register_eval(commands)
     for entry in entry_points(group="insid3.commands"):
         entry.load()(commands)
     return parser
@@ -98,6 +116,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 4 beside a GPU, 2 on the CPU; 0 runs everything in one thread)")
     engine.add_argument("--clustering", default=env_setting("clustering", "auto"), choices=CLUSTERING_METHODS,
                         help="clustering implementation (same partition): auto = torch on GPU, scipy on CPU")
+    engine.add_argument("--refinement", default=env_setting("refinement", "bilinear"), choices=REFINEMENTS,
+                        help="mask edges: bilinear upsampling (the release) or a guided filter on the image")
 
 
 def segmenter_from_arguments(arguments: argparse.Namespace) -> Segmenter:
@@ -110,6 +130,7 @@ def segmenter_from_arguments(arguments: argparse.Namespace) -> Segmenter:
         tau=arguments.tau,
         merge_threshold=arguments.merge_threshold,
         clustering=arguments.clustering,
+        refinement=arguments.refinement,
     )
     if arguments.weights is not None and not Path(arguments.weights).expanduser().is_file():
         raise UsageError(f"--weights {arguments.weights}: no such file")
@@ -167,10 +188,38 @@ def load_records(path: Path, overwrite: bool) -> dict[str, dict]:
         ) from err
 
 
+def reference_classes(arguments: argparse.Namespace) -> dict[str, list[tuple[Path, Path]]]:
+    """Reference pairs by class name: ``--ref`` under ``--category``, then each ``--class-ref``."""
+    classes: dict[str, list[tuple[Path, Path]]] = {}
+    if arguments.ref:
+        classes[arguments.category] = [(Path(image), Path(mask)) for image, mask in arguments.ref]
+    for name, image, mask in arguments.class_ref:
+        classes.setdefault(name, []).append((Path(image), Path(mask)))
+    if not classes:
+        raise UsageError("give at least one reference: --ref IMAGE MASK or --class-ref NAME IMAGE MASK")
+    if len(classes) > 255:
+        raise UsageError(f"{len(classes)} classes do not fit an 8-bit label map (255 at most)")
+    return classes
+
+
+def write_label_png(path: Path, label_map: np.ndarray, classes: int) -> None:
+    """One class: 0/255 mask. Several: 8-bit label map, ``i + 1`` for the ``i``-th class."""
+    if classes == 1:
+        write_mask_png(path, label_map > 0)
+        return
+    with atomic_write(path) as stream:
+        Image.fromarray(label_map.astype(np.uint8), mode="L").save(stream, format="PNG")
+
+
 def run_segment(arguments: argparse.Namespace) -> int:
+    if arguments.min_instance_patches < 1:
+        raise UsageError(f"--min-instance-patches must be >= 1, got {arguments.min_instance_patches}")
+    classes = reference_classes(arguments)
+    negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
     out: Path = arguments.out
-    inputs = {Path(p).expanduser().resolve() for pair in arguments.ref for p in pair} | set(targets)
+    given = [p for pairs in [*classes.values(), negatives] for pair in pairs for p in pair]
+    inputs = {Path(p).expanduser().resolve() for p in given} | set(targets)
     outputs = {target: out.resolve() / f"{target.stem}.png" for target in targets}
     clobbered = sorted(str(p) for p in inputs & set(outputs.values()))
     if clobbered:
@@ -180,10 +229,10 @@ def run_segment(arguments: argparse.Namespace) -> int:
     pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
     for target in targets:
         if target not in pending and target.name not in records:
-            records[target.name] = mask_record(target.name, load_mask(outputs[target]))
+            records[target.name] = mask_record(target.name, written_labels(outputs[target], len(classes)), list(classes))
 
     segmenter = segmenter_from_arguments(arguments)
-    references = segmenter.encode_references([(Path(image), Path(mask)) for image, mask in arguments.ref])
+    encoded = segmenter.encode_classes(classes, negatives)
     info = {
         "description": "insid3 segment",
         "version": __version__,
@@ -194,7 +243,9 @@ def run_segment(arguments: argparse.Namespace) -> int:
         "svd_components": int(segmenter.basis.shape[1]),
         "tau": segmenter.config.tau,
         "merge_threshold": segmenter.config.merge_threshold,
-        "references": list(references.names),
+        "references": {name: list(references.names) for name, references in encoded.items()},
+        "negatives": [str(image) for image, _ in negatives],
+        "instances": arguments.instance_method if arguments.instances else None,
     }
     print(f"insid3: {len(targets)} target(s), {len(targets) - len(pending)} already done, "
           f"{len(pending)} to segment on {segmenter.backbone.device}", file=sys.stderr)
@@ -204,27 +255,30 @@ def run_segment(arguments: argparse.Namespace) -> int:
     failures: dict[str, str] = {}
     verdicts = collections.Counter()
     workers = default_workers(segmenter.backbone.device) if arguments.workers is None else arguments.workers
+    instance_method = arguments.instance_method if arguments.instances else None
     with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
             executor(min(workers, 2), "insid3-write") as writer:
         writes = []
-        stream = segmenter.iter_segment(references, pending, arguments.batch_size, workers)
+        stream = segmenter.iter_segment_classes(encoded, pending, arguments.batch_size, workers)
         for done, (target, result) in enumerate(stream, start=1):
             progress.update(1)
             if isinstance(result, InputError):
                 failures[str(target)] = str(result)
                 continue
-            writes.append(writer.submit(write_mask_png, outputs[target], result.mask))
-            records[target.name] = result_record(target.name, result)
-            verdicts[result.quality.verdict] += 1
+            writes.append(writer.submit(write_label_png, outputs[target], result.label_map, len(classes)))
+            records[target.name] = result_record(
+                target.name, result.classes, instance_method, arguments.min_instance_patches
+            )
+            verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
             progress.set_postfix(verdicts, refresh=False)
             if done % arguments.batch_size == 0:
-                write_json(annotations_path, coco_document(records, arguments.category, info))
+                write_json(annotations_path, coco_document(records, list(classes), info))
         for write in writes:
             write.result()
-    write_json(annotations_path, coco_document(records, arguments.category, info))
+    write_json(annotations_path, coco_document(records, list(classes), info))
 
     summary = ", ".join(f"{verdict} {verdicts[verdict]}" for verdict in VERDICTS if verdicts[verdict])
-    print(f"insid3: segmented {sum(verdicts.values())}, skipped {len(targets) - len(pending)}, "
+    print(f"insid3: segmented {len(pending) - len(failures)}, skipped {len(targets) - len(pending)}, "
           f"failed {len(failures)} -> {out}", file=sys.stderr)
     if summary:
         print(f"insid3: quality: {summary}", file=sys.stderr)
@@ -234,6 +288,24 @@ def run_segment(arguments: argparse.Namespace) -> int:
         print("insid3: reminder: these masks come from the random-weight TEST checkpoint (smoke test).",
               file=sys.stderr)
     return 1 if failures else 0
+
+
+def written_labels(path: Path, classes: int) -> np.ndarray:
+    """A mask already at an output path (written by an earlier run or by hand), ``(H, W)`` uint8.
+
+    One class: any foreground (see :func:`insid3_core.io.load_mask`) as 255. Several: the
+    stored values of an 8-bit label map.
+    """
+    if classes == 1:
+        return load_mask(path).astype(np.uint8) * 255
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise UsageError(f"{path}: existing output is a {image.mode} image, not an 8-bit label map; "
+                                 "remove it or pass --overwrite")
+            return np.asarray(image)
+    except OSError as err:
+        raise UsageError(f"{path}: existing output mask is unreadable ({err}); remove it or pass --overwrite") from err
 
 
 def run_info(arguments: argparse.Namespace) -> int:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from .engine import SegmentationResult
+from .instances import split_instances
 from .quality import quality_report
 
 
@@ -20,59 +23,109 @@ def rle_decode(rle: dict) -> np.ndarray:
     return mask_utils.decode(_binary(rle)).astype(bool)
 
 
-def annotation_record(file_name: str, mask: np.ndarray, score: float | None, quality: dict) -> dict:
-    """One target's image entry and annotation, keyed by ``file_name``."""
+def annotation(mask: np.ndarray, category: str, score: float | None, quality: dict, **extra) -> dict:
+    """One COCO annotation (without ids) of a ``(H, W)`` bool mask; ``category`` is a name."""
     rle = rle_encode(mask)
     return {
-        "image": {"file_name": file_name, "height": int(mask.shape[0]), "width": int(mask.shape[1])},
-        "annotation": {
-            "segmentation": rle,
-            "area": int(mask_utils.area(_binary(rle))),
-            "bbox": [float(v) for v in mask_utils.toBbox(_binary(rle))],
-            "score": score,
-            "quality": quality,
-            "iscrowd": 0,
-        },
+        "category": category,
+        "segmentation": rle,
+        "area": int(mask_utils.area(_binary(rle))),
+        "bbox": [float(v) for v in mask_utils.toBbox(_binary(rle))],
+        "score": score,
+        "quality": quality,
+        "iscrowd": 0,
+        **extra,
     }
 
 
-def result_record(file_name: str, result: SegmentationResult) -> dict:
-    """:func:`annotation_record` of an engine result."""
-    return annotation_record(file_name, result.mask, result.score, result.quality.as_dict())
+def image_entry(file_name: str, shape: tuple[int, int]) -> dict:
+    return {"file_name": file_name, "height": int(shape[0]), "width": int(shape[1])}
 
 
-def mask_record(file_name: str, mask: np.ndarray) -> dict:
-    """:func:`annotation_record` rebuilt from a mask file alone (no score known)."""
-    return annotation_record(file_name, mask, None, quality_report(mask).as_dict())
+def result_record(
+    file_name: str,
+    results: Mapping[str, SegmentationResult],
+    instance_method: str | None = None,
+    min_instance_patches: int = 1,
+) -> dict:
+    """One target's image entry and annotations: one per class, or one per instance of each class.
+
+    Parameters
+    ----------
+    file_name : str
+    results : mapping of class name to SegmentationResult
+    instance_method : str or None
+        Split each class's mask into instances (see :func:`insid3_core.instances.instance_labels`);
+        an instance annotation carries its own score and box, its class's quality report and
+        its ``instance`` number.
+    """
+    shape = next(iter(results.values())).mask.shape
+    annotations = []
+    for category, result in results.items():
+        quality = result.quality.as_dict()
+        if instance_method is None:
+            annotations.append(annotation(result.mask, category, result.score, quality))
+            continue
+        for number, instance in enumerate(split_instances(result, instance_method, min_instance_patches), start=1):
+            annotations.append(annotation(instance.mask, category, instance.score, quality, instance=number))
+    return {"image": image_entry(file_name, shape), "annotations": annotations}
 
 
-def coco_document(records: dict[str, dict], category: str, info: dict) -> dict:
-    """Assemble a COCO document from records keyed by file name (ids follow sorted names)."""
+def mask_record(file_name: str, label_map: np.ndarray, categories: Sequence[str]) -> dict:
+    """:func:`result_record` rebuilt from a written mask alone (no score known).
+
+    ``label_map`` is ``(H, W)``: 0/255 for one category, ``i + 1`` for the ``i``-th of several.
+    """
+    masks = {categories[0]: label_map > 0} if len(categories) == 1 else {
+        category: label_map == index for index, category in enumerate(categories, start=1)
+    }
+    return {
+        "image": image_entry(file_name, label_map.shape),
+        "annotations": [
+            annotation(mask, category, None, quality_report(mask).as_dict()) for category, mask in masks.items()
+        ],
+    }
+
+
+def coco_document(records: dict[str, dict], categories: Sequence[str], info: dict) -> dict:
+    """Assemble a COCO document from records keyed by file name (ids follow sorted names).
+
+    Records may name categories missing from ``categories`` (an earlier run's); they are
+    appended after them.
+    """
+    names = list(dict.fromkeys([*categories, *(a["category"] for r in records.values() for a in r["annotations"])]))
+    category_ids = {name: index for index, name in enumerate(names, start=1)}
     images, annotations = [], []
     for image_id, name in enumerate(sorted(records), start=1):
         record = records[name]
         images.append({"id": image_id, **record["image"]})
-        annotations.append({"id": image_id, "image_id": image_id, "category_id": 1, **record["annotation"]})
+        for entry in record["annotations"]:
+            fields = {key: value for key, value in entry.items() if key != "category"}
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[entry["category"]], **fields}
+            )
     return {
         "info": info,
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": 1, "name": category}],
+        "categories": [{"id": index, "name": name} for name, index in category_ids.items()],
     }
 
 
 def records_from_document(document: dict) -> dict[str, dict]:
     """Inverse of :func:`coco_document`: records keyed by file name."""
-    by_id = {image["id"]: image for image in document.get("images", [])}
-    records = {}
-    for annotation in document.get("annotations", []):
-        image = by_id[annotation["image_id"]]
-        records[image["file_name"]] = {
+    categories = {category["id"]: category["name"] for category in document.get("categories", [])}
+    records = {
+        image["file_name"]: {
             "image": {key: image[key] for key in ("file_name", "height", "width")},
-            "annotation": {
-                key: value for key, value in annotation.items() if key not in ("id", "image_id", "category_id")
-            },
+            "annotations": [],
         }
+        for image in document.get("images", [])
+    }
+    by_id = {image["id"]: image["file_name"] for image in document.get("images", [])}
+    for entry in document.get("annotations", []):
+        fields = {key: value for key, value in entry.items() if key not in ("id", "image_id", "category_id")}
+        records[by_id[entry["image_id"]]]["annotations"].append({"category": categories[entry["category_id"]], **fields})
     return records
 
 

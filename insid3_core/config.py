@@ -8,6 +8,7 @@ from pathlib import Path
 
 ENV_PREFIX = "INSID3_"
 CLUSTERING_METHODS = ("auto", "scipy", "torch")
+REFINEMENTS = ("bilinear", "guided")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class EngineConfig:
     clustering : {"auto", "scipy", "torch"}
         Implementation of the (identical) clustering: ``auto`` uses torch on an accelerator
         and scipy on the CPU.
+    refinement : {"bilinear", "guided"}
+        Step 7: ``bilinear`` upsampling of the feature-resolution mask (the release's
+        default), or ``guided``: a colour guided filter of that mask with the resized image
+        as guide (:func:`insid3_core.refine.refine_masks`), snapping edges to the image.
     """
 
     image_size: int = 1024
@@ -36,6 +41,7 @@ class EngineConfig:
     tau: float = 0.6
     merge_threshold: float = 0.2
     clustering: str = "auto"
+    refinement: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 16:
@@ -46,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"tau must lie in (-1, 1), got {self.tau}")
         if self.clustering not in CLUSTERING_METHODS:
             raise ValueError(f"clustering must be one of {CLUSTERING_METHODS}, got {self.clustering!r}")
+        if self.refinement not in REFINEMENTS:
+            raise ValueError(f"refinement must be one of {REFINEMENTS}, got {self.refinement!r}")
 
 
 def env_setting(name: str, default=None, cast=str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .aggregation import cluster_scores
@@ -22,10 +23,18 @@ from .debias import debias, positional_basis
 from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
 from .loader import default_workers, executor, load_batches, load_target
-from .matching import backward_candidates, downsample_mask, forward_candidates, mask_tensor, reference_prototype
+from .matching import (
+    backward_candidates,
+    downsample_mask,
+    forward_candidates,
+    mask_tensor,
+    negative_suppressed,
+    reference_prototype,
+)
 from .quality import QualityReport, QualityThresholds, quality_report
 from .timing import StageTimer
-from .upsample import upsample_mask
+from .refine import refine_masks
+from .upsample import resize_mask, upsample_mask
 
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | Image.Image | np.ndarray
@@ -47,6 +56,8 @@ class ReferenceSet:
         Input size the references were encoded at.
     names : tuple of str
         Where each reference came from (file path or ``reference <i>``).
+    negatives : torch.Tensor or None
+        ``(R, C)`` debiased features of the patches inside the negative ("not this") masks.
     """
 
     features: torch.Tensor
@@ -54,6 +65,7 @@ class ReferenceSet:
     prototype: torch.Tensor
     image_size: int
     names: tuple[str, ...]
+    negatives: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -73,12 +85,36 @@ class SegmentationResult:
         Confidence in [0, 1]: mean debiased similarity to the reference prototype over the
         predicted patches (0 for an empty mask).
     quality : QualityReport
+    similarity : np.ndarray
+        ``(h, w)`` float32 debiased similarity of each patch to the reference prototype.
+    clusters : np.ndarray
+        ``(h, w)`` int32 cluster label of each patch (-1 everywhere when the target had no
+        candidate patch and was not clustered).
     """
 
     mask: np.ndarray
     lowres_mask: np.ndarray
     score: float
     quality: QualityReport
+    similarity: np.ndarray
+    clusters: np.ndarray
+
+
+@dataclass(frozen=True)
+class MultiClassResult:
+    """The prediction of several classes for one target, from one backbone pass and one clustering.
+
+    Attributes
+    ----------
+    label_map : np.ndarray
+        ``(H, W)`` uint16: 0 for background, ``i + 1`` where the ``i``-th class (in the order
+        of :attr:`classes`) won the pixel.
+    classes : dict of str to SegmentationResult
+        Each class's mask after overlaps were given to the class most similar to the patch.
+    """
+
+    label_map: np.ndarray
+    classes: dict[str, SegmentationResult]
 
 
 class Segmenter:
@@ -125,16 +161,51 @@ class Segmenter:
             backbone, config.image_size, config.svd_components, cache_dir() if cache is None else cache or None, basis_file
         )
 
-    def encode_references(self, references: Sequence[tuple[ImageLike, MaskLike]]) -> ReferenceSet:
-        """Encode ``(image, mask)`` pairs in one backbone call.
+    def encode_references(
+        self,
+        references: Sequence[tuple[ImageLike, MaskLike]],
+        negatives: Sequence[tuple[ImageLike, MaskLike]] = (),
+    ) -> ReferenceSet:
+        """Encode ``(image, mask)`` pairs, and optional negative pairs, in one backbone call.
+
+        A negative pair marks a region as "not this": target patches closer to a negative
+        patch than to any reference-mask patch are neither candidates nor part of the mask,
+        even when their cluster is.
 
         Raises :class:`InputError` naming the reference when an image is unreadable, a mask's
         size differs from its image's, or a mask is empty.
         """
-        pixels, masks, names = self.prepare_references(references)
+        return self.encode_classes({"": references}, negatives)[""]
+
+    def encode_classes(
+        self,
+        classes: Mapping[str, Sequence[tuple[ImageLike, MaskLike]]],
+        negatives: Sequence[tuple[ImageLike, MaskLike]] = (),
+    ) -> dict[str, ReferenceSet]:
+        """Encode the references of several classes (and negatives shared by all) in one backbone call.
+
+        An image given by path in several pairs (e.g. one per class of a multi-class mask)
+        goes through the backbone once.
+        """
+        if not classes:
+            raise InputError("at least one class with references is needed")
+        for name, pairs in classes.items():
+            if not pairs:
+                raise InputError(f"class {name!r}: at least one (image, mask) reference is needed")
+        pairs = [pair for class_pairs in classes.values() for pair in class_pairs] + list(negatives)
+        pixels, masks, names = self.prepare_references(pairs)
+        unique = list(dict.fromkeys(names))
         with self.stage("backbone"):
-            features = patch_features(self.backbone, pixels)
-        return self.reference_set(features, masks, names)
+            encoded = patch_features(self.backbone, pixels[[names.index(name) for name in unique]])
+        features = encoded[[unique.index(name) for name in names]]
+        negative = slice(len(pairs) - len(negatives), len(pairs))
+        negative_parts = (features[negative], masks[negative]) if negatives else None
+        encoded_classes, start = {}, 0
+        for name, class_pairs in classes.items():
+            part = slice(start, start + len(class_pairs))
+            encoded_classes[name] = self.reference_set(features[part], masks[part], names[part], negative_parts)
+            start += len(class_pairs)
+        return encoded_classes
 
     def prepare_references(
         self, references: Sequence[tuple[ImageLike, MaskLike]]
@@ -148,6 +219,7 @@ class Segmenter:
         masks : torch.Tensor
             ``(S, s, s)`` bool.
         names : tuple of str
+            The image's path, or ``reference <i>`` for an in-memory image.
         """
         if not references:
             raise InputError("at least one (image, mask) reference is needed")
@@ -161,11 +233,27 @@ class Segmenter:
             masks.append(mask_tensor(mask, self.config.image_size))
         return torch.stack(images), torch.stack(masks), tuple(names)
 
-    def reference_set(self, features: torch.Tensor, masks: torch.Tensor, names: Sequence[str]) -> ReferenceSet:
-        """Build a :class:`ReferenceSet` from references' patch features ``(S, N, C)`` and masks ``(S, s, s)``."""
+    def reference_set(
+        self,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        names: Sequence[str],
+        negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> ReferenceSet:
+        """Build a :class:`ReferenceSet` from patch features ``(S, N, C)`` and masks ``(S, s, s)``.
+
+        ``negatives`` holds the negative pairs' patch features ``(R, N, C)`` and masks ``(R, s, s)``.
+        """
         debiased = debias(features, self.basis)
         low = downsample_mask(masks.to(features.device), self.grid).flatten(1)
-        return ReferenceSet(debiased, low, reference_prototype(debiased, low), self.config.image_size, tuple(names))
+        negative_patches = None
+        if negatives is not None:
+            negative_features, negative_masks = negatives
+            negative_low = downsample_mask(negative_masks.to(features.device), self.grid).flatten(1)
+            negative_patches = debias(negative_features, self.basis)[negative_low]
+        return ReferenceSet(
+            debiased, low, reference_prototype(debiased, low), self.config.image_size, tuple(names), negative_patches
+        )
 
     @staticmethod
     def _reference_mask(name: str, image: Image.Image, mask: MaskLike) -> np.ndarray:
@@ -187,12 +275,17 @@ class Segmenter:
         self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
     ) -> list[SegmentationResult]:
         """Segment targets (paths or PIL images) in batches; an unreadable one raises :class:`InputError`."""
-        results = []
-        for _, result in self.iter_segment(references, targets, batch_size, workers):
-            if isinstance(result, InputError):
-                raise result
-            results.append(result)
-        return results
+        return [_raised(result) for _, result in self.iter_segment(references, targets, batch_size, workers)]
+
+    def segment_classes(
+        self,
+        classes: Mapping[str, ReferenceSet],
+        targets: Iterable[ImageLike],
+        batch_size: int = 8,
+        workers: int | None = None,
+    ) -> list[MultiClassResult]:
+        """:meth:`segment` for several classes at once; an unreadable target raises :class:`InputError`."""
+        return [_raised(result) for _, result in self.iter_segment_classes(classes, targets, batch_size, workers)]
 
     def iter_segment(
         self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
@@ -204,6 +297,29 @@ class Segmenter:
         many threads again while the device works on the next batch. ``None`` picks
         :func:`insid3_core.loader.default_workers`; 0 runs everything in the caller's thread.
         """
+        for target, results in self._iter_results((references,), targets, batch_size, workers):
+            yield target, results if isinstance(results, InputError) else results[0]
+
+    def iter_segment_classes(
+        self,
+        classes: Mapping[str, ReferenceSet],
+        targets: Iterable[ImageLike],
+        batch_size: int = 8,
+        workers: int | None = None,
+    ) -> Iterator[tuple[ImageLike, MultiClassResult | InputError]]:
+        """:meth:`iter_segment` for several classes sharing each target's features and clustering.
+
+        A patch claimed by several classes goes to the class whose prototype it is most
+        similar to, so the classes' masks never overlap.
+        """
+        if not classes:
+            raise ValueError("at least one class is needed")
+        for target, results in self._iter_results(tuple(classes.values()), targets, batch_size, workers):
+            yield target, results if isinstance(results, InputError) else _multi_class(tuple(classes), results)
+
+    def _iter_results(
+        self, classes: tuple[ReferenceSet, ...], targets: Iterable[ImageLike], batch_size: int, workers: int | None
+    ) -> Iterator[tuple[ImageLike, tuple[SegmentationResult, ...] | InputError]]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         workers = default_workers(self.backbone.device) if workers is None else workers
@@ -212,8 +328,8 @@ class Segmenter:
         with executor(workers, "insid3-finish") as finisher:
             for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
                 if batch.pixels is not None:
-                    lowres, confidence = self._lowres_masks(references, self._features(references, batch.pixels))
-                    readable = iter(zip(lowres, confidence, batch.sizes))
+                    features = self._features(classes, batch.pixels)
+                    readable = self._per_target(self._lowres_masks(classes, features, batch.pixels), batch.sizes)
                 for target, error in batch.entries:
                     ready.append((target, error or finisher.submit(self._finish, *next(readable))))
                 while ready and (len(ready) > batch_size or _is_done(ready[0][1])):
@@ -239,62 +355,196 @@ class Segmenter:
         sizes : sequence of (H, W)
             Each target's size, which its mask is returned at.
         """
-        return self.segment_features(references, self._features(references, pixels), sizes)
+        return self.segment_features(references, self._features((references,), pixels), sizes, pixels)
 
     def segment_features(
-        self, references: ReferenceSet, features: torch.Tensor, sizes: Sequence[tuple[int, int]]
+        self,
+        references: ReferenceSet,
+        features: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        pixels: torch.Tensor | None = None,
     ) -> list[SegmentationResult]:
-        """Steps 2-7 on targets' patch features ``(B, N, C)`` (from :func:`patch_features`)."""
-        lowres, confidence = self._lowres_masks(references, features)
-        return [self._finish(mask, score, size) for mask, score, size in zip(lowres, confidence, sizes)]
+        """Steps 2-7 on targets' patch features ``(B, N, C)`` (from :func:`patch_features`).
 
-    def _features(self, references: ReferenceSet, pixels: torch.Tensor) -> torch.Tensor:
-        if references.image_size != self.config.image_size:
-            raise ValueError(
-                f"references were encoded at {references.image_size}px, this segmenter runs at {self.config.image_size}px"
-            )
+        ``pixels`` (``(B, 3, s, s)`` uint8, the images the features came from) is needed by
+        the ``guided`` refinement.
+        """
+        masks = self._lowres_masks((references,), features, pixels)
+        return [self._finish(*per_target)[0] for per_target in self._per_target(masks, sizes)]
+
+    def segment_class_features(
+        self,
+        classes: Mapping[str, ReferenceSet],
+        features: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        pixels: torch.Tensor | None = None,
+    ) -> list[MultiClassResult]:
+        """:meth:`segment_features` for several classes sharing the features and the clustering."""
+        masks = self._lowres_masks(tuple(classes.values()), features, pixels)
+        return [_multi_class(tuple(classes), self._finish(*per_target)) for per_target in self._per_target(masks, sizes)]
+
+    def _features(self, classes: Sequence[ReferenceSet], pixels: torch.Tensor) -> torch.Tensor:
+        for references in classes:
+            if references.image_size != self.config.image_size:
+                raise ValueError(
+                    f"references were encoded at {references.image_size}px, "
+                    f"this segmenter runs at {self.config.image_size}px"
+                )
         with self.stage("backbone"):
             return patch_features(self.backbone, pixels)
 
-    def _lowres_masks(self, references: ReferenceSet, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Steps 2-6 for a batch: ``(B, h, w)`` bool masks and ``(B,)`` confidences, on the host."""
+    @staticmethod
+    def _allowed(references: ReferenceSet, debiased: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` bool: patches not closer to a negative patch than to a reference-mask patch."""
+        if references.negatives is None:
+            return torch.ones(debiased.shape[:2], dtype=torch.bool, device=debiased.device)
+        return ~negative_suppressed(debiased, references.features, references.masks, references.negatives)
+
+    def _lowres_masks(
+        self, classes: Sequence[ReferenceSet], features: torch.Tensor, pixels: torch.Tensor | None = None
+    ) -> tuple[np.ndarray | None, ...]:
+        """Steps 2-6 (and a guided refinement) for ``B`` targets and ``K`` classes sharing features and clustering.
+
+        Returns
+        -------
+        lowres : np.ndarray
+            ``(K, B, h, w)`` bool; a patch belongs to one class at most.
+        confidence : np.ndarray
+            ``(K, B)`` float32.
+        similarity : np.ndarray
+            ``(K, B, h, w)`` float32 debiased similarity to each class's prototype.
+        clusters : np.ndarray
+            ``(B, h, w)`` int32 cluster labels, -1 for a target that was not clustered.
+        refined : np.ndarray or None
+            ``(K, B, s, s)`` bool guided-filter masks at input resolution, disjoint across
+            classes, when the configuration asks for the ``guided`` refinement.
+        """
         with self.stage("matching"):
             debiased = debias(features, self.basis)
-            similarity = debiased @ references.prototype
-            candidates = forward_candidates(similarity) & backward_candidates(
-                debiased, references.features, references.masks
+            prototypes = torch.stack([references.prototype for references in classes])
+            similarity = torch.einsum("bnc,kc->kbn", debiased, prototypes)
+            allowed = torch.stack([self._allowed(references, debiased) for references in classes])
+            candidates = allowed & torch.stack(
+                [
+                    forward_candidates(sim) & backward_candidates(debiased, references.features, references.masks)
+                    for references, sim in zip(classes, similarity)
+                ]
             )
-            matched = torch.nonzero(candidates.any(dim=1)).flatten().tolist()
+            has_candidates = candidates.any(dim=2).cpu()
+            matched = torch.nonzero(has_candidates.any(dim=0)).flatten().tolist()
         lowres = torch.zeros(candidates.shape, dtype=torch.bool, device=features.device)
+        clusters = torch.full(features.shape[:2], -1, dtype=torch.int64, device=features.device)
         if matched:
             with self.stage("clustering"):
                 labels = cluster_patches(features[matched], self.config.tau, self.config.clustering)
             with self.stage("aggregation"):
                 for index, target_labels in zip(matched, labels):
-                    scores = cluster_scores(
-                        target_labels,
-                        candidates[index],
-                        features[index],
-                        debiased[index],
-                        similarity[index],
-                        references.prototype,
-                    )
-                    lowres[index] = scores[target_labels] > self.config.merge_threshold
+                    clusters[index] = target_labels
+                    for k, references in enumerate(classes):
+                        if not has_candidates[k, index]:
+                            continue
+                        scores = cluster_scores(
+                            target_labels,
+                            candidates[k, index],
+                            features[index],
+                            debiased[index],
+                            similarity[k, index],
+                            references.prototype,
+                        )
+                        lowres[k, index] = scores[target_labels] > self.config.merge_threshold
+        lowres &= allowed
+        if len(classes) > 1:
+            winner = torch.where(lowres, similarity, -torch.inf).argmax(dim=0)
+            lowres &= torch.arange(len(classes), device=lowres.device)[:, None, None] == winner
         selected = lowres.float()
-        confidence = ((similarity * selected).sum(dim=1) / selected.sum(dim=1).clamp(min=1.0)).clamp(0.0, 1.0)
-        return lowres.view(-1, *self.grid).cpu().numpy(), confidence.cpu().numpy()
+        confidence = ((similarity * selected).sum(dim=2) / selected.sum(dim=2).clamp(min=1.0)).clamp(0.0, 1.0)
+        grid = (len(classes), -1, *self.grid)
+        refined = None
+        if self.config.refinement == "guided":
+            refined = self._refined(lowres.view(grid), similarity.view(grid), pixels).cpu().numpy()
+        return (
+            lowres.view(grid).cpu().numpy(),
+            confidence.float().cpu().numpy(),
+            similarity.view(grid).float().cpu().numpy(),
+            clusters.view(-1, *self.grid).to(torch.int32).cpu().numpy(),
+            refined,
+        )
+
+    def _refined(self, lowres: torch.Tensor, similarity: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+        """Guided-filter masks ``(K, B, s, s)`` bool; a pixel claimed by several classes goes to
+        the class with the highest bilinearly upsampled similarity."""
+        if pixels is None:
+            raise ValueError("the guided refinement needs the target pixels (pass pixels=...)")
+        with self.stage("refinement"):
+            classes, batch = lowres.shape[:2]
+            pixels = pixels.to(lowres.device, non_blocking=True)
+            square = refine_masks(pixels.repeat(classes, 1, 1, 1), lowres.flatten(0, 1))
+            square = square.view(classes, batch, *square.shape[-2:])
+            if classes > 1:
+                upsampled = F.interpolate(
+                    similarity.float().flatten(0, 1)[:, None], size=square.shape[-2:], mode="bilinear", align_corners=False
+                ).view(square.shape)
+                winner = torch.where(square, upsampled, -torch.inf).argmax(dim=0)
+                square &= torch.arange(classes, device=square.device)[:, None, None, None] == winner
+            return square
+
+    @staticmethod
+    def _per_target(masks: tuple[np.ndarray, ...], sizes: Sequence[tuple[int, int]]) -> Iterator[tuple]:
+        """Split :meth:`_lowres_masks`' batch arrays into :meth:`_finish`'s arguments, target by target."""
+        lowres, confidence, similarity, clusters, refined = masks
+        squares = refined.swapaxes(0, 1) if refined is not None else [None] * len(sizes)
+        return iter(zip(lowres.swapaxes(0, 1), confidence.T, similarity.swapaxes(0, 1), clusters, squares, sizes))
 
     def stage(self, name: str):
         """Context timing a named stage with :attr:`timer`, when one is set."""
         return self.timer.stage(name) if self.timer is not None else contextlib.nullcontext()
 
-    def _finish(self, lowres: np.ndarray, confidence: float, size: tuple[int, int]) -> SegmentationResult:
-        """Step 7 on the host: the full-resolution mask and its quality report."""
+    def _finish(
+        self,
+        lowres: np.ndarray,
+        confidence: np.ndarray,
+        similarity: np.ndarray,
+        clusters: np.ndarray,
+        refined: np.ndarray | None,
+        size: tuple[int, int],
+    ) -> tuple[SegmentationResult, ...]:
+        """Step 7 on the host for one target's ``K`` classes: full-resolution masks and quality reports.
+
+        ``refined`` holds the classes' ``(K, s, s)`` guided-filter masks, resized instead of
+        upsampling the feature-resolution masks.
+        """
         with self.stage("output"):
-            mask = upsample_mask(torch.from_numpy(lowres), self.config.image_size, size).numpy()
-            return SegmentationResult(
-                mask=mask, lowres_mask=lowres, score=float(confidence), quality=quality_report(mask, self.quality)
-            )
+            results = []
+            for index, (class_lowres, class_confidence, class_similarity) in enumerate(zip(lowres, confidence, similarity)):
+                if refined is None:
+                    mask = upsample_mask(torch.from_numpy(class_lowres), self.config.image_size, size).numpy()
+                else:
+                    mask = resize_mask(torch.from_numpy(refined[index]), size).numpy()
+                results.append(
+                    SegmentationResult(
+                        mask=mask,
+                        lowres_mask=class_lowres,
+                        score=float(class_confidence),
+                        quality=quality_report(mask, self.quality),
+                        similarity=class_similarity,
+                        clusters=clusters,
+                    )
+                )
+            return tuple(results)
+
+
+def _multi_class(names: tuple[str, ...], results: tuple[SegmentationResult, ...]) -> MultiClassResult:
+    """Assemble one target's per-class results; their full-resolution masks are disjoint."""
+    label_map = np.zeros(results[0].mask.shape, dtype=np.uint16)
+    for index, result in enumerate(results, start=1):
+        label_map[result.mask] = index
+    return MultiClassResult(label_map, dict(zip(names, results)))
+
+
+def _raised(result):
+    if isinstance(result, InputError):
+        raise result
+    return result
 
 
 def _is_done(pending: Future | InputError) -> bool:

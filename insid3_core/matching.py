@@ -118,3 +118,31 @@ def backward_candidates(
         nearest = torch.argmax(target @ features.T, dim=-1)
         votes += mask[nearest]
     return votes >= math.ceil(len(references) / 2)
+
+
+def negative_suppressed(
+    target: torch.Tensor, references: torch.Tensor, reference_masks: torch.Tensor, negatives: torch.Tensor
+) -> torch.Tensor:
+    """Target patches that resemble a negative region more than any positive reference patch.
+
+    Parameters
+    ----------
+    target : torch.Tensor
+        ``(B, N, C)`` debiased target features.
+    references : torch.Tensor
+        ``(S, M, C)`` debiased reference features.
+    reference_masks : torch.Tensor
+        ``(S, M)`` bool feature-resolution reference masks (the positive regions).
+    negatives : torch.Tensor
+        ``(R, C)`` debiased features of the patches inside negative masks.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, N)`` bool: the best similarity to a negative patch exceeds the best similarity
+        to a positive reference patch.
+    """
+    positive = torch.full(target.shape[:2], -torch.inf, dtype=target.dtype, device=target.device)
+    for features, mask in zip(references, reference_masks):
+        positive = torch.maximum(positive, (target @ features.T).masked_fill(~mask, -torch.inf).amax(dim=-1))
+    return (target @ negatives.T).amax(dim=-1) > positive

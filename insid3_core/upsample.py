@@ -23,5 +23,10 @@ def upsample_mask(lowres: torch.Tensor, image_size: int, original_size: tuple[in
         ``(H, W)`` bool on the device of ``lowres``.
     """
     square = F.interpolate(lowres.float()[None, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
-    full = F.interpolate((square > 0.5).float(), size=tuple(original_size), mode="bilinear", align_corners=False)
+    return resize_mask(square[0, 0] > 0.5, original_size)
+
+
+def resize_mask(square: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a ``(s, s)`` bool mask to ``(H, W)``, thresholded at 0.5."""
+    full = F.interpolate(square.float()[None, None], size=tuple(original_size), mode="bilinear", align_corners=False)
     return full[0, 0] > 0.5

@@ -1,0 +1,175 @@
+"""``insid3 eval``: few-shot episodes on a dataset in its standard layout, with a JSON and Markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .datasets import DEFAULT_SPLITS, FOLD_EPISODES, LAYOUTS, Dataset, Episode, load_dataset, make_episodes
+from .engine import Segmenter
+from .evaluation import ratio, run_episodes, summarise
+from .io import atomic_write, write_json, write_mask_png
+
+
+def register(commands) -> None:
+    """Add ``eval`` to the ``insid3`` sub-commands (argparse ``add_subparsers()``)."""
+    from .cli import add_engine_arguments
+
+    evaluate = commands.add_parser(
+        "eval", help="few-shot evaluation (mIoU, FB-IoU) on COCO-20i, FSS-1000, ISIC, SUIM or a class folder",
+        description="Run seeded few-shot episodes on a dataset in its standard layout and write "
+                    "report.json, report.md and overlay figures to --out.",
+    )
+    evaluate.add_argument("layout", choices=LAYOUTS, help="dataset layout")
+    evaluate.add_argument("root", type=Path, metavar="ROOT", help="dataset folder")
+    evaluate.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder")
+    evaluate.add_argument("--shots", type=int, default=1, metavar="K", help="references per episode (default 1)")
+    evaluate.add_argument("--episodes", type=int, metavar="N",
+                          help=f"episodes per fold for coco20i (default {FOLD_EPISODES}), per class otherwise "
+                               "(default: every image once as a query)")
+    evaluate.add_argument("--queries", type=int, default=1, metavar="Q",
+                          help="targets per episode, segmented in batches against the same references (default 1)")
+    evaluate.add_argument("--folds", type=int, nargs="+", metavar="F",
+                          help="folds to run (default all: 0-3 for coco20i)")
+    evaluate.add_argument("--seed", type=int, default=0, help="episode sampling seed (default 0)")
+    evaluate.add_argument("--split", metavar="NAME",
+                          help=", ".join(f"{layout}: default {split}" for layout, split in DEFAULT_SPLITS.items()))
+    evaluate.add_argument("--classes", type=Path, metavar="FILE",
+                          help="keep only the classes listed in FILE, one a line (e.g. FSS-1000's test split)")
+    evaluate.add_argument("--figures", type=int, default=4, metavar="N",
+                          help="overlay figures of N episodes (default 4)")
+    evaluate.add_argument("--save-masks", action="store_true", help="also write every predicted mask to DIR/masks/")
+    add_engine_arguments(evaluate)
+    evaluate.set_defaults(handler=run_eval)
+
+
+def run_eval(arguments: argparse.Namespace) -> int:
+    """Run the episodes and write ``report.json``, ``report.md``, ``figures/`` (and ``masks/``)."""
+    from .cli import UsageError, segmenter_from_arguments
+
+    for name in ("shots", "queries", "episodes"):
+        if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(arguments, name)}")
+    if arguments.seed < 0 or arguments.figures < 0:
+        raise UsageError("--seed and --figures must be >= 0")
+    try:
+        from .report import markdown
+    except ImportError as err:
+        raise UsageError(f"insid3 eval needs matplotlib ({err}): pip install 'insid3[eval]'") from err
+
+    dataset = load_dataset(arguments.layout, arguments.root, arguments.split, arguments.classes)
+    episodes, skipped = make_episodes(dataset, arguments.shots, arguments.queries, arguments.episodes,
+                                      arguments.folds, arguments.seed)
+    segmenter = segmenter_from_arguments(arguments)
+    print(f"insid3: {len(episodes)} episode(s) of {arguments.layout} ({len(dataset.classes)} classes, "
+          f"{arguments.shots}-shot) on {segmenter.backbone.device}", file=sys.stderr)
+    started = time.perf_counter()
+    records, figures, entries = collect(segmenter, episodes, arguments)
+    seconds = time.perf_counter() - started
+
+    results = summarise(entries)
+    for fold, scores in results["folds"].items():
+        scores["episodes"] = sum(1 for episode in episodes if episode.fold == fold)
+    report = {
+        "insid3": __version__,
+        **settings(arguments, dataset, skipped, segmenter),
+        "results": results,
+        "episodes_run": len(episodes),
+        "seconds": seconds,
+        "figures": figures,
+        "episodes": records,
+    }
+    out: Path = arguments.out
+    write_json(out / "report.json", report)
+    with atomic_write(out / "report.md", "w") as stream:
+        stream.write(markdown(report))
+    print(f"insid3: mIoU {100 * results['miou']:.1f}, FB-IoU {100 * results['fb_iou']:.1f} over "
+          f"{len(results['folds'])} fold(s), {len(episodes)} episodes in {seconds:.1f} s -> {out / 'report.md'}",
+          file=sys.stderr)
+    if segmenter.backbone.is_smoke_test:
+        print("insid3: reminder: these numbers come from the random-weight TEST checkpoint (smoke test).",
+              file=sys.stderr)
+    return 0
+
+
+def collect(
+    segmenter: Segmenter, episodes: list[Episode], arguments: argparse.Namespace
+) -> tuple[list[dict], list[dict], list[tuple[int, str, np.ndarray]]]:
+    """Run the episodes, saving masks and figures on the way.
+
+    Returns
+    -------
+    records : list of dict
+        Per episode: index, fold, class, references and per query its numbers.
+    figures : list of dict
+        Episode index and figure path (relative to ``--out``).
+    entries : list of (fold, class, counts)
+        For :func:`insid3_core.evaluation.summarise`.
+    """
+    from tqdm import tqdm
+
+    from .report import episode_figure
+
+    out: Path = arguments.out
+    count = min(arguments.figures, len(episodes))
+    shown = set(np.linspace(0, len(episodes) - 1, count).round().astype(int).tolist())
+    records, figures, entries = [], [], []
+    stream = run_episodes(segmenter, episodes, arguments.batch_size, arguments.workers)
+    with tqdm(total=sum(len(e.queries) for e in episodes), desc="eval", unit="query", file=sys.stderr) as progress:
+        for outcome in stream:
+            progress.update(1)
+            episode = outcome.episode
+            entries.append((episode.fold, episode.label, outcome.counts))
+            if not records or records[-1]["index"] != episode.index:
+                records.append({"index": episode.index, "fold": episode.fold, "class": episode.label,
+                                "references": [str(s.image) for s in episode.supports], "queries": []})
+            position = len(records[-1]["queries"])
+            query = {"image": str(outcome.query.image), "truth": outcome.query.source,
+                     "intersection": int(outcome.counts[1, 0]), "union": int(outcome.counts[1, 1]),
+                     "iou": ratio(*outcome.counts[1]), "score": outcome.score}
+            if arguments.save_masks:
+                mask = Path("masks") / f"episode_{episode.index:05d}_{position}_{outcome.query.image.stem}.png"
+                write_mask_png(out / mask, outcome.prediction)
+                query["mask"] = mask.as_posix()
+            records[-1]["queries"].append(query)
+            if position == 0 and episode.index in shown:
+                figure = Path("figures") / f"episode_{episode.index:05d}.png"
+                title = (f"episode {episode.index} · fold {episode.fold} · {episode.label} · "
+                         f"IoU {100 * query['iou']:.1f}")
+                episode_figure(out / figure, [(s.image, s.mask()) for s in episode.supports], outcome.query.image,
+                               outcome.prediction, outcome.truth, title)
+                figures.append({"episode": episode.index, "path": figure.as_posix()})
+    return records, figures, entries
+
+
+def settings(arguments: argparse.Namespace, dataset: Dataset, skipped: dict[str, str], segmenter: Segmenter) -> dict:
+    """The report's ``dataset``, ``protocol`` and ``engine`` sections."""
+    by_fold = dataset.sampling == "fold"
+    return {
+        "dataset": {
+            "layout": dataset.layout, "root": str(dataset.root),
+            "split": arguments.split or DEFAULT_SPLITS.get(dataset.layout),
+            "classes": len(dataset.classes), "folds": {fold: list(names) for fold, names in dataset.folds.items()},
+            "skipped_classes": skipped,
+        },
+        "protocol": {
+            "shots": arguments.shots,
+            "episodes": arguments.episodes or (FOLD_EPISODES if by_fold else None),
+            "episodes_per": "fold" if by_fold else "class",
+            "queries": arguments.queries,
+            "folds": sorted(dataset.folds) if arguments.folds is None else sorted(set(arguments.folds)),
+            "seed": arguments.seed,
+        },
+        "engine": {
+            "backbone": segmenter.backbone.name, "weights": segmenter.backbone.identity,
+            "smoke_test": segmenter.backbone.is_smoke_test, "image_size": segmenter.config.image_size,
+            "svd_components": int(segmenter.basis.shape[1]), "tau": segmenter.config.tau,
+            "merge_threshold": segmenter.config.merge_threshold, "device": str(segmenter.backbone.device),
+            "precision": arguments.precision, "batch_size": arguments.batch_size,
+        },
+    }

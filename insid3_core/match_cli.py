@@ -1,0 +1,93 @@
+"""``insid3 match``: transfer reference keypoints to target images (see :mod:`insid3_core.keypoints`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .io import InputError, write_json
+from .keypoints import encode_points, iter_match, load_points
+
+
+def register(commands) -> None:
+    """Add ``match`` to the ``insid3`` sub-commands (argparse ``add_subparsers()``)."""
+    from .cli import add_engine_arguments
+
+    match = commands.add_parser("match", help="transfer reference keypoints to target images")
+    match.add_argument("targets", nargs="+", metavar="TARGET", help="image files, folders or glob patterns")
+    match.add_argument("--ref", nargs=2, required=True, metavar=("IMAGE", "POINTS"),
+                       help='reference image and a JSON list of [x, y] or {"name", "x", "y"} in its pixels')
+    match.add_argument("--out", required=True, type=Path, metavar="OUT.json", help="output JSON file")
+    match.add_argument("--original-features", action="store_true",
+                       help="match the backbone's original features instead of the debiased ones")
+    match.add_argument("--window", type=int, default=3,
+                       help="odd side, in patches, of the soft-argmax window refining each match (1: patch centres)")
+    match.add_argument("--temperature", type=float, default=0.05, help="soft-argmax temperature on cosine similarity")
+    match.add_argument("--mutual", action="store_true",
+                       help="report per point whether the match passes the mutual-nearest-neighbour check")
+    add_engine_arguments(match)
+    match.set_defaults(handler=run_match)
+
+
+def run_match(arguments: argparse.Namespace) -> int:
+    """Match the points in every target and write one JSON document; exit 1 if a target failed."""
+    from .cli import UsageError, resolve_targets, segmenter_from_arguments
+
+    image, points_file = arguments.ref
+    names, points = load_points(points_file)
+    targets = list(dict.fromkeys(target for spec in arguments.targets for target in resolve_targets([spec])))
+    if arguments.out.suffix.lower() != ".json":
+        raise UsageError(f"--out {arguments.out}: expected a .json file")
+    segmenter = segmenter_from_arguments(arguments)
+    reference = encode_points(
+        segmenter, Path(image), points, names, debiased=not arguments.original_features, source=points_file
+    )
+    print(f"insid3: {len(reference)} point(s), {len(targets)} target(s) on {segmenter.backbone.device}",
+          file=sys.stderr)
+    matched, failures = [], []
+    stream = iter_match(segmenter, reference, targets, arguments.batch_size, arguments.workers,
+                        arguments.window, arguments.temperature, arguments.mutual)
+    for target, result in stream:
+        if isinstance(result, InputError):
+            failures.append({"image": str(target), "error": str(result)})
+            continue
+        matched.append(target_record(target, result, names))
+    write_json(arguments.out, {
+        "reference": {
+            "image": image,
+            "width": reference.size[1],
+            "height": reference.size[0],
+            "points": [{"name": n, "x": float(x), "y": float(y)} for n, (x, y) in zip(names, points)],
+        },
+        "features": "debiased" if reference.debiased else "original",
+        "backbone": segmenter.backbone.name,
+        "weights": segmenter.backbone.identity,
+        "smoke_test": segmenter.backbone.is_smoke_test,
+        "image_size": segmenter.config.image_size,
+        "svd_components": int(segmenter.basis.shape[1]),
+        "window": arguments.window,
+        "temperature": arguments.temperature,
+        "targets": matched,
+        "failed": failures,
+    })
+    print(f"insid3: matched {len(matched)}, failed {len(failures)} -> {arguments.out}", file=sys.stderr)
+    for failure in failures:
+        print(f"insid3: FAILED {failure['image']}: {failure['error']}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def target_record(target, result, names) -> dict:
+    """One target's entry of the output JSON: its size and each point's position and score."""
+    points = []
+    for index, name in enumerate(names):
+        point = {
+            "name": name,
+            "x": round(float(result.points[index, 0]), 3),
+            "y": round(float(result.points[index, 1]), 3),
+            "score": round(float(result.scores[index]), 5),
+        }
+        if result.mutual is not None:
+            point["mutual"] = bool(result.mutual[index])
+        points.append(point)
+    return {"image": str(target), "width": result.size[1], "height": result.size[0], "points": points}

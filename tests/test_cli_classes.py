@@ -1,0 +1,95 @@
+"""`insid3 segment` with several classes, negative references and COCO instance output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from insid3_core.cli import main
+from insid3_core.coco import rle_decode
+from scenes import iou, scene
+
+FAST = ["--image-size", "256", "--svd-components", "16", "--device", "cpu", "--batch-size", "2"]
+
+
+def write_scene(folder, name, **objects):
+    image, masks = scene(**objects)
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / f"{name}.png")
+    for key in ("disks", "squares", "lookalikes"):
+        Image.fromarray(masks[key].astype(np.uint8) * 255).save(folder / f"{name}_{key}.png")
+    return masks
+
+
+def test_two_classes_in_one_pass_write_a_label_map_and_coco_categories(tmp_path):
+    write_scene(tmp_path / "ref", "ref", disks=[(100, 120, 60)], squares=[(200, 40, 90)], seed=1)
+    truth = write_scene(tmp_path / "targets", "a", disks=[(80, 90, 45)], squares=[(200, 140, 70)], seed=3)
+    ref = tmp_path / "ref"
+    out = tmp_path / "out"
+    code = main(["segment", "--class-ref", "disk", str(ref / "ref.png"), str(ref / "ref_disks.png"),
+                 "--class-ref", "square", str(ref / "ref.png"), str(ref / "ref_squares.png"),
+                 "--out", str(out), *FAST, str(tmp_path / "targets" / "a.png")])
+    assert code == 0
+    labels = np.asarray(Image.open(out / "a.png"))
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    assert iou(labels == 1, truth["disks"]) > 0.6 and iou(labels == 2, truth["squares"]) > 0.6
+    document = json.loads((out / "annotations.json").read_text())
+    assert [c["name"] for c in document["categories"]] == ["disk", "square"]
+    by_category = {a["category_id"]: a for a in document["annotations"]}
+    np.testing.assert_array_equal(rle_decode(by_category[1]["segmentation"]), labels == 1)
+    np.testing.assert_array_equal(rle_decode(by_category[2]["segmentation"]), labels == 2)
+
+    (out / "annotations.json").unlink()
+    assert main(["segment", "--class-ref", "disk", str(ref / "ref.png"), str(ref / "ref_disks.png"),
+                 "--class-ref", "square", str(ref / "ref.png"), str(ref / "ref_squares.png"),
+                 "--out", str(out), *FAST, str(tmp_path / "targets" / "a.png")]) == 0
+    rebuilt = json.loads((out / "annotations.json").read_text())
+    assert [a["area"] for a in rebuilt["annotations"]] == [a["area"] for a in document["annotations"]]
+
+
+def test_negative_reference_on_the_command_line(tmp_path):
+    ref = tmp_path / "ref"
+    write_scene(ref, "ref", disks=[(100, 120, 60)], squares=[(200, 40, 90)], seed=1)
+    write_scene(ref, "neg", lookalikes=[(160, 128, 70)], seed=2)
+    truth = write_scene(tmp_path / "targets", "t", disks=[(80, 90, 45)], lookalikes=[(230, 170, 50)],
+                        squares=[(200, 20, 40)], seed=3)
+    common = ["segment", "--ref", str(ref / "ref.png"), str(ref / "ref_disks.png"), *FAST,
+              str(tmp_path / "targets" / "t.png")]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "negative"),
+                 "--negative", str(ref / "neg.png"), str(ref / "neg_lookalikes.png")]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain" / "t.png")) > 0
+    negative = np.asarray(Image.open(tmp_path / "negative" / "t.png")) > 0
+    assert (plain & truth["lookalikes"]).sum() > 0.5 * truth["lookalikes"].sum()
+    assert (negative & truth["lookalikes"]).sum() < 0.1 * truth["lookalikes"].sum()
+    info = json.loads((tmp_path / "negative" / "annotations.json").read_text())["info"]
+    assert info["negatives"] == [str(ref / "neg.png")]
+
+
+def test_instances_give_one_coco_annotation_per_object(tmp_path):
+    size = (384, 320)
+    write_scene(tmp_path / "ref", "ref", size=size, disks=[(150, 160, 80)], squares=[(280, 20, 80)], seed=9)
+    truth = write_scene(tmp_path / "targets", "t", size=size, disks=[(110, 150, 56), (218, 150, 56)],
+                        squares=[(300, 10, 60)], seed=10)
+    out = tmp_path / "out"
+    code = main(["segment", "--ref", str(tmp_path / "ref" / "ref.png"), str(tmp_path / "ref" / "ref_disks.png"),
+                 "--instances", "--min-instance-patches", "4", "--out", str(out),
+                 "--image-size", "512", "--svd-components", "16", "--device", "cpu", str(tmp_path / "targets" / "t.png")])
+    assert code == 0
+    document = json.loads((out / "annotations.json").read_text())
+    annotations = document["annotations"]
+    assert [a["instance"] for a in annotations] == [1, 2]
+    masks = [rle_decode(a["segmentation"]) for a in annotations]
+    assert not (masks[0] & masks[1]).any()
+    np.testing.assert_array_equal(masks[0] | masks[1], np.asarray(Image.open(out / "t.png")) > 0)
+    assert sorted(iou(m, t) > 0.5 for m in masks for t in truth["disk_instances"]).count(True) == 2
+    for entry, mask in zip(annotations, masks):
+        ys, xs = np.nonzero(mask)
+        assert entry["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+
+def test_no_reference_at_all_is_a_usage_error(tmp_path, capsys):
+    assert main(["segment", "--out", str(tmp_path), *FAST, str(tmp_path)]) == 2
+    assert "at least one reference" in capsys.readouterr().err
