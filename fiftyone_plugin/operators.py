@@ -1,15 +1,18 @@
-"""Operator ``@insid3/fiftyone/segment_by_example``: tagged references in, a mask field out."""
+"""Operator ``@insid3/fiftyone/segment_by_example``: tagged references (and negatives) in, a mask
+field and/or an instance field out."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from . import settings as plugin_settings
-from .references import ReferenceProblem, class_value, mask_classes, reference_pairs, segmentation_fields
-from .segment import OutputProblem, check_output_field, default_output_field, failure_tag, segment_collection
+from .plan import check_run, choices, is_multiclass, single_label, target_samples
+from .references import BACKGROUND, class_value, mask_classes, segmentation_fields
+from .segment import failure_tag, segment_collection
 
 ENGINE_INPUTS = (
     ("weights", "Weights", "Meta DINOv3 .pth checkpoint or timm model name; empty: the random-weight TEST checkpoint"),
@@ -21,47 +24,6 @@ ENGINE_INPUTS = (
     ("batch_size", "Batch size", "targets per backbone call"),
     ("mask_dir", "Mask folder", "write masks as PNG files under <folder>/<output field>/ (mask_path); empty: inline"),
 )
-
-
-def choices(ctx) -> dict:
-    """The run's parameters: given values, else their defaults for ``ctx.dataset``."""
-    params, dataset = ctx.params, ctx.dataset
-    fields = segmentation_fields(dataset)
-    return {
-        "reference_tag": params.get("reference_tag") or "reference",
-        "reference_field": params.get("reference_field")
-        or ("ground_truth" if "ground_truth" in fields else next(iter(fields), None)),
-        "reference_class": params.get("reference_class"),
-        "output_field": params.get("output_field") or default_output_field(dataset),
-        "overwrite": bool(params.get("overwrite", False)),
-    }
-
-
-def target_samples(ctx, reference_tag: str):
-    """The chosen target view (dataset, current view or selection) without the references."""
-    return ctx.target_view().match_tags(reference_tag, bool=False)
-
-
-def check_run(ctx, chosen: dict) -> tuple:
-    """Check references, output field and targets before anything is written.
-
-    Returns
-    -------
-    pairs : list of (str, np.ndarray) or None
-        The references' image paths and masks, ``None`` on a problem.
-    problem : str or None
-        What stops the run, for the App user.
-    """
-    dataset = ctx.dataset
-    try:
-        value = class_value(dataset, chosen["reference_field"], chosen["reference_class"])
-        pairs = reference_pairs(dataset, chosen["reference_tag"], chosen["reference_field"], value)
-        check_output_field(dataset, chosen["output_field"], chosen["reference_field"], chosen["overwrite"])
-    except (ReferenceProblem, OutputProblem) as problem:
-        return None, str(problem)
-    if not len(target_samples(ctx, chosen["reference_tag"])):
-        return None, "No target sample: the chosen target holds only references"
-    return pairs, None
 
 
 class SegmentByExample(foo.Operator):
@@ -92,15 +54,12 @@ class SegmentByExample(foo.Operator):
         fields = segmentation_fields(dataset)
         inputs.enum("reference_field", fields, default=chosen["reference_field"], label="Reference mask field",
                     view=types.Dropdown(label="Reference mask field"))
-        classes = mask_classes(dataset, chosen["reference_field"]) if chosen["reference_field"] else {}
-        if len([value for value in classes if str(value) not in ("0", "#000000")]) > 1:
-            dropdown = types.Dropdown(label="Reference class", description="empty: every nonzero pixel")
-            for value, label in classes.items():
-                dropdown.add_choice(str(value), label=f"{label} ({value})")
-            inputs.enum("reference_class", dropdown.values(), view=dropdown)
-        inputs.str("output_field", default=chosen["output_field"], label="Output field")
+        class_inputs(inputs, dataset, chosen)
+        inputs.str("negative_tag", default=chosen["negative_tag"], label="Negative tag",
+                   description="samples carrying this tag mark 'not this' regions with their reference-field mask")
+        output_inputs(inputs, dataset, chosen)
         inputs.bool("overwrite", default=False, label="Overwrite",
-                    description="replace the values of an existing output field")
+                    description="replace the values of existing output fields")
         for name, label, description in ENGINE_INPUTS:
             default = plugin_settings.default(name, dataset)
             kind = {int: inputs.int, float: inputs.float}.get(plugin_settings.CASTS.get(name), inputs.str)
@@ -112,7 +71,7 @@ class SegmentByExample(foo.Operator):
         return types.Property(inputs, view=types.View(label="Segment by example"))
 
     def resolve_execution_options(self, ctx):
-        targets = len(target_samples(ctx, choices(ctx)["reference_tag"]))
+        targets = len(target_samples(ctx, choices(ctx)))
         threshold = plugin_settings.default("delegation_threshold", ctx.dataset)
         return foo.ExecutionOptions(
             allow_immediate_execution=True,
@@ -136,34 +95,93 @@ def start_run(ctx):
     from .models import segmenter as cached_segmenter
 
     chosen = choices(ctx)
-    pairs, problem = check_run(ctx, chosen)
+    plan, problem = check_run(ctx, chosen)
     if problem:
         raise ValueError(problem)
     engine = plugin_settings.resolve(ctx.params, ctx.dataset)
+    outputs = dataclasses.replace(plan.outputs, instance_method=engine["instance_method"],
+                                  min_instance_patches=engine["min_instance_patches"], mask_dir=engine["mask_dir"])
     segmenter = cached_segmenter(engine)
     try:
-        references = segmenter.encode_references(pairs)
+        classes = segmenter.encode_classes(plan.references, plan.negatives)
     except InputError as err:
         raise ValueError(f"reference unusable: {err}") from err
     counts = collections.Counter()
-    targets = target_samples(ctx, chosen["reference_tag"])
-    job = segment_collection(segmenter, references, ctx.dataset, targets, chosen["output_field"],
-                             engine["batch_size"], engine["mask_dir"], counts)
+    job = segment_collection(segmenter, classes, ctx.dataset, target_samples(ctx, chosen), outputs,
+                             engine["batch_size"], counts)
 
     def report() -> str:
-        return summary(counts, chosen["output_field"], segmenter.backbone.is_smoke_test)
+        return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test)
 
-    return job, engine["batch_size"], counts, chosen["output_field"], report
+    return job, engine["batch_size"], counts, outputs, report
+
+
+def class_inputs(inputs, dataset, chosen: dict) -> None:
+    """The class choices of a multi-class reference field: every class, several, or one."""
+    field = chosen["reference_field"]
+    classes = mask_classes(dataset, field) if field else {}
+    named = {value: label for value, label in classes.items() if str(value) not in BACKGROUND}
+    if len(named) < 2:
+        return
+    inputs.bool("all_classes", default=False, label="Every class in one pass",
+                description="segment every class of the mask targets into one multi-class mask")
+    if chosen["all_classes"]:
+        return
+    several = types.DropdownView(multiple=True, label="Classes in one pass",
+                                 description="several classes segmented together into one multi-class mask")
+    for value, label in named.items():
+        several.add_choice(str(value), label=f"{label} ({value})")
+    inputs.list("reference_classes", types.String(), view=several)
+    if chosen["reference_classes"]:
+        return
+    dropdown = types.Dropdown(label="Reference class", description="empty: every nonzero pixel")
+    for value, label in classes.items():
+        dropdown.add_choice(str(value), label=f"{label} ({value})")
+    inputs.enum("reference_class", dropdown.values(), view=dropdown)
+
+
+def output_inputs(inputs, dataset, chosen: dict) -> None:
+    """What the run writes: a mask, instances or both, the fields and the instance options."""
+    from insid3_core.instances import INSTANCE_METHODS
+
+    kinds = types.RadioGroup(label="Output")
+    kinds.add_choice("segmentation", label="Mask", description="a Segmentation per target")
+    kinds.add_choice("instances", label="Instances",
+                     description="Detections: a box and an instance mask per object")
+    kinds.add_choice("both", label="Mask and instances")
+    inputs.enum("output", kinds.values(), default="segmentation", view=kinds)
+    inputs.str("output_field", default=chosen["output_field"], label="Output field")
+    if chosen["output"] == "both":
+        inputs.str("instances_field", default=chosen["instances_field"], label="Instances field")
+    if chosen["output"] == "segmentation":
+        return
+    if not is_multiclass(chosen):
+        try:
+            label = single_label(dataset, chosen["reference_field"],
+                                 class_value(dataset, chosen["reference_field"], chosen["reference_class"]))
+        except ValueError:
+            label = "object"
+        inputs.str("instance_label", default=label, label="Instance label", description="label of the detections")
+    method = types.Dropdown(label="Instance method")
+    for name in INSTANCE_METHODS:
+        method.add_choice(name, label=name)
+    inputs.enum("instance_method", method.values(), view=method,
+                default=plugin_settings.default("instance_method", dataset),
+                description="necks: regions split where objects touch; components: connected regions; "
+                            "clusters: regions of one feature cluster")
+    inputs.int("min_instance_patches", default=plugin_settings.default("min_instance_patches", dataset),
+               label="Minimum instance patches", description="instances of fewer feature patches are dropped")
 
 
 def run_delegated(ctx) -> dict:
     """A delegated run: progress through ``ctx.set_progress``; the returned dict is the run's output."""
-    job, _, counts, output_field, report = start_run(ctx)
+    job, _, counts, outputs, report = start_run(ctx)
     total = 0
     for done, total in job:
         ctx.set_progress(progress=done / total, label=f"Segmented {done}/{total}")
-    return {"output_field": output_field, "targets": total, "masks_written": sum(counts.values()),
-            "verdicts": dict(counts), "summary": report()}
+    return {"output_field": outputs.segmentation_field or outputs.instances_field,
+            "instances_field": outputs.instances_field, "classes": [label for label, _ in outputs.classes],
+            "targets": total, "masks_written": sum(counts.values()), "verdicts": dict(counts), "summary": report()}
 
 
 def run_immediate(ctx):
@@ -176,10 +194,11 @@ def run_immediate(ctx):
     yield ctx.ops.reload_dataset()
 
 
-def summary(counts: collections.Counter, output_field: str, smoke_test: bool) -> str:
+def summary(counts: collections.Counter, fields: list[str], smoke_test: bool) -> str:
     """One line on a run: samples per category and the tags that mark the failures."""
     parts = ", ".join(f"{category} {count}" for category, count in sorted(counts.items()))
     failures = sorted(failure_tag(category) for category in counts if category != "ok")
     tagged = f"; review tags {', '.join(failures)}" if failures else ""
     warning = " (random-weight TEST checkpoint: smoke-test masks)" if smoke_test else ""
-    return f"{sum(counts.values())} masks in '{output_field}': {parts}{tagged}{warning}"
+    where = " and ".join(f"'{field}'" for field in fields)
+    return f"{sum(counts.values())} masks in {where}: {parts}{tagged}{warning}"

@@ -1,5 +1,5 @@
-"""Reference samples: found by tag, their masks read from a ``Segmentation`` field and checked
-before any target is touched."""
+"""Reference and negative samples: found by tag, their masks (of one class, of several, or every
+nonzero pixel) read from a ``Segmentation`` field and checked before any target is touched."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 SHOWN = 5  # sample names listed in a message
+BACKGROUND = ("0", "#000000")  # mask values of no class
 
 
 class ReferenceProblem(ValueError):
@@ -46,41 +47,133 @@ def class_value(dataset, field: str, choice) -> int | str | None:
         raise ReferenceProblem(f"'{choice}' is not a class of '{field}' (mask targets: {known})") from None
 
 
-def foreground(label, value: int | str | None = None) -> np.ndarray:
-    """``(H, W)`` bool foreground of a ``Segmentation`` (inline ``mask`` or ``mask_path``).
+def chosen_classes(dataset, field: str, choices, every: bool = False) -> dict:
+    """``{mask value: label}`` of the classes to segment in one pass, in the order chosen.
 
-    ``value`` selects one class: an integer for greyscale or palette masks, ``"#rrggbb"`` for
-    RGB masks. Mask files are read in their EXIF orientation, as the engine reads images.
+    ``choices`` are mask values or labels (see :func:`class_value`); ``every`` takes every
+    class of the mask targets of ``field`` except the background (``0``, ``"#000000"``).
+    """
+    classes = mask_classes(dataset, field)
+    if every:
+        chosen = {value: label for value, label in classes.items() if str(value) not in BACKGROUND}
+        if not chosen:
+            raise ReferenceProblem(f"'{field}' has no mask targets to take every class from; choose classes by value")
+        return chosen
+    values = dict.fromkeys(class_value(dataset, field, choice) for choice in choices if choice not in (None, ""))
+    return {value: str(classes.get(value, value)) for value in values}
+
+
+def stored_mask(label) -> np.ndarray:
+    """A ``Segmentation``'s mask as stored: ``(H, W)`` or ``(H, W, 3|4)``.
+
+    Mask files are read in their EXIF orientation, as the engine reads images.
+    """
+    if label.mask is not None:
+        return np.asarray(label.mask)
+    from PIL import Image, ImageOps
+
+    with Image.open(label.mask_path) as handle:
+        return np.asarray(ImageOps.exif_transpose(handle))
+
+
+def class_mask(array: np.ndarray, value: int | str | None = None) -> np.ndarray:
+    """``(H, W)`` bool pixels of ``array`` holding ``value``, or every nonzero pixel for ``None``.
+
+    ``value`` is an integer for greyscale or palette masks, ``"#rrggbb"`` for RGB masks.
     """
     from insid3_core.io import mask_array
 
-    if label.mask is not None:
-        array = np.asarray(label.mask)
-    else:
-        from PIL import Image, ImageOps
-
-        with Image.open(label.mask_path) as handle:
-            array = np.asarray(ImageOps.exif_transpose(handle))
     if isinstance(value, str):
-        rgb = np.array([int(value.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)])
         if array.ndim != 3:
             raise ReferenceProblem(f"class {value} is an RGB colour but the mask has one channel")
-        return np.all(array[..., :3] == rgb, axis=2)
+        return np.all(array[..., :3] == np.array(hex_rgb(value)), axis=2)
     return mask_array(array, value)
 
 
-def reference_pairs(dataset, tag: str, field: str, value=None) -> list[tuple[str, np.ndarray]]:
+def hex_rgb(value: str) -> tuple[int, int, int]:
+    """``(r, g, b)`` of a ``"#rrggbb"`` colour."""
+    digits = value.lstrip("#")
+    return tuple(int(digits[i:i + 2], 16) for i in (0, 2, 4))
+
+
+def reference_pairs(dataset, tag: str, field: str, value=None, role: str = "reference") -> list[tuple[str, np.ndarray]]:
     """``(image path, bool mask)`` of every sample of ``dataset`` tagged ``tag``.
 
     Raises
     ------
     ReferenceProblem
-        No sample carries the tag, ``field`` is not a ``Segmentation`` field, or a reference
+        No sample carries the tag, ``field`` is not a ``Segmentation`` field, or a sample
         has no mask in ``field`` or an empty one (for the chosen class); the message names the
-        samples.
+        samples, as ``role`` s.
+    """
+    pairs, empty = [], []
+    for filepath, array in tagged_masks(dataset, tag, field, role):
+        mask = class_mask(array, value)
+        if mask.any():
+            pairs.append((filepath, mask))
+        else:
+            empty.append(os.path.basename(filepath))
+    if empty:
+        chosen = "" if value is None else f" for class {value}"
+        raise ReferenceProblem(f"{len(empty)} {role}(s) have an empty mask{chosen} in '{field}': {_names(empty)}")
+    return pairs
+
+
+def class_references(dataset, tag: str, field: str, classes: dict, skip_absent: bool = False) -> dict:
+    """References per class: ``{value: [(image path, bool mask), ...]}`` in the order of ``classes``.
+
+    Parameters
+    ----------
+    classes : dict
+        ``{mask value: label}`` of the classes to segment.
+    skip_absent : bool
+        Leave out a class that no reference shows instead of raising.
+
+    A reference contributes to each class its mask shows; a class shown by no reference
+    raises :class:`ReferenceProblem` unless ``skip_absent`` (and another class is shown).
+    """
+    pairs: dict = {value: [] for value in classes}
+    for filepath, array in tagged_masks(dataset, tag, field):
+        for value in classes:
+            mask = class_mask(array, value)
+            if mask.any():
+                pairs[value].append((filepath, mask))
+    absent = [f"{classes[value]} ({value})" for value, found in pairs.items() if not found]
+    if absent and (not skip_absent or len(absent) == len(pairs)):
+        raise ReferenceProblem(f"no reference shows class(es) {', '.join(absent)} in '{field}'")
+    return {value: found for value, found in pairs.items() if found}
+
+
+def negative_pairs(dataset, tag: str, field: str, reference_tag: str) -> list[tuple[str, np.ndarray]]:
+    """``(image path, bool mask)`` of the samples tagged ``tag``: their nonzero pixels are "not this".
+
+    No sample with the tag gives no negatives. A negative also tagged ``reference_tag``, or
+    without a mask in ``field``, or with an empty one raises :class:`ReferenceProblem`.
+    """
+    if tag == reference_tag:
+        raise ReferenceProblem(f"The negative tag and the reference tag are both '{tag}'")
+    both = dataset.match_tags(tag).match_tags(reference_tag)
+    if len(both):
+        raise ReferenceProblem(
+            f"{len(both)} sample(s) are tagged both '{reference_tag}' and '{tag}': "
+            f"{_names([os.path.basename(path) for path in both.values('filepath')])}"
+        )
+    if not len(dataset.match_tags(tag)):
+        return []
+    return reference_pairs(dataset, tag, field, role="negative")
+
+
+def tagged_masks(dataset, tag: str, field: str, role: str = "reference") -> list[tuple[str, np.ndarray]]:
+    """``(image path, stored mask)`` of every sample tagged ``tag``.
+
+    Raises
+    ------
+    ReferenceProblem
+        ``field`` is not a ``Segmentation`` field, no sample carries the tag, or one has no
+        mask in ``field`` (the message names the samples).
     """
     if field is None:
-        raise ReferenceProblem(f"Dataset '{dataset.name}' has no Segmentation field to take reference masks from")
+        raise ReferenceProblem(f"Dataset '{dataset.name}' has no Segmentation field to take {role} masks from")
     if field not in segmentation_fields(dataset):
         raise ReferenceProblem(f"'{field}' is not a Segmentation field of dataset '{dataset.name}'")
     samples = dataset.match_tags(tag)
@@ -88,23 +181,15 @@ def reference_pairs(dataset, tag: str, field: str, value=None) -> list[tuple[str
         raise ReferenceProblem(
             f"No sample is tagged '{tag}': tag the samples whose '{field}' mask shows the object to find"
         )
-    pairs, missing, empty = [], [], []
+    masks, missing = [], []
     for filepath, label in zip(*samples.values(["filepath", field])):
-        name = os.path.basename(filepath)
         if label is None or (label.mask is None and not label.mask_path):
-            missing.append(name)
-            continue
-        mask = foreground(label, value)
-        if mask.any():
-            pairs.append((filepath, mask))
+            missing.append(os.path.basename(filepath))
         else:
-            empty.append(name)
+            masks.append((filepath, stored_mask(label)))
     if missing:
-        raise ReferenceProblem(f"{len(missing)} reference(s) tagged '{tag}' have no mask in '{field}': {_names(missing)}")
-    if empty:
-        chosen = "" if value is None else f" for class {value}"
-        raise ReferenceProblem(f"{len(empty)} reference(s) have an empty mask{chosen} in '{field}': {_names(empty)}")
-    return pairs
+        raise ReferenceProblem(f"{len(missing)} {role}(s) tagged '{tag}' have no mask in '{field}': {_names(missing)}")
+    return masks
 
 
 def _names(names: list[str]) -> str:

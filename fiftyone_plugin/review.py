@@ -8,7 +8,6 @@ import numpy as np
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from .references import segmentation_fields
 from .segment import FAILURES, failure_tag
 
 CATEGORIES = ("ok",) + FAILURES
@@ -16,8 +15,10 @@ BINS = 10
 
 
 def predicted_field_input(ctx, inputs) -> str | None:
-    """Add the ``field`` choice (Segmentation fields); return the chosen or default one."""
-    fields = segmentation_fields(ctx.dataset)
+    """Add the ``field`` choice (Segmentation and Detections fields); return the chosen or default one."""
+    import fiftyone as fo
+
+    fields = sorted(ctx.dataset.get_field_schema(embedded_doc_type=(fo.Segmentation, fo.Detections)))
     default = "insid3" if "insid3" in fields else next(iter(fields), None)
     inputs.enum("field", fields, default=default, required=True, label="Predicted mask field",
                 view=types.Dropdown(label="Predicted mask field"))

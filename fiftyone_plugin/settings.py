@@ -21,6 +21,8 @@ DEFAULTS = {
     "batch_size": 4,
     "mask_dir": None,
     "delegation_threshold": 100,
+    "instance_method": "necks",
+    "min_instance_patches": 1,
 }
 
 CASTS = {
@@ -30,6 +32,7 @@ CASTS = {
     "merge_threshold": float,
     "batch_size": int,
     "delegation_threshold": int,
+    "min_instance_patches": int,
 }
 
 

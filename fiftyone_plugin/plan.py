@@ -1,0 +1,143 @@
+"""A run of ``segment_by_example`` from the operator's parameters: its references per class,
+its negatives, its targets and the fields it writes, checked before anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .labels import Outputs
+from .references import (
+    BACKGROUND,
+    ReferenceProblem,
+    chosen_classes,
+    class_references,
+    class_value,
+    mask_classes,
+    negative_pairs,
+    reference_pairs,
+    segmentation_fields,
+)
+from .segment import OutputProblem, check_output_field, default_output_field
+
+OUTPUTS = ("segmentation", "instances", "both")
+SINGLE_VALUE = 255  # the value of the one class of a single-class Segmentation
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run segments and writes.
+
+    Attributes
+    ----------
+    references : dict
+        ``{class key: [(image path, (H, W) bool mask), ...]}`` for
+        :meth:`insid3_core.Segmenter.encode_classes`, in the order of ``outputs.classes``.
+    negatives : list of (str, np.ndarray)
+        ``(image path, (H, W) bool mask)`` of the "not this" regions.
+    outputs : Outputs
+        Fields and classes to write (instance options and mask folder left at their defaults).
+    """
+
+    references: dict
+    negatives: list
+    outputs: Outputs
+
+
+def choices(ctx) -> dict:
+    """The run's parameters: given values, else their defaults for ``ctx.dataset``."""
+    params, dataset = ctx.params, ctx.dataset
+    fields = segmentation_fields(dataset)
+    output_field = params.get("output_field") or default_output_field(dataset)
+    return {
+        "reference_tag": params.get("reference_tag") or "reference",
+        "negative_tag": params.get("negative_tag") or "negative",
+        "reference_field": params.get("reference_field")
+        or ("ground_truth" if "ground_truth" in fields else next(iter(fields), None)),
+        "reference_class": params.get("reference_class"),
+        "reference_classes": list(params.get("reference_classes") or []),
+        "all_classes": bool(params.get("all_classes", False)),
+        "output": params.get("output") or "segmentation",
+        "output_field": output_field,
+        "instances_field": params.get("instances_field") or f"{output_field}_instances",
+        "instance_label": params.get("instance_label"),
+        "overwrite": bool(params.get("overwrite", False)),
+    }
+
+
+def is_multiclass(chosen: dict) -> bool:
+    """Whether the run segments several classes into one multi-class mask."""
+    return chosen["all_classes"] or bool(chosen["reference_classes"])
+
+
+def target_samples(ctx, chosen: dict):
+    """The chosen target view (dataset, current view or selection) without references and negatives."""
+    return ctx.target_view().match_tags([chosen["reference_tag"], chosen["negative_tag"]], bool=False)
+
+
+def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
+    """The run's :class:`Plan`, or ``None`` and what stops the run, for the App user."""
+    try:
+        plan = plan_run(ctx.dataset, chosen)
+    except (ReferenceProblem, OutputProblem) as problem:
+        return None, str(problem)
+    if not len(target_samples(ctx, chosen)):
+        return None, "No target sample: the chosen target holds only references and negatives"
+    return plan, None
+
+
+def plan_run(dataset, chosen: dict) -> Plan:
+    """Read and check the references, negatives and output fields of a run.
+
+    Raises
+    ------
+    ReferenceProblem, OutputProblem
+    """
+    field = chosen["reference_field"]
+    if is_multiclass(chosen):
+        wanted = chosen_classes(dataset, field, chosen["reference_classes"], chosen["all_classes"])
+        found = class_references(dataset, chosen["reference_tag"], field, wanted, skip_absent=chosen["all_classes"])
+        references = {str(value): pairs for value, pairs in found.items()}
+        classes = tuple((wanted[value], value) for value in found)
+        targets = dataset.mask_targets.get(field)
+        mask_targets = dict(targets) if targets else None
+    else:
+        value = class_value(dataset, field, chosen["reference_class"])
+        label = chosen["instance_label"] or single_label(dataset, field, value)
+        references = {label: reference_pairs(dataset, chosen["reference_tag"], field, value)}
+        classes, mask_targets = ((label, SINGLE_VALUE),), None
+    segmentation_field, instances_field = output_fields(dataset, chosen)
+    negatives = negative_pairs(dataset, chosen["negative_tag"], field, chosen["reference_tag"])
+    outputs = Outputs(classes, is_multiclass(chosen), segmentation_field, instances_field,
+                      mask_targets=mask_targets if segmentation_field else None)
+    return Plan(references, negatives, outputs)
+
+
+def output_fields(dataset, chosen: dict) -> tuple[str | None, str | None]:
+    """The ``Segmentation`` and ``Detections`` fields of the run (``None``: not written), checked."""
+    import fiftyone as fo
+
+    output = chosen["output"]
+    if output not in OUTPUTS:
+        raise OutputProblem(f"output '{output}' is none of {', '.join(OUTPUTS)}")
+    segmentation_field = None if output == "instances" else chosen["output_field"]
+    instances_field = {"segmentation": None, "instances": chosen["output_field"],
+                       "both": chosen["instances_field"]}[output]
+    if segmentation_field and segmentation_field == instances_field:
+        raise OutputProblem(f"the masks and the instances both go to '{segmentation_field}'; name two fields")
+    for name, kind in ((segmentation_field, fo.Segmentation), (instances_field, fo.Detections)):
+        if name:
+            check_output_field(dataset, name, chosen["reference_field"], chosen["overwrite"], kind)
+    return segmentation_field, instances_field
+
+
+def single_label(dataset, field: str, value) -> str:
+    """The label of a single-class run's detections.
+
+    The mask target of the chosen class ``value``; for every nonzero pixel (``None``), the
+    one non-background mask target of ``field`` when there is exactly one, else ``object``.
+    """
+    classes = mask_classes(dataset, field) if field else {}
+    if value is not None:
+        return str(classes.get(value, value))
+    named = [label for key, label in classes.items() if str(key) not in BACKGROUND]
+    return str(named[0]) if len(named) == 1 else "object"
