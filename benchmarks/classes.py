@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import make_backbone, synchronize  # noqa: E402
+from benchmarks.throughput import add_model_arguments, make_backbone, synchronize  # noqa: E402
 from insid3_core import EngineConfig, Segmenter  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
@@ -35,11 +35,7 @@ EXAMPLES = ROOT / "examples"
 
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backbone", default="vit_small_patch16_dinov3", help="timm DINOv3 architecture")
-    parser.add_argument("--weights", help="a real checkpoint instead of --random-weights")
-    parser.add_argument("--random-weights", action="store_true", help="real architecture, random weights (speed only)")
-    parser.add_argument("--image-size", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -45,11 +45,7 @@ EXAMPLES = ROOT / "examples"
 
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backbone", default="vit_small_patch16_dinov3", help="timm DINOv3 architecture")
-    parser.add_argument("--weights", help="a real checkpoint instead of --random-weights")
-    parser.add_argument("--random-weights", action="store_true", help="real architecture, random weights (speed only)")
-    parser.add_argument("--image-size", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--targets", type=int, default=12)
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -61,6 +57,15 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="size of the generated JPEG targets")
     parser.add_argument("--skip-baseline", action="store_true", help="measure only the engine and the backbone")
     return parser.parse_args(argv)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--backbone``, ``--weights``, ``--random-weights`` and ``--image-size``."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backbone", default="vit_small_patch16_dinov3", help="timm DINOv3 architecture")
+    parser.add_argument("--weights", help="a real checkpoint instead of --random-weights")
+    parser.add_argument("--random-weights", action="store_true", help="real architecture, random weights (speed only)")
+    parser.add_argument("--image-size", type=int, default=512)
 
 
 def make_backbone(arguments, precision: str):
