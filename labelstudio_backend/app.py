@@ -42,7 +42,11 @@ def create_app(backend):
     @app.errorhandler(BackendError)
     def backend_error(err: BackendError):
         log.warning("%s %s: %s", request.method, request.path, err.message)
-        return jsonify(error=err.message), err.status
+        response = jsonify(error=err.message)
+        response.status_code = err.status
+        if err.retry_after is not None:
+            response.headers["Retry-After"] = str(err.retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
@@ -56,7 +60,7 @@ def create_app(backend):
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify(status="UP", model_class=MODEL_CLASS)
+        return jsonify(status="UP", model_class=MODEL_CLASS, preparing=backend.warmups.running())
 
     @app.post("/setup")
     def setup():
@@ -67,14 +71,15 @@ def create_app(backend):
     @app.post("/predict")
     def predict():
         payload = json_body()
-        tasks = payload.get("tasks")
-        if not isinstance(tasks, list):
-            raise BackendError("request has no 'tasks' list")
+        tasks = objects(payload, "tasks")
         project, label_config = project_id(payload.get("project")), payload.get("label_config") or ""
         if len(tasks) > backend.settings.max_tasks_per_request:
             return one_by_one(backend.setup(project, label_config))
-        predictions, version = backend.predict(tasks, project, label_config)
-        if any(isinstance(item, BackendError) for item in predictions):
+        predictions, version = backend.predict(tasks, project, label_config, backend.settings.warmup_wait)
+        failures = [item for item in predictions if isinstance(item, BackendError)]
+        if failures and len(failures) == len(predictions):
+            raise failures[0]
+        if failures:
             return one_by_one(version)
         return jsonify(results=predictions, model_version=version)
 
@@ -87,7 +92,7 @@ def create_app(backend):
     def train():
         payload = json_body()
         version = backend.train(project_id(payload.get("project")), payload.get("label_config") or "",
-                                payload.get("annotations") or [])
+                                objects(payload, "annotations", required=False), backend.settings.warmup_wait)
         return jsonify(model_version=version)
 
     @app.post("/webhook")
@@ -96,8 +101,7 @@ def create_app(backend):
 
     @app.get("/versions")
     def versions():
-        payload = request.get_json(silent=True) or {}
-        return jsonify(versions=[backend.model_version(project_id(payload.get("project")))])
+        return jsonify(versions=[backend.model_version(project_id(request.args.get("project")))])
 
     @app.get("/metrics")
     def metrics():
@@ -112,11 +116,21 @@ def create_app(backend):
     return app
 
 
+def objects(payload: dict, key: str, required: bool = True) -> list[dict]:
+    """``payload[key]`` checked to be a list of JSON objects (an empty list when absent and not ``required``)."""
+    value = payload.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise BackendError(f"request field {key!r} must be a list of objects")
+    return value
+
+
 def project_id(value) -> int | None:
     """Project id from Label Studio's ``"<id>.<timestamp>"``, a number, or ``None``."""
     if value in (None, ""):
         return None
-    try:
-        return int(str(value).split(".")[0])
-    except ValueError as err:
-        raise BackendError(f"project {value!r} is not a project id") from err
+    head = str(value).split(".")[0]
+    if isinstance(value, bool) or not head.isdigit():
+        raise BackendError(f"project {value!r} is not a project id")
+    return int(head)

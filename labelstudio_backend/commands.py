@@ -1,14 +1,17 @@
-"""``insid3 labelstudio serve`` and ``insid3 labelstudio preannotate`` (entry point ``insid3.commands``)."""
+"""``insid3 labelstudio serve|connect|preannotate`` (entry point ``insid3.commands``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
+
+SERVER_THREADS = 8
 
 
 def register(subparsers) -> None:
-    """Add ``labelstudio`` with its ``serve`` and ``preannotate`` sub-commands to ``insid3``'s parser."""
+    """Add ``labelstudio`` with its ``serve``, ``connect`` and ``preannotate`` sub-commands to ``insid3``'s parser."""
     from insid3_core.cli import add_engine_arguments
 
     labelstudio = subparsers.add_parser("labelstudio", help="Label Studio ML backend")
@@ -17,14 +20,35 @@ def register(subparsers) -> None:
     serve = commands.add_parser("serve", help="serve the ML backend (LABEL_STUDIO_URL, MODEL_DIR, ... from the environment)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--threads", type=int, default=SERVER_THREADS,
+                       help=f"requests served at once, in one process sharing the model (default {SERVER_THREADS})")
     add_engine_arguments(serve)
+    add_quality_arguments(serve)
     serve.set_defaults(handler=run_serve)
+
+    connect = commands.add_parser("connect", help="connect a running backend to a project: ML backend and webhook")
+    connect.add_argument("--project", type=int, required=True, metavar="N", help="Label Studio project id")
+    connect.add_argument("--backend-url", required=True, metavar="URL",
+                         help="the backend's address as Label Studio reaches it, e.g. http://127.0.0.1:9090")
+    connect.set_defaults(handler=run_connect)
 
     preannotate = commands.add_parser("preannotate", help="push predictions for every task of a project")
     preannotate.add_argument("--project", type=int, required=True, metavar="N", help="Label Studio project id")
     preannotate.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(preannotate)
+    add_quality_arguments(preannotate)
     preannotate.set_defaults(handler=run_preannotate)
+
+
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    """The thresholds of the quality verdicts shown to reviewers (``INSID3_MIN_AREA_RATIO``, ...)."""
+    from insid3_core.config import env_setting
+    from insid3_core.quality import QualityThresholds
+
+    quality = parser.add_argument_group("quality verdicts")
+    for name, cast in (("min_area_ratio", float), ("max_area_ratio", float), ("max_components", int)):
+        quality.add_argument(f"--{name.replace('_', '-')}", type=cast,
+                             default=env_setting(name, getattr(QualityThresholds, name), cast))
 
 
 def backend_from_arguments(arguments: argparse.Namespace, settings):
@@ -38,13 +62,40 @@ def backend_from_arguments(arguments: argparse.Namespace, settings):
 
 
 def run_serve(arguments: argparse.Namespace) -> int:
-    """Serve the ML backend until interrupted."""
+    """Serve the ML backend with waitress (threads in one process: the model is loaded once) until interrupted."""
+    import waitress
+
     from .app import create_app
     from .settings import Settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app = create_app(backend_from_arguments(arguments, Settings.from_environment()))
     print(f"insid3: Label Studio ML backend on http://{arguments.host}:{arguments.port}", file=sys.stderr)
-    app.run(host=arguments.host, port=arguments.port, threaded=True)
+    waitress.serve(app, host=arguments.host, port=arguments.port, threads=arguments.threads, ident="insid3")
+    return 0
+
+
+def run_connect(arguments: argparse.Namespace) -> int:
+    """Connect the backend at ``--backend-url`` to ``--project`` (idempotent); exit 2 on failure."""
+    from .api import LabelStudioApi
+    from .connect import connect
+    from .errors import BackendError
+    from .settings import Settings
+
+    settings = Settings.from_environment()
+    if not settings.label_studio_url or not settings.api_key:
+        print("insid3: error: connect needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
+        return 2
+    try:
+        made = connect(LabelStudioApi(settings.label_studio_url, settings.api_key), arguments.project,
+                       arguments.backend_url, settings.basic_auth)
+    except BackendError as err:
+        print(f"insid3: error: {err.message}", file=sys.stderr)
+        return 2
+    print(f"insid3: project {arguments.project}: ML backend {made.ml_backend} "
+          f"({'connected' if made.ml_backend_created else 'already connected'}), webhook {made.webhook} "
+          f"({'created' if made.webhook_created else 'updated'}), {made.duplicates_removed} duplicate(s) removed",
+          file=sys.stderr)
     return 0
 
 
@@ -59,14 +110,13 @@ def run_preannotate(arguments: argparse.Namespace) -> int:
         print("insid3: error: preannotate needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
         return 2
     try:
-        version, done, skipped, failures = preannotate(
-            backend_from_arguments(arguments, settings), arguments.project, arguments.batch_size, not arguments.no_progress
-        )
+        report = preannotate(backend_from_arguments(arguments, settings), arguments.project, arguments.batch_size,
+                             not arguments.no_progress)
     except BackendError as err:
         print(f"insid3: error: {err.message}", file=sys.stderr)
         return 2
-    for failure in failures:
+    for failure in report.failures:
         print(f"insid3: {failure}", file=sys.stderr)
-    print(f"insid3: model version {version}: {done} task(s) predicted, {skipped} already had its prediction, "
-          f"{len(failures)} failed", file=sys.stderr)
-    return 1 if failures else 0
+    print(f"insid3: model version {report.model_version}: {report.done} task(s) predicted, {report.skipped} already "
+          f"had its prediction, {len(report.failures)} failed", file=sys.stderr)
+    return 1 if report.failures else 0

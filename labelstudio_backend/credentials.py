@@ -52,7 +52,10 @@ class Credentials:
             raise BackendError(
                 f"Label Studio refused LABEL_STUDIO_API_KEY ({response.status_code} at /api/token/refresh/)", 502
             )
-        return response.json()["access"]
+        try:
+            return response.json()["access"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise BackendError(f"Label Studio's /api/token/refresh/ answered without an access token ({err})", 502) from err
 
     def get(self, url: str, **kwargs) -> requests.Response:
         """``GET url`` with these credentials, retried once with a fresh token after a 401."""

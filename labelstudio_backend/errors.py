@@ -12,9 +12,12 @@ class BackendError(Exception):
         Shown to the Label Studio user as is.
     status : int
         HTTP status code (4xx for the caller's problem, 5xx for ours or an upstream one).
+    retry_after : int or None
+        Seconds after which the request may succeed (sent as ``Retry-After``), for a 503.
     """
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.retry_after = retry_after

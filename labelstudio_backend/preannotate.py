@@ -3,55 +3,64 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 from .errors import BackendError
-from .labelconfig import brush_target
 
 
-def pending_tasks(tasks, model_version: str) -> list[dict]:
-    """Tasks without a prediction of ``model_version`` (those done by an earlier run are skipped)."""
-    return [
-        task for task in tasks
-        if not any(p.get("model_version") == model_version for p in task.get("predictions") or [])
-    ]
+@dataclass
+class Report:
+    """What a pre-annotation run did.
 
-
-def preannotate(backend, project: int, batch_size: int = 8, progress: bool = True) -> tuple[str, int, int, list[str]]:
-    """Predict and store every task of ``project`` lacking a prediction of the current model version.
-
-    Returns
-    -------
+    Attributes
+    ----------
     model_version : str
     done : int
         Tasks given a prediction now.
     skipped : int
-        Tasks that already had one (an interrupted run resumes where it stopped).
+        Tasks that already had one of ``model_version`` (an interrupted run resumes where it stopped).
     failures : list of str
         ``task <id>: <reason>`` for tasks whose image could not be used.
     """
+
+    model_version: str
+    done: int = 0
+    skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def preannotate(backend, project: int, batch_size: int = 8, progress: bool = True) -> Report:
+    """Predict every task of ``project`` lacking a prediction of the current model version.
+
+    The references are read from the project's annotations first (unchanged ones are not
+    downloaded again). Each batch of ``batch_size`` tasks is segmented in one pass and its
+    predictions stored in one API request, so an interrupted run loses at most one batch and
+    the next run skips the tasks already done. Raises :class:`BackendError` when nothing can be
+    predicted (bad config, no references, Label Studio unreachable).
+    """
     from tqdm import tqdm
 
+    from .labelconfig import brush_target
+
     label_config = backend.api.label_config(project)
-    backend.sync(project, brush_target(label_config), force=True)
+    target = brush_target(label_config)
+    backend.prepare(project, target, force=True)
     version = backend.model_version(project)
-    tasks = list(backend.api.tasks(project))
-    pending = pending_tasks(tasks, version)
-    done, failures = 0, []
+    pending = list(backend.api.tasks_without(project, version))
+    report = Report(version, skipped=backend.api.task_count(project) - len(pending))
     with tqdm(total=len(pending), desc=f"project {project} ({version})", unit="task", disable=not progress,
               file=sys.stderr) as bar:
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
-            try:
-                predictions, _ = backend.predict(batch, project, label_config)
-            except BackendError as err:
-                if len(batch) > 1 or err.status >= 500:
-                    raise
-                predictions = [err]
+            predictions, _ = backend.predict(batch, project, label_config, wait=None)
+            stored = []
             for task, item in zip(batch, predictions):
                 if isinstance(item, BackendError):
-                    failures.append(f"task {task['id']}: {item.message}")
+                    report.failures.append(f"task {task['id']}: {item.message}")
                 else:
-                    backend.api.create_prediction(project, task["id"], item)
-                    done += 1
+                    stored.append({"task": task["id"], **item})
+            if stored:
+                backend.api.import_predictions(project, stored)
+            report.done += len(stored)
             bar.update(len(batch))
-    return version, done, len(tasks) - len(pending), failures
+    return report

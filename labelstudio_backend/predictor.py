@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from PIL import Image
 
@@ -14,7 +15,9 @@ REFERENCE_CACHE_SIZE = 8
 
 
 class Predictor:
-    """Encode each label's references once per pool version and segment targets with them.
+    """Encode each label's references once per pool and segment targets with them.
+
+    Callers serialise :meth:`references` and :meth:`segment` (they use the device).
 
     Parameters
     ----------
@@ -26,13 +29,16 @@ class Predictor:
     def __init__(self, segmenter, batch_size: int = 4) -> None:
         self.segmenter = segmenter
         self.batch_size = batch_size
-        self._encoded: OrderedDict[str, dict] = OrderedDict()
+        self._encoded: OrderedDict[Hashable, dict] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     @property
     def engine_id(self) -> str:
-        """Short id of the weights and engine settings, part of every model version."""
-        config = self.segmenter.config
-        settings = f"{self.segmenter.backbone.identity}|{config.image_size}|{self.segmenter.basis.shape[1]}|{config.tau}|{config.merge_threshold}"
+        """Short id of the weights, the engine settings that change masks and the verdict thresholds."""
+        config, quality = self.segmenter.config, self.segmenter.quality
+        settings = (f"{self.segmenter.backbone.identity}|{config.image_size}|{self.segmenter.basis.shape[1]}|"
+                    f"{config.tau}|{config.merge_threshold}|{config.refinement}|{quality.min_area_ratio}|"
+                    f"{quality.max_area_ratio}|{quality.max_components}")
         return hashlib.sha256(settings.encode()).hexdigest()[:8]
 
     def model_version(self, pool: str) -> str:
@@ -43,14 +49,28 @@ class Predictor:
         prefix = "insid3-smoke" if self.segmenter.backbone.is_smoke_test else "insid3"
         return f"{prefix}-{self.engine_id}-{pool}"
 
-    def references(self, pairs: Pairs, pool: str) -> dict:
-        """``label -> ReferenceSet`` for a pool (cached by its digest ``pool``)."""
-        if pool not in self._encoded:
-            self._encoded[pool] = {label: self.segmenter.encode_references(list(found)) for label, found in pairs.items()}
+    def references(self, pairs: Pairs, key: Hashable) -> dict:
+        """``label -> ReferenceSet`` for ``pairs``, encoded once and cached under ``key``.
+
+        Raises ``ValueError`` (``insid3_core.io.InputError``) naming a reference that cannot be used.
+        """
+        cached = self.cached(key)
+        if cached is not None:
+            return cached
+        encoded = {label: self.segmenter.encode_references(list(found)) for label, found in pairs.items()}
+        with self._cache_lock:
+            self._encoded[key] = encoded
             while len(self._encoded) > REFERENCE_CACHE_SIZE:
                 self._encoded.popitem(last=False)
-        self._encoded.move_to_end(pool)
-        return self._encoded[pool]
+        return encoded
+
+    def cached(self, key: Hashable) -> dict | None:
+        """The references cached under ``key``, or ``None``."""
+        with self._cache_lock:
+            if key not in self._encoded:
+                return None
+            self._encoded.move_to_end(key)
+            return self._encoded[key]
 
     def segment(self, references: dict, images: Sequence[Image.Image]) -> list[dict]:
         """Per image, ``label -> SegmentationResult`` for every label of ``references``."""

@@ -6,17 +6,19 @@ and ``<stem>_mask.png`` masks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import shutil
+import json
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 import numpy as np
 from PIL import Image
 
-from insid3_core.io import IMAGE_EXTENSIONS, atomic_write
+from insid3_core.io import IMAGE_EXTENSIONS, atomic_write, write_json, write_mask_png
 
 MASK_SUFFIX = "_mask"
+STAMPS = "stamps.json"
 Pairs = dict[str, list[tuple[Path, Path]]]
 
 
@@ -62,17 +64,27 @@ def pool_version(pairs: Pairs) -> str:
 def file_digest(path: Path) -> bytes:
     """SHA-256 of a file's content, remembered while its size and modification time stay the same."""
     status = path.stat()
-    key = (str(path), status.st_size, status.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).digest()
-    return _DIGESTS[key]
+    return _content_digest(str(path), status.st_size, status.st_mtime_ns)
 
 
-_DIGESTS: dict[tuple[str, int, int], bytes] = {}
+@functools.lru_cache(maxsize=65536)
+def _content_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """SHA-256 of ``path``'s content; ``size`` and ``mtime_ns`` only key the cache."""
+    return hashlib.sha256(Path(path).read_bytes()).digest()
+
+
+def label_folder(label: str) -> str:
+    """Folder name of ``label``: URL-quoted, a leading dot too (no ``.``/``..``/hidden folders)."""
+    quoted = quote(label, safe="")
+    return "%2E" + quoted[1:] if quoted.startswith(".") else quoted
 
 
 class AnnotationStore:
     """References made from one project's annotations, cached under ``root``.
+
+    Beside the pairs, ``root/stamps.json`` maps each cached annotation id to the stamp of the
+    content it was made from, so that an unchanged annotation is not downloaded again. Callers
+    serialise writes.
 
     Parameters
     ----------
@@ -87,17 +99,16 @@ class AnnotationStore:
         """The cached pairs per label."""
         return scan_folder(self.root)
 
-    def put(self, annotation_id: int, image: Image.Image, masks: dict[str, np.ndarray]) -> None:
-        """Replace annotation ``annotation_id``'s references by ``masks`` (label -> bool mask) on ``image``."""
+    def put(self, annotation_id: int, image: Image.Image, masks: dict[str, np.ndarray], stamp: str) -> None:
+        """Replace annotation ``annotation_id``'s references by ``masks`` (label -> ``(H, W)`` bool) on ``image``."""
         self.remove(annotation_id)
         stem = _stem(annotation_id)
         for label, mask in masks.items():
-            folder = self.root / quote(label, safe="")
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = self.root / label_folder(label)
             with atomic_write(folder / f"{stem}.png") as handle:
                 image.save(handle, format="PNG")
-            with atomic_write(folder / f"{stem}{MASK_SUFFIX}.png") as handle:
-                Image.fromarray(mask.astype(np.uint8) * 255).save(handle, format="PNG")
+            write_mask_png(folder / f"{stem}{MASK_SUFFIX}.png", mask)
+        self._write_stamps({**self._stamps(), str(int(annotation_id)): stamp})
 
     def remove(self, annotation_id: int) -> bool:
         """Drop annotation ``annotation_id``'s references; ``True`` when there were any."""
@@ -107,7 +118,20 @@ class AnnotationStore:
             path.unlink()
             path.with_name(f"{stem}{MASK_SUFFIX}.png").unlink(missing_ok=True)
             removed = True
+        stamps = self._stamps()
+        if stamps.pop(str(int(annotation_id)), None) is not None:
+            self._write_stamps(stamps)
         return removed
+
+    def stamp(self, annotation_id: int) -> str | None:
+        """The stamp annotation ``annotation_id``'s cached references were made from, if cached."""
+        return self._stamps().get(str(int(annotation_id)))
+
+    def version(self) -> str:
+        """Digest of the cached annotations (their ids and stamps), read without opening any image."""
+        stamps = self._stamps()
+        present = sorted((identifier, stamps.get(str(identifier), "")) for identifier in self.annotation_ids())
+        return hashlib.sha256(json.dumps(present).encode()).hexdigest()[:12]
 
     def annotation_ids(self) -> set[int]:
         """Ids of the annotations with cached references."""
@@ -118,9 +142,14 @@ class AnnotationStore:
             if not path.stem.endswith(MASK_SUFFIX)
         }
 
-    def clear(self) -> None:
-        """Forget every cached reference."""
-        shutil.rmtree(self.root, ignore_errors=True)
+    def _stamps(self) -> dict[str, str]:
+        try:
+            return json.loads((self.root / STAMPS).read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _write_stamps(self, stamps: dict[str, str]) -> None:
+        write_json(self.root / STAMPS, stamps)
 
 
 def _stem(annotation_id: int) -> str:

@@ -14,7 +14,23 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
 
 
 def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
-    """Decode brush RLE to an ``(H, W)`` bool mask (alpha channel above zero)."""
+    """Decode brush RLE to an ``(H, W)`` bool mask (alpha channel above zero).
+
+    Raises ``ValueError`` when ``rle`` is not a list of bytes or its header does not announce
+    ``H * W * 4`` values (checked before anything that size is allocated).
+    """
     from label_studio_sdk.converter.brush import decode_rle
 
-    return np.reshape(decode_rle(rle), (height, width, 4))[..., 3] > 0
+    if not isinstance(rle, list):
+        raise ValueError("rle is not a list")
+    try:
+        data = bytes(rle)
+    except TypeError as err:
+        raise ValueError("rle is not a list of bytes") from err
+    expected = height * width * 4
+    if len(data) < 4 or int.from_bytes(data[:4], "big") != expected:
+        raise ValueError(f"rle does not hold {height}x{width} RGBA values")
+    try:
+        return np.reshape(decode_rle(data), (height, width, 4))[..., 3] > 0
+    except IndexError as err:
+        raise ValueError("rle ends early") from err

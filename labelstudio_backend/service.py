@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
@@ -15,24 +20,31 @@ from .references import AnnotationStore, Pairs, merge, pool_version, scan_folder
 from .results import prediction
 from .rle import rle_to_mask
 from .settings import Settings
+from .warmup import Warmups
 
 log = logging.getLogger(__name__)
 REFERENCE_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
 SYNC_EVENTS = ("ANNOTATIONS_CREATED", "START_TRAINING", "PROJECT_UPDATED")
+RETRY_AFTER = 30
+PREPARE_ROUNDS = 3
 
 
 class Backend:
     """Reference pools per project, the predictor, and the Label Studio API when configured.
 
+    A project's references are brought up to date and encoded by a background job (started by
+    ``/setup``, ``/train``, the webhook and ``/predict``), so requests return within Label
+    Studio's timeouts.
+
     Parameters
     ----------
     settings : Settings
     predictor : labelstudio_backend.predictor.Predictor
-        Built before serving, so that ``/setup`` answers within Label Studio's 3 s timeout.
+        Built before serving: the backbone is loaded once.
     api : labelstudio_backend.api.LabelStudioApi or None
         Label Studio's API; ``None`` when ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` are unset
-        (references then come from ``INSID3_REFERENCE_DIR`` only).
+        (references then come from ``INSID3_REFERENCE_DIR`` and the webhook only).
     fetcher : ImageFetcher
     """
 
@@ -41,6 +53,7 @@ class Backend:
         self.predictor = predictor
         self.api = api
         self.fetcher = fetcher
+        self.warmups = Warmups()
         self._lock = threading.RLock()
         self._device_lock = threading.Lock()
         self._synced: set[int] = set()
@@ -50,68 +63,131 @@ class Backend:
         return AnnotationStore(self.settings.model_dir / "projects" / str(project) / "references")
 
     def pool(self, project: int | None) -> tuple[Pairs, str]:
-        """``(label -> pairs, digest)`` of the reference folder and ``project``'s annotations."""
+        """``(label -> pairs, digest)`` of the reference folder and ``project``'s annotations.
+
+        The folder's part of the digest hashes file contents; the annotations' part hashes the
+        stamps they were cached from, so it costs no file read.
+        """
         folder = scan_folder(self.settings.reference_dir)
-        pairs = folder if project is None else merge(folder, self.store(project).pairs())
-        return pairs, pool_version(pairs)
+        if project is None:
+            return folder, pool_version(folder)
+        store = self.store(project)
+        digest = hashlib.sha256(f"{pool_version(folder)}|{store.version()}".encode()).hexdigest()[:12]
+        return merge(folder, store.pairs()), digest
 
     def model_version(self, project: int | None) -> str:
         """Model version for ``project``'s current reference pool."""
         return self.predictor.model_version(self.pool(project)[1])
 
     def setup(self, project: int | None, label_config: str) -> str:
-        """Check the config and return the model version (fast: Label Studio waits 3 s)."""
-        brush_target(label_config)
+        """Check the config, start preparing the references in the background, return the model version."""
+        target = brush_target(label_config)
+        self.warm(project, target)
         return self.model_version(project)
 
-    def train(self, project: int | None, label_config: str, tasks: Sequence[dict]) -> str:
-        """Replace ``project``'s annotation references by those of ``tasks`` (Label Studio's ``/train``)."""
+    def train(self, project: int | None, label_config: str, tasks: Iterable[dict], wait: float | None) -> str:
+        """Replace ``project``'s annotation references by those of ``tasks`` (Label Studio's ``/train``).
+
+        Runs in the background; waits at most ``wait`` seconds (``None``: until done) and
+        returns the model version at that time.
+        """
         target = brush_target(label_config)
         if project is None:
             raise BackendError("train request has no project id")
-        with self._lock:
-            self._replace(project, target, tasks)
-            self._synced.add(project)
+        future = self.warm(project, target, tasks=list(tasks))
+        try:
+            future.result(timeout=wait)
+        except FutureTimeout:
+            log.info("project %s: training goes on in the background", project)
         return self.model_version(project)
 
-    def predict(self, tasks: Sequence[dict], project: int | None, label_config: str) -> tuple[list, str]:
-        """One prediction per task (all labels with references), and the model version used.
+    def predict(self, tasks: Sequence[dict], project: int | None, label_config: str,
+                wait: float | None) -> tuple[list, str]:
+        """One prediction per task (every label with references), and the model version used.
 
-        A task whose image fails gets its :class:`BackendError` in place of a prediction and the
-        others go on; when every task fails, the first error is raised.
+        A task whose image fails gets its :class:`BackendError` in place of a prediction.
+        Raises :class:`BackendError` for the whole request: bad config, no references (422),
+        or references still being prepared after ``wait`` seconds (503; ``None`` waits).
         """
         target = brush_target(label_config)
-        if project is not None:
-            self.sync(project, target)
-        pairs, digest = self.pool(project)
-        pairs = {label: found for label, found in pairs.items() if label in target.labels}
-        if not pairs:
-            raise BackendError(
-                "no references yet: annotate a task with a brush mask (labels "
-                f"{', '.join(target.labels)}) or put reference pairs in INSID3_REFERENCE_DIR", 422
-            )
-        predictor = self.predictor
-        version = predictor.model_version(digest)
-        try:
-            with self._device_lock:
-                references = predictor.references(pairs, digest)
-        except ValueError as err:
-            raise BackendError(f"a reference cannot be used: {err}", 422) from err
+        references, version = self.references(project, target, wait)
         images = self._task_images(tasks, target)
         with self._device_lock:
-            segmented = iter(predictor.segment(references, [i for i in images if not isinstance(i, BackendError)]))
+            segmented = iter(self.predictor.segment(references, [i for i in images if not isinstance(i, BackendError)]))
         predictions = [
             image if isinstance(image, BackendError) else prediction(target, next(segmented), version) for image in images
         ]
-        failures = [item for item in predictions if isinstance(item, BackendError)]
-        if failures and len(failures) == len(tasks):
-            raise failures[0]
         return predictions, version
+
+    def references(self, project: int | None, target: BrushTarget, wait: float | None) -> tuple[dict, str]:
+        """``(label -> ReferenceSet, model version)`` of the current pool, from the encoded cache or
+        background jobs waited on at most ``wait`` seconds in all (``None``: until done).
+
+        A job that finishes on a pool changed meanwhile is followed by another (a few at most).
+        """
+        deadline = None if wait is None else time.monotonic() + wait
+        for _ in range(PREPARE_ROUNDS):
+            if project is None or project in self._synced:
+                pairs, key, version = self._target_pool(project, target)
+                cached = self.predictor.cached(key) if pairs else None
+                if cached is not None:
+                    return cached, version
+            try:
+                references, version = self.warm(project, target).result(
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise BackendError(
+                    f"insid3 is still preparing the references of project {project} (reading its annotations and "
+                    f"encoding them in the background); retry in {RETRY_AFTER} s", 503, retry_after=RETRY_AFTER,
+                ) from None
+            if references is None:
+                raise BackendError(
+                    "no references yet: annotate a task with a brush mask (labels "
+                    f"{', '.join(target.labels)}) or put reference pairs in INSID3_REFERENCE_DIR", 422
+                )
+        return references, version
+
+    def warm(self, project: int | None, target: BrushTarget, tasks: list | None = None, force: bool = False) -> Future:
+        """Start (or join) the background job preparing ``project``'s references; see :meth:`prepare`."""
+        return self.warmups.start(project, lambda: self.prepare(project, target, tasks, force),
+                                  replace=tasks is not None or force)
+
+    def prepare(self, project: int | None, target: BrushTarget, tasks: list | None = None,
+                force: bool = False) -> tuple[dict | None, str]:
+        """Bring the cache up to date (from ``tasks``, else from the API once unless ``force``) and encode it.
+
+        Returns
+        -------
+        references : dict of str to ReferenceSet, or None
+            ``None`` when no label of ``target`` has a reference.
+        model_version : str
+        """
+        if project is not None:
+            with self._lock:
+                if tasks is not None:
+                    self._replace(project, target, tasks)
+                    self._synced.add(project)
+                else:
+                    self.sync(project, target, force)
+        pairs, key, version = self._target_pool(project, target)
+        if not pairs:
+            return None, version
+        try:
+            with self._device_lock:
+                return self.predictor.references(pairs, key), version
+        except ValueError as err:
+            raise BackendError(f"a reference cannot be used: {err}", 422) from err
+
+    def _target_pool(self, project: int | None, target: BrushTarget) -> tuple[Pairs, tuple, str]:
+        """The pool's pairs of ``target``'s labels, their cache key and the model version."""
+        pairs, digest = self.pool(project)
+        pairs = {label: pairs[label] for label in target.labels if label in pairs}
+        return pairs, (digest, *pairs), self.predictor.model_version(digest)
 
     def _task_images(self, tasks: Sequence[dict], target: BrushTarget) -> list:
         images = []
         for task in tasks:
-            address = (task.get("data") or {}).get(target.data_key)
+            address = image_address(task, target)
             try:
                 if not isinstance(address, str) or not address:
                     raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
@@ -122,88 +198,155 @@ class Backend:
         return images
 
     def webhook(self, payload: dict) -> dict:
-        """Update the reference pool from an annotation event; returns the resulting model version."""
+        """Update the reference pool from an annotation event; returns the resulting model version.
+
+        ``ANNOTATION_CREATED``/``UPDATED`` and deletions change the cache before answering; the
+        full re-reads (``START_TRAINING``, ...) run in the background.
+        """
         action = payload.get("action", "")
-        project = (payload.get("project") or {}).get("id")
-        if project is None:
-            raise BackendError("webhook payload has no project id")
-        annotation = payload.get("annotation") or {}
+        project = webhook_project(payload)
         if action in DELETE_EVENTS:
-            ids = [annotation["id"]] if "id" in annotation else [a["id"] for a in payload.get("annotations", [])]
-            for annotation_id in ids:
-                self.store(project).remove(annotation_id)
+            annotations = payload.get("annotations") or [payload.get("annotation") or {}]
+            with self._lock:
+                for annotation in annotations:
+                    self.store(project).remove(annotation_id(annotation))
         elif action in REFERENCE_EVENTS:
-            if "id" not in annotation:
-                raise BackendError(f"{action} webhook payload has no annotation id")
-            target = brush_target((payload.get("project") or {}).get("label_config") or self._label_config(project))
-            task = payload.get("task") or {}
-            self.add_annotation(project, target, task, annotation)
+            target = self._webhook_target(payload, project)
+            task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
+            with self._lock:
+                self.add_annotation(project, target, task, payload.get("annotation") or {})
+            self.warm(project, target)
         elif action in SYNC_EVENTS:
-            target = brush_target((payload.get("project") or {}).get("label_config") or self._label_config(project))
-            self.sync(project, target, force=True)
+            self.warm(project, self._webhook_target(payload, project), force=True)
+            return {"status": "started", "action": action, "model_version": self.model_version(project)}
         else:
             return {"status": "ignored", "action": action}
         return {"status": "ok", "action": action, "model_version": self.model_version(project)}
 
     def add_annotation(self, project: int, target: BrushTarget, task: dict, annotation: dict) -> bool:
-        """Store ``annotation``'s brush masks as references; ``True`` when it had any."""
-        masks = annotation_masks(annotation, target)
+        """Cache ``annotation``'s brush masks as references; ``True`` when it has any.
+
+        An annotation cached from the same content (its stamp) is not downloaded again.
+        """
+        identifier = annotation_id(annotation)
         store = self.store(project)
-        if not masks or annotation.get("was_cancelled"):
-            store.remove(annotation["id"])
+        address = image_address(task, target)
+        stamp = annotation_stamp(annotation, target, address)
+        if annotation.get("was_cancelled"):
+            store.remove(identifier)
             return False
-        address = (task.get("data") or {}).get(target.data_key)
-        if not isinstance(address, str):
+        if store.stamp(identifier) == stamp:
+            return True
+        masks = annotation_masks(annotation, target, self.settings.max_pixels)
+        if not masks:
+            store.remove(identifier)
+            return False
+        if not isinstance(address, str) or not address:
             raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
         image = self.fetcher.fetch(address)
         shapes = {mask.shape for mask in masks.values()}
         if shapes != {(image.height, image.width)}:
             raise BackendError(
-                f"annotation {annotation['id']}: brush size {sorted(shapes)} differs from its image "
+                f"annotation {identifier}: brush size {sorted(shapes)} differs from its image "
                 f"{image.height}x{image.width}", 422
             )
-        store.put(annotation["id"], image, masks)
+        store.put(identifier, image, masks, stamp)
         return True
 
     def sync(self, project: int, target: BrushTarget, force: bool = False) -> None:
         """Make the cached references match the project's annotations (once, unless ``force``)."""
-        if self.api is None or (project in self._synced and not force):
+        if project in self._synced and not force:
             return
         with self._lock:
-            self._replace(project, target, self.api.annotated_tasks(project))
+            if self.api is not None:
+                self._replace(project, target, self.api.annotated_tasks(project))
             self._synced.add(project)
 
-    def _replace(self, project: int, target: BrushTarget, tasks) -> None:
+    def _replace(self, project: int, target: BrushTarget, tasks: Iterable[dict]) -> None:
         """Cache every usable annotation of ``tasks`` and drop the others; a bad one is logged and skipped."""
         seen = set()
         for task in tasks:
+            if not isinstance(task, dict):
+                continue
             for annotation in task.get("annotations") or []:
                 try:
                     if self.add_annotation(project, target, task, annotation):
-                        seen.add(annotation["id"])
+                        seen.add(annotation_id(annotation))
                 except BackendError as err:
                     log.warning("project %s, task %s: annotation skipped: %s", project, task.get("id"), err.message)
         store = self.store(project)
         for stale in store.annotation_ids() - seen:
             store.remove(stale)
 
-    def _label_config(self, project: int) -> str:
+    def _webhook_target(self, payload: dict, project: int) -> BrushTarget:
+        config = (payload.get("project") or {}).get("label_config") if isinstance(payload.get("project"), dict) else None
+        if config:
+            return brush_target(config)
         if self.api is None:
             raise BackendError("the webhook payload has no label_config and LABEL_STUDIO_URL/API key are not set")
-        return self.api.label_config(project)
+        return brush_target(self.api.label_config(project))
 
 
-def annotation_masks(annotation: dict, target: BrushTarget) -> dict[str, np.ndarray]:
-    """``label -> (H, W) bool`` union of an annotation's brush regions on ``target``."""
+def image_address(task: dict, target: BrushTarget):
+    """The task's image address (``task["data"][target.data_key]``), ``None`` when it has none."""
+    data = task.get("data")
+    return data.get(target.data_key) if isinstance(data, dict) else None
+
+
+def webhook_project(payload: dict) -> int:
+    """The project id of a webhook payload (``project`` as an object or an id)."""
+    project = payload.get("project")
+    project = project.get("id") if isinstance(project, dict) else project
+    if isinstance(project, bool) or not isinstance(project, (int, str)) or not str(project).isdigit():
+        raise BackendError("webhook payload has no project id")
+    return int(project)
+
+
+def annotation_id(annotation) -> int:
+    """The integer id of an annotation object; :class:`BackendError` when it has none."""
+    identifier = annotation.get("id") if isinstance(annotation, dict) else None
+    if isinstance(identifier, bool) or not isinstance(identifier, (int, str)) or not str(identifier).isdigit():
+        raise BackendError(f"annotation without an id: {str(annotation)[:200]}")
+    return int(identifier)
+
+
+def annotation_stamp(annotation: dict, target: BrushTarget, address) -> str:
+    """Digest of what an annotation's references are made from: its result, the image address and the control."""
+    content = {"result": annotation.get("result"), "image": address, "control": target.from_name,
+               "labels": target.labels}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def annotation_masks(annotation: dict, target: BrushTarget, max_pixels: int) -> dict[str, np.ndarray]:
+    """``label -> (H, W) bool`` union of an annotation's non-empty brush regions of ``target``'s labels.
+
+    Raises :class:`BackendError` (422, or 413 above ``max_pixels``) for a region that cannot be decoded.
+    """
     masks: dict[str, np.ndarray] = {}
-    for item in annotation.get("result") or []:
-        value = item.get("value") or {}
-        if item.get("type") != "brushlabels" or item.get("from_name") != target.from_name or "rle" not in value:
+    result = annotation.get("result")
+    for item in result if isinstance(result, list) else []:
+        value = item.get("value") if isinstance(item, dict) else None
+        if not isinstance(value, dict) or item.get("type") != "brushlabels" or item.get("from_name") != target.from_name:
+            continue
+        names = value.get("brushlabels")
+        labels = [label for label in names if label in target.labels] if isinstance(names, list) else []
+        if not labels or "rle" not in value:
             continue
         try:
-            mask = rle_to_mask(value["rle"], int(item["original_height"]), int(item["original_width"]))
-        except (ValueError, TypeError, KeyError) as err:
+            height, width = int(item["original_height"]), int(item["original_width"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise BackendError(f"annotation {annotation.get('id')}: brush region without its image size ({err})", 422) from err
+        if height <= 0 or width <= 0 or height * width > max_pixels:
+            raise BackendError(
+                f"annotation {annotation.get('id')}: brush region of {width}x{height} pixels "
+                f"(limit INSID3_MAX_PIXELS={max_pixels})", 413
+            )
+        try:
+            mask = rle_to_mask(value["rle"], height, width)
+        except ValueError as err:
             raise BackendError(f"annotation {annotation.get('id')}: brush region cannot be decoded ({err})", 422) from err
-        for label in value.get("brushlabels") or []:
+        for label in labels:
+            if label in masks and masks[label].shape != mask.shape:
+                raise BackendError(f"annotation {annotation.get('id')}: {label!r} regions of different image sizes", 422)
             masks[label] = masks[label] | mask if label in masks else mask
-    return masks
+    return {label: mask for label, mask in masks.items() if mask.any()}

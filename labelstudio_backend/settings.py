@@ -22,7 +22,7 @@ class Settings:
     basic_auth : tuple of (str, str) or None
         ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS``; when set every route requires them.
     model_dir : Path
-        ``MODEL_DIR``: cached references and pre-annotation progress.
+        ``MODEL_DIR``: the cache of references made from annotations.
     reference_dir : Path or None
         ``INSID3_REFERENCE_DIR``: one sub-folder per label of ``<stem>.<ext>`` images and
         ``<stem>_mask.png`` masks.
@@ -37,6 +37,10 @@ class Settings:
         Label Studio retrieves the tasks one by one (each within its own timeout).
     batch_size : int
         ``INSID3_BATCH_SIZE``: targets per backbone call.
+    warmup_wait : float
+        ``INSID3_WARMUP_WAIT``: seconds a ``/predict`` request waits for the project's references
+        to be read and encoded in the background before it is answered 503 (retry later);
+        below Label Studio's ``ML_TIMEOUT_PREDICT`` (100 s).
     """
 
     label_studio_url: str = ""
@@ -49,17 +53,20 @@ class Settings:
     max_pixels: int = 100_000_000
     max_tasks_per_request: int = 8
     batch_size: int = 4
+    warmup_wait: float = 30.0
 
     @classmethod
     def from_environment(cls) -> "Settings":
-        """Read the settings from ``os.environ``."""
+        """Read the settings from ``os.environ``; raises ``ValueError`` naming a bad variable."""
         user, password = os.environ.get("BASIC_AUTH_USER", ""), os.environ.get("BASIC_AUTH_PASS", "")
+        if bool(user) != bool(password):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         reference_dir = env_setting("reference_dir")
         hosts = env_setting("allowed_hosts", "")
         return cls(
             label_studio_url=os.environ.get("LABEL_STUDIO_URL", "").rstrip("/"),
             api_key=os.environ.get("LABEL_STUDIO_API_KEY", ""),
-            basic_auth=(user, password) if user or password else None,
+            basic_auth=(user, password) if user else None,
             model_dir=Path(os.environ.get("MODEL_DIR", "insid3-model")).expanduser(),
             reference_dir=Path(reference_dir).expanduser() if reference_dir else None,
             allowed_hosts=frozenset(h.strip().lower() for h in hosts.split(",") if h.strip()),
@@ -67,4 +74,5 @@ class Settings:
             max_pixels=env_setting("max_pixels", cls.max_pixels, int),
             max_tasks_per_request=env_setting("max_tasks_per_request", cls.max_tasks_per_request, int),
             batch_size=env_setting("batch_size", cls.batch_size, int),
+            warmup_wait=env_setting("warmup_wait", cls.warmup_wait, float),
         )

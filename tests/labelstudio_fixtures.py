@@ -9,6 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -40,11 +41,54 @@ def insid3_parser():
     return parser
 
 
-def small_segmenter(backbone):
-    """A fast segmenter on the bundled test backbone."""
+def small_segmenter(backbone, quality=None):
+    """A fast segmenter on the bundled test backbone (``quality``: its ``QualityThresholds``)."""
     from insid3_core import EngineConfig, Segmenter
+    from insid3_core.quality import QualityThresholds
 
-    return Segmenter(backbone, EngineConfig(image_size=IMAGE_SIZE, svd_components=SVD_COMPONENTS))
+    return Segmenter(backbone, EngineConfig(image_size=IMAGE_SIZE, svd_components=SVD_COMPONENTS),
+                     quality or QualityThresholds())
+
+
+def verdict_segmenter(backbone):
+    """A small segmenter whose thresholds give, with :func:`reference_folder`'s reference, every verdict on
+    :func:`verdict_images`: ok, too_large (scene_04), too_small (scene_08), fragmented (tiled), empty (blank)."""
+    from insid3_core.quality import QualityThresholds
+
+    return small_segmenter(backbone, QualityThresholds(min_area_ratio=0.03, max_area_ratio=0.2, max_components=1))
+
+
+def blank_image(path: Path) -> Path:
+    """A uniform grey image: nothing in it matches a reference, so its mask is empty."""
+    Image.new("RGB", (200, 150), (128, 128, 128)).save(path)
+    return path
+
+
+def tiled_image(path: Path) -> Path:
+    """``scene_01`` beside its mirror image: the object found twice, a mask of two components."""
+    with Image.open(TARGETS[0]) as scene:
+        scene = scene.convert("RGB")
+        tiled = Image.new("RGB", (scene.width * 2, scene.height))
+        tiled.paste(scene, (0, 0))
+        tiled.paste(scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (scene.width, 0))
+    tiled.save(path)
+    return path
+
+
+def verdict_images(folder: Path) -> list[Path]:
+    """The example targets, a tiled scene and a blank image, copied into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = [Path(shutil.copy(path, folder / path.name)) for path in TARGETS]
+    return copies + [tiled_image(folder / "tiled.png"), blank_image(folder / "blank.png")]
+
+
+def brush_region(mask: np.ndarray, label: str = LABEL) -> dict:
+    """A Label Studio ``brushlabels`` result region painting ``mask`` with ``label``."""
+    from labelstudio_backend.rle import mask_to_rle
+
+    return {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": mask.shape[1],
+            "original_height": mask.shape[0], "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
 
 
 def reference_folder(root: Path) -> Path:

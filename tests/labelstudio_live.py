@@ -106,19 +106,23 @@ class LabelStudio:
 
 
 class BackendServer:
-    """The Flask app on a free 127.0.0.1 port in a thread (a real HTTP server)."""
+    """The app served by waitress, as ``insid3 labelstudio serve`` serves it, on a free 127.0.0.1 port in a thread."""
 
     def __init__(self, app) -> None:
-        from werkzeug.serving import make_server
+        from waitress.server import create_server
 
-        self.server = make_server("127.0.0.1", free_port(), app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.server = create_server(app, host="127.0.0.1", port=0, threads=4)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "BackendServer":
         self.thread.start()
         return self
 
     def __exit__(self, *_) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        from waitress import wasyncore
+
+        # closed from the server's own loop thread, keep-alive connections included
+        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+        self.thread.join(timeout=10)
+        self.server.task_dispatcher.shutdown()

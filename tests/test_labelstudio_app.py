@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,14 +15,18 @@ pytest.importorskip("flask")
 pytest.importorskip("label_studio_sdk")
 
 from labelstudio_fixtures import (  # noqa: E402
-    BRUSH_CONFIG, CHOICES_CONFIG, EXAMPLES, LABEL, TARGETS, StaticServer, iou, reference_folder, small_segmenter,
+    BRUSH_CONFIG, CHOICES_CONFIG, EXAMPLES, LABEL, TARGETS, StaticServer, brush_region, iou, reference_folder,
+    small_segmenter, verdict_images, verdict_segmenter,
 )
 
 from insid3_core.io import load_mask  # noqa: E402
+from insid3_core.quality import VERDICTS  # noqa: E402
 from labelstudio_backend.app import create_app  # noqa: E402
 from labelstudio_backend.build import build_backend  # noqa: E402
 from labelstudio_backend.rle import mask_to_rle, rle_to_mask  # noqa: E402
 from labelstudio_backend.settings import Settings  # noqa: E402
+
+PROJECT = {"id": 7, "label_config": BRUSH_CONFIG}
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +36,11 @@ def segmenter(tiny_backbone):
 
 @pytest.fixture(scope="module")
 def image_server(tmp_path_factory):
-    """Examples plus an unreadable 'image', served like Label Studio uploads."""
+    """Examples, the verdict images (:func:`verdict_images`) and an unreadable 'image', served like Label Studio uploads."""
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(EXAMPLES, root / "examples")
     (root / "broken.png").write_bytes(b"not an image at all")
+    verdict_images(root / "verdicts")
     with StaticServer(root) as server:
         yield server
 
@@ -61,7 +68,7 @@ def predict(client, tasks, config=BRUSH_CONFIG, **kwargs):
 
 def test_health_and_setup(segmenter, settings):
     client = make_client(segmenter, settings)
-    assert client.get("/health").get_json()["status"] == "UP"
+    assert client.get("/health").get_json() == {"status": "UP", "model_class": "INSID3", "preparing": []}
     answer = client.post("/setup", json={"project": "7.1700000000", "schema": BRUSH_CONFIG})
     assert answer.status_code == 200
     assert answer.get_json()["model_version"].startswith("insid3-")
@@ -107,11 +114,7 @@ def test_predictions_match_the_engine(segmenter, settings):
     for prediction, truth in zip(body["results"], expected):
         assert prediction["model_version"] == body["model_version"]
         assert 0.0 <= prediction["score"] <= 1.0
-        regions = prediction["result"]
-        if not truth.mask.any():
-            assert regions == []
-            continue
-        (region,) = regions
+        (region,) = prediction["result"]
         assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == [LABEL]
         assert (region["original_height"], region["original_width"]) == truth.mask.shape
         decoded = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
@@ -227,13 +230,17 @@ def test_rle_round_trip():
 
 
 def test_model_version_follows_the_engine(tiny_backbone, settings):
+    """Input size, mask refinement and verdict thresholds each give another model version."""
     from insid3_core import EngineConfig, Segmenter
+    from insid3_core.quality import QualityThresholds
 
-    versions = {
-        build_backend(settings, Segmenter(tiny_backbone, EngineConfig(image_size=size, svd_components=16))).model_version(None)
-        for size in (128, 256)
-    }
-    assert len(versions) == 2
+    variants = [(EngineConfig(image_size=128, svd_components=16), QualityThresholds()),
+                (EngineConfig(image_size=256, svd_components=16), QualityThresholds()),
+                (EngineConfig(image_size=128, svd_components=16, refinement="guided"), QualityThresholds()),
+                (EngineConfig(image_size=128, svd_components=16), QualityThresholds(max_components=2))]
+    versions = {build_backend(settings, Segmenter(tiny_backbone, config, quality)).model_version(None)
+                for config, quality in variants}
+    assert len(versions) == len(variants)
 
 
 def test_label_studio_addresses():
@@ -245,9 +252,136 @@ def test_label_studio_addresses():
     assert fetcher.url("/data/local-files/?d=scans/a.png") == "http://ls.local:8080/data/local-files/?d=scans/a.png"
     assert fetcher.url("/data/upload/3/a.png") == "http://ls.local:8080/data/upload/3/a.png"
     assert fetcher.url("https://images.example.org/a.png") == "https://images.example.org/a.png"
-    for refused, status in (("s3://bucket/a.png", 422), ("http://169.254.169.254/latest", 403)):
+    assert fetcher.url("https://images.example.org:8443/a.png") == "https://images.example.org:8443/a.png"
+    refusals = (("s3://bucket/a.png", 422), ("http://169.254.169.254/latest", 403), ("http://[::1/a.png", 422),
+                ("http://ls.local:22/a.png", 403), ("https://ls.local:8080/a.png", 403))
+    for refused, status in refusals:
         with pytest.raises(BackendError) as caught:
             fetcher.url(refused)
-        assert caught.value.status == status
+        assert caught.value.status == status, refused
+    # credentials go to Label Studio's origin only: same scheme, host and port
+    assert fetcher.is_own("http://LS.local:8080/data/upload/1.png")
+    assert not fetcher.is_own("https://images.example.org/a.png")
+    assert ImageFetcher(Credentials("https://ls.local", "")).is_own("https://ls.local:443/a.png")
     with pytest.raises(BackendError, match="LABEL_STUDIO_URL is not set"):
         ImageFetcher(Credentials("", "")).url("/data/upload/3/a.png")
+
+
+def webhook_annotation(client, annotation, action="ANNOTATION_CREATED", task=None):
+    return client.post("/webhook", json={"action": action, "project": PROJECT, "annotation": annotation,
+                                         "task": task or tasks_for(TARGETS[:1])[0]})
+
+
+def test_every_verdict_reaches_the_reviewer(tiny_backbone, settings, tmp_path):
+    """Each label gives a region, an empty mask too, its verdict in the region meta text the Data Manager searches."""
+    segmenter = verdict_segmenter(tiny_backbone)
+    images = verdict_images(tmp_path / "verdicts")  # the same files as the served /verdicts/
+    tasks = [{"id": i, "data": {"image": f"/verdicts/{path.name}"}} for i, path in enumerate(images)]
+    answer = predict(make_client(segmenter, dataclasses.replace(settings, max_tasks_per_request=16)), tasks)
+    assert answer.status_code == 200, answer.get_json()
+    references = segmenter.encode_references([(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")])
+    seen = set()
+    for path, result, truth in zip(images, answer.get_json()["results"], segmenter.segment(references, images)):
+        (region,) = result["result"]
+        verdict = truth.quality.verdict
+        assert region["meta"]["text"][0].startswith(f"insid3 quality: {verdict} ("), path.name
+        decoded = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
+        assert iou(decoded, truth.mask) >= 0.99, path.name
+        if verdict == "empty":
+            assert not decoded.any() and region["score"] == 0.0 and result["score"] == 0.0
+        seen.add(verdict)
+    assert seen == set(VERDICTS)
+
+
+def test_slow_references_never_block_a_request(segmenter, settings):
+    """/setup answers at once while the references are prepared in the background; /predict answers 503 meanwhile."""
+    backend = build_backend(dataclasses.replace(settings, warmup_wait=0.5), segmenter)
+    release, encode = threading.Event(), backend.predictor.references
+    backend.predictor.references = lambda pairs, key: release.wait(60) and encode(pairs, key)
+    client = create_app(backend).test_client()
+    started = time.monotonic()
+    assert client.post("/setup", json={"project": "7.1", "schema": BRUSH_CONFIG}).status_code == 200
+    assert time.monotonic() - started < 3  # Label Studio's ML_TIMEOUT_SETUP
+    assert client.get("/health").get_json()["preparing"] == [7]
+    waiting = predict(client, tasks_for(TARGETS[:1]))
+    assert waiting.status_code == 503 and waiting.headers["Retry-After"] == "30"
+    assert "still preparing the references of project 7" in waiting.get_json()["error"]
+    release.set()
+    deadline = time.monotonic() + 60
+    while client.get("/health").get_json()["preparing"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert predict(client, tasks_for(TARGETS[:1])).status_code == 200
+
+
+def test_empty_brush_annotations_are_no_references(segmenter, settings, tmp_path):
+    """An accepted empty prediction region (no pixel) is not a reference: it would make every prediction fail."""
+    client = make_client(segmenter, dataclasses.replace(settings, reference_dir=tmp_path / "none"))
+    truth = load_mask(EXAMPLES / "masks" / TARGETS[0].name)
+    empty = {"id": 3, "result": [brush_region(np.zeros_like(truth))]}
+    assert webhook_annotation(client, empty).status_code == 200
+    answer = predict(client, tasks_for(TARGETS[1:2]))
+    assert answer.status_code == 422 and "no references yet" in answer.get_json()["error"]
+    both = {"id": 3, "result": [brush_region(np.zeros_like(truth)), brush_region(truth)]}
+    assert webhook_annotation(client, both, "ANNOTATION_UPDATED").status_code == 200
+    assert predict(client, tasks_for(TARGETS[1:2])).status_code == 200
+
+
+@pytest.mark.parametrize(("region", "status", "message"), [
+    ({"original_width": 100_000, "original_height": 100_000, "value": {"rle": [0, 0, 0, 4]}}, 413, "INSID3_MAX_PIXELS"),
+    ({"original_width": 4, "original_height": 4, "value": {"rle": [0, 0, 0, 4, 1]}}, 422, "cannot be decoded"),
+    ({"original_width": 4, "original_height": 4, "value": {"rle": "x"}}, 422, "cannot be decoded"),
+    ({"original_height": 4, "value": {"rle": [0]}}, 422, "image size"),
+])
+def test_bad_brush_regions_are_clear_errors(segmenter, settings, region, status, message):
+    client = make_client(segmenter, dataclasses.replace(settings, max_pixels=10**6))
+    region = {"from_name": "tag", "to_name": "image", "type": "brushlabels",
+              **region, "value": {"brushlabels": [LABEL], **region["value"]}}
+    answer = webhook_annotation(client, {"id": 9, "result": [region]})
+    assert answer.status_code == status and message in answer.get_json()["error"]
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}, "no project id"),
+    ({"action": "ANNOTATION_CREATED", "project": {"id": "x"}, "annotation": {"id": 1}}, "no project id"),
+    ({"action": "ANNOTATION_CREATED", "project": PROJECT, "annotation": {"result": []}}, "annotation without an id"),
+    ({"action": "ANNOTATIONS_DELETED", "project": 7, "annotations": [{"id": None}]}, "annotation without an id"),
+    ({"action": "ANNOTATION_CREATED", "project": 7, "annotation": {"id": 1}}, "no label_config"),
+])
+def test_bad_webhook_payloads_are_400s(segmenter, settings, payload, message):
+    answer = make_client(segmenter, settings).post("/webhook", json=payload)
+    assert answer.status_code == 400 and message in answer.get_json()["error"]
+
+
+def test_bad_requests_are_400s(segmenter, settings):
+    client = make_client(segmenter, settings)
+    not_objects = client.post("/predict", json={"tasks": [1, 2], "project": "7.1", "label_config": BRUSH_CONFIG})
+    assert not_objects.status_code == 400 and "list of objects" in not_objects.get_json()["error"]
+    bad_project = client.post("/setup", json={"project": "seven", "schema": BRUSH_CONFIG})
+    assert bad_project.status_code == 400 and "not a project id" in bad_project.get_json()["error"]
+    assert client.get("/nowhere").get_json()["error"] and client.get("/nowhere").status_code == 404
+    assert client.get("/predict").status_code == 405
+
+
+def test_unchanged_annotations_are_not_downloaded_again(segmenter, settings, tmp_path):
+    backend = build_backend(dataclasses.replace(settings, reference_dir=tmp_path / "none"), segmenter)
+    fetched, fetch = [], backend.fetcher.fetch
+    backend.fetcher.fetch = lambda address: fetched.append(address) or fetch(address)
+    client = create_app(backend).test_client()
+    truth = load_mask(EXAMPLES / "masks" / TARGETS[0].name)
+    task = dict(tasks_for(TARGETS[:1])[0], annotations=[{"id": 5, "result": [brush_region(truth)]}])
+    train = {"project": "7.1", "label_config": BRUSH_CONFIG, "annotations": [task]}
+    first = client.post("/train", json=train).get_json()["model_version"]
+    assert client.post("/train", json=train).get_json()["model_version"] == first
+    assert len(fetched) == 1
+    task["annotations"][0]["result"] = [brush_region(truth[:, ::-1].copy())]
+    assert client.post("/train", json=train).get_json()["model_version"] != first
+    assert len(fetched) == 2
+
+
+def test_basic_auth_needs_both_variables(monkeypatch):
+    monkeypatch.setenv("BASIC_AUTH_USER", "lead")
+    monkeypatch.delenv("BASIC_AUTH_PASS", raising=False)
+    with pytest.raises(ValueError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS"):
+        Settings.from_environment()
+    monkeypatch.setenv("BASIC_AUTH_PASS", "s3cret")
+    assert Settings.from_environment().basic_auth == ("lead", "s3cret")

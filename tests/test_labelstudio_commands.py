@@ -1,4 +1,4 @@
-"""``insid3 labelstudio serve|preannotate``: the parser the entry point registers, and a real server."""
+"""``insid3 labelstudio serve|connect|preannotate``: the parser the entry point registers, and a real server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import requests  # noqa: E402
 from labelstudio_fixtures import insid3_parser  # noqa: E402
 from labelstudio_live import free_port  # noqa: E402
 
-from labelstudio_backend.commands import run_preannotate, run_serve  # noqa: E402
+from labelstudio_backend.commands import run_connect, run_preannotate, run_serve  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,24 @@ def test_serve_arguments():
     assert (arguments.host, arguments.port, arguments.image_size) == ("0.0.0.0", 9191, 256)
     assert arguments.handler is run_serve
     defaults = insid3_parser().parse_args(["labelstudio", "serve"])
-    assert (defaults.host, defaults.port) == ("127.0.0.1", 9090)
+    assert (defaults.host, defaults.port, defaults.threads) == ("127.0.0.1", 9090, 8)
+
+
+def test_quality_thresholds_from_arguments_and_environment(monkeypatch):
+    monkeypatch.setenv("INSID3_MAX_COMPONENTS", "2")
+    arguments = insid3_parser().parse_args(["labelstudio", "serve", "--min-area-ratio", "0.05"])
+    assert (arguments.min_area_ratio, arguments.max_area_ratio, arguments.max_components) == (0.05, 0.9, 2)
+
+
+def test_connect_arguments(monkeypatch, capsys):
+    arguments = insid3_parser().parse_args(
+        ["labelstudio", "connect", "--project", "4", "--backend-url", "http://10.0.0.2:9090"])
+    assert (arguments.project, arguments.backend_url, arguments.handler) == (4, "http://10.0.0.2:9090", run_connect)
+    with pytest.raises(SystemExit):
+        insid3_parser().parse_args(["labelstudio", "connect", "--project", "4"])
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    assert arguments.handler(arguments) == 2
+    assert "LABEL_STUDIO_URL" in capsys.readouterr().err
 
 
 def test_preannotate_arguments(monkeypatch):
@@ -47,6 +64,7 @@ def test_preannotate_without_label_studio_is_a_clear_error(monkeypatch, tmp_path
 
 
 def test_serve_answers_health(tmp_path):
+    """``serve`` runs waitress (threads in one process), not Flask's development server."""
     port = free_port()
     environment = dict(os.environ, MODEL_DIR=str(tmp_path), BASIC_AUTH_USER="", BASIC_AUTH_PASS="")
     process = subprocess.Popen(
@@ -63,7 +81,16 @@ def test_serve_answers_health(tmp_path):
                 break
             except requests.ConnectionError:
                 time.sleep(0.5)
-        assert answer.json() == {"status": "UP", "model_class": "INSID3"}
+        assert answer.json() == {"status": "UP", "model_class": "INSID3", "preparing": []}
+        assert answer.headers["Server"] == "insid3"
+        output = process_output(process)
+        assert f"Serving on http://127.0.0.1:{port}" in output and "development server" not in output
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def process_output(process) -> str:
+    """What ``process`` wrote to stderr, after stopping it."""
+    process.terminate()
+    return process.communicate(timeout=20)[1].decode()

@@ -1,9 +1,12 @@
-"""End to end with a real Label Studio 1.23: annotate, connect, retrieve predictions, webhook, preannotate."""
+"""End to end with a real Label Studio 1.23: annotate, connect, retrieve predictions, webhook, preannotate,
+verdicts in the Data Manager."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import threading
 import time
 
 import pytest
@@ -13,16 +16,21 @@ pytest.importorskip("label_studio_sdk")
 
 from PIL import Image  # noqa: E402
 from labelstudio_fixtures import (  # noqa: E402
-    BRUSH_CONFIG, EXAMPLES, LABEL, TARGETS, insid3_parser, iou, reference_folder, small_segmenter,
+    BRUSH_CONFIG, EXAMPLES, LABEL, TARGETS, brush_region, insid3_parser, iou, reference_folder, small_segmenter,
+    verdict_images, verdict_segmenter,
 )
 from labelstudio_live import BackendServer, LabelStudio, label_studio_executable  # noqa: E402
 
 from insid3_core.io import load_mask  # noqa: E402
+from insid3_core.quality import VERDICTS  # noqa: E402
 from labelstudio_backend.app import create_app  # noqa: E402
 from labelstudio_backend.build import build_backend  # noqa: E402
-from labelstudio_backend.preannotate import preannotate  # noqa: E402
-from labelstudio_backend.rle import mask_to_rle, rle_to_mask  # noqa: E402
+from labelstudio_backend.connect import WEBHOOK_ACTIONS, basic_auth_header  # noqa: E402
+from labelstudio_backend.preannotate import Report, preannotate  # noqa: E402
+from labelstudio_backend.rle import rle_to_mask  # noqa: E402
 from labelstudio_backend.settings import Settings  # noqa: E402
+
+BASIC_AUTH = ("insid3-lead", "s3cret-pass")
 
 pytestmark = pytest.mark.skipif(label_studio_executable() is None, reason="label-studio is not installed")
 
@@ -52,11 +60,32 @@ def tasks_by_name(label_studio, project_id) -> dict:
 
 
 def annotate(label_studio, task, name):
-    truth = load_mask(EXAMPLES / "masks" / name)
-    region = {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": truth.shape[1],
-              "original_height": truth.shape[0], "image_rotation": 0,
-              "value": {"format": "rle", "rle": mask_to_rle(truth), "brushlabels": [LABEL]}}
+    region = brush_region(load_mask(EXAMPLES / "masks" / name))
     return label_studio.api("POST", f"/api/tasks/{task['id']}/annotations/", json={"result": [region]})
+
+
+def run_connect(label_studio, monkeypatch, capsys, project_id, backend_url, basic_auth=None) -> str:
+    """``insid3 labelstudio connect`` with the environment a lead would set; returns what it printed."""
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.personal_access_token)
+    monkeypatch.setenv("BASIC_AUTH_USER", basic_auth[0] if basic_auth else "")
+    monkeypatch.setenv("BASIC_AUTH_PASS", basic_auth[1] if basic_auth else "")
+    arguments = insid3_parser().parse_args(
+        ["labelstudio", "connect", "--project", str(project_id), "--backend-url", backend_url])
+    assert arguments.handler(arguments) == 0, capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def check_connection(label_studio, project_id, backend_url, basic_auth=None):
+    """One ML backend and one webhook (annotation events, auth header) to the backend, no duplicate."""
+    (ml_backend,) = [b for b in label_studio.api("GET", f"/api/ml?project={project_id}") if b["url"] == backend_url]
+    assert ml_backend["auth_method"] == ("BASIC_AUTH" if basic_auth else "NONE")
+    hooks = [h for h in label_studio.api("GET", f"/api/webhooks/?project={project_id}")
+             if h["url"].startswith(backend_url)]
+    (hook,) = hooks
+    assert hook["url"] == f"{backend_url}/webhook" and not hook["send_for_all_actions"] and hook["send_payload"]
+    assert sorted(hook["actions"]) == sorted(WEBHOOK_ACTIONS)
+    assert (hook["headers"] or {}) == basic_auth_header(basic_auth)
 
 
 def expected_masks(segmenter, reference_names):
@@ -64,41 +93,41 @@ def expected_masks(segmenter, reference_names):
     return dict(zip((p.name for p in TARGETS), segmenter.segment(references, TARGETS)))
 
 
-def check_predictions(tasks, expected, model_version):
+def check_predictions(tasks, expected, model_version, step):
+    print(f"{step}: model version {model_version}")
     for name, task in tasks.items():
         predictions = [p for p in task["predictions"] if p["model_version"] == model_version]
         assert len(predictions) == 1, f"{name}: {[p['model_version'] for p in task['predictions']]}"
-        regions = predictions[0]["result"]
-        truth = expected[name].mask
-        if not truth.any():
-            assert regions == []
-            continue
-        (region,) = regions
+        (region,) = predictions[0]["result"]
+        truth = expected[name]
         decoded = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
-        overlap = iou(decoded, truth)
-        print(f"label studio task {task['id']} {name}: prediction stored, score {predictions[0]['score']:.3f}, IoU {overlap:.4f}")
+        overlap = iou(decoded, truth.mask)
+        print(f"label studio task {task['id']} {name}: prediction stored, score {predictions[0]['score']:.3f}, "
+              f"verdict {truth.quality.verdict}, IoU {overlap:.4f}")
         assert overlap >= 0.99, name
-        assert region["meta"]["text"][0].startswith("insid3 quality:")
+        assert region["meta"]["text"][0].startswith(f"insid3 quality: {truth.quality.verdict} (")
 
 
-def test_end_to_end(label_studio, project, tiny_backbone, tmp_path):
+def test_end_to_end(label_studio, project, tiny_backbone, tmp_path, monkeypatch, capsys):
+    """With basic auth on: ``connect`` (twice), retrieve predictions, the webhook, preannotate."""
     segmenter = small_segmenter(tiny_backbone)
     first, second = TARGETS[0].name, TARGETS[1].name
     annotate(label_studio, tasks_by_name(label_studio, project)[first], first)
     settings = Settings(label_studio_url=label_studio.url, api_key=label_studio.personal_access_token,
-                        model_dir=tmp_path / "model", max_tasks_per_request=4)
+                        model_dir=tmp_path / "model", max_tasks_per_request=4, basic_auth=BASIC_AUTH)
     backend = build_backend(settings, segmenter)
     with BackendServer(create_app(backend)) as server:
-        label_studio.api("POST", "/api/ml", json={"url": server.url, "project": project, "title": "insid3"})
-        label_studio.api("POST", "/api/webhooks/", json={
-            "project": project, "url": f"{server.url}/webhook", "send_payload": True, "send_for_all_actions": False,
-            "actions": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]})
+        assert "connected), webhook" in run_connect(label_studio, monkeypatch, capsys, project, server.url, BASIC_AUTH)
+        again = run_connect(label_studio, monkeypatch, capsys, project, server.url, BASIC_AUTH)
+        assert "already connected), webhook" in again and "(updated), 0 duplicate(s)" in again
+        check_connection(label_studio, project, server.url, BASIC_AUTH)
 
         # 8 tasks > max_tasks_per_request: Label Studio falls back to one request per task
         label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
                          json={"selectedItems": {"all": True, "excluded": []}})
         version = backend.model_version(project)
-        check_predictions(tasks_by_name(label_studio, project), expected_masks(segmenter, [first]), version)
+        check_predictions(tasks_by_name(label_studio, project), expected_masks(segmenter, [first]), version,
+                          "retrieve predictions (1 reference)")
 
         # an expired access token is refreshed from the personal access token
         backend.fetcher.credentials._access = "expired"
@@ -113,9 +142,10 @@ def test_end_to_end(label_studio, project, tiny_backbone, tmp_path):
         assert new_version != version, "the webhook did not change the reference pool"
         assert len(backend.pool(project)[0][LABEL]) == 2
 
-        assert preannotate(backend, project, batch_size=4, progress=False) == (new_version, len(TARGETS), 0, [])
-        check_predictions(tasks_by_name(label_studio, project), expected_masks(segmenter, [first, second]), new_version)
-        assert preannotate(backend, project, batch_size=4, progress=False) == (new_version, 0, len(TARGETS), [])
+        assert preannotate(backend, project, batch_size=4, progress=False) == Report(new_version, len(TARGETS), 0, [])
+        check_predictions(tasks_by_name(label_studio, project), expected_masks(segmenter, [first, second]), new_version,
+                          "preannotate (2 references, the second from the webhook)")
+        assert preannotate(backend, project, batch_size=4, progress=False) == Report(new_version, 0, len(TARGETS), [])
 
 
 def test_preannotate_command_resumes(label_studio, project, monkeypatch, tmp_path, capsys):
@@ -170,4 +200,55 @@ def test_local_files_storage_and_reference_folder(label_studio, tiny_backbone, t
     references = segmenter.encode_references([(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")])
     expected = dict(zip((p.name for p in TARGETS), segmenter.segment(references, TARGETS)))
     check_predictions({name: next(t for t in tasks if t["data"]["image"].endswith(name)) for name in expected},
-                      expected, backend.model_version(created["id"]))
+                      expected, backend.model_version(created["id"]), "local-files storage, INSID3_REFERENCE_DIR")
+
+
+def test_verdicts_are_filterable_in_the_data_manager(label_studio, tiny_backbone, tmp_path, monkeypatch, capsys):
+    """Every verdict, empty included, is found by a Data Manager view filtering *Prediction results* by its text.
+
+    The references are prepared in the background: while that takes long, connecting succeeds (Label Studio
+    waits 3 s for /setup) and retrieving predictions stores none (503) instead of hanging.
+    """
+    images = verdict_images(tmp_path / "verdicts")
+    created = label_studio.api("POST", "/api/projects/", json={"title": "insid3 verdicts", "label_config": BRUSH_CONFIG})
+    files = [(f"file{i}", (path.name, path.read_bytes(), "image/png")) for i, path in enumerate(images)]
+    label_studio.api("POST", f"/api/projects/{created['id']}/import", files=files)
+    segmenter = verdict_segmenter(tiny_backbone)
+    settings = Settings(label_studio_url=label_studio.url, api_key=label_studio.personal_access_token,
+                        model_dir=tmp_path / "model", reference_dir=reference_folder(tmp_path / "references"),
+                        max_tasks_per_request=16, warmup_wait=1)
+    backend = build_backend(settings, segmenter)
+    release, encode = threading.Event(), backend.predictor.references
+    backend.predictor.references = lambda pairs, key: release.wait(120) and encode(pairs, key)
+    retrieve = f"/api/dm/actions?id=retrieve_tasks_predictions&project={created['id']}"
+    with BackendServer(create_app(backend)) as server:
+        run_connect(label_studio, monkeypatch, capsys, created["id"], server.url)
+        run_connect(label_studio, monkeypatch, capsys, created["id"], server.url)
+        check_connection(label_studio, created["id"], server.url)
+        label_studio.api("POST", retrieve, json={"selectedItems": {"all": True, "excluded": []}})
+        tasks = label_studio.api("GET", f"/api/tasks?project={created['id']}&fields=all&page_size=100")["tasks"]
+        assert [t["predictions"] for t in tasks] == [[]] * len(images), "predicted before the references were ready"
+        release.set()
+        deadline = time.monotonic() + 60
+        while backend.warmups.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        label_studio.api("POST", retrieve, json={"selectedItems": {"all": True, "excluded": []}})
+    references = segmenter.encode_references([(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")])
+    expected = dict(zip((path.name for path in images), segmenter.segment(references, images)))
+    tasks = label_studio.api("GET", f"/api/tasks?project={created['id']}&fields=all&page_size=100")["tasks"]
+    by_name = {next(name for name in expected if t["data"]["image"].endswith(name)): t for t in tasks}
+    check_predictions(by_name, expected, backend.model_version(created["id"]), "verdicts project")
+    for verdict in VERDICTS:
+        view = label_studio.api("POST", "/api/dm/views", json={"project": created["id"], "data": {"filters": {
+            "conjunction": "and", "items": [{"filter": "filter:tasks:predictions_results", "operator": "contains",
+                                             "type": "String", "value": f"insid3 quality: {verdict} ("}]}}})
+        found = label_studio.api("GET", f"/api/tasks?view={view['id']}&page_size=100")["tasks"]
+        names = sorted(name for name, task in by_name.items() if task["id"] in {t["id"] for t in found})
+        print(f"data manager filter 'insid3 quality: {verdict}': {names}")
+        assert names == sorted(name for name, truth in expected.items() if truth.quality.verdict == verdict)
+        assert names, verdict
+    # Label Studio averages "Prediction score" over the predictions of the project's selected model version
+    label_studio.api("PATCH", f"/api/projects/{created['id']}", json={"model_version": backend.model_version(created["id"])})
+    ordered = label_studio.api("GET", f"/api/tasks?project={created['id']}&page_size=100&query="
+                               + json.dumps({"ordering": ["tasks:predictions_score"]}))["tasks"]
+    assert ordered[0]["id"] == by_name["blank.png"]["id"], "the empty prediction (score 0) sorts first"
