@@ -2,7 +2,7 @@
 
 from .backbone import Backbone, BackboneError, load_backbone, random_backbone
 from .config import EngineConfig
-from .engine import ReferenceSet, SegmentationResult, Segmenter
+from .engine import MultiClassResult, ReferenceSet, SegmentationResult, Segmenter, merge_references
 from .io import InputError, load_image, load_mask
 from .quality import QualityReport, QualityThresholds, quality_report
 
@@ -13,6 +13,7 @@ __all__ = [
     "BackboneError",
     "EngineConfig",
     "InputError",
+    "MultiClassResult",
     "QualityReport",
     "QualityThresholds",
     "ReferenceSet",
@@ -21,6 +22,7 @@ __all__ = [
     "load_backbone",
     "load_image",
     "load_mask",
+    "merge_references",
     "quality_report",
     "random_backbone",
 ]

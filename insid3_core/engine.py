@@ -165,8 +165,9 @@ class Segmenter:
         self,
         references: Sequence[tuple[ImageLike, MaskLike]],
         negatives: Sequence[tuple[ImageLike, MaskLike]] = (),
+        batch_size: int = 16,
     ) -> ReferenceSet:
-        """Encode ``(image, mask)`` pairs, and optional negative pairs, in one backbone call.
+        """Encode ``(image, mask)`` pairs, and optional negative pairs, ``batch_size`` images per backbone call.
 
         A negative pair marks a region as "not this": target patches closer to a negative
         patch than to any reference-mask patch are neither candidates nor part of the mask,
@@ -175,18 +176,22 @@ class Segmenter:
         Raises :class:`InputError` naming the reference when an image is unreadable, a mask's
         size differs from its image's, or a mask is empty.
         """
-        return self.encode_classes({"": references}, negatives)[""]
+        return self.encode_classes({"": references}, negatives, batch_size)[""]
 
     def encode_classes(
         self,
         classes: Mapping[str, Sequence[tuple[ImageLike, MaskLike]]],
         negatives: Sequence[tuple[ImageLike, MaskLike]] = (),
+        batch_size: int = 16,
     ) -> dict[str, ReferenceSet]:
-        """Encode the references of several classes (and negatives shared by all) in one backbone call.
+        """Encode the references of several classes (and negatives shared by all), ``batch_size``
+        images per backbone call.
 
         An image given by path in several pairs (e.g. one per class of a multi-class mask)
         goes through the backbone once.
         """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not classes:
             raise InputError("at least one class with references is needed")
         for name, pairs in classes.items():
@@ -195,8 +200,11 @@ class Segmenter:
         pairs = [pair for class_pairs in classes.values() for pair in class_pairs] + list(negatives)
         pixels, masks, names = self.prepare_references(pairs)
         unique = list(dict.fromkeys(names))
+        unique_pixels = pixels[[names.index(name) for name in unique]]
         with self.stage("backbone"):
-            encoded = patch_features(self.backbone, pixels[[names.index(name) for name in unique]])
+            encoded = torch.cat(
+                [patch_features(self.backbone, chunk) for chunk in unique_pixels.split(batch_size)]
+            )
         features = encoded[[unique.index(name) for name in names]]
         negative = slice(len(pairs) - len(negatives), len(pairs))
         negative_parts = (features[negative], masks[negative]) if negatives else None
@@ -531,6 +539,24 @@ class Segmenter:
                     )
                 )
             return tuple(results)
+
+
+def merge_references(first: ReferenceSet, second: ReferenceSet) -> ReferenceSet:
+    """One :class:`ReferenceSet` holding the references (and negatives) of both, e.g. to add new
+    references to an encoded pool without encoding it again; the prototype is recomputed."""
+    if first.image_size != second.image_size:
+        raise ValueError(f"cannot merge references encoded at {first.image_size}px and {second.image_size}px")
+    features = torch.cat([first.features, second.features])
+    masks = torch.cat([first.masks, second.masks])
+    negatives = [part for part in (first.negatives, second.negatives) if part is not None]
+    return ReferenceSet(
+        features,
+        masks,
+        reference_prototype(features, masks),
+        first.image_size,
+        first.names + second.names,
+        torch.cat(negatives) if negatives else None,
+    )
 
 
 def _multi_class(names: tuple[str, ...], results: tuple[SegmentationResult, ...]) -> MultiClassResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import EXAMPLES
 from insid3_core import EngineConfig, Segmenter
@@ -84,3 +85,27 @@ def test_invalid_configuration():
         EngineConfig(image_size=100)
     with pytest.raises(ValueError, match="tau"):
         EngineConfig(tau=1.5)
+
+
+def test_references_are_encoded_in_chunks_and_merge_like_one_encoding(segmenter):
+    from insid3_core.engine import merge_references
+
+    pairs = [REFERENCE, (TARGETS[0], EXAMPLES / "masks" / TARGETS[0].name), (TARGETS[1], EXAMPLES / "masks" / TARGETS[1].name)]
+    seen = []
+    hook = segmenter.backbone.model.patch_embed.register_forward_hook(
+        lambda module, args, output: seen.append(args[0].shape[0])
+    )
+    try:
+        chunked = segmenter.encode_references(pairs, batch_size=2)
+    finally:
+        hook.remove()
+    assert seen == [2, 1]
+    whole = segmenter.encode_references(pairs)
+    merged = merge_references(segmenter.encode_references(pairs[:1]), segmenter.encode_references(pairs[1:]))
+    for other in (chunked, merged):
+        assert other.names == whole.names
+        torch.testing.assert_close(other.features, whole.features, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other.prototype, whole.prototype, atol=1e-5, rtol=1e-5)
+        assert torch.equal(other.masks, whole.masks)
+    with pytest.raises(ValueError, match="batch_size"):
+        segmenter.encode_references(pairs, batch_size=0)
