@@ -6,7 +6,7 @@ from .engine import MultiClassResult, ReferenceSet, SegmentationResult, Segmente
 from .io import InputError, load_image, load_mask
 from .quality import QualityReport, QualityThresholds, quality_report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Backbone",

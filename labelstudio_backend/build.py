@@ -25,4 +25,5 @@ def build_backend(settings: Settings, segmenter) -> Backend:
         settings.max_download_bytes,
         settings.max_pixels,
     )
-    return Backend(settings, Predictor(segmenter, settings.batch_size), api, fetcher)
+    predictor = Predictor(segmenter, settings.batch_size, settings.instances, settings.min_instance_patches)
+    return Backend(settings, predictor, api, fetcher)

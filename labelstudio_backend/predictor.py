@@ -1,4 +1,4 @@
-"""All labels of a task in one backbone pass: shared target features, per-label references."""
+"""All labels of a task in one pass: shared target features and clustering, per-label references."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 from PIL import Image
+
+from insid3_core import __version__ as insid3_version
 
 from .references import Pairs
 
@@ -24,21 +26,31 @@ class Predictor:
     segmenter : insid3_core.Segmenter
     batch_size : int
         Targets per backbone call.
+    instances : {"off", "necks", "components", "clusters"}
+        How :meth:`split` cuts a label's mask into instances; ``off`` keeps it whole.
+    min_instance_patches : int
+        Instances of fewer feature patches are dropped.
     """
 
-    def __init__(self, segmenter, batch_size: int = 4) -> None:
+    def __init__(self, segmenter, batch_size: int = 4, instances: str = "off", min_instance_patches: int = 1) -> None:
         self.segmenter = segmenter
         self.batch_size = batch_size
+        self.instances = instances
+        self.min_instance_patches = min_instance_patches
         self._encoded: OrderedDict[Hashable, dict] = OrderedDict()
         self._cache_lock = threading.Lock()
 
     @property
     def engine_id(self) -> str:
-        """Short id of the weights, the engine settings that change masks and the verdict thresholds."""
+        """Short id of the engine's version, the weights, the engine settings that change masks, the
+        verdict thresholds and, when on, the instance settings (so versions made with instances off
+        stay the same)."""
         config, quality = self.segmenter.config, self.segmenter.quality
-        settings = (f"{self.segmenter.backbone.identity}|{config.image_size}|{self.segmenter.basis.shape[1]}|"
+        settings = (f"{insid3_version}|{self.segmenter.backbone.identity}|{config.image_size}|{self.segmenter.basis.shape[1]}|"
                     f"{config.tau}|{config.merge_threshold}|{config.refinement}|{quality.min_area_ratio}|"
                     f"{quality.max_area_ratio}|{quality.max_components}")
+        if self.instances != "off":
+            settings += f"|instances {self.instances} {self.min_instance_patches}"
         return hashlib.sha256(settings.encode()).hexdigest()[:8]
 
     def model_version(self, pool: str) -> str:
@@ -57,7 +69,7 @@ class Predictor:
         cached = self.cached(key)
         if cached is not None:
             return cached
-        encoded = {label: self.segmenter.encode_references(list(found)) for label, found in pairs.items()}
+        encoded = self.segmenter.encode_classes({label: list(found) for label, found in pairs.items()})
         with self._cache_lock:
             self._encoded[key] = encoded
             while len(self._encoded) > REFERENCE_CACHE_SIZE:
@@ -73,7 +85,12 @@ class Predictor:
             return self._encoded[key]
 
     def segment(self, references: dict, images: Sequence[Image.Image]) -> list[dict]:
-        """Per image, ``label -> SegmentationResult`` for every label of ``references``."""
+        """Per image, ``label -> SegmentationResult`` for every label of ``references``.
+
+        Each batch takes one backbone pass and one clustering shared by all labels; a patch
+        claimed by several labels goes to the label most similar to it, so the masks of one
+        image are disjoint.
+        """
         import torch
         from insid3_core.features import patch_features, resized_pixels
 
@@ -84,6 +101,15 @@ class Predictor:
             pixels = torch.stack([resized_pixels(image, size) for image in batch])
             features = patch_features(self.segmenter.backbone, pixels)
             sizes = [(image.height, image.width) for image in batch]
-            per_label = {label: self.segmenter.segment_features(refs, features, sizes) for label, refs in references.items()}
-            results.extend({label: found[index] for label, found in per_label.items()} for index in range(len(batch)))
+            found = self.segmenter.segment_class_features(references, features, sizes, pixels)
+            results.extend(dict(item.classes) for item in found)
         return results
+
+    def split(self, result) -> list | None:
+        """The instances of a label's ``SegmentationResult`` (``insid3_core.instances.Instance`` list,
+        empty when none), or ``None`` when instances are off."""
+        from insid3_core.instances import split_instances
+
+        if self.instances == "off":
+            return None
+        return split_instances(result, self.instances, self.min_instance_patches)

@@ -103,7 +103,8 @@ class Backend:
 
     def predict(self, tasks: Sequence[dict], project: int | None, label_config: str,
                 wait: float | None) -> tuple[list, str]:
-        """One prediction per task (every label with references), and the model version used.
+        """One prediction per task (every label with references, one region per instance when
+        instances are on), and the model version used.
 
         A task whose image fails gets its :class:`BackendError` in place of a prediction.
         Raises :class:`BackendError` for the whole request: bad config, no references (422),
@@ -114,8 +115,10 @@ class Backend:
         images = self._task_images(tasks, target)
         with self._device_lock:
             segmented = iter(self.predictor.segment(references, [i for i in images if not isinstance(i, BackendError)]))
+        split = self.predictor.split
         predictions = [
-            image if isinstance(image, BackendError) else prediction(target, next(segmented), version) for image in images
+            image if isinstance(image, BackendError) else prediction(target, next(segmented), version, split)
+            for image in images
         ]
         return predictions, version
 

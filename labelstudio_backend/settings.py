@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from insid3_core.config import env_setting
+from insid3_core.instances import INSTANCE_METHODS
+
+INSTANCE_CHOICES = ("off", *INSTANCE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class Settings:
         ``INSID3_WARMUP_WAIT``: seconds a ``/predict`` request waits for the project's references
         to be read and encoded in the background before it is answered 503 (retry later);
         below Label Studio's ``ML_TIMEOUT_PREDICT`` (100 s).
+    instances : {"off", "necks", "components", "clusters"}
+        ``INSID3_INSTANCES``: ``off`` gives one region per label; a method (see
+        :func:`insid3_core.instances.instance_labels`) gives one region per instance.
+    min_instance_patches : int
+        ``INSID3_MIN_INSTANCE_PATCHES``: instances of fewer feature patches are dropped.
     """
 
     label_studio_url: str = ""
@@ -54,6 +62,14 @@ class Settings:
     max_tasks_per_request: int = 8
     batch_size: int = 4
     warmup_wait: float = 30.0
+    instances: str = "off"
+    min_instance_patches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.instances not in INSTANCE_CHOICES:
+            raise ValueError(f"INSID3_INSTANCES must be one of {', '.join(INSTANCE_CHOICES)}, got {self.instances!r}")
+        if self.min_instance_patches < 1:
+            raise ValueError(f"INSID3_MIN_INSTANCE_PATCHES must be >= 1, got {self.min_instance_patches}")
 
     @classmethod
     def from_environment(cls) -> "Settings":
@@ -75,4 +91,6 @@ class Settings:
             max_tasks_per_request=env_setting("max_tasks_per_request", cls.max_tasks_per_request, int),
             batch_size=env_setting("batch_size", cls.batch_size, int),
             warmup_wait=env_setting("warmup_wait", cls.warmup_wait, float),
+            instances=env_setting("instances", cls.instances).strip().lower(),
+            min_instance_patches=env_setting("min_instance_patches", cls.min_instance_patches, int),
         )

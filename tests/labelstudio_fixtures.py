@@ -91,6 +91,33 @@ def brush_region(mask: np.ndarray, label: str = LABEL) -> dict:
             "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
 
 
+def two_disk_scenes(folder: Path, count: int = 1) -> list[Path]:
+    """``count`` scenes of two separated striped disks and a checkered square, ``two_disks_<i>.png`` in ``folder``."""
+    from scenes import scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        image, _ = scene((384, 320), disks=[(100, 160, 60), (290, 170, 60)], squares=[(170, 10, 50)], seed=3 + index)
+        paths.append(folder / f"two_disks_{index}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def scene_reference_folder(root: Path) -> Path:
+    """``root/<LABEL>/`` (a striped disk) and ``root/Other/`` (a checkered square): one scene's two labels."""
+    from scenes import scene
+
+    from insid3_core.io import write_mask_png
+
+    image, masks = scene((384, 320), disks=[(150, 160, 80)], squares=[(280, 20, 80)], seed=9)
+    for label, mask in ((LABEL, masks["disks"]), ("Other", masks["squares"])):
+        (root / label).mkdir(parents=True)
+        image.save(root / label / "scene.png")
+        write_mask_png(root / label / "scene_mask.png", mask)
+    return root
+
+
 def reference_folder(root: Path) -> Path:
     """``root/<LABEL>/disks.png`` and ``disks_mask.png``: the example reference as a reference folder."""
     folder = root / LABEL

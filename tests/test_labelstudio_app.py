@@ -16,9 +16,11 @@ pytest.importorskip("label_studio_sdk")
 
 from labelstudio_fixtures import (  # noqa: E402
     BRUSH_CONFIG, CHOICES_CONFIG, EXAMPLES, LABEL, TARGETS, StaticServer, brush_region, iou, reference_folder,
-    small_segmenter, verdict_images, verdict_segmenter,
+    scene_reference_folder, small_segmenter, two_disk_scenes, verdict_images, verdict_segmenter,
 )
 
+import insid3_core.engine  # noqa: E402
+from insid3_core.instances import split_instances  # noqa: E402
 from insid3_core.io import load_mask  # noqa: E402
 from insid3_core.quality import VERDICTS  # noqa: E402
 from labelstudio_backend.app import create_app  # noqa: E402
@@ -385,3 +387,96 @@ def test_basic_auth_needs_both_variables(monkeypatch):
         Settings.from_environment()
     monkeypatch.setenv("BASIC_AUTH_PASS", "s3cret")
     assert Settings.from_environment().basic_auth == ("lead", "s3cret")
+
+
+@pytest.fixture(scope="module")
+def scene_server(tmp_path_factory):
+    """Three scenes of two separated disks (``two_disks_<i>.png``) served like Label Studio uploads; ``(server, paths)``."""
+    root = tmp_path_factory.mktemp("scenes")
+    paths = two_disk_scenes(root, count=3)
+    with StaticServer(root) as server:
+        yield server, paths
+
+
+def scene_client(segmenter, tmp_path, server, **changes):
+    """A client whose references are :func:`scene_reference_folder`'s two labels; ``(client, reference folder)``."""
+    settings = Settings(label_studio_url=server.url, model_dir=tmp_path / "model",
+                        reference_dir=scene_reference_folder(tmp_path / "references"), **changes)
+    return make_client(segmenter, settings), settings.reference_dir
+
+
+def engine_classes(segmenter, folder, images):
+    """The engine's ``MultiClassResult`` of ``images`` for the labels of a reference ``folder``."""
+    classes = {label: segmenter.encode_references([(folder / label / "scene.png", folder / label / "scene_mask.png")])
+               for label in (LABEL, "Other")}
+    return segmenter.segment_classes(classes, images)
+
+
+def regions_of(prediction, label):
+    return [region for region in prediction["result"] if region["value"]["brushlabels"] == [label]]
+
+
+def decoded(region):
+    return rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
+
+
+def test_instances_give_one_region_each(segmenter, scene_server, tmp_path):
+    """INSID3_INSTANCES: one region per instance of a label, each with its own mask, score and the label's verdict."""
+    server, paths = scene_server
+    client, folder = scene_client(segmenter, tmp_path, server, instances="necks")
+    answer = predict(client, [{"id": 1, "data": {"image": f"/{paths[0].name}"}}])
+    assert answer.status_code == 200, answer.get_json()
+    (prediction,) = answer.get_json()["results"]
+    truth = engine_classes(segmenter, folder, paths[:1])[0].classes
+    instances = split_instances(truth[LABEL], "necks")
+    disks = regions_of(prediction, LABEL)
+    assert len(instances) == len(disks) == 2
+    for region, instance in zip(disks, instances):
+        np.testing.assert_array_equal(decoded(region), instance.mask)
+        assert region["score"] == round(instance.score, 4) > 0
+        assert region["meta"]["text"][0].startswith(f"insid3 quality: {truth[LABEL].quality.verdict} (")
+    others = regions_of(prediction, "Other")
+    assert len(others) == max(1, len(split_instances(truth["Other"], "necks")))
+    assert others[0]["meta"]["text"][0].startswith(f"insid3 quality: {truth['Other'].quality.verdict} (")
+    # the task's score is the labels' mean, as with whole regions
+    whole_client, _ = scene_client(segmenter, tmp_path / "whole", server)
+    whole = predict(whole_client, [{"id": 1, "data": {"image": f"/{paths[0].name}"}}]).get_json()["results"][0]
+    assert len(regions_of(whole, LABEL)) == 1
+    assert whole["score"] == prediction["score"] > 0
+    assert whole["model_version"] != prediction["model_version"]
+
+
+def test_all_labels_share_one_clustering_per_batch(segmenter, scene_server, tmp_path, monkeypatch):
+    """Every label of a batch comes from one backbone pass and one clustering; the labels' masks are disjoint."""
+    server, paths = scene_server
+    calls, cluster = [], insid3_core.engine.cluster_patches
+    monkeypatch.setattr(insid3_core.engine, "cluster_patches",
+                        lambda features, *args: calls.append(len(features)) or cluster(features, *args))
+    client, folder = scene_client(segmenter, tmp_path, server, batch_size=2)
+    answer = predict(client, [{"id": i, "data": {"image": f"/{path.name}"}} for i, path in enumerate(paths)])
+    assert answer.status_code == 200, answer.get_json()
+    assert calls == [2, 1]  # 3 tasks in batches of 2, two labels
+    for prediction, truth in zip(answer.get_json()["results"], engine_classes(segmenter, folder, paths)):
+        masks = {label: decoded(region) for label in (LABEL, "Other") for region in regions_of(prediction, label)}
+        assert set(masks) == {LABEL, "Other"} and len(prediction["result"]) == 2
+        assert not (masks[LABEL] & masks["Other"]).any()
+        for label, mask in masks.items():
+            np.testing.assert_array_equal(mask, truth.classes[label].mask)
+
+
+def test_instance_settings(tiny_backbone, settings, monkeypatch):
+    """INSID3_INSTANCES / INSID3_MIN_INSTANCE_PATCHES are read, checked, and change the model version when on."""
+    monkeypatch.setenv("INSID3_INSTANCES", "Components")
+    monkeypatch.setenv("INSID3_MIN_INSTANCE_PATCHES", "3")
+    assert (Settings.from_environment().instances, Settings.from_environment().min_instance_patches) == ("components", 3)
+    monkeypatch.setenv("INSID3_INSTANCES", "yes")
+    with pytest.raises(ValueError, match="INSID3_INSTANCES must be one of off, necks, components, clusters"):
+        Settings.from_environment()
+    with pytest.raises(ValueError, match="INSID3_MIN_INSTANCE_PATCHES"):
+        Settings(min_instance_patches=0)
+    segmenter = small_segmenter(tiny_backbone)
+    variants = [{}, {"instances": "necks"}, {"instances": "components"}, {"instances": "necks", "min_instance_patches": 3}]
+    versions = [build_backend(dataclasses.replace(settings, **variant), segmenter).model_version(None) for variant in variants]
+    assert len(set(versions)) == len(variants)
+    off = dataclasses.replace(settings, instances="off", min_instance_patches=5)
+    assert build_backend(off, segmenter).model_version(None) == versions[0]

@@ -16,11 +16,12 @@ pytest.importorskip("label_studio_sdk")
 
 from PIL import Image  # noqa: E402
 from labelstudio_fixtures import (  # noqa: E402
-    BRUSH_CONFIG, EXAMPLES, LABEL, TARGETS, brush_region, insid3_parser, iou, reference_folder, small_segmenter,
-    verdict_images, verdict_segmenter,
+    BRUSH_CONFIG, EXAMPLES, LABEL, TARGETS, brush_region, insid3_parser, iou, reference_folder,
+    scene_reference_folder, small_segmenter, two_disk_scenes, verdict_images, verdict_segmenter,
 )
 from labelstudio_live import BackendServer, LabelStudio, label_studio_executable  # noqa: E402
 
+from insid3_core.instances import split_instances  # noqa: E402
 from insid3_core.io import load_mask  # noqa: E402
 from insid3_core.quality import VERDICTS  # noqa: E402
 from labelstudio_backend.app import create_app  # noqa: E402
@@ -252,3 +253,38 @@ def test_verdicts_are_filterable_in_the_data_manager(label_studio, tiny_backbone
     ordered = label_studio.api("GET", f"/api/tasks?project={created['id']}&page_size=100&query="
                                + json.dumps({"ordering": ["tasks:predictions_score"]}))["tasks"]
     assert ordered[0]["id"] == by_name["blank.png"]["id"], "the empty prediction (score 0) sorts first"
+
+
+def test_instances_project(label_studio, tiny_backbone, tmp_path):
+    """INSID3_INSTANCES=necks: Label Studio stores one region per disk, each with its own mask and score."""
+    images = two_disk_scenes(tmp_path / "scenes", count=2)
+    created = label_studio.api("POST", "/api/projects/", json={"title": "insid3 instances", "label_config": BRUSH_CONFIG})
+    files = [(f"file{i}", (path.name, path.read_bytes(), "image/png")) for i, path in enumerate(images)]
+    label_studio.api("POST", f"/api/projects/{created['id']}/import", files=files)
+    segmenter = small_segmenter(tiny_backbone)
+    folder = scene_reference_folder(tmp_path / "references")
+    settings = Settings(label_studio_url=label_studio.url, api_key=label_studio.personal_access_token,
+                        model_dir=tmp_path / "model", reference_dir=folder, instances="necks")
+    backend = build_backend(settings, segmenter)
+    with BackendServer(create_app(backend)) as server:
+        label_studio.api("POST", "/api/ml", json={"url": server.url, "project": created["id"], "title": "insid3"})
+        label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={created['id']}",
+                         json={"selectedItems": {"all": True, "excluded": []}})
+    classes = {label: segmenter.encode_references([(folder / label / "scene.png", folder / label / "scene_mask.png")])
+               for label in (LABEL, "Other")}
+    expected = dict(zip((path.name for path in images), segmenter.segment_classes(classes, images)))
+    version = backend.model_version(created["id"])
+    tasks = label_studio.api("GET", f"/api/tasks?project={created['id']}&fields=all&page_size=100")["tasks"]
+    print(f"instances project: model version {version}")
+    for task in tasks:
+        name = next(name for name in expected if task["data"]["image"].endswith(name))
+        (stored,) = [p for p in task["predictions"] if p["model_version"] == version]
+        disks = [r for r in stored["result"] if r["value"]["brushlabels"] == [LABEL]]
+        instances = split_instances(expected[name].classes[LABEL], "necks")
+        print(f"label studio task {task['id']} {name}: {len(stored['result'])} regions, {len(disks)} {LABEL} "
+              f"(scores {[r['score'] for r in disks]}), prediction score {stored['score']:.3f}")
+        assert len(disks) == len(instances) == 2
+        for region, instance in zip(disks, instances):
+            mask = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
+            assert iou(mask, instance.mask) >= 0.99 and region["score"] == pytest.approx(instance.score, abs=1e-4)
+            assert region["meta"]["text"][0].startswith("insid3 quality: ")
