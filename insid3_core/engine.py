@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from .quality import QualityReport, QualityThresholds, quality_report
 from .timing import StageTimer
 from .refine import refine_masks
 from .upsample import resize_mask, upsample_mask
+
+if TYPE_CHECKING:
+    from .instances import Instance
 
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | Image.Image | np.ndarray
@@ -98,6 +101,12 @@ class SegmentationResult:
     quality: QualityReport
     similarity: np.ndarray
     clusters: np.ndarray
+
+    def instances(self, method: str = "necks", min_patches: int = 1) -> list[Instance]:
+        """The mask's instances: :func:`insid3_core.instances.split_instances` of this result."""
+        from .instances import split_instances
+
+        return split_instances(self, method, min_patches)
 
 
 @dataclass(frozen=True)
