@@ -23,7 +23,7 @@ from .config import CLUSTERING_METHODS, REFINEMENTS, EngineConfig, cache_dir, en
 from .engine import Segmenter
 from .eval_command import register as register_eval
 from .instances import INSTANCE_METHODS
-from .io import IMAGE_EXTENSIONS, InputError, atomic_write, load_mask, write_json, write_mask_png
+from .io import IMAGE_EXTENSIONS, InputError, atomic_write, label_masks, load_mask, write_json, write_mask_png
 from .loader import default_workers, executor
 from .match_cli import register as register_match
 from .quality import VERDICTS, QualityThresholds
@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a reference image and its mask (repeat for several shots), class --category")
     segment.add_argument("--class-ref", nargs=3, action="append", default=[], metavar=("NAME", "IMAGE", "MASK"),
                          help="a reference of class NAME (repeat; several classes are segmented in one pass)")
+    segment.add_argument("--label-ref", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                         help="a reference whose greyscale or palette MASK holds several classes: each value "
+                              "but 0 and 255 (void) is a class, named by --class-name or by its value")
+    segment.add_argument("--class-name", action="append", default=[], metavar="VALUE=NAME",
+                         help="name of a --label-ref class value (repeat)")
     segment.add_argument("--negative", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
                          help="a negative reference: MASK marks a region that is NOT the concept (repeat)")
     segment.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
@@ -188,18 +193,35 @@ def load_records(path: Path, overwrite: bool) -> dict[str, dict]:
         ) from err
 
 
-def reference_classes(arguments: argparse.Namespace) -> dict[str, list[tuple[Path, Path]]]:
-    """Reference pairs by class name: ``--ref`` under ``--category``, then each ``--class-ref``."""
-    classes: dict[str, list[tuple[Path, Path]]] = {}
+def reference_classes(arguments: argparse.Namespace) -> dict[str, list[tuple[Path, Path | np.ndarray]]]:
+    """Reference pairs by class name: ``--ref`` under ``--category``, each ``--class-ref``, then the
+    classes of each ``--label-ref`` mask (as ``(H, W)`` bool arrays)."""
+    classes: dict[str, list[tuple[Path, Path | np.ndarray]]] = {}
     if arguments.ref:
         classes[arguments.category] = [(Path(image), Path(mask)) for image, mask in arguments.ref]
     for name, image, mask in arguments.class_ref:
         classes.setdefault(name, []).append((Path(image), Path(mask)))
+    names = class_names(arguments.class_name)
+    for image, mask in arguments.label_ref:
+        for value, class_mask in label_masks(mask).items():
+            classes.setdefault(names.get(value, str(value)), []).append((Path(image), class_mask))
     if not classes:
-        raise UsageError("give at least one reference: --ref IMAGE MASK or --class-ref NAME IMAGE MASK")
+        raise UsageError("give at least one reference: --ref IMAGE MASK, --class-ref NAME IMAGE MASK "
+                         "or --label-ref IMAGE MASK")
     if len(classes) > 255:
         raise UsageError(f"{len(classes)} classes do not fit an 8-bit label map (255 at most)")
     return classes
+
+
+def class_names(specs: list[str]) -> dict[int, str]:
+    """``VALUE=NAME`` options as ``{value: name}``."""
+    names = {}
+    for spec in specs:
+        value, separator, name = spec.partition("=")
+        if not separator or not value.strip().isdigit() or not name:
+            raise UsageError(f"--class-name {spec!r}: expected VALUE=NAME, e.g. 3=car")
+        names[int(value)] = name
+    return names
 
 
 def write_label_png(path: Path, label_map: np.ndarray, classes: int) -> None:
@@ -218,7 +240,8 @@ def run_segment(arguments: argparse.Namespace) -> int:
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
     out: Path = arguments.out
-    given = [p for pairs in [*classes.values(), negatives] for pair in pairs for p in pair]
+    given = [*(p for pair in arguments.ref + arguments.label_ref + arguments.negative for p in pair),
+             *(p for _, image, mask in arguments.class_ref for p in (image, mask))]
     inputs = {Path(p).expanduser().resolve() for p in given} | set(targets)
     outputs = {target: out.resolve() / f"{target.stem}.png" for target in targets}
     clobbered = sorted(str(p) for p in inputs & set(outputs.values()))

@@ -99,6 +99,25 @@ def load_mask(
     return mask_array(image, value)
 
 
+def label_masks(path: str | Path) -> dict[int, np.ndarray]:
+    """The classes of a multi-class (greyscale, palette or 16-bit) mask, EXIF applied.
+
+    Returns
+    -------
+    dict of int to np.ndarray
+        ``value -> (H, W)`` bool for every stored value other than 0 (background) and, in
+        8-bit masks, 255 (void, as in Pascal VOC), in increasing order.
+    """
+    image = _open_oriented(path)
+    array = np.asarray(image)
+    if array.ndim != 2:
+        raise InputError(f"{path}: a {image.mode} mask has no class values; give a greyscale or palette mask")
+    values = [int(v) for v in np.unique(array) if v != 0 and not (v == 255 and array.dtype == np.uint8)]
+    if not values:
+        raise InputError(f"{path}: multi-class mask holds no class (only 0 and 255)")
+    return {value: array == value for value in values}
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb"):
     """Open a temporary file beside ``path`` and move it into place only on success."""

@@ -93,3 +93,34 @@ def test_instances_give_one_coco_annotation_per_object(tmp_path):
 def test_no_reference_at_all_is_a_usage_error(tmp_path, capsys):
     assert main(["segment", "--out", str(tmp_path), *FAST, str(tmp_path)]) == 2
     assert "at least one reference" in capsys.readouterr().err
+
+
+def test_label_ref_splits_a_palette_mask_into_classes(tmp_path, capsys):
+    masks = write_scene(tmp_path / "ref", "ref", disks=[(100, 120, 60)], squares=[(200, 40, 90)], seed=1)
+    write_scene(tmp_path / "targets", "a", disks=[(80, 90, 45)], squares=[(200, 140, 70)], seed=3)
+    ref = tmp_path / "ref"
+    values = np.where(masks["disks"], 1, np.where(masks["squares"], 2, 0)).astype(np.uint8)
+    values[0, :] = 255
+    palette = Image.fromarray(values, mode="P")
+    palette.putpalette([0, 0, 0, 200, 0, 0, 0, 200, 0] + [255, 255, 255] * 253)
+    palette.save(ref / "ref_palette.png")
+    target = str(tmp_path / "targets" / "a.png")
+    assert main(["segment", "--label-ref", str(ref / "ref.png"), str(ref / "ref_palette.png"),
+                 "--class-name", "1=disk", "--class-name", "2=square", "--out", str(tmp_path / "label"), *FAST,
+                 target]) == 0
+    assert main(["segment", "--class-ref", "disk", str(ref / "ref.png"), str(ref / "ref_disks.png"),
+                 "--class-ref", "square", str(ref / "ref.png"), str(ref / "ref_squares.png"),
+                 "--out", str(tmp_path / "separate"), *FAST, target]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "label" / "a.png")),
+                                  np.asarray(Image.open(tmp_path / "separate" / "a.png")))
+    document = json.loads((tmp_path / "label" / "annotations.json").read_text())
+    assert [c["name"] for c in document["categories"]] == ["disk", "square"]
+
+    rgb = ref / "ref_rgb.png"
+    Image.open(ref / "ref.png").save(rgb)
+    assert main(["segment", "--label-ref", str(ref / "ref.png"), str(rgb), "--out", str(tmp_path / "x"),
+                 *FAST, target]) == 2
+    assert f"{rgb}: a RGB mask has no class values" in capsys.readouterr().err
+    assert main(["segment", "--label-ref", str(ref / "ref.png"), str(ref / "ref_palette.png"),
+                 "--class-name", "one", "--out", str(tmp_path / "x"), *FAST, target]) == 2
+    assert "expected VALUE=NAME" in capsys.readouterr().err
