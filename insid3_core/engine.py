@@ -208,13 +208,15 @@ class Segmenter:
                 raise InputError(f"class {name!r}: at least one (image, mask) reference is needed")
         pairs = [pair for class_pairs in classes.values() for pair in class_pairs] + list(negatives)
         pixels, masks, names = self.prepare_references(pairs)
-        unique = list(dict.fromkeys(names))
-        unique_pixels = pixels[[names.index(name) for name in unique]]
+        first: dict[str, int] = {}
+        for index, name in enumerate(names):
+            first.setdefault(name, index)
         with self.stage("backbone"):
             encoded = torch.cat(
-                [patch_features(self.backbone, chunk) for chunk in unique_pixels.split(batch_size)]
+                [patch_features(self.backbone, chunk) for chunk in pixels[list(first.values())].split(batch_size)]
             )
-        features = encoded[[unique.index(name) for name in names]]
+        position = {name: index for index, name in enumerate(first)}
+        features = encoded[[position[name] for name in names]]
         negative = slice(len(pairs) - len(negatives), len(pairs))
         negative_parts = (features[negative], masks[negative]) if negatives else None
         encoded_classes, start = {}, 0
@@ -241,13 +243,16 @@ class Segmenter:
         if not references:
             raise InputError("at least one (image, mask) reference is needed")
         names, images, masks = [], [], []
+        loaded: dict[str, tuple[Image.Image, torch.Tensor]] = {}
         for index, (image, mask) in enumerate(references):
             name = str(image) if isinstance(image, (str, Path)) else f"reference {index}"
-            image = load_image(image)
-            mask = self._reference_mask(name, image, mask)
+            if name not in loaded:
+                decoded = load_image(image)
+                loaded[name] = decoded, resized_pixels(decoded, self.config.image_size)
+            decoded, resized = loaded[name]
             names.append(name)
-            images.append(resized_pixels(image, self.config.image_size))
-            masks.append(mask_tensor(mask, self.config.image_size))
+            images.append(resized)
+            masks.append(mask_tensor(self._reference_mask(name, decoded, mask), self.config.image_size))
         return torch.stack(images), torch.stack(masks), tuple(names)
 
     def reference_set(
