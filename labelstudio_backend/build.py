@@ -25,5 +25,7 @@ def build_backend(settings: Settings, segmenter) -> Backend:
         settings.max_download_bytes,
         settings.max_pixels,
     )
-    predictor = Predictor(segmenter, settings.batch_size, settings.instances, settings.min_instance_patches)
+    predictor = Predictor(
+        segmenter, settings.batch_size, settings.instances, settings.min_instance_patches, settings.negative_label
+    )
     return Backend(settings, predictor, api, fetcher)

@@ -30,13 +30,24 @@ class Predictor:
         How :meth:`split` cuts a label's mask into instances; ``off`` keeps it whole.
     min_instance_patches : int
         Instances of fewer feature patches are dropped.
+    negative_label : str
+        A reserved label whose references are negatives ("not this") of every other label and
+        which is never predicted; empty for none.
     """
 
-    def __init__(self, segmenter, batch_size: int = 4, instances: str = "off", min_instance_patches: int = 1) -> None:
+    def __init__(
+        self,
+        segmenter,
+        batch_size: int = 4,
+        instances: str = "off",
+        min_instance_patches: int = 1,
+        negative_label: str = "",
+    ) -> None:
         self.segmenter = segmenter
         self.batch_size = batch_size
         self.instances = instances
         self.min_instance_patches = min_instance_patches
+        self.negative_label = negative_label
         self._encoded: OrderedDict[Hashable, dict] = OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -51,6 +62,8 @@ class Predictor:
                     f"{quality.max_area_ratio}|{quality.max_components}")
         if self.instances != "off":
             settings += f"|instances {self.instances} {self.min_instance_patches}"
+        if self.negative_label:
+            settings += f"|negative {self.negative_label}"
         return hashlib.sha256(settings.encode()).hexdigest()[:8]
 
     def model_version(self, pool: str) -> str:
@@ -69,7 +82,12 @@ class Predictor:
         cached = self.cached(key)
         if cached is not None:
             return cached
-        encoded = self.segmenter.encode_classes({label: list(found) for label, found in pairs.items()})
+        negatives = list(pairs.get(self.negative_label, ())) if self.negative_label else []
+        classes = {label: list(found) for label, found in pairs.items() if label != self.negative_label}
+        if not classes:
+            raise ValueError(f"only {self.negative_label!r} (negative) regions are annotated yet: "
+                             "annotate at least one region of another label")
+        encoded = self.segmenter.encode_classes(classes, negatives)
         with self._cache_lock:
             self._encoded[key] = encoded
             while len(self._encoded) > REFERENCE_CACHE_SIZE:

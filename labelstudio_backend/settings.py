@@ -49,6 +49,10 @@ class Settings:
         :func:`insid3_core.instances.instance_labels`) gives one region per instance.
     min_instance_patches : int
         ``INSID3_MIN_INSTANCE_PATCHES``: instances of fewer feature patches are dropped.
+    negative_label : str
+        ``INSID3_NEGATIVE_LABEL``: a reserved BrushLabels label whose brushed regions mean "not
+        this": they are negative references for every other label and are never predicted
+        (empty: no reserved label).
     """
 
     label_studio_url: str = ""
@@ -64,6 +68,7 @@ class Settings:
     warmup_wait: float = 30.0
     instances: str = "off"
     min_instance_patches: int = 1
+    negative_label: str = ""
 
     def __post_init__(self) -> None:
         if self.instances not in INSTANCE_CHOICES:
@@ -93,4 +98,5 @@ class Settings:
             warmup_wait=env_setting("warmup_wait", cls.warmup_wait, float),
             instances=env_setting("instances", cls.instances).strip().lower(),
             min_instance_patches=env_setting("min_instance_patches", cls.min_instance_patches, int),
+            negative_label=env_setting("negative_label", cls.negative_label).strip(),
         )

@@ -480,3 +480,50 @@ def test_instance_settings(tiny_backbone, settings, monkeypatch):
     assert len(set(versions)) == len(variants)
     off = dataclasses.replace(settings, instances="off", min_instance_patches=5)
     assert build_backend(off, segmenter).model_version(None) == versions[0]
+
+
+def test_negative_label_regions_are_negatives_and_never_predicted(tiny_backbone, tmp_path):
+    """INSID3_NEGATIVE_LABEL: brushed regions of the reserved label remove the look-alike they show."""
+    from scenes import scene
+
+    from insid3_core import EngineConfig, Segmenter
+    from insid3_core.io import write_mask_png
+
+    segmenter = Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16))
+    references = tmp_path / "references"
+    for label, objects, key, seed in ((LABEL, {"disks": [(100, 120, 60)], "squares": [(200, 40, 90)]}, "disks", 1),
+                                      ("Other", {"lookalikes": [(160, 128, 70)]}, "lookalikes", 2)):
+        image, masks = scene(seed=seed, **objects)
+        (references / label).mkdir(parents=True)
+        image.save(references / label / "scene.png")
+        write_mask_png(references / label / "scene_mask.png", masks[key])
+    served = tmp_path / "served"
+    served.mkdir()
+    target, truth = scene(disks=[(80, 90, 45)], lookalikes=[(230, 170, 50)], squares=[(200, 20, 40)], seed=3)
+    target.save(served / "target.png")
+    disk_only = tmp_path / "disk_only"
+    shutil.copytree(references / LABEL, disk_only / LABEL)
+    task = [{"id": 1, "data": {"image": "/target.png"}}]
+    with StaticServer(served) as server:
+        covered = {}
+        for name, folder, negative in (("positive only", disk_only, ""), ("negative label", references, "Other")):
+            settings = Settings(label_studio_url=server.url, model_dir=tmp_path / name, reference_dir=folder,
+                                negative_label=negative)
+            answer = predict(make_client(segmenter, settings), task)
+            assert answer.status_code == 200, answer.get_json()
+            prediction = answer.get_json()["results"][0]
+            assert regions_of(prediction, "Other") == []
+            (disk,) = regions_of(prediction, LABEL)
+            covered[name] = (decoded(disk) & truth["lookalikes"]).sum() / truth["lookalikes"].sum()
+    print(f"\nlook-alike covered by Disk: {covered}")
+    assert covered["positive only"] > 0.5
+    assert covered["negative label"] < 0.1
+
+
+def test_only_negative_regions_is_a_clear_error(segmenter, tmp_path, image_server):
+    references = reference_folder(tmp_path / "references")
+    settings = Settings(label_studio_url=image_server.url, model_dir=tmp_path / "model", reference_dir=references,
+                        negative_label=LABEL)
+    answer = predict(make_client(segmenter, settings), tasks_for(TARGETS[:1]))
+    assert answer.status_code == 422
+    assert "only 'Disk' (negative) regions" in answer.get_json()["error"]
