@@ -14,9 +14,15 @@ class OutputProblem(ValueError):
     """The output field cannot be written; the message is meant for the App user."""
 
 
-def failure_tag(category: str) -> str:
-    """Sample tag of a failure category, e.g. ``insid3:too_small``."""
-    return TAG_PREFIX + category
+def failure_tag(category: str, label: str | None = None) -> str:
+    """Sample tag of a failure category, e.g. ``insid3:too_small``, or of one class's,
+    e.g. ``insid3:car:empty``."""
+    return TAG_PREFIX + (category if label is None else f"{label}:{category}")
+
+
+def _is_failure_tag(tag: str) -> bool:
+    """Whether ``tag`` is a :func:`failure_tag`, of the whole mask or of one class."""
+    return tag.startswith(TAG_PREFIX) and tag.rsplit(":", 1)[-1] in FAILURES
 
 
 def default_output_field(dataset, base: str = "insid3") -> str:
@@ -78,7 +84,9 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
         Targets done, targets in all.
 
     Each target also loses its earlier failure tags and gets ``insid3:<category>`` when its
-    mask is not ``ok``. The ``Segmentation`` field gets ``outputs.mask_targets`` at the end.
+    mask is not ``ok`` and, with several classes, ``insid3:<label>:<category>`` for each class
+    whose own mask is not ``ok``. The ``Segmentation`` field gets ``outputs.mask_targets`` at
+    the end.
     """
     ids, paths = targets.values(["id", "filepath"])
     samples_of = collections.defaultdict(collections.deque)  # unreadable targets may come out early
@@ -113,10 +121,14 @@ def _write(dataset, outputs, results, thresholds, counts) -> None:
             labels[field][sample_id] = label
         counts[category] += 1
         if category != "ok":
-            failed[category].append(sample_id)
+            failed[failure_tag(category)].append(sample_id)
+        if outputs.multiclass and not isinstance(result, InputError):
+            for (label, _), class_result in zip(outputs.classes, result.classes.values()):
+                if class_result.quality.verdict != "ok":
+                    failed[failure_tag(class_result.quality.verdict, label)].append(sample_id)
     for field, values in labels.items():
         dataset.set_values(field, values, key_field="id")
-    dataset.select([sample_id for sample_id, _ in results]).untag_samples(
-        [failure_tag(category) for category in FAILURES])
-    for category, sample_ids in failed.items():
-        dataset.select(sample_ids).tag_samples(failure_tag(category))
+    written = dataset.select([sample_id for sample_id, _ in results])
+    written.untag_samples([tag for tag in written.distinct("tags") if _is_failure_tag(tag)])
+    for tag, sample_ids in failed.items():
+        dataset.select(sample_ids).tag_samples(tag)

@@ -138,7 +138,7 @@ def test_several_classes_in_one_pass(dataset, segmenter):
                                         "square": [(reference, REFERENCE[1]["squares"])]})
     dataset.reload()
     assert dataset.mask_targets["pred"] == CLASSES
-    found = set()
+    found, class_failures = set(), set()
     for sample, (_, truth) in zip(targets_of(dataset), TARGETS):
         result = segmenter.segment_classes(classes, [sample.filepath])[0]
         mask = sample.pred.get_mask()
@@ -148,11 +148,15 @@ def test_several_classes_in_one_pass(dataset, segmenter):
         for name, class_result in result.classes.items():
             assert sample.pred.classes[name]["score"] == pytest.approx(class_result.score)
             assert sample.pred.classes[name]["verdict"] == class_result.quality.verdict
+            class_tag = f"insid3:{name}:{class_result.quality.verdict}"
+            assert (class_tag in sample.tags) == (class_result.quality.verdict != "ok"), (class_tag, sample.tags)
+            class_failures.update([class_tag] if class_result.quality.verdict != "ok" else [])
             detections = [d for d in sample.pred_instances.detections if d.label == name]
             assert_detections_match(detections, split_instances(class_result), name)
         found.update(int(value) for value in np.unique(mask))
         assert iou(mask == 3, truth["disks"]) > 0.6
     assert found == {0, 3, 7}
+    assert "insid3:square:empty" in class_failures, "the disk-only target's square class is judged on its own"
 
 
 def test_negative_reference_removes_a_lookalike_that_leaks(fo, dataset, tmp_path):
