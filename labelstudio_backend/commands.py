@@ -75,17 +75,26 @@ def run_serve(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def api_settings(command: str):
+    """The backend's :class:`~labelstudio_backend.settings.Settings`, which ``command`` needs to
+    reach the Label Studio API; a ``UsageError`` (exit 2) when they cannot."""
+    from insid3_core.cli import UsageError
+
+    from .settings import Settings
+
+    settings = Settings.from_environment()
+    if not settings.label_studio_url or not settings.api_key:
+        raise UsageError(f"{command} needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    return settings
+
+
 def run_connect(arguments: argparse.Namespace) -> int:
     """Connect the backend at ``--backend-url`` to ``--project`` (idempotent); exit 2 on failure."""
     from .api import LabelStudioApi
     from .connect import connect
     from .errors import BackendError
-    from .settings import Settings
 
-    settings = Settings.from_environment()
-    if not settings.label_studio_url or not settings.api_key:
-        print("insid3: error: connect needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
-        return 2
+    settings = api_settings("connect")
     try:
         made = connect(LabelStudioApi(settings.label_studio_url, settings.api_key), arguments.project,
                        arguments.backend_url, settings.basic_auth)
@@ -103,12 +112,8 @@ def run_preannotate(arguments: argparse.Namespace) -> int:
     """Predict every task of ``--project`` lacking a current prediction; exit 1 when some failed."""
     from .errors import BackendError
     from .preannotate import preannotate
-    from .settings import Settings
 
-    settings = Settings.from_environment()
-    if not settings.label_studio_url or not settings.api_key:
-        print("insid3: error: preannotate needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
-        return 2
+    settings = api_settings("preannotate")
     try:
         report = preannotate(backend_from_arguments(arguments, settings), arguments.project, arguments.batch_size,
                              not arguments.no_progress)

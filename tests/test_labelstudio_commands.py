@@ -14,6 +14,8 @@ pytest.importorskip("label_studio_sdk")
 
 import requests  # noqa: E402
 from labelstudio_fixtures import insid3_parser  # noqa: E402
+
+from insid3_core.cli import main  # noqa: E402
 from labelstudio_live import free_port  # noqa: E402
 
 from labelstudio_backend.commands import run_connect, run_preannotate, run_serve  # noqa: E402
@@ -42,8 +44,8 @@ def test_connect_arguments(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         insid3_parser().parse_args(["labelstudio", "connect", "--project", "4"])
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
-    assert arguments.handler(arguments) == 2
-    assert "LABEL_STUDIO_URL" in capsys.readouterr().err
+    assert main(["labelstudio", "connect", "--project", "4", "--backend-url", "http://10.0.0.2:9090"]) == 2
+    assert "insid3: error: connect needs LABEL_STUDIO_URL" in capsys.readouterr().err
 
 
 def test_preannotate_arguments(monkeypatch):
@@ -57,10 +59,9 @@ def test_preannotate_arguments(monkeypatch):
 def test_preannotate_without_label_studio_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
-    arguments = insid3_parser().parse_args(
-        ["labelstudio", "preannotate", "--project", "3", "--image-size", "128", "--svd-components", "16", "--device", "cpu"])
-    assert arguments.handler(arguments) == 2
-    assert "LABEL_STUDIO_URL" in capsys.readouterr().err
+    assert main(["labelstudio", "preannotate", "--project", "3", "--image-size", "128", "--svd-components", "16",
+                 "--device", "cpu"]) == 2
+    assert "insid3: error: preannotate needs LABEL_STUDIO_URL" in capsys.readouterr().err
 
 
 def test_serve_answers_health(tmp_path):
