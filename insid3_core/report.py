@@ -11,7 +11,7 @@ from .io import atomic_write, load_image
 
 PREDICTION_COLOUR = "#ff00ff"
 TRUTH_COLOUR = "#00e5ff"
-REFERENCE_COLOUR = "#ffd60a"
+REFERENCE_COLOUR = "#ffffff"
 
 
 def percent(value: float) -> str:
