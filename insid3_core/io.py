@@ -99,8 +99,11 @@ def load_mask(
     return mask_array(image, value)
 
 
-def label_masks(path: str | Path) -> dict[int, np.ndarray]:
+def label_masks(path: str | Path, max_classes: int = 255) -> dict[int, np.ndarray]:
     """The classes of a multi-class (greyscale, palette or 16-bit) mask, EXIF applied.
+
+    A mask holding more than ``max_classes`` class values (e.g. a photograph given as a mask)
+    raises :class:`InputError` naming the file.
 
     Returns
     -------
@@ -115,6 +118,8 @@ def label_masks(path: str | Path) -> dict[int, np.ndarray]:
     values = [int(v) for v in np.unique(array) if v != 0 and not (v == 255 and array.dtype == np.uint8)]
     if not values:
         raise InputError(f"{path}: multi-class mask holds no class (only 0 and 255)")
+    if len(values) > max_classes:
+        raise InputError(f"{path}: {len(values)} class values, more than {max_classes}; is it really a label mask?")
     return {value: array == value for value in values}
 
 

@@ -124,3 +124,12 @@ def test_label_ref_splits_a_palette_mask_into_classes(tmp_path, capsys):
     assert main(["segment", "--label-ref", str(ref / "ref.png"), str(ref / "ref_palette.png"),
                  "--class-name", "one", "--out", str(tmp_path / "x"), *FAST, target]) == 2
     assert "expected VALUE=NAME" in capsys.readouterr().err
+
+
+def test_label_ref_with_too_many_values_is_refused(tmp_path, capsys):
+    write_scene(tmp_path / "ref", "ref", disks=[(100, 120, 60)], seed=1)
+    noise = np.arange(256 * 320, dtype=np.uint16).reshape(256, 320) % 1000
+    Image.fromarray(noise).save(tmp_path / "ref" / "noise.png")
+    assert main(["segment", "--label-ref", str(tmp_path / "ref" / "ref.png"), str(tmp_path / "ref" / "noise.png"),
+                 "--out", str(tmp_path / "out"), *FAST, str(tmp_path / "ref" / "ref.png")]) == 2
+    assert "999 class values, more than 255" in capsys.readouterr().err
