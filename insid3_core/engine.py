@@ -498,10 +498,9 @@ class Segmenter:
         if pixels is None:
             raise ValueError("the guided refinement needs the target pixels (pass pixels=...)")
         with self.stage("refinement"):
-            classes, batch = lowres.shape[:2]
+            classes = lowres.shape[0]
             pixels = pixels.to(lowres.device, non_blocking=True)
-            square = refine_masks(pixels.repeat(classes, 1, 1, 1), lowres.flatten(0, 1))
-            square = square.view(classes, batch, *square.shape[-2:])
+            square = refine_masks(pixels, lowres.transpose(0, 1)).transpose(0, 1)
             if classes > 1:
                 upsampled = F.interpolate(
                     similarity.float().flatten(0, 1)[:, None], size=square.shape[-2:], mode="bilinear", align_corners=False

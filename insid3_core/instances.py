@@ -77,8 +77,8 @@ def instance_labels(
             labels = _split_at_necks(lowres, labels)
     sizes = np.bincount(labels.ravel())
     labels[sizes[labels] < min_patches] = 0
-    _, first = np.unique(labels.ravel(), return_index=True)
-    order = np.unique(labels.ravel())[np.argsort(first)]
+    values, first = np.unique(labels.ravel(), return_index=True)
+    order = values[np.argsort(first)]
     order = order[order > 0]
     renumbered = np.zeros(sizes.shape[0], dtype=np.int32)
     renumbered[order] = np.arange(1, order.size + 1, dtype=np.int32)

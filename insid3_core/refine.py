@@ -49,12 +49,15 @@ def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
 def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
     """Colour guided filter: coefficients ``(a, b)`` of ``q = aᵀ I + b`` averaged per window.
 
+    The guide's window statistics and its 3x3 systems are computed once for all ``M`` source
+    channels (one right-hand side each).
+
     Parameters
     ----------
     guide : torch.Tensor
         ``(B, 3, H, W)`` float32 image in [0, 1].
     source : torch.Tensor
-        ``(B, 1, H, W)`` float32 signal to filter (a soft mask).
+        ``(B, M, H, W)`` float32 signals to filter (soft masks).
     radius : int
         Window radius in pixels.
     eps : float
@@ -63,21 +66,23 @@ def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: f
     Returns
     -------
     a : torch.Tensor
-        ``(B, 3, H, W)`` window-averaged colour coefficients.
+        ``(B, 3, M, H, W)`` window-averaged colour coefficients.
     b : torch.Tensor
-        ``(B, 1, H, W)`` window-averaged offsets.
+        ``(B, M, H, W)`` window-averaged offsets.
     """
+    batch, _, height, width = guide.shape
+    channels = source.shape[1]
     mean_guide = box_mean(guide, radius)
     mean_source = box_mean(source, radius)
-    covariance = box_mean(guide * source, radius) - mean_guide * mean_source  # (B, 3, H, W)
+    correlation = box_mean((guide[:, :, None] * source[:, None]).flatten(1, 2), radius)  # (B, 3M, H, W)
+    covariance = correlation.view(batch, 3, channels, height, width) - mean_guide[:, :, None] * mean_source[:, None]
     products = box_mean((guide[:, :, None] * guide[:, None]).flatten(1, 2), radius)  # (B, 9, H, W)
     variance = products - (mean_guide[:, :, None] * mean_guide[:, None]).flatten(1, 2)
-    batch, _, height, width = guide.shape
     system = variance.permute(0, 2, 3, 1).reshape(batch, height, width, 3, 3)
     system = system + eps * torch.eye(3, dtype=system.dtype, device=system.device)
-    a = torch.linalg.solve(system, covariance.permute(0, 2, 3, 1)[..., None])[..., 0].permute(0, 3, 1, 2)
-    b = mean_source - (a * mean_guide).sum(dim=1, keepdim=True)
-    return box_mean(a, radius), box_mean(b, radius)
+    a = torch.linalg.solve(system, covariance.permute(0, 3, 4, 1, 2)).permute(0, 3, 4, 1, 2)  # (B, 3, M, H, W)
+    b = mean_source - (a * mean_guide[:, :, None]).sum(dim=1)
+    return box_mean(a.flatten(1, 2), radius).view(a.shape), box_mean(b, radius)
 
 
 def refine_masks(
@@ -96,8 +101,9 @@ def refine_masks(
         ``(B, 3, s, s)`` resized images: uint8 RGB (see
         :func:`insid3_core.features.resized_pixels`) or floating point in [0, 1].
     masks : torch.Tensor
-        ``(B, h, w)`` low-resolution masks: bool, or floating point soft masks in [0, 1]; any
-        device (moved to the device of ``pixels``).
+        ``(B, h, w)`` low-resolution masks, or ``(B, K, h, w)`` for ``K`` masks per image (e.g.
+        one per class; the image's filter statistics are shared by them): bool, or floating
+        point soft masks in [0, 1]; any device (moved to the device of ``pixels``).
     radius : int or None
         Window radius in input pixels; ``None`` takes one patch, ``s // w``, the largest error
         of a feature-resolution edge.
@@ -112,22 +118,26 @@ def refine_masks(
     Returns
     -------
     torch.Tensor
-        ``(B, s, s)`` bool on the device of ``pixels``. An all-False (all-True) mask stays so.
+        ``(B, s, s)`` (or ``(B, K, s, s)``) bool on the device of ``pixels``. An all-False
+        (all-True) mask stays so.
     """
-    if pixels.ndim != 4 or pixels.shape[1] != 3 or masks.ndim != 3 or masks.shape[0] != pixels.shape[0]:
+    if pixels.ndim != 4 or pixels.shape[1] != 3 or masks.ndim not in (3, 4) or masks.shape[0] != pixels.shape[0]:
         raise ValueError(
-            f"expected (B, 3, s, s) pixels and (B, h, w) masks, got {tuple(pixels.shape)} and {tuple(masks.shape)}"
+            f"expected (B, 3, s, s) pixels and (B, h, w) or (B, K, h, w) masks, "
+            f"got {tuple(pixels.shape)} and {tuple(masks.shape)}"
         )
     if subsample < 1 or eps <= 0:
         raise ValueError(f"subsample must be >= 1 and eps > 0, got {subsample} and {eps}")
     size = tuple(pixels.shape[-2:])
     radius = size[1] // masks.shape[-1] if radius is None else radius
     guide = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
-    soft = masks.to(device=pixels.device, dtype=torch.float32)[:, None]
+    soft = masks.to(device=pixels.device, dtype=torch.float32)
+    soft = soft[:, None] if masks.ndim == 3 else soft
     small = (max(1, size[0] // subsample), max(1, size[1] // subsample))
     small_guide = F.interpolate(guide, size=small, mode="bilinear", align_corners=False, antialias=subsample > 1)
     small_source = F.interpolate(soft, size=small, mode="bilinear", align_corners=False)
     a, b = guided_filter(small_guide, small_source, max(1, round(radius / subsample)), eps)
-    a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+    a = F.interpolate(a.flatten(1, 2), size=size, mode="bilinear", align_corners=False).view(*a.shape[:3], *size)
     b = F.interpolate(b, size=size, mode="bilinear", align_corners=False)
-    return ((a * guide).sum(dim=1) + b[:, 0]) > threshold
+    refined = ((a * guide[:, :, None]).sum(dim=1) + b) > threshold
+    return refined[:, 0] if masks.ndim == 3 else refined

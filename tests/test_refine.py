@@ -80,3 +80,13 @@ def test_parameters_are_checked(scenes):
         refine_masks(pixels[None], blocky(truth)[None], eps=0.0)
     refined = refine_masks(pixels[None], blocky(truth)[None], radius=PATCH, subsample=1)
     assert boundary_f_score(refined[0].numpy(), truth, 1.0).f > 0.9
+
+
+def test_several_masks_per_image_equal_one_at_a_time(scenes):
+    """``(B, K, h, w)`` masks share the image's filter statistics and give each mask's own result."""
+    pixels = torch.stack([p for p, _ in scenes[:2]])
+    masks = torch.stack([torch.stack([blocky(truth), ~blocky(truth)]) for _, truth in scenes[:2]])
+    together = refine_masks(pixels, masks)
+    assert together.shape == (2, 2, *pixels.shape[-2:])
+    for k in range(2):
+        assert torch.equal(together[:, k], refine_masks(pixels, masks[:, k]))
