@@ -364,6 +364,14 @@ class Segmenter:
         pixels, sizes = zip(*(load_target(image, self.config.image_size) for image in images))
         return self.segment_pixels(references, torch.stack(pixels), sizes)
 
+    def segment_class_batch(
+        self, classes: Mapping[str, ReferenceSet], images: Sequence[ImageLike]
+    ) -> list[MultiClassResult]:
+        """:meth:`segment_batch` for several classes sharing the backbone call and the clustering."""
+        pixels, sizes = zip(*(load_target(image, self.config.image_size) for image in images))
+        pixels = torch.stack(pixels)
+        return self.segment_class_features(classes, self._features(tuple(classes.values()), pixels), sizes, pixels)
+
     def segment_pixels(
         self, references: ReferenceSet, pixels: torch.Tensor, sizes: Sequence[tuple[int, int]]
     ) -> list[SegmentationResult]:

@@ -109,17 +109,9 @@ class Predictor:
         claimed by several labels goes to the label most similar to it, so the masks of one
         image are disjoint.
         """
-        import torch
-        from insid3_core.features import patch_features, resized_pixels
-
-        size = self.segmenter.config.image_size
         results: list[dict] = []
         for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            pixels = torch.stack([resized_pixels(image, size) for image in batch])
-            features = patch_features(self.segmenter.backbone, pixels)
-            sizes = [(image.height, image.width) for image in batch]
-            found = self.segmenter.segment_class_features(references, features, sizes, pixels)
+            found = self.segmenter.segment_class_batch(references, images[start:start + self.batch_size])
             results.extend(dict(item.classes) for item in found)
         return results
 

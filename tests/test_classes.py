@@ -155,3 +155,9 @@ def test_guided_refinement_keeps_classes_disjoint(tiny_backbone, classes):
         assert not (result.classes["disk"].mask & result.classes["square"].mask).any()
     with pytest.raises(ValueError, match="pixels"):
         segmenter.segment_features(classes["disk"], torch.zeros(1, 256, 96), [(10, 10)])
+
+
+def test_class_batch_equals_segment_classes(segmenter, classes):
+    images = [image for image, _ in TARGETS]
+    for one, other in zip(segmenter.segment_class_batch(classes, images), segmenter.segment_classes(classes, images)):
+        np.testing.assert_array_equal(one.label_map, other.label_map)
