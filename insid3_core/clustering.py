@@ -1,9 +1,10 @@
 """Average-linkage clustering of a target's patches (ALGORITHM.md step 5).
 
 Two exact implementations of the same partition: scipy's (CPU) and a reciprocal-nearest-
-neighbour one in torch that runs on the features' device. Average linkage is reducible, so
-merging every pair of mutual nearest clusters at once builds the same dendrogram as merging
-one pair at a time; cutting it below ``1 - tau`` gives the same partition.
+neighbour one in torch that runs on the features' device, all targets of a batch together.
+Average linkage is reducible, so merging every pair of mutual nearest clusters at once builds
+the same dendrogram as merging one pair at a time; cutting it below ``1 - tau`` gives the same
+partition.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") ->
     if features.ndim == 2:
         return cluster_patches(features[None], tau, method)[0]
     if method == "torch" or (method == "auto" and features.device.type != "cpu"):
-        per_target = 32 * features.shape[1] ** 2  # float64 sums, distances and two scatter buffers
+        per_target = 32 * features.shape[1] ** 2  # float64 sums, their float32/float64 build and shrink copies
         chunk = max(1, TORCH_MEMORY_BUDGET // per_target)
         return torch.cat([_torch_average_linkage(part, 1.0 - tau) for part in features.split(chunk)])
     labels = [torch.from_numpy(_scipy_average_linkage(target, tau)) for target in features]
@@ -82,10 +83,9 @@ def _scipy_average_linkage(features: torch.Tensor, tau: float) -> np.ndarray:
 def _torch_average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
     """Merge all mutual nearest cluster pairs closer than ``threshold``, in every target at once.
 
-    ``sums[b, i, j]`` is the total point-to-point distance between clusters i and j of target
-    b, so their average-linkage distance is ``sums[b, i, j] / (n_i n_j)``. After each round the
-    clusters of every target are renumbered ``0..K_b-1`` and the tensors shrink to the largest
-    ``K_b``; ``sizes`` is 0 on the padding. One host synchronisation per round.
+    Each cluster keeps its nearest neighbour and a lower bound on its distance to every other
+    cluster, so a round touches only the merged rows and columns and the rows that pointed at
+    them (see :class:`_NearestNeighbourLinkage`). Two host synchronisations per round.
 
     Parameters
     ----------
@@ -100,33 +100,150 @@ def _torch_average_linkage(features: torch.Tensor, threshold: float) -> torch.Te
         ``(B, N)`` int64 labels ``0..K_b-1``.
     """
     batch, count = features.shape[:2]
-    sums = _cosine_distances(features)
-    sizes = torch.ones(batch, count, dtype=torch.float64, device=features.device)
-    labels = torch.arange(count, device=features.device).expand(batch, count).clone()
-    while sums.shape[1] > 1:
-        count = sums.shape[1]
-        index = torch.arange(count, device=sums.device).expand(batch, count)
-        alive = sizes > 0
-        distances = sums / (sizes[:, :, None] * sizes[:, None, :])
-        distances.masked_fill_(~(alive[:, :, None] & alive[:, None, :]), torch.inf)
-        distances.diagonal(dim1=1, dim2=2).fill_(torch.inf)
-        nearest_distance, nearest = distances.min(dim=2)
-        del distances
-        merging = alive & (nearest.gather(1, nearest) == index) & (nearest_distance < threshold) & (index < nearest)
-        parent = torch.cat([index, index[:, :1]], dim=1)  # a spare column takes the non-merging writes
-        parent.scatter_(1, torch.where(merging, nearest, count), index)
-        parent = parent[:, :count]
-        kept = (parent == index) & alive
-        any_merge, merged = torch.stack([merging.any().long(), kept.sum(dim=1).max()]).tolist()
-        if not any_merge:
-            break
-        renumber = kept.cumsum(dim=1) - 1
-        assignment = torch.where(alive, renumber.gather(1, parent), merged)  # padding -> a spare row
-        rows = sums.new_zeros(batch, merged + 1, count).scatter_add_(1, assignment[:, :, None].expand(-1, -1, count), sums)
-        sums = sums.new_zeros(batch, merged + 1, merged + 1).scatter_add_(
-            2, assignment[:, None, :].expand(-1, merged + 1, -1), rows
-        )[:, :merged, :merged]
-        del rows
-        sizes = sizes.new_zeros(batch, merged + 1).scatter_add_(1, assignment, sizes)[:, :merged]
-        labels = assignment.gather(1, labels)
-    return labels
+    if count < 2:
+        return torch.zeros(batch, count, dtype=torch.int64, device=features.device)
+    linkage_state = _NearestNeighbourLinkage(_cosine_distances(features), threshold)
+    while linkage_state.merge_round():
+        linkage_state.compact_if_sparse()
+    return linkage_state.labels()
+
+
+class _NearestNeighbourLinkage:
+    """Reciprocal-nearest-neighbour average linkage with cached nearest neighbours.
+
+    ``sums[b, i, j]`` is the total point-to-point distance between clusters i and j of target
+    b (``inf`` on the diagonal and in the columns of merged-away clusters), so their average
+    distance is ``sums[b, i, j] / (n_i n_j)``. Average linkage is reducible: a merged cluster
+    is never closer to a third cluster than the nearer of its two parts. Hence
+
+    - a cluster whose nearest neighbour is at ``threshold`` or farther never merges again;
+    - a cluster whose nearest neighbour did not merge keeps it;
+    - ``bound``, the second-nearest distance at a cluster's last full search, stays a lower
+      bound on its distance to every cluster but its nearest; a cluster whose nearest merged
+      keeps the merged cluster when the new distance does not exceed ``bound``, and is
+      searched again only otherwise.
+
+    When a target's live clusters fall to half the matrix, the matrices shrink to the largest
+    count over the batch.
+    """
+
+    def __init__(self, sums: torch.Tensor, threshold: float) -> None:
+        """``sums``: ``(B, N, N)`` float64 cosine distances; modified in place."""
+        batch, count = sums.shape[:2]
+        device = sums.device
+        sums.diagonal(dim1=1, dim2=2).fill_(torch.inf)
+        self.sums = sums
+        self.threshold = threshold
+        self.sizes = torch.ones(batch, count, dtype=torch.float64, device=device)
+        self.inverse_sizes = torch.ones_like(self.sizes)
+        self.alive = torch.ones(batch, count, dtype=torch.bool, device=device)
+        self.live_total = batch * count
+        self.assignment = torch.arange(count, device=device).expand(batch, count).clone()
+        distance, nearest, bound = self._nearest_two(torch.arange(batch * count, device=device))
+        self.nearest_distance = distance.view(batch, count)
+        self.nearest = nearest.view(batch, count)
+        self.bound = bound.view(batch, count)
+
+    @property
+    def count(self) -> int:
+        return self.sums.shape[1]
+
+    def _nearest_two(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nearest distance, nearest cluster and second-nearest distance of flat rows ``(R,)``."""
+        count = self.count
+        flat = self.sums.view(-1, count)
+        inverse_row_sizes = self.inverse_sizes.view(-1)
+        results = []
+        for chunk in rows.split(max(1, 2**26 // count)):
+            scaled = flat.index_select(0, chunk).mul_(self.inverse_sizes.index_select(0, chunk // count))
+            values, indices = scaled.topk(2, dim=1, largest=False)
+            values.mul_(inverse_row_sizes.index_select(0, chunk)[:, None])
+            results.append((values[:, 0], indices[:, 0], values[:, 1]))
+        if len(results) == 1:
+            return results[0]
+        return tuple(torch.cat(parts) for parts in zip(*results))
+
+    def merge_round(self) -> bool:
+        """Merge every mutual nearest pair closer than the threshold; ``False`` when none is left.
+
+        Clusters are addressed by flat row ``b * K + i`` of the ``(B, K)`` state tensors.
+        """
+        count = self.count
+        index = torch.arange(count, device=self.sums.device)
+        nearest = self.nearest
+        merging = (self.nearest_distance < self.threshold) & (nearest.gather(1, nearest) == index) & (index < nearest)
+        kept = merging.view(-1).nonzero()[:, 0]
+        if kept.numel() == 0:
+            return False
+        self.live_total -= kept.numel()
+        kept_local = kept % count
+        gone = kept - kept_local + nearest.view(-1).index_select(0, kept)
+        self._add_into(kept, gone, kept_local)
+        survivor = index.repeat(self.nearest.shape[0], 1)
+        survivor.view(-1).index_copy_(0, gone, kept_local)
+        self.assignment = survivor.gather(1, self.assignment)
+        changed = torch.zeros_like(merging).view(-1).index_fill_(0, torch.cat([kept, gone]), True).view_as(merging)
+        pointing = (self.nearest_distance < self.threshold) & changed.gather(1, nearest) & ~changed
+        merged = survivor.gather(1, nearest)
+        distance = self.sums.gather(2, merged[..., None])[..., 0] * self.inverse_sizes.gather(1, merged) * self.inverse_sizes
+        keep = pointing & (distance <= self.bound)
+        self.nearest = torch.where(keep, merged, nearest)
+        self.nearest_distance = torch.where(keep, distance, self.nearest_distance)
+        self.nearest_distance.view(-1).index_fill_(0, gone, torch.inf)
+        search = (pointing & ~keep).view(-1).index_fill_(0, kept, True)
+        rows = search.nonzero()[:, 0]
+        distance, nearest, bound = self._nearest_two(rows)
+        self.nearest_distance.view(-1).index_copy_(0, rows, distance)
+        self.nearest.view(-1).index_copy_(0, rows, nearest)
+        self.bound.view(-1).index_copy_(0, rows, bound)
+        return True
+
+    def _add_into(self, kept: torch.Tensor, gone: torch.Tensor, kept_local: torch.Tensor) -> None:
+        """Add the rows, then the columns, of flat rows ``gone`` into ``kept`` (``(M,)`` each).
+
+        ``kept_local`` is ``kept``'s column within its target.
+        """
+        count = self.count
+        flat = self.sums.view(-1, count)
+        flat.index_add_(0, kept, flat.index_select(0, gone))
+        cells = self.sums.view(-1)
+        column = torch.arange(count, device=cells.device) * count
+        first_cell = (kept - kept_local) * count + kept_local  # cell (b, 0, i)
+        kept_columns = (first_cell[:, None] + column).view(-1)
+        gone_columns = (first_cell[:, None] + (gone - kept)[:, None] + column).view(-1)
+        cells.index_add_(0, kept_columns, cells.index_select(0, gone_columns))
+        cells.index_fill_(0, gone_columns, torch.inf)
+        sizes = self.sizes.view(-1)
+        sizes.index_add_(0, kept, sizes.index_select(0, gone))
+        self.inverse_sizes.view(-1).index_copy_(0, kept, sizes.index_select(0, kept).reciprocal_())
+        self.alive.view(-1).index_fill_(0, gone, False)
+
+    def compact_if_sparse(self) -> None:
+        """Shrink the matrices to the largest live count when it is at most half of them.
+
+        A target with fewer live clusters is padded with merged-away ones, whose columns are
+        ``inf`` and whose nearest distance is set to ``inf``.
+        """
+        batch, count = self.alive.shape
+        if self.live_total > batch * count // 2:
+            return
+        counts = self.alive.sum(dim=1)
+        size = int(counts.max())
+        if size > count // 2:
+            return
+        order = torch.argsort((~self.alive).to(torch.uint8), dim=1, stable=True)[:, :size]
+        valid = torch.arange(size, device=order.device) < counts[:, None]
+        renumber = (self.alive.cumsum(dim=1) - 1).clamp_(min=0)
+        rows = self.sums.gather(1, order[:, :, None].expand(-1, -1, count))
+        self.sums = rows.gather(2, order[:, None, :].expand(-1, size, -1))
+        self.sizes = self.sizes.gather(1, order)
+        self.inverse_sizes = self.inverse_sizes.gather(1, order)
+        self.nearest_distance = self.nearest_distance.gather(1, order).masked_fill_(~valid, torch.inf)
+        self.bound = self.bound.gather(1, order)
+        self.nearest = torch.where(valid, renumber.gather(1, self.nearest).gather(1, order), 0)
+        self.assignment = renumber.gather(1, self.assignment)
+        self.alive = valid
+
+    def labels(self) -> torch.Tensor:
+        """``(B, N)`` int64 labels ``0..K_b-1`` of the original points."""
+        return (self.alive.cumsum(dim=1) - 1).gather(1, self.assignment)

@@ -35,6 +35,56 @@ def test_batched_torch_clustering_matches_scipy_on_backbone_features(tiny_backbo
     assert len(counts) > 1 and min(counts) > 1  # targets end with different cluster counts
 
 
+def structured_targets(count: int = 300, channels: int = 16):
+    """``(5, count, channels)`` L2-normalised features whose clusterings take different routes.
+
+    An arc (chains of merges), blobs of unequal spread, one tight blob amid scattered points
+    (a large cluster absorbing one point per round), uniform noise, and a mix of all three.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(3)
+
+    def noise(scale):
+        return scale * torch.randn(count, channels, generator=generator)
+
+    angle = torch.linspace(0.0, 2.5, count)
+    arc = torch.zeros(count, channels)
+    arc[:, 0], arc[:, 1] = angle.cos(), angle.sin()
+    centres = torch.randn(6, channels, generator=generator)
+    blob = torch.randint(0, 6, (count,), generator=generator)
+    spread = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.5, 0.8])[blob, None]
+    blobs = centres[blob] + spread * torch.randn(count, channels, generator=generator)
+    absorbing = torch.where(torch.arange(count)[:, None] < count // 3, centres[0] + noise(0.05), noise(1.0) + centres[0])
+    mixed = torch.cat([arc[: count // 3], blobs[count // 3 : 2 * count // 3], absorbing[2 * count // 3 :]])
+    features = torch.stack([arc + noise(0.02), blobs, absorbing, noise(1.0), mixed + noise(0.05)])
+    return torch.nn.functional.normalize(features, dim=2)
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.5, 0.8, 0.95])
+def test_batched_torch_clustering_matches_scipy_on_structured_features(tau):
+    features = structured_targets()
+    batched = cluster_patches(features, tau, "torch").numpy()
+    counts = []
+    for target, torch_labels in zip(features, batched):
+        scipy_labels = cluster_patches(target, tau, "scipy").numpy()
+        counts.append(len(set(scipy_labels.tolist())))
+        assert same_partition(scipy_labels, torch_labels)
+        assert sorted(set(torch_labels.tolist())) == list(range(counts[-1]))
+    assert len(set(counts)) > 1
+
+
+def test_torch_clustering_keeps_duplicate_patches_together():
+    import torch
+
+    features = structured_targets()[:2].repeat_interleave(2, dim=1)  # every patch twice
+    for tau in (0.5, 0.99):
+        labels = cluster_patches(features, tau, "torch")
+        assert torch.equal(labels[:, 0::2], labels[:, 1::2])
+        for target, torch_labels in zip(features, labels.numpy()):
+            assert same_partition(cluster_patches(target, tau, "scipy").numpy(), torch_labels)
+
+
 @pytest.fixture(scope="module")
 def segmenter(tiny_backbone):
     return Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16), cache=False)

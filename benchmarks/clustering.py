@@ -1,0 +1,94 @@
+"""Clustering alone: the torch clustering of whole batches against scipy one target at a time.
+
+Features are the backbone's patch features of the example scenes (flipped copies beyond the
+eight scenes), so the clustering sees the structure a real job gives it. Partitions are
+compared target by target. The last line is
+``torch_ms_per_target=<a> scipy_ms_per_target=<b> scipy_over_torch=<b/a> same_partitions=<n>/<total>``.
+
+Example::
+
+    python benchmarks/clustering.py --device cpu --backbone vit_small_patch16_dinov3 \\
+        --random-weights --image-size 1024 --targets 8 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.throughput import add_model_arguments, make_backbone, synchronize  # noqa: E402
+from insid3_core.clustering import cluster_patches  # noqa: E402
+from insid3_core.features import patch_features, resized_pixels  # noqa: E402
+
+EXAMPLES = ROOT / "examples"
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--targets", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="targets clustered together by torch")
+    parser.add_argument("--tau", type=float, default=0.6)
+    parser.add_argument("--repeats", type=int, default=3, help="torch timing: fastest of this many runs")
+    return parser.parse_args(argv)
+
+
+def target_features(arguments, backbone) -> torch.Tensor:
+    """``(T, N, C)`` patch features of ``--targets`` example scenes, on the backbone's device."""
+    scenes = sorted((EXAMPLES / "targets").glob("*.png"))
+    images = []
+    for index in range(arguments.targets):
+        image = Image.open(scenes[index % len(scenes)]).convert("RGB")
+        images.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if index >= len(scenes) else image)
+    pixels = torch.stack([resized_pixels(image, arguments.image_size) for image in images])
+    return torch.cat([patch_features(backbone, batch) for batch in pixels.split(arguments.batch_size)])
+
+
+def same_partition(first: torch.Tensor, second: torch.Tensor) -> bool:
+    pairs = set(zip(first.tolist(), second.tolist()))
+    return len(pairs) == len(set(first.tolist())) == len(set(second.tolist()))
+
+
+def main(argv=None) -> None:
+    arguments = parse_arguments(argv)
+    torch.set_grad_enabled(False)
+    backbone = make_backbone(arguments, "float32")
+    device = backbone.device
+    features = target_features(arguments, backbone)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"# device={device} ({name}) image_size={arguments.image_size} patches={features.shape[1]} "
+          f"backbone={backbone.name} targets={arguments.targets} batch_size={arguments.batch_size} tau={arguments.tau}")
+
+    def torch_run() -> list[torch.Tensor]:
+        return [cluster_patches(batch, arguments.tau, "torch") for batch in features.split(arguments.batch_size)]
+
+    torch_run()
+    runs = []
+    for _ in range(arguments.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch_labels = torch.cat(torch_run()).cpu()
+        runs.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    scipy_labels = [cluster_patches(target.cpu(), arguments.tau, "scipy") for target in features]
+    scipy_seconds = time.perf_counter() - start
+
+    count = len(features)
+    same = sum(same_partition(a, b) for a, b in zip(torch_labels, scipy_labels))
+    torch_ms, scipy_ms = 1000 * min(runs) / count, 1000 * scipy_seconds / count
+    clusters = [len(set(labels.tolist())) for labels in scipy_labels]
+    print(f"clusters per target: min {min(clusters)} max {max(clusters)}")
+    print(f"torch_ms_per_target={torch_ms:.1f} scipy_ms_per_target={scipy_ms:.1f} "
+          f"scipy_over_torch={scipy_ms / torch_ms:.2f} same_partitions={same}/{count}")
+
+
+if __name__ == "__main__":
+    main()
