@@ -34,6 +34,7 @@ from .matching import (
 from .quality import QualityReport, QualityThresholds, quality_report
 from .timing import StageTimer
 from .refine import refine_masks
+from .streams import ready_marker, worker_stream
 from .upsample import resize_mask, upsample_mask
 
 if TYPE_CHECKING:
@@ -315,9 +316,11 @@ class Segmenter:
         """Yield ``(target, result)`` in input order, or ``(target, InputError)`` for an unreadable one.
 
         Targets are decoded and resized in ``workers`` threads ahead of the device and travel
-        through pinned memory to a GPU; masks are brought to full resolution and judged in as
-        many threads again while the device works on the next batch. ``None`` picks
-        :func:`insid3_core.loader.default_workers`; 0 runs everything in the caller's thread.
+        through pinned memory to a GPU. One more thread matches, clusters and aggregates a
+        batch (on its own CUDA stream on a GPU) while the caller's thread sends the next batch
+        through the backbone, and masks are brought to full resolution and judged in
+        ``workers`` threads again. ``None`` picks :func:`insid3_core.loader.default_workers`;
+        0 runs everything in the caller's thread.
         """
         for target, results in self._iter_results((references,), targets, batch_size, workers):
             yield target, results if isinstance(results, InputError) else results[0]
@@ -347,13 +350,16 @@ class Segmenter:
         workers = default_workers(self.backbone.device) if workers is None else workers
         pin = self.backbone.device.type == "cuda"
         ready: deque[tuple[ImageLike, Future | InputError]] = deque()
-        with executor(workers, "insid3-finish") as finisher:
+        with executor(workers, "insid3-finish") as finisher, executor(min(workers, 1), "insid3-device") as device_stage:
             for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
                 if batch.pixels is not None:
                     features = self._features(classes, batch.pixels)
-                    readable = self._per_target(self._lowres_masks(classes, features, batch.pixels), batch.sizes)
+                    masks = device_stage.submit(
+                        self._target_masks, classes, features, batch.pixels, batch.sizes, ready_marker(features)
+                    )
+                readable = iter(range(len(batch.sizes)))
                 for target, error in batch.entries:
-                    ready.append((target, error or finisher.submit(self._finish, *next(readable))))
+                    ready.append((target, error or finisher.submit(_finish_target, self._finish, masks, next(readable))))
                 while ready and (len(ready) > batch_size or _is_done(ready[0][1])):
                     yield _resolved(ready.popleft())
             while ready:
@@ -517,6 +523,18 @@ class Segmenter:
                 square &= torch.arange(classes, device=square.device)[:, None, None, None] == winner
             return square
 
+    def _target_masks(
+        self,
+        classes: tuple[ReferenceSet, ...],
+        features: torch.Tensor,
+        pixels: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        ready: torch.cuda.Event | None,
+    ) -> list[tuple]:
+        """:meth:`_lowres_masks` split target by target, on this thread's own stream after ``ready``."""
+        with worker_stream(ready, (features, pixels)):
+            return list(self._per_target(self._lowres_masks(classes, features, pixels), sizes))
+
     @staticmethod
     def _per_target(masks: tuple[np.ndarray, ...], sizes: Sequence[tuple[int, int]]) -> Iterator[tuple]:
         """Split :meth:`_lowres_masks`' batch arrays into :meth:`_finish`'s arguments, target by target."""
@@ -592,6 +610,11 @@ def _raised(result):
     if isinstance(result, InputError):
         raise result
     return result
+
+
+def _finish_target(finish, masks: Future, position: int) -> tuple[SegmentationResult, ...]:
+    """``finish`` on the ``position``-th target of a batch whose masks ``masks`` will hold."""
+    return finish(*masks.result()[position])
 
 
 def _is_done(pending: Future | InputError) -> bool:

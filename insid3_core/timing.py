@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -13,12 +14,14 @@ class StageTimer:
     """Accumulate seconds per named stage, synchronising the device around each stage.
 
     Synchronising serialises host and device work, so a timed run is slower than an
-    untimed one; use it to see where time goes, not to measure throughput.
+    untimed one; use it to see where time goes, not to measure throughput. Stages may run
+    in several threads at once (their seconds then add up to more than the wall time).
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -34,4 +37,6 @@ class StageTimer:
             yield
         finally:
             self._synchronize()
-            self.seconds[name] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.seconds[name] += elapsed

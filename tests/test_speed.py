@@ -112,6 +112,51 @@ def test_threaded_stream_equals_direct_batches_and_keeps_order(segmenter, tmp_pa
         segmenter.segment(references, targets, batch_size=2)
 
 
+def test_next_batch_goes_through_the_backbone_while_the_device_stage_clusters(segmenter, monkeypatch):
+    import threading
+    import time
+
+    events = []
+    features, lowres = segmenter._features, segmenter._lowres_masks
+
+    def recorded_features(*arguments):
+        events.append(("backbone", time.perf_counter(), threading.current_thread().name))
+        return features(*arguments)
+
+    def slow_lowres(*arguments):
+        start = time.perf_counter()
+        time.sleep(0.3)
+        result = lowres(*arguments)
+        events.append(("device stage", start, time.perf_counter(), threading.current_thread().name))
+        return result
+
+    monkeypatch.setattr(segmenter, "_features", recorded_features)
+    monkeypatch.setattr(segmenter, "_lowres_masks", slow_lowres)
+    references = segmenter.encode_references([REFERENCE])
+    pipelined = [result.mask for _, result in segmenter.iter_segment(references, TARGETS[:6], batch_size=2, workers=2)]
+
+    backbone_starts = [event[1] for event in events if event[0] == "backbone"]
+    stages = [event for event in events if event[0] == "device stage"]
+    assert len(backbone_starts) == len(stages) == 3
+    assert all(name.startswith("insid3-device") for *_, name in stages)
+    assert backbone_starts[1] < stages[0][2] and backbone_starts[2] < stages[1][2]  # overlapped
+    monkeypatch.undo()
+    inline = [result.mask for _, result in segmenter.iter_segment(references, TARGETS[:6], batch_size=2, workers=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(pipelined, inline))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
+def test_pipelined_cuda_stream_gives_the_inline_masks(tiny_backbone):
+    from insid3_core import load_backbone
+
+    cuda = Segmenter(load_backbone(None, device="cuda"), EngineConfig(image_size=256, svd_components=16), cache=False)
+    references = cuda.encode_references([REFERENCE])
+    targets = TARGETS * 3
+    pipelined = [result.mask for _, result in cuda.iter_segment(references, targets, batch_size=4, workers=2)]
+    inline = [result.mask for _, result in cuda.iter_segment(references, targets, batch_size=4, workers=0)]
+    assert all(np.array_equal(a, b) for a, b in zip(pipelined, inline))
+
+
 def test_each_reference_passes_the_backbone_once_per_job(segmenter):
     before = segmenter.backbone.images_seen
     references = segmenter.encode_references([REFERENCE, (TARGETS[1], EXAMPLES / "masks" / TARGETS[1].name)])
