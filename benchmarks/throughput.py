@@ -4,7 +4,8 @@
     its references decoded and re-encoded with it in one backbone call, clustering with scipy
     on the CPU, files read and written in the main thread;
 (b) batch engine: references encoded once, targets decoded in worker threads, one backbone
-    call per batch, clustering on the device (torch) when it is a GPU, masks written in threads;
+    call per batch, clustering on the device (torch) when it is a GPU, in a device thread
+    that overlaps the next batch's backbone call, masks written in threads;
 (c) backbone only, the ceiling: the same targets' batches, already on the device, through
     the backbone alone.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import EXAMPLES
 from insid3_core import EngineConfig, InputError, Segmenter
@@ -22,7 +23,6 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("tau", [0.5, 0.6, 0.7])
 def test_batched_torch_clustering_matches_scipy_on_backbone_features(tiny_backbone, tau):
-    import torch
 
     pixels = torch.stack([resized_pixels(load_image(t), 512) for t in TARGETS])
     features = patch_features(tiny_backbone, pixels)
@@ -41,7 +41,6 @@ def structured_targets(count: int = 300, channels: int = 16):
     An arc (chains of merges), blobs of unequal spread, one tight blob amid scattered points
     (a large cluster absorbing one point per round), uniform noise, and a mix of all three.
     """
-    import torch
 
     generator = torch.Generator().manual_seed(3)
 
@@ -61,10 +60,14 @@ def structured_targets(count: int = 300, channels: int = 16):
     return torch.nn.functional.normalize(features, dim=2)
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
 @pytest.mark.parametrize("tau", [0.2, 0.5, 0.8, 0.95])
-def test_batched_torch_clustering_matches_scipy_on_structured_features(tau):
+def test_batched_torch_clustering_matches_scipy_on_structured_features(tau, device):
     features = structured_targets()
-    batched = cluster_patches(features, tau, "torch").numpy()
+    batched = cluster_patches(features.to(device), tau, "torch").cpu().numpy()
     counts = []
     for target, torch_labels in zip(features, batched):
         scipy_labels = cluster_patches(target, tau, "scipy").numpy()
@@ -75,7 +78,6 @@ def test_batched_torch_clustering_matches_scipy_on_structured_features(tau):
 
 
 def test_torch_clustering_keeps_duplicate_patches_together():
-    import torch
 
     features = structured_targets()[:2].repeat_interleave(2, dim=1)  # every patch twice
     for tau in (0.5, 0.99):
@@ -145,8 +147,8 @@ def test_next_batch_goes_through_the_backbone_while_the_device_stage_clusters(se
     assert all(np.array_equal(a, b) for a, b in zip(pipelined, inline))
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device")
-def test_pipelined_cuda_stream_gives_the_inline_masks(tiny_backbone):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_pipelined_cuda_stream_gives_the_inline_masks():
     from insid3_core import load_backbone
 
     cuda = Segmenter(load_backbone(None, device="cuda"), EngineConfig(image_size=256, svd_components=16), cache=False)
@@ -177,7 +179,6 @@ def test_stage_timer_accounts_every_stage(tiny_backbone):
 @pytest.mark.parametrize("seed", range(4))
 def test_batched_torch_clustering_matches_scipy_on_random_structures(seed):
     """Targets of different sizes of structure in one batch: nested groups, noise, duplicates."""
-    import torch
 
     generator = torch.Generator().manual_seed(seed)
     targets = []

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The speed issue's GPU measurements in one call (about 5 minutes on an H100), for a session
+# lent a GPU machine: the CUDA tests of the speed-ups, the clustering alone, then ViT-L/16 at
+# 1024 px in bfloat16 and ViT-S/16 at 512 px end to end. Run in the repository root:
+#
+#     bash benchmarks/gpu_check.sh [LOG_FOLDER]      # default: $OUT, else /tmp/insid3-gpu
+#
+# Each step has its own time limit and prints its exit status, so one failing step leaves
+# the others' numbers; the whole output is kept in LOG_FOLDER/gpu_check.log.
+set -uo pipefail
+log_folder=${1:-${OUT:-/tmp/insid3-gpu}}
+mkdir -p "$log_folder"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+
+step() {
+    echo "+ $*"
+    timeout 240 "$python" "$@"
+    echo "exit status $?"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$python" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+    step -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_parity.py -k "cuda or clustering"
+    step benchmarks/clustering.py --device cuda --random-weights --backbone vit_small_patch16_dinov3 \
+        --image-size 1024 --targets 32 --batch-size 16
+    step benchmarks/throughput.py --device cuda --backbone vit_large_patch16_dinov3 --random-weights \
+        --image-size 1024 --targets 96 --shots 1 --batch-size 16 --precision bfloat16
+    step benchmarks/throughput.py --device cuda --backbone vit_small_patch16_dinov3 --random-weights \
+        --image-size 512 --targets 96 --shots 1 --batch-size 16
+} 2>&1 | tee "$log_folder/gpu_check.log"
