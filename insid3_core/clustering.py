@@ -18,6 +18,12 @@ from .config import CLUSTERING_METHODS
 TORCH_MEMORY_BUDGET = 8 * 2**30
 """Bytes the torch clustering may use at once; a batch is clustered in chunks that fit."""
 
+CHAIN_LENGTH = 8
+"""Most clusters a merging pair may absorb one after another within one round."""
+
+CHAIN_BUDGET = 2**22
+"""Rounds look for such chains only while ``pairs * CHAIN_LENGTH * K`` (float64 cells) stays below it."""
+
 
 def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") -> torch.Tensor:
     """Partition patches by average linkage on cosine distance, cut below ``1 - tau``.
@@ -85,7 +91,7 @@ def _torch_average_linkage(features: torch.Tensor, threshold: float) -> torch.Te
 
     Each cluster keeps its nearest neighbour and a lower bound on its distance to every other
     cluster, so a round touches only the merged rows and columns and the rows that pointed at
-    them (see :class:`_NearestNeighbourLinkage`). Two host synchronisations per round.
+    them (see :class:`_NearestNeighbourLinkage`). Two to four host synchronisations per round.
 
     Parameters
     ----------
@@ -123,8 +129,10 @@ class _NearestNeighbourLinkage:
       keeps the merged cluster when the new distance does not exceed ``bound``, and is
       searched again only otherwise.
 
-    When a target's live clusters fall to half the matrix, the matrices shrink to the largest
-    count over the batch.
+    While few pairs merge per round, each merging pair also absorbs in the same round the
+    chain of clusters it would otherwise absorb one per round (:meth:`_absorbable_chains`).
+    When the largest live count of the batch falls to half the matrix, the matrices shrink to
+    it.
     """
 
     def __init__(self, sums: torch.Tensor, threshold: float) -> None:
@@ -175,9 +183,12 @@ class _NearestNeighbourLinkage:
         kept = merging.view(-1).nonzero()[:, 0]
         if kept.numel() == 0:
             return False
+        gone = kept - kept % count + nearest.view(-1).index_select(0, kept)
+        if kept.numel() * CHAIN_LENGTH * count <= CHAIN_BUDGET:
+            chain_kept, chain_gone = self._absorbable_chains(kept, gone)
+            kept, gone = torch.cat([kept, chain_kept]), torch.cat([gone, chain_gone])
         self.live_total -= kept.numel()
         kept_local = kept % count
-        gone = kept - kept_local + nearest.view(-1).index_select(0, kept)
         self._add_into(kept, gone, kept_local)
         survivor = index.repeat(self.nearest.shape[0], 1)
         survivor.view(-1).index_copy_(0, gone, kept_local)
@@ -197,6 +208,67 @@ class _NearestNeighbourLinkage:
         self.nearest.view(-1).index_copy_(0, rows, nearest)
         self.bound.view(-1).index_copy_(0, rows, bound)
         return True
+
+    def _absorbable_chains(self, kept: torch.Tensor, gone: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clusters that each merging pair would absorb one after another, in this same round.
+
+        A large cluster absorbs the small clusters pointing at it one per round, each being
+        its only mutual nearest neighbour at a time. For the merged pair ``G_0 = kept ∪ gone``
+        this takes the ``CHAIN_LENGTH`` clusters ``q_1, q_2, ...`` whose nearest is ``kept``
+        or ``gone``, nearest first, and accepts the longest prefix where, for every ``k``,
+        ``q_{k+1}`` is the nearest cluster of ``G_k = G_0 ∪ q_1 ∪ ... ∪ q_k`` (over the
+        clusters before this round's merges, which by reducibility cannot come closer), lies
+        closer than the threshold, and is within its own bound of ``G_k`` (so ``G_k`` is its
+        nearest too). Each accepted step is a mutual nearest merge of the sequential process.
+
+        Parameters
+        ----------
+        kept, gone : torch.Tensor
+            ``(M,)`` flat rows of this round's mutual pairs, before they merge.
+
+        Returns
+        -------
+        chain_kept, chain_gone : torch.Tensor
+            ``(A,)`` flat rows: ``chain_gone[a]`` merges into ``chain_kept[a]`` (a ``kept`` row).
+        """
+        count = self.count
+        flat = self.sums.view(-1, count)
+        pairs = kept.numel()
+        rows = torch.arange(flat.shape[0], device=flat.device)
+        pair_of = torch.full_like(rows, pairs)  # ``pairs``: in no merging pair
+        pair_of[kept] = rows[:pairs]
+        pair_of[gone] = rows[:pairs]
+        pointed = pair_of[self.nearest.view(-1) + rows - rows % count]
+        candidate = (self.nearest_distance.view(-1) < self.threshold) & (pointed < pairs) & (pair_of == pairs)
+        pair = torch.where(candidate, pointed, pairs)
+        looked_up = pair.clamp(max=pairs - 1)
+        to_pair = flat.gather(1, (kept % count)[looked_up, None]) + flat.gather(1, (gone % count)[looked_up, None])
+        first = torch.where(candidate, to_pair[:, 0] * self.inverse_sizes.view(-1), torch.inf)  # ∝ d(q, G_0)
+        order = first.argsort()
+        order = order[pair[order].argsort(stable=True)]
+        sorted_pair = pair[order]
+        per_pair = torch.zeros(pairs + 1, dtype=torch.int64, device=flat.device).index_add_(0, pair, torch.ones_like(pair))
+        rank = rows - (per_pair.cumsum(0) - per_pair)[sorted_pair]
+        slot = torch.where((rank < CHAIN_LENGTH) & (sorted_pair < pairs), sorted_pair * CHAIN_LENGTH + rank, pairs * CHAIN_LENGTH)
+        table = torch.full((pairs * CHAIN_LENGTH + 1,), -1, dtype=torch.int64, device=flat.device)
+        members = table.index_copy_(0, slot, order)[:-1].view(pairs, CHAIN_LENGTH)  # the last slot takes the rest
+        present = members >= 0
+        members = members.clamp(min=0)
+        sizes = self.sizes.view(-1)
+        member_rows = flat[members].masked_fill_(~present[..., None], 0.0)  # (M, L, K)
+        grown = torch.cat([(flat[kept] + flat[gone])[:, None], member_rows[:, :-1]], dim=1).cumsum_(dim=1)
+        grown_sizes = torch.cat([(sizes[kept] + sizes[gone])[:, None], (sizes[members] * present)[:, :-1]], dim=1)
+        grown_sizes = grown_sizes.cumsum_(dim=1)
+        distances = grown.mul_(self.inverse_sizes[kept // count][:, None, :]).div_(grown_sizes[..., None])  # d(G_k, .)
+        to_next = distances.gather(2, (members % count)[..., None])[..., 0]
+        accepted = (
+            present
+            & (to_next <= distances.min(dim=2).values)
+            & (to_next < self.threshold)
+            & (to_next <= self.bound.view(-1)[members])
+        ).cumprod(dim=1)
+        absorbed = accepted.view(-1).nonzero()[:, 0]
+        return kept.repeat_interleave(CHAIN_LENGTH)[absorbed], members.view(-1)[absorbed]
 
     def _add_into(self, kept: torch.Tensor, gone: torch.Tensor, kept_local: torch.Tensor) -> None:
         """Add the rows, then the columns, of flat rows ``gone`` into ``kept`` (``(M,)`` each).

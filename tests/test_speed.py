@@ -77,6 +77,20 @@ def test_batched_torch_clustering_matches_scipy_on_structured_features(tau, devi
     assert len(set(counts)) > 1
 
 
+def test_torch_clustering_matches_scipy_on_many_small_random_targets():
+    """Hundreds of small targets in 2-5 dimensions: ties of order, chains and thresholds met
+    in every combination the merges, their cached neighbours and absorbed chains can meet."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(24):
+        channels = int(torch.randint(2, 6, (1,), generator=generator))
+        count = int(torch.randint(8, 60, (1,), generator=generator))
+        features = torch.nn.functional.normalize(torch.randn(32, count, channels, generator=generator), dim=2)
+        for tau in (0.3, 0.6, 0.9):
+            batched = cluster_patches(features, tau, "torch").numpy()
+            for target, torch_labels in zip(features, batched):
+                assert same_partition(cluster_patches(target, tau, "scipy").numpy(), torch_labels)
+
+
 def test_torch_clustering_keeps_duplicate_patches_together():
 
     features = structured_targets()[:2].repeat_interleave(2, dim=1)  # every patch twice
