@@ -24,11 +24,10 @@ from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
 from .loader import default_workers, executor, load_batches, load_target
 from .matching import (
-    backward_candidates,
+    backward_match,
     downsample_mask,
     forward_candidates,
     mask_tensor,
-    negative_suppressed,
     reference_prototype,
 )
 from .quality import QualityReport, QualityThresholds, quality_report
@@ -429,13 +428,6 @@ class Segmenter:
         with self.stage("backbone"):
             return patch_features(self.backbone, pixels)
 
-    @staticmethod
-    def _allowed(references: ReferenceSet, debiased: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` bool: patches not closer to a negative patch than to a reference-mask patch."""
-        if references.negatives is None:
-            return torch.ones(debiased.shape[:2], dtype=torch.bool, device=debiased.device)
-        return ~negative_suppressed(debiased, references.features, references.masks, references.negatives)
-
     def _lowres_masks(
         self, classes: Sequence[ReferenceSet], features: torch.Tensor, pixels: torch.Tensor | None = None
     ) -> tuple[np.ndarray | None, ...]:
@@ -459,13 +451,13 @@ class Segmenter:
             debiased = debias(features, self.basis)
             prototypes = torch.stack([references.prototype for references in classes])
             similarity = torch.einsum("bnc,kc->kbn", debiased, prototypes)
-            allowed = torch.stack([self._allowed(references, debiased) for references in classes])
-            candidates = allowed & torch.stack(
-                [
-                    forward_candidates(sim) & backward_candidates(debiased, references.features, references.masks)
-                    for references, sim in zip(classes, similarity)
-                ]
+            backward, allowed = (
+                torch.stack(parts)
+                for parts in zip(
+                    *(backward_match(debiased, r.features, r.masks, r.negatives) for r in classes)
+                )
             )
+            candidates = allowed & backward & torch.stack([forward_candidates(sim) for sim in similarity])
             has_candidates = candidates.any(dim=2).cpu()
             matched = torch.nonzero(has_candidates.any(dim=0)).flatten().tolist()
         lowres = torch.zeros(candidates.shape, dtype=torch.bool, device=features.device)

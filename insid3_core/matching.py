@@ -113,17 +113,16 @@ def backward_candidates(
     torch.Tensor
         ``(B, N)`` bool: at least ``ceil(S / 2)`` references vote for the patch.
     """
-    votes = torch.zeros(target.shape[:2], dtype=torch.int32, device=target.device)
-    for features, mask in zip(references, reference_masks):
-        nearest = torch.argmax(target @ features.T, dim=-1)
-        votes += mask[nearest]
-    return votes >= math.ceil(len(references) / 2)
+    return backward_match(target, references, reference_masks)[0]
 
 
-def negative_suppressed(
-    target: torch.Tensor, references: torch.Tensor, reference_masks: torch.Tensor, negatives: torch.Tensor
-) -> torch.Tensor:
-    """Target patches that resemble a negative region more than any positive reference patch.
+def backward_match(
+    target: torch.Tensor,
+    references: torch.Tensor,
+    reference_masks: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward candidates and, from the same similarities, the patches negatives leave alone.
 
     Parameters
     ----------
@@ -133,16 +132,26 @@ def negative_suppressed(
         ``(S, M, C)`` debiased reference features.
     reference_masks : torch.Tensor
         ``(S, M)`` bool feature-resolution reference masks (the positive regions).
-    negatives : torch.Tensor
+    negatives : torch.Tensor or None
         ``(R, C)`` debiased features of the patches inside negative masks.
 
     Returns
     -------
-    torch.Tensor
-        ``(B, N)`` bool: the best similarity to a negative patch exceeds the best similarity
-        to a positive reference patch.
+    candidates : torch.Tensor
+        ``(B, N)`` bool: at least ``ceil(S / 2)`` references vote for the patch (its nearest
+        reference patch lies in the reference mask).
+    allowed : torch.Tensor
+        ``(B, N)`` bool: False where the best similarity to a negative patch exceeds the best
+        similarity to a positive reference patch; all True without negatives.
     """
+    votes = torch.zeros(target.shape[:2], dtype=torch.int32, device=target.device)
     positive = torch.full(target.shape[:2], -torch.inf, dtype=target.dtype, device=target.device)
     for features, mask in zip(references, reference_masks):
-        positive = torch.maximum(positive, (target @ features.T).masked_fill(~mask, -torch.inf).amax(dim=-1))
-    return (target @ negatives.T).amax(dim=-1) > positive
+        similarity = target @ features.T
+        votes += mask[torch.argmax(similarity, dim=-1)]
+        if negatives is not None:
+            positive = torch.maximum(positive, similarity.masked_fill_(~mask, -torch.inf).amax(dim=-1))
+    candidates = votes >= math.ceil(len(references) / 2)
+    if negatives is None:
+        return candidates, torch.ones_like(candidates)
+    return candidates, ~((target @ negatives.T).amax(dim=-1) > positive)
