@@ -143,7 +143,6 @@ class _NearestNeighbourLinkage:
         self.sums = sums
         self.threshold = threshold
         self.sizes = torch.ones(batch, count, dtype=torch.float64, device=device)
-        self.inverse_sizes = torch.ones_like(self.sizes)
         self.alive = torch.ones(batch, count, dtype=torch.bool, device=device)
         self.live_total = batch * count
         self.assignment = torch.arange(count, device=device).expand(batch, count).clone()
@@ -160,12 +159,12 @@ class _NearestNeighbourLinkage:
         """Nearest distance, nearest cluster and second-nearest distance of flat rows ``(R,)``."""
         count = self.count
         flat = self.sums.view(-1, count)
-        inverse_row_sizes = self.inverse_sizes.view(-1)
+        row_sizes = self.sizes.view(-1)
         results = []
         for chunk in rows.split(max(1, 2**26 // count)):
-            scaled = flat.index_select(0, chunk).mul_(self.inverse_sizes.index_select(0, chunk // count))
+            scaled = flat.index_select(0, chunk).div_(self.sizes.index_select(0, chunk // count))
             values, indices = scaled.topk(2, dim=1, largest=False)
-            values.mul_(inverse_row_sizes.index_select(0, chunk)[:, None])
+            values.div_(row_sizes.index_select(0, chunk)[:, None])
             results.append((values[:, 0], indices[:, 0], values[:, 1]))
         if len(results) == 1:
             return results[0]
@@ -196,7 +195,7 @@ class _NearestNeighbourLinkage:
         changed = torch.zeros_like(merging).view(-1).index_fill_(0, torch.cat([kept, gone]), True).view_as(merging)
         pointing = (self.nearest_distance < self.threshold) & changed.gather(1, nearest) & ~changed
         merged = survivor.gather(1, nearest)
-        distance = self.sums.gather(2, merged[..., None])[..., 0] * self.inverse_sizes.gather(1, merged) * self.inverse_sizes
+        distance = self.sums.gather(2, merged[..., None])[..., 0] / self.sizes.gather(1, merged) / self.sizes
         keep = pointing & (distance <= self.bound)
         self.nearest = torch.where(keep, merged, nearest)
         self.nearest_distance = torch.where(keep, distance, self.nearest_distance)
@@ -243,7 +242,7 @@ class _NearestNeighbourLinkage:
         pair = torch.where(candidate, pointed, pairs)
         looked_up = pair.clamp(max=pairs - 1)
         to_pair = flat.gather(1, (kept % count)[looked_up, None]) + flat.gather(1, (gone % count)[looked_up, None])
-        first = torch.where(candidate, to_pair[:, 0] * self.inverse_sizes.view(-1), torch.inf)  # ∝ d(q, G_0)
+        first = torch.where(candidate, to_pair[:, 0] / self.sizes.view(-1), torch.inf)  # ∝ d(q, G_0)
         order = first.argsort()
         order = order[pair[order].argsort(stable=True)]
         sorted_pair = pair[order]
@@ -259,7 +258,7 @@ class _NearestNeighbourLinkage:
         grown = torch.cat([(flat[kept] + flat[gone])[:, None], member_rows[:, :-1]], dim=1).cumsum_(dim=1)
         grown_sizes = torch.cat([(sizes[kept] + sizes[gone])[:, None], (sizes[members] * present)[:, :-1]], dim=1)
         grown_sizes = grown_sizes.cumsum_(dim=1)
-        distances = grown.mul_(self.inverse_sizes[kept // count][:, None, :]).div_(grown_sizes[..., None])  # d(G_k, .)
+        distances = grown.div_(self.sizes[kept // count][:, None, :]).div_(grown_sizes[..., None])  # d(G_k, .)
         to_next = distances.gather(2, (members % count)[..., None])[..., 0]
         accepted = (
             present
@@ -287,7 +286,6 @@ class _NearestNeighbourLinkage:
         cells.index_fill_(0, gone_columns, torch.inf)
         sizes = self.sizes.view(-1)
         sizes.index_add_(0, kept, sizes.index_select(0, gone))
-        self.inverse_sizes.view(-1).index_copy_(0, kept, sizes.index_select(0, kept).reciprocal_())
         self.alive.view(-1).index_fill_(0, gone, False)
 
     def compact_if_sparse(self) -> None:
@@ -309,7 +307,6 @@ class _NearestNeighbourLinkage:
         rows = self.sums.gather(1, order[:, :, None].expand(-1, -1, count))
         self.sums = rows.gather(2, order[:, None, :].expand(-1, size, -1))
         self.sizes = self.sizes.gather(1, order)
-        self.inverse_sizes = self.inverse_sizes.gather(1, order)
         self.nearest_distance = self.nearest_distance.gather(1, order).masked_fill_(~valid, torch.inf)
         self.bound = self.bound.gather(1, order)
         self.nearest = torch.where(valid, renumber.gather(1, self.nearest).gather(1, order), 0)
