@@ -23,13 +23,7 @@ from .debias import debias, positional_basis
 from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
 from .loader import default_workers, executor, load_batches, load_target
-from .matching import (
-    backward_match,
-    downsample_mask,
-    forward_candidates,
-    mask_tensor,
-    reference_prototype,
-)
+from .matching import backward_match, downsample_mask, forward_candidates, mask_tensor, reference_prototype
 from .quality import QualityReport, QualityThresholds, quality_report
 from .timing import StageTimer
 from .refine import refine_masks
@@ -358,7 +352,7 @@ class Segmenter:
                     )
                 readable = iter(range(len(batch.sizes)))
                 for target, error in batch.entries:
-                    ready.append((target, error or finisher.submit(_finish_target, self._finish, masks, next(readable))))
+                    ready.append((target, error or finisher.submit(self._finish_target, masks, next(readable))))
                 while ready and (len(ready) > batch_size or _is_done(ready[0][1])):
                     yield _resolved(ready.popleft())
             while ready:
@@ -451,11 +445,8 @@ class Segmenter:
             debiased = debias(features, self.basis)
             prototypes = torch.stack([references.prototype for references in classes])
             similarity = torch.einsum("bnc,kc->kbn", debiased, prototypes)
-            backward, allowed = (
-                torch.stack(parts)
-                for parts in zip(
-                    *(backward_match(debiased, r.features, r.masks, r.negatives) for r in classes)
-                )
+            backward, allowed = map(
+                torch.stack, zip(*(backward_match(debiased, r.features, r.masks, r.negatives) for r in classes))
             )
             candidates = allowed & backward & torch.stack([forward_candidates(sim) for sim in similarity])
             has_candidates = candidates.any(dim=2).cpu()
@@ -526,6 +517,10 @@ class Segmenter:
         """:meth:`_lowres_masks` split target by target, on this thread's own stream after ``ready``."""
         with worker_stream(ready, (features, pixels)):
             return list(self._per_target(self._lowres_masks(classes, features, pixels), sizes))
+
+    def _finish_target(self, masks: Future, position: int) -> tuple[SegmentationResult, ...]:
+        """:meth:`_finish` on the ``position``-th target of a batch, once its ``masks`` are ready."""
+        return self._finish(*masks.result()[position])
 
     @staticmethod
     def _per_target(masks: tuple[np.ndarray, ...], sizes: Sequence[tuple[int, int]]) -> Iterator[tuple]:
@@ -602,11 +597,6 @@ def _raised(result):
     if isinstance(result, InputError):
         raise result
     return result
-
-
-def _finish_target(finish, masks: Future, position: int) -> tuple[SegmentationResult, ...]:
-    """``finish`` on the ``position``-th target of a batch whose masks ``masks`` will hold."""
-    return finish(*masks.result()[position])
 
 
 def _is_done(pending: Future | InputError) -> bool:
