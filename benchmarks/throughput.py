@@ -39,6 +39,7 @@ from insid3_core.config import CLUSTERING_METHODS  # noqa: E402
 from insid3_core.features import patch_features, resized_pixels  # noqa: E402
 from insid3_core.io import load_image, write_mask_png  # noqa: E402
 from insid3_core.loader import default_workers, executor  # noqa: E402
+from insid3_core.metrics import mask_iou  # noqa: E402
 from insid3_core.timing import StageTimer  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
@@ -154,11 +155,6 @@ def run_backbone_only(backbone, targets, image_size: int, batch_size: int) -> fl
     return time.perf_counter() - start
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
-
-
 def stage_line(seconds: dict, count: int) -> str:
     return "  ".join(f"{name} {1000 * value / count:.1f}" for name, value in seconds.items())
 
@@ -212,7 +208,7 @@ def main(argv=None) -> None:
             run_per_pair(baseline, references, targets[:1], scratch / "warm")
             baseline.timer = StageTimer(device)
             baseline_seconds, baseline_masks = run_per_pair(baseline, references, targets, scratch / "baseline")
-            ious = [iou(engine_masks[key], baseline_masks[key]) for key in baseline_masks]
+            ious = [mask_iou(engine_masks[key], baseline_masks[key]) for key in baseline_masks]
             speedup = baseline_seconds / engine_seconds
             print(f"per-pair      : {count / baseline_seconds:8.2f} targets/s  {1000 * baseline_seconds / count:8.1f} ms/target")
             print(f"  stages (ms/target): {stage_line(baseline.timer.seconds, count)}")
