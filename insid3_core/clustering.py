@@ -9,6 +9,8 @@ partition.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -23,6 +25,12 @@ CHAIN_LENGTH = 8
 
 CHAIN_BUDGET = 2**22
 """Rounds look for such chains only while ``pairs * CHAIN_LENGTH * K`` (float64 cells) stays below it."""
+
+SEARCH_CELLS = 2**25
+"""Most float64 cells a round's nearest-neighbour search (rows x K) or chains may read at once."""
+
+ROUNDS_PER_CHECK = 4
+"""Rounds replayed on a GPU between two reads of the clustering state by the host."""
 
 
 def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") -> torch.Tensor:
@@ -86,12 +94,18 @@ def _scipy_average_linkage(features: torch.Tensor, tau: float) -> np.ndarray:
     return labels.astype(np.int64) - 1
 
 
-def _torch_average_linkage(features: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Merge all mutual nearest cluster pairs closer than ``threshold``, in every target at once.
+def _torch_average_linkage(
+    features: torch.Tensor,
+    threshold: float,
+    slot_limits: tuple[int, int] | None = None,
+    rounds_per_check: int | None = None,
+) -> torch.Tensor:
+    """Merge mutual nearest cluster pairs closer than ``threshold``, in every target at once.
 
     Each cluster keeps its nearest neighbour and a lower bound on its distance to every other
     cluster, so a round touches only the merged rows and columns and the rows that pointed at
-    them (see :class:`_NearestNeighbourLinkage`). Two to four host synchronisations per round.
+    them (see :class:`_NearestNeighbourLinkage`). Rounds have fixed shapes between two reads
+    of the state by the host; on a GPU they replay one captured CUDA graph.
 
     Parameters
     ----------
@@ -99,6 +113,13 @@ def _torch_average_linkage(features: torch.Tensor, threshold: float) -> torch.Te
         ``(B, N, C)`` L2-normalised.
     threshold : float
         ``1 - tau``.
+    slot_limits : (int, int) or None
+        Most merging pairs and most searched rows a round takes (more wait for later rounds);
+        ``None`` sizes them from :data:`SEARCH_CELLS`.
+    rounds_per_check : int or None
+        Rounds run with the same slots between two reads of the state; ``None``:
+        :data:`ROUNDS_PER_CHECK` on a GPU (slots rounded up to powers of two, so that captured
+        graphs serve again), 1 elsewhere (slots sized exactly).
 
     Returns
     -------
@@ -109,9 +130,15 @@ def _torch_average_linkage(features: torch.Tensor, threshold: float) -> torch.Te
     if count < 2:
         return torch.zeros(batch, count, dtype=torch.int64, device=features.device)
     linkage_state = _NearestNeighbourLinkage(_cosine_distances(features), threshold)
-    while linkage_state.merge_round():
-        linkage_state.compact_if_sparse()
+    linkage_state.run(slot_limits, rounds_per_check)
     return linkage_state.labels()
+
+
+def _slots(needed: int, limit: int, reusable: bool) -> int:
+    """Slots for ``needed`` items, at most ``limit``: the next power of two (at least 8) when
+    ``reusable`` (several rounds, and on a GPU one captured graph, serve many checks), else
+    ``needed`` (at least 1)."""
+    return min(limit, max(8, 1 << (needed - 1).bit_length()) if reusable else max(1, needed))
 
 
 class _NearestNeighbourLinkage:
@@ -120,19 +147,27 @@ class _NearestNeighbourLinkage:
     ``sums[b, i, j]`` is the total point-to-point distance between clusters i and j of target
     b (``inf`` on the diagonal and in the columns of merged-away clusters), so their average
     distance is ``sums[b, i, j] / (n_i n_j)``. Average linkage is reducible: a merged cluster
-    is never closer to a third cluster than the nearer of its two parts. Hence
+    is never closer to a third cluster than the nearer of its two parts, and two mutual
+    nearest clusters stay so while other pairs merge. Hence
 
     - a cluster whose nearest neighbour is at ``threshold`` or farther never merges again;
     - a cluster whose nearest neighbour did not merge keeps it;
     - ``bound``, the second-nearest distance at a cluster's last full search, stays a lower
       bound on its distance to every cluster but its nearest; a cluster whose nearest merged
       keeps the merged cluster when the new distance does not exceed ``bound``, and is
-      searched again only otherwise.
+      searched again only otherwise;
+    - a round may merge any subset of the mutual pairs and search any subset of the rows to
+      search: the rest are ``stale`` (their nearest is unknown), and a stale cluster takes
+      part in no merge until it is searched.
 
     While few pairs merge per round, each merging pair also absorbs in the same round the
     chain of clusters it would otherwise absorb one per round (:meth:`_absorbable_chains`).
-    When the largest live count of the batch falls to half the matrix, the matrices shrink to
-    it.
+
+    Per-cluster state is flat, row ``b * K + i`` for cluster i of target b, with one scratch
+    row at the end: a round's unused slots write there, so that a round has the same shapes
+    whatever merges (no host synchronisation, and a CUDA graph can replay it). The host reads
+    the state every few rounds to size the slots, to stop, and to shrink the matrices when
+    the largest live count of the batch falls to half of them.
     """
 
     def __init__(self, sums: torch.Tensor, threshold: float) -> None:
@@ -142,80 +177,139 @@ class _NearestNeighbourLinkage:
         sums.diagonal(dim1=1, dim2=2).fill_(torch.inf)
         self.sums = sums
         self.threshold = threshold
-        self.sizes = torch.ones(batch, count, dtype=torch.float64, device=device)
-        self.alive = torch.ones(batch, count, dtype=torch.bool, device=device)
-        self.live_total = batch * count
+        rows = batch * count + 1
+        self.sizes = torch.ones(rows, dtype=torch.float64, device=device)
+        self.alive = torch.ones(rows, dtype=torch.bool, device=device)
+        self.alive[-1].fill_(False)
+        self.stale = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.nearest = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.nearest_distance = torch.full((rows,), torch.inf, dtype=torch.float64, device=device)
+        self.bound = torch.full((rows,), torch.inf, dtype=torch.float64, device=device)
         self.assignment = torch.arange(count, device=device).expand(batch, count).clone()
-        distance, nearest, bound = self._nearest_two(torch.arange(batch * count, device=device))
-        self.nearest_distance = distance.view(batch, count)
-        self.nearest = nearest.view(batch, count)
-        self.bound = bound.view(batch, count)
+        self.searched = torch.zeros((), dtype=torch.int64, device=device)  # rows the last round had to search
+        for chunk in torch.arange(batch * count, device=device).split(max(1, SEARCH_CELLS // count)):
+            self._search(chunk, torch.ones_like(chunk, dtype=torch.bool))
+
+    @property
+    def batch(self) -> int:
+        return self.sums.shape[0]
 
     @property
     def count(self) -> int:
         return self.sums.shape[1]
 
-    def _nearest_two(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Nearest distance, nearest cluster and second-nearest distance of flat rows ``(R,)``."""
-        count = self.count
-        flat = self.sums.view(-1, count)
-        row_sizes = self.sizes.view(-1)
-        results = []
-        for chunk in rows.split(max(1, 2**26 // count)):
-            scaled = flat.index_select(0, chunk).div_(self.sizes.index_select(0, chunk // count))
-            values, indices = scaled.topk(2, dim=1, largest=False)
-            values.div_(row_sizes.index_select(0, chunk)[:, None])
-            results.append((values[:, 0], indices[:, 0], values[:, 1]))
-        if len(results) == 1:
-            return results[0]
-        return tuple(torch.cat(parts) for parts in zip(*results))
+    def grid(self, state: torch.Tensor) -> torch.Tensor:
+        """The ``(B, K)`` view of flat per-cluster ``state`` (scratch row left out)."""
+        return state[:-1].view(self.batch, self.count)
 
-    def merge_round(self) -> bool:
-        """Merge every mutual nearest pair closer than the threshold; ``False`` when none is left.
+    def run(self, slot_limits: tuple[int, int] | None = None, rounds_per_check: int | None = None) -> None:
+        """Merge until no pair closer than the threshold is left; see :func:`_torch_average_linkage`."""
+        pair_limit, row_limit = slot_limits or (SEARCH_CELLS, SEARCH_CELLS)
+        graph = _RoundGraph() if self.sums.device.type == "cuda" else None
+        rounds_per_check = rounds_per_check or (1 if graph is None else ROUNDS_PER_CHECK)
+        reusable = rounds_per_check > 1
+        slots = (0, 0)
+        while True:
+            pairs, stale, searched, largest = self._pending().tolist()
+            if pairs == 0 and stale == 0:
+                return
+            if max(largest, 2) <= self.count // 2:
+                self.compact(max(largest, 2))
+                slots = (0, 0)
+            count = self.count
+            wanted = (
+                _slots(pairs, min(pair_limit, SEARCH_CELLS // count, self.batch * count // 2), reusable),
+                _slots(max(searched, 4 * pairs), min(row_limit, SEARCH_CELLS // count, self.batch * count), reusable),
+            )
+            if not reusable or not all(want <= slot <= 4 * want for want, slot in zip(wanted, slots)):
+                slots = wanted  # reused slots keep the captured graph while they are at most 4 times too many
+            pair_slots, row_slots = slots
+            chains = pair_slots * CHAIN_LENGTH * count <= CHAIN_BUDGET
+            if graph is None:
+                for _ in range(rounds_per_check):
+                    self.merge_round(pair_slots, row_slots, chains)
+            else:
+                graph.replay(self, (pair_slots, row_slots, chains), rounds_per_check)
 
-        Clusters are addressed by flat row ``b * K + i`` of the ``(B, K)`` state tensors.
+    def _mutual(self) -> torch.Tensor:
+        """``(B, K)`` bool: the lower-indexed cluster of each fresh mutual pair closer than the threshold."""
+        nearest, stale = self.grid(self.nearest), self.grid(self.stale)
+        index = torch.arange(self.count, device=nearest.device)
+        return (
+            (self.grid(self.nearest_distance) < self.threshold)
+            & (nearest.gather(1, nearest) == index)
+            & (index < nearest)
+            & ~stale
+            & ~stale.gather(1, nearest)
+        )
+
+    def _pending(self) -> torch.Tensor:
+        """``(4,)`` int64: mutual pairs, stale clusters, rows the last round had to search, and
+        the largest live count of a target."""
+        return torch.stack([self._mutual().sum(), self.stale.sum(), self.searched, self.grid(self.alive).sum(dim=1).max()])
+
+    def merge_round(self, pair_slots: int, row_slots: int, chains: bool) -> None:
+        """Merge up to ``pair_slots`` mutual pairs (and their chains), search up to ``row_slots`` rows.
+
+        Shapes depend on the arguments only; nothing is read back by the host.
         """
-        count = self.count
-        index = torch.arange(count, device=self.sums.device)
-        nearest = self.nearest
-        merging = (self.nearest_distance < self.threshold) & (nearest.gather(1, nearest) == index) & (index < nearest)
-        kept = merging.view(-1).nonzero()[:, 0]
-        if kept.numel() == 0:
-            return False
-        gone = kept - kept % count + nearest.view(-1).index_select(0, kept)
-        if kept.numel() * CHAIN_LENGTH * count <= CHAIN_BUDGET:
-            chain_kept, chain_gone = self._absorbable_chains(kept, gone)
-            kept, gone = torch.cat([kept, chain_kept]), torch.cat([gone, chain_gone])
-        self.live_total -= kept.numel()
+        count, scratch = self.count, self.batch * self.count
+        kept, valid = _first_set(self._mutual().view(-1), pair_slots)
+        gone = kept - kept % count + self.nearest.index_select(0, kept)
+        if chains:
+            chain_kept, chain_gone, chain_valid = self._absorbable_chains(kept, gone, valid)
+            taken, chain_valid = _first_set(chain_valid, pair_slots)  # the first absorptions of each chain, in order
+            chain_kept, chain_gone = chain_kept[taken], chain_gone[taken]
+            kept, gone, valid = torch.cat([kept, chain_kept]), torch.cat([gone, chain_gone]), torch.cat([valid, chain_valid])
         kept_local = kept % count
-        self._add_into(kept, gone, kept_local)
-        survivor = index.repeat(self.nearest.shape[0], 1)
-        survivor.view(-1).index_copy_(0, gone, kept_local)
-        self.assignment = survivor.gather(1, self.assignment)
-        changed = torch.zeros_like(merging).view(-1).index_fill_(0, torch.cat([kept, gone]), True).view_as(merging)
-        pointing = (self.nearest_distance < self.threshold) & changed.gather(1, nearest) & ~changed
+        self._add_into(kept, gone, valid, kept_local)
+        kept_slot, gone_slot = torch.where(valid, kept, scratch), torch.where(valid, gone, scratch)
+        self.alive.index_fill_(0, gone_slot, False)
+        survivor = torch.arange(count, device=kept.device).repeat(self.batch + 1)[: scratch + 1]
+        survivor.index_copy_(0, gone_slot, kept_local)
+        survivor = self.grid(survivor)
+        self.assignment.copy_(survivor.gather(1, self.assignment))
+        changed = torch.zeros_like(self.alive).index_fill_(0, torch.cat([kept_slot, gone_slot]), True)
+        changed_grid = self.grid(changed)
+        nearest, nearest_distance, sizes = self.grid(self.nearest), self.grid(self.nearest_distance), self.grid(self.sizes)
+        pointing = (nearest_distance < self.threshold) & changed_grid.gather(1, nearest) & ~changed_grid
         merged = survivor.gather(1, nearest)
-        distance = self.sums.gather(2, merged[..., None])[..., 0] / self.sizes.gather(1, merged) / self.sizes
-        keep = pointing & (distance <= self.bound)
-        self.nearest = torch.where(keep, merged, nearest)
-        self.nearest_distance = torch.where(keep, distance, self.nearest_distance)
-        self.nearest_distance.view(-1).index_fill_(0, gone, torch.inf)
-        search = (pointing & ~keep).view(-1).index_fill_(0, kept, True)
-        rows = search.nonzero()[:, 0]
-        distance, nearest, bound = self._nearest_two(rows)
-        self.nearest_distance.view(-1).index_copy_(0, rows, distance)
-        self.nearest.view(-1).index_copy_(0, rows, nearest)
-        self.bound.view(-1).index_copy_(0, rows, bound)
-        return True
+        distance = self.sums.gather(2, merged[..., None])[..., 0] / sizes.gather(1, merged) / sizes
+        keep = pointing & (distance <= self.grid(self.bound))
+        nearest.copy_(torch.where(keep, merged, nearest))
+        nearest_distance.copy_(torch.where(keep, distance, nearest_distance))
+        self.nearest_distance.index_fill_(0, gone_slot, torch.inf)
+        search = changed.index_fill_(0, gone_slot, False)
+        search[:-1].bitwise_or_(((pointing & ~keep) | self.grid(self.stale)).view(-1))
+        search[-1].fill_(False)
+        self.searched.copy_(search.sum())
+        rows, found = _first_set(search[:-1], row_slots)
+        self.stale.copy_(search).index_fill_(0, torch.where(found, rows, scratch), False)
+        self.stale[-1].fill_(False)
+        self._search(rows, found)
 
-    def _absorbable_chains(self, kept: torch.Tensor, gone: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, rows: torch.Tensor, found: torch.Tensor) -> None:
+        """Nearest cluster, its distance and the second-nearest distance of flat ``rows`` ``(R,)``
+        where ``found`` (``(R,)`` bool) is set; the others write to the scratch row."""
+        count = self.count
+        scaled = self.sums.view(-1, count).index_select(0, rows).div_(self.grid(self.sizes).index_select(0, rows // count))
+        values, indices = scaled.topk(2, dim=1, largest=False)
+        values.div_(self.sizes.index_select(0, rows)[:, None])
+        slot = torch.where(found, rows, self.batch * count)
+        self.nearest_distance.index_copy_(0, slot, values[:, 0])
+        self.nearest.index_copy_(0, slot, indices[:, 0])
+        self.bound.index_copy_(0, slot, values[:, 1])
+
+    def _absorbable_chains(
+        self, kept: torch.Tensor, gone: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Clusters that each merging pair would absorb one after another, in this same round.
 
         A large cluster absorbs the small clusters pointing at it one per round, each being
         its only mutual nearest neighbour at a time. For the merged pair ``G_0 = kept ∪ gone``
-        this takes the ``CHAIN_LENGTH`` clusters ``q_1, q_2, ...`` whose nearest is ``kept``
-        or ``gone``, nearest first, and accepts the longest prefix where, for every ``k``,
-        ``q_{k+1}`` is the nearest cluster of ``G_k = G_0 ∪ q_1 ∪ ... ∪ q_k`` (over the
+        this takes the ``CHAIN_LENGTH`` fresh clusters ``q_1, q_2, ...`` whose nearest is
+        ``kept`` or ``gone``, nearest first, and accepts the longest prefix where, for every
+        ``k``, ``q_{k+1}`` is the nearest cluster of ``G_k = G_0 ∪ q_1 ∪ ... ∪ q_k`` (over the
         clusters before this round's merges, which by reducibility cannot come closer), lies
         closer than the threshold, and is within its own bound of ``G_k`` (so ``G_k`` is its
         nearest too). Each accepted step is a mutual nearest merge of the sequential process.
@@ -224,95 +318,182 @@ class _NearestNeighbourLinkage:
         ----------
         kept, gone : torch.Tensor
             ``(M,)`` flat rows of this round's mutual pairs, before they merge.
+        valid : torch.Tensor
+            ``(M,)`` bool: which slots hold a pair.
 
         Returns
         -------
-        chain_kept, chain_gone : torch.Tensor
-            ``(A,)`` flat rows: ``chain_gone[a]`` merges into ``chain_kept[a]`` (a ``kept`` row).
+        chain_kept, chain_gone, chain_valid : torch.Tensor
+            ``(M * CHAIN_LENGTH,)``: ``chain_gone[a]`` merges into ``chain_kept[a]`` (a ``kept``
+            row) where ``chain_valid[a]``.
         """
         count = self.count
         flat = self.sums.view(-1, count)
         pairs = kept.numel()
-        rows = torch.arange(flat.shape[0], device=flat.device)
-        pair_of = torch.full_like(rows, pairs)  # ``pairs``: in no merging pair
-        pair_of[kept] = rows[:pairs]
-        pair_of[gone] = rows[:pairs]
-        pointed = pair_of[self.nearest.view(-1) + rows - rows % count]
-        candidate = (self.nearest_distance.view(-1) < self.threshold) & (pointed < pairs) & (pair_of == pairs)
+        scratch = self.batch * count
+        rows = torch.arange(scratch, device=flat.device)
+        slot = torch.arange(pairs, device=flat.device)
+        pair_of = torch.full((scratch + 1,), pairs, dtype=torch.int64, device=flat.device)  # ``pairs``: in no merging pair
+        pair_of.index_copy_(0, torch.where(valid, kept, scratch), slot).index_copy_(0, torch.where(valid, gone, scratch), slot)
+        pair_of = pair_of[:-1]
+        pointed = pair_of[self.nearest[:-1] + rows - rows % count]
+        candidate = (
+            (self.nearest_distance[:-1] < self.threshold) & (pointed < pairs) & (pair_of == pairs) & ~self.stale[:-1]
+        )
         pair = torch.where(candidate, pointed, pairs)
         looked_up = pair.clamp(max=pairs - 1)
         to_pair = flat.gather(1, (kept % count)[looked_up, None]) + flat.gather(1, (gone % count)[looked_up, None])
-        first = torch.where(candidate, to_pair[:, 0] / self.sizes.view(-1), torch.inf)  # ∝ d(q, G_0)
+        first = torch.where(candidate, to_pair[:, 0] / self.sizes[:-1], torch.inf)  # ∝ d(q, G_0)
         order = first.argsort()
         order = order[pair[order].argsort(stable=True)]
         sorted_pair = pair[order]
         per_pair = torch.zeros(pairs + 1, dtype=torch.int64, device=flat.device).index_add_(0, pair, torch.ones_like(pair))
         rank = rows - (per_pair.cumsum(0) - per_pair)[sorted_pair]
-        slot = torch.where((rank < CHAIN_LENGTH) & (sorted_pair < pairs), sorted_pair * CHAIN_LENGTH + rank, pairs * CHAIN_LENGTH)
+        table_slot = torch.where(
+            (rank < CHAIN_LENGTH) & (sorted_pair < pairs), sorted_pair * CHAIN_LENGTH + rank, pairs * CHAIN_LENGTH
+        )
         table = torch.full((pairs * CHAIN_LENGTH + 1,), -1, dtype=torch.int64, device=flat.device)
-        members = table.index_copy_(0, slot, order)[:-1].view(pairs, CHAIN_LENGTH)  # the last slot takes the rest
+        members = table.index_copy_(0, table_slot, order)[:-1].view(pairs, CHAIN_LENGTH)  # the last slot takes the rest
         present = members >= 0
         members = members.clamp(min=0)
-        sizes = self.sizes.view(-1)
+        sizes = self.sizes
         member_rows = flat[members].masked_fill_(~present[..., None], 0.0)  # (M, L, K)
         grown = torch.cat([(flat[kept] + flat[gone])[:, None], member_rows[:, :-1]], dim=1).cumsum_(dim=1)
         grown_sizes = torch.cat([(sizes[kept] + sizes[gone])[:, None], (sizes[members] * present)[:, :-1]], dim=1)
         grown_sizes = grown_sizes.cumsum_(dim=1)
-        distances = grown.div_(self.sizes[kept // count][:, None, :]).div_(grown_sizes[..., None])  # d(G_k, .)
+        distances = grown.div_(self.grid(sizes)[kept // count][:, None, :]).div_(grown_sizes[..., None])  # d(G_k, .)
         to_next = distances.gather(2, (members % count)[..., None])[..., 0]
         accepted = (
             present
             & (to_next <= distances.min(dim=2).values)
             & (to_next < self.threshold)
-            & (to_next <= self.bound.view(-1)[members])
+            & (to_next <= self.bound[members])
         ).cumprod(dim=1)
-        absorbed = accepted.view(-1).nonzero()[:, 0]
-        return kept.repeat_interleave(CHAIN_LENGTH)[absorbed], members.view(-1)[absorbed]
+        return kept[:, None].expand(pairs, CHAIN_LENGTH).reshape(-1), members.view(-1), accepted.view(-1).bool()
 
-    def _add_into(self, kept: torch.Tensor, gone: torch.Tensor, kept_local: torch.Tensor) -> None:
-        """Add the rows, then the columns, of flat rows ``gone`` into ``kept`` (``(M,)`` each).
+    def _add_into(self, kept: torch.Tensor, gone: torch.Tensor, valid: torch.Tensor, kept_local: torch.Tensor) -> None:
+        """Add the rows, then the columns, of flat rows ``gone`` into ``kept`` (``(M,)`` each) where
+        ``valid``; ``gone``'s columns become ``inf``. The other slots (any rows) add zeros.
 
         ``kept_local`` is ``kept``'s column within its target.
         """
         count = self.count
         flat = self.sums.view(-1, count)
-        flat.index_add_(0, kept, flat.index_select(0, gone))
+        use = valid[:, None]
+        flat.index_add_(0, kept, torch.where(use, flat.index_select(0, gone), 0.0))
         cells = self.sums.view(-1)
         column = torch.arange(count, device=cells.device) * count
         first_cell = (kept - kept_local) * count + kept_local  # cell (b, 0, i)
         kept_columns = (first_cell[:, None] + column).view(-1)
-        gone_columns = (first_cell[:, None] + (gone - kept)[:, None] + column).view(-1)
-        cells.index_add_(0, kept_columns, cells.index_select(0, gone_columns))
-        cells.index_fill_(0, gone_columns, torch.inf)
-        sizes = self.sizes.view(-1)
-        sizes.index_add_(0, kept, sizes.index_select(0, gone))
-        self.alive.view(-1).index_fill_(0, gone, False)
+        gone_columns = first_cell[:, None] + (gone - kept)[:, None] + column
+        cells.index_add_(0, kept_columns, torch.where(use, cells[gone_columns], 0.0).view(-1))
+        merged_away = torch.zeros(gone_columns.shape, dtype=cells.dtype, device=cells.device).masked_fill_(use, torch.inf)
+        cells.index_add_(0, gone_columns.view(-1), merged_away.view(-1))
+        self.sizes.index_add_(0, kept, torch.where(valid, self.sizes.index_select(0, gone), 0.0))
 
-    def compact_if_sparse(self) -> None:
-        """Shrink the matrices to the largest live count when it is at most half of them.
+    def compact(self, size: int) -> None:
+        """Shrink the matrices to ``size``, the largest live count of a target.
 
         A target with fewer live clusters is padded with merged-away ones, whose columns are
         ``inf`` and whose nearest distance is set to ``inf``.
         """
-        batch, count = self.alive.shape
-        if self.live_total > batch * count // 2:
-            return
-        counts = self.alive.sum(dim=1)
-        size = int(counts.max())
-        if size > count // 2:
-            return
-        order = torch.argsort((~self.alive).to(torch.uint8), dim=1, stable=True)[:, :size]
+        batch, count = self.batch, self.count
+        alive = self.grid(self.alive)
+        counts = alive.sum(dim=1)
+        order = torch.argsort((~alive).to(torch.uint8), dim=1, stable=True)[:, :size]
         valid = torch.arange(size, device=order.device) < counts[:, None]
-        renumber = (self.alive.cumsum(dim=1) - 1).clamp_(min=0)
+        renumber = (alive.cumsum(dim=1) - 1).clamp_(min=0)
         rows = self.sums.gather(1, order[:, :, None].expand(-1, -1, count))
-        self.sums = rows.gather(2, order[:, None, :].expand(-1, size, -1))
-        self.sizes = self.sizes.gather(1, order)
-        self.nearest_distance = self.nearest_distance.gather(1, order).masked_fill_(~valid, torch.inf)
-        self.bound = self.bound.gather(1, order)
-        self.nearest = torch.where(valid, renumber.gather(1, self.nearest).gather(1, order), 0)
+
+        def shrunk(state: torch.Tensor, padding) -> torch.Tensor:
+            kept = state[:-1].view(batch, count).gather(1, order)
+            return torch.cat([kept.view(-1), kept.new_full((1,), padding)])
+
+        nearest = renumber.gather(1, self.grid(self.nearest).gather(1, order))
+        self.nearest = torch.cat([nearest.view(-1), nearest.new_zeros(1)])
+        self.sizes = shrunk(self.sizes, 1.0)
+        self.nearest_distance = shrunk(self.nearest_distance, torch.inf)
+        self.bound = shrunk(self.bound, torch.inf)
+        self.stale = shrunk(self.stale, False)
         self.assignment = renumber.gather(1, self.assignment)
-        self.alive = valid
+        self.alive = torch.cat([valid.view(-1), valid.new_zeros(1)])
+        self.sums = rows.gather(2, order[:, None, :].expand(-1, size, -1))
+        self.grid(self.nearest_distance).masked_fill_(~valid, torch.inf)
 
     def labels(self) -> torch.Tensor:
         """``(B, N)`` int64 labels ``0..K_b-1`` of the original points."""
-        return (self.alive.cumsum(dim=1) - 1).gather(1, self.assignment)
+        return (self.grid(self.alive).cumsum(dim=1) - 1).gather(1, self.assignment)
+
+
+def _first_set(flags: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the first ``slots`` set entries of ``flags`` ``(M,)`` bool, without a host read.
+
+    Returns
+    -------
+    indices : torch.Tensor
+        ``(slots,)`` int64; 0 in the slots left over.
+    found : torch.Tensor
+        ``(slots,)`` bool: which slots hold an index.
+    """
+    position = flags.cumsum(0) - 1
+    slot = torch.where(flags & (position < slots), position, slots)
+    indices = torch.full((slots + 1,), -1, dtype=torch.int64, device=flags.device)
+    indices = indices.index_copy_(0, slot, torch.arange(flags.numel(), device=flags.device))[:-1]
+    found = indices >= 0
+    return indices.clamp_(min=0), found
+
+
+class _RoundGraph:
+    """A CUDA graph of :meth:`_NearestNeighbourLinkage.merge_round`, captured again whenever its
+    arguments or the matrices it works on change.
+
+    Captured on a side stream with the graph's own memory pool and ``thread_local`` capture
+    errors, without the device-wide synchronisation and cache release of
+    :class:`torch.cuda.graph`, so that the backbone of another thread runs on meanwhile. If a
+    capture fails, this process warns once and runs the rounds without graphs (same results).
+    """
+
+    unavailable = False
+    """Set for the whole process when a capture failed."""
+
+    def __init__(self) -> None:
+        self.sums = None  # the matrices of the state captured; compaction replaces all its tensors
+        self.arguments = None
+        self.graph = None
+
+    def replay(self, state: "_NearestNeighbourLinkage", arguments: tuple, rounds: int) -> None:
+        """Run ``state.merge_round(*arguments)`` ``rounds`` times on the current stream."""
+        if state.sums is not self.sums or arguments != self.arguments:
+            self.graph, self.sums, self.arguments = None, state.sums, arguments
+            if not _RoundGraph.unavailable:
+                self.graph = self._capture(state, arguments)
+                rounds -= 1
+        for _ in range(rounds):
+            if self.graph is None:
+                state.merge_round(*arguments)
+            else:
+                self.graph.replay()
+
+    @staticmethod
+    def _capture(state: "_NearestNeighbourLinkage", arguments: tuple) -> torch.cuda.CUDAGraph | None:
+        """Run one round eagerly (the warm-up a capture needs), then capture the next; ``None``
+        when the capture failed."""
+        device = state.sums.device
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            state.merge_round(*arguments)
+            try:
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    state.merge_round(*arguments)
+                finally:
+                    graph.capture_end()
+            except RuntimeError as error:
+                _RoundGraph.unavailable = True
+                warnings.warn(f"clustering rounds run without CUDA graphs: capturing one failed ({error})", RuntimeWarning)
+                graph = None
+        current.wait_stream(side)
+        return graph

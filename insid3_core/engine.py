@@ -290,8 +290,10 @@ class Segmenter:
     def segment(
         self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
     ) -> list[SegmentationResult]:
-        """Segment targets (paths or PIL images) in batches; an unreadable one raises :class:`InputError`."""
-        return [_raised(result) for _, result in self.iter_segment(references, targets, batch_size, workers)]
+        """Segment targets (paths or PIL images) in batches; an unreadable one raises :class:`InputError`
+        once the batches already in flight are done (no thread works on after the call)."""
+        with contextlib.closing(self.iter_segment(references, targets, batch_size, workers)) as results:
+            return [_raised(result) for _, result in results]
 
     def segment_classes(
         self,
@@ -301,7 +303,8 @@ class Segmenter:
         workers: int | None = None,
     ) -> list[MultiClassResult]:
         """:meth:`segment` for several classes at once; an unreadable target raises :class:`InputError`."""
-        return [_raised(result) for _, result in self.iter_segment_classes(classes, targets, batch_size, workers)]
+        with contextlib.closing(self.iter_segment_classes(classes, targets, batch_size, workers)) as results:
+            return [_raised(result) for _, result in results]
 
     def iter_segment(
         self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None

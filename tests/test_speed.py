@@ -5,10 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import EXAMPLES
 from insid3_core import EngineConfig, InputError, Segmenter
-from insid3_core.clustering import cluster_patches
+from insid3_core.clustering import (
+    _cosine_distances,
+    _NearestNeighbourLinkage,
+    _RoundGraph,
+    _torch_average_linkage,
+    cluster_patches,
+)
 from insid3_core.features import patch_features, resized_pixels
 from insid3_core.io import load_image
 
@@ -75,20 +82,82 @@ def test_batched_torch_clustering_matches_scipy_on_structured_features(tau, devi
         assert same_partition(scipy_labels, torch_labels)
         assert sorted(set(torch_labels.tolist())) == list(range(counts[-1]))
     assert len(set(counts)) > 1
+    assert not _RoundGraph.unavailable
 
 
-def test_torch_clustering_matches_scipy_on_many_small_random_targets():
-    """Hundreds of small targets in 2-5 dimensions: ties of order, chains and thresholds met
-    in every combination the merges, their cached neighbours and absorbed chains can meet."""
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(24):
+def small_random_targets(batches: int, seed: int = 0):
+    """``batches`` batches of 32 small targets ``(32, N, C)``, N in 8..59, C in 2..5, L2-normalised."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
         channels = int(torch.randint(2, 6, (1,), generator=generator))
         count = int(torch.randint(8, 60, (1,), generator=generator))
-        features = torch.nn.functional.normalize(torch.randn(32, count, channels, generator=generator), dim=2)
+        yield torch.nn.functional.normalize(torch.randn(32, count, channels, generator=generator), dim=2)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_torch_clustering_matches_scipy_on_many_small_random_targets(device):
+    """Hundreds of small targets in 2-5 dimensions: ties of order, chains and thresholds met
+    in every combination the merges, their cached neighbours and absorbed chains can meet
+    (on CUDA, in rounds replayed from captured graphs)."""
+    for features in small_random_targets(24):
         for tau in (0.3, 0.6, 0.9):
-            batched = cluster_patches(features, tau, "torch").numpy()
+            batched = cluster_patches(features.to(device), tau, "torch").cpu().numpy()
             for target, torch_labels in zip(features, batched):
                 assert same_partition(cluster_patches(target, tau, "scipy").numpy(), torch_labels)
+    assert not _RoundGraph.unavailable  # on CUDA the rounds ran from captured graphs
+
+
+@pytest.mark.parametrize("slot_limits, rounds_per_check", [((1, 1), None), ((1, 3), 3), ((2, 2), None), ((4, 16), 4), (None, 4)])
+def test_torch_clustering_matches_scipy_when_rounds_leave_work_for_later(slot_limits, rounds_per_check):
+    """Rounds that take only some of the mutual pairs and search only some of the rows (the
+    others wait, stale), and several rounds between two reads of the state as on a GPU."""
+    for features in small_random_targets(6, seed=1):
+        for tau in (0.3, 0.6, 0.9):
+            batched = _torch_average_linkage(features, 1.0 - tau, slot_limits, rounds_per_check).numpy()
+            for target, torch_labels in zip(features, batched):
+                assert same_partition(cluster_patches(target, tau, "scipy").numpy(), torch_labels)
+
+
+class RecordedOperations(TorchDispatchMode):
+    """Records each aten operation run inside it: its name, the shapes of its outputs, and
+    whether it reads a tensor's values back to the host or copies a host value in."""
+
+    HOST_READS = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "unique", "repeat_interleave", "lift_fresh"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations, self.host_reads = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if name in self.HOST_READS or bool_index:
+            self.host_reads.append(str(func))
+        outputs = output if isinstance(output, (tuple, list)) else [output]
+        self.operations.append((str(func), tuple(tuple(o.shape) for o in outputs if isinstance(o, torch.Tensor))))
+        return output
+
+
+@pytest.mark.parametrize("chains", [False, True])
+def test_a_clustering_round_has_fixed_shapes_and_reads_nothing_back(chains):
+    """What lets a GPU replay rounds from one captured CUDA graph: whatever the state, a round
+    runs the same operations on the same shapes, and none reads a value back to the host."""
+    generator = torch.Generator().manual_seed(3)
+    runs = []
+    for _ in range(3):
+        features = torch.nn.functional.normalize(torch.randn(4, 50, 3, generator=generator), dim=2)
+        state = _NearestNeighbourLinkage(_cosine_distances(features), 0.6)
+        for _ in range(2):
+            with RecordedOperations() as recorded:
+                state.merge_round(8, 32, chains)
+            assert recorded.host_reads == []
+            runs.append(recorded.operations)
+    assert all(run == runs[0] for run in runs)
+    assert any("topk" in name for name, _ in runs[0]) and any("index_add_" in name for name, _ in runs[0])
 
 
 def test_torch_clustering_keeps_duplicate_patches_together():
@@ -126,6 +195,19 @@ def test_threaded_stream_equals_direct_batches_and_keeps_order(segmenter, tmp_pa
         np.testing.assert_array_equal(result.mask, expected.mask)
     with pytest.raises(InputError, match="broken.png"):
         segmenter.segment(references, targets, batch_size=2)
+
+
+def test_segment_leaves_no_thread_working_after_an_unreadable_target(segmenter, tmp_path):
+    import threading
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(TARGETS[0].read_bytes()[:300])
+    references = segmenter.encode_references([REFERENCE])
+    before = set(threading.enumerate())
+    with pytest.raises(InputError, match="broken.png") as raised:
+        segmenter.segment(references, [TARGETS[0], broken, *TARGETS[1:6]], batch_size=1, workers=2)
+    left = [thread.name for thread in set(threading.enumerate()) - before if thread.name.startswith("insid3-")]
+    assert raised.value and left == []
 
 
 def test_next_batch_goes_through_the_backbone_while_the_device_stage_clusters(segmenter, monkeypatch):
