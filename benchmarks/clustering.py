@@ -2,7 +2,9 @@
 
 Features are the backbone's patch features of the example scenes (flipped copies beyond the
 eight scenes), so the clustering sees the structure a real job gives it. Partitions are
-compared target by target. The last line is
+compared target by target. The torch clustering's rounds, host reads of its state (checks)
+and distinct round shapes (on a GPU: CUDA graph captures) are counted on one more run. The
+last line is
 ``torch_ms_per_target=<a> scipy_ms_per_target=<b> scipy_over_torch=<b/a> same_partitions=<n>/<total>``.
 
 Example::
@@ -25,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import add_model_arguments, make_backbone, synchronize  # noqa: E402
-from insid3_core.clustering import cluster_patches  # noqa: E402
+from insid3_core import clustering  # noqa: E402
+from insid3_core.clustering import _NearestNeighbourLinkage, _torch_average_linkage, cluster_patches  # noqa: E402
 from insid3_core.features import patch_features, resized_pixels  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
@@ -38,6 +41,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="targets clustered together by torch")
     parser.add_argument("--tau", type=float, default=0.6)
     parser.add_argument("--repeats", type=int, default=3, help="torch timing: fastest of this many runs")
+    parser.add_argument(
+        "--rounds-per-check", type=int, default=None,
+        help="torch rounds between two host reads (default: the device's, 4 on CUDA, 1 elsewhere)",
+    )
     return parser.parse_args(argv)
 
 
@@ -57,6 +64,45 @@ def same_partition(first: torch.Tensor, second: torch.Tensor) -> bool:
     return len(pairs) == len(set(first.tolist())) == len(set(second.tolist()))
 
 
+def count_rounds(run) -> dict[str, int]:
+    """Rounds, host reads and distinct round shapes (on CUDA, graph captures) of the torch
+    clustering during ``run()``."""
+    counts = {"rounds": 0, "host reads": 0, "round shapes": 0}
+    linkage, graph = _NearestNeighbourLinkage, clustering._RoundGraph
+    merge_round, pending, replay = linkage.merge_round, linkage._pending, graph.replay
+    last_shape, replaying = [], []
+
+    def count(state, slots, rounds):
+        shape = [state.sums.shape, tuple(slots)]
+        counts["round shapes"] += shape != last_shape
+        last_shape[:] = shape
+        counts["rounds"] += rounds
+
+    def counted_round(state, *slots):
+        if not replaying:
+            count(state, slots, 1)
+        return merge_round(state, *slots)
+
+    def counted_pending(state):
+        counts["host reads"] += 1
+        return pending(state)
+
+    def counted_replay(round_graph, state, slots, rounds):
+        count(state, slots, rounds)
+        replaying.append(True)
+        try:
+            return replay(round_graph, state, slots, rounds)
+        finally:
+            replaying.pop()
+
+    linkage.merge_round, linkage._pending, graph.replay = counted_round, counted_pending, counted_replay
+    try:
+        run()
+    finally:
+        linkage.merge_round, linkage._pending, graph.replay = merge_round, pending, replay
+    return counts
+
+
 def main(argv=None) -> None:
     arguments = parse_arguments(argv)
     torch.set_grad_enabled(False)
@@ -68,7 +114,10 @@ def main(argv=None) -> None:
           f"backbone={backbone.name} targets={arguments.targets} batch_size={arguments.batch_size} tau={arguments.tau}")
 
     def torch_run() -> list[torch.Tensor]:
-        return [cluster_patches(batch, arguments.tau, "torch") for batch in features.split(arguments.batch_size)]
+        return [
+            _torch_average_linkage(batch, 1.0 - arguments.tau, None, arguments.rounds_per_check)
+            for batch in features.split(arguments.batch_size)
+        ]
 
     torch_run()
     runs = []
@@ -81,11 +130,14 @@ def main(argv=None) -> None:
     scipy_labels = [cluster_patches(target.cpu(), arguments.tau, "scipy") for target in features]
     scipy_seconds = time.perf_counter() - start
 
+    counts = count_rounds(torch_run)
     count = len(features)
     same = sum(same_partition(a, b) for a, b in zip(torch_labels, scipy_labels))
     torch_ms, scipy_ms = 1000 * min(runs) / count, 1000 * scipy_seconds / count
     clusters = [len(set(labels.tolist())) for labels in scipy_labels]
     print(f"clusters per target: min {min(clusters)} max {max(clusters)}")
+    failed = " (a CUDA graph capture failed: rounds ran eagerly)" if clustering._RoundGraph.unavailable else ""
+    print(", ".join(f"{name} {value}" for name, value in counts.items()) + f", all batches{failed}")
     print(f"torch_ms_per_target={torch_ms:.1f} scipy_ms_per_target={scipy_ms:.1f} "
           f"scipy_over_torch={scipy_ms / torch_ms:.2f} same_partitions={same}/{count}")
 
