@@ -324,52 +324,46 @@ class _NearestNeighbourLinkage:
         Returns
         -------
         chain_kept, chain_gone, chain_valid : torch.Tensor
-            ``(M * CHAIN_LENGTH,)``: ``chain_gone[a]`` merges into ``chain_kept[a]`` (a ``kept``
-            row) where ``chain_valid[a]``.
+            ``(M * L,)`` with ``L = min(CHAIN_LENGTH, K)``: ``chain_gone[a]`` merges into
+            ``chain_kept[a]`` (a ``kept`` row) where ``chain_valid[a]``; each pair's entries
+            are consecutive, in the order they merge.
         """
         count = self.count
         flat = self.sums.view(-1, count)
         pairs = kept.numel()
         scratch = self.batch * count
-        rows = torch.arange(scratch, device=flat.device)
         slot = torch.arange(pairs, device=flat.device)
         pair_of = torch.full((scratch + 1,), pairs, dtype=torch.int64, device=flat.device)  # ``pairs``: in no merging pair
         pair_of.index_copy_(0, torch.where(valid, kept, scratch), slot).index_copy_(0, torch.where(valid, gone, scratch), slot)
-        pair_of = pair_of[:-1]
-        pointed = pair_of[self.nearest[:-1] + rows - rows % count]
+        first_row = kept - kept % count
+        target_rows = first_row[:, None] + torch.arange(count, device=flat.device)  # (M, K): the pair's target
+        pointed = pair_of[first_row[:, None] + self.nearest[target_rows]]
         candidate = (
-            (self.nearest_distance[:-1] < self.threshold) & (pointed < pairs) & (pair_of == pairs) & ~self.stale[:-1]
+            (pointed == slot[:, None])
+            & (pair_of[target_rows] == pairs)
+            & (self.nearest_distance[target_rows] < self.threshold)
+            & ~self.stale[target_rows]
         )
-        pair = torch.where(candidate, pointed, pairs)
-        looked_up = pair.clamp(max=pairs - 1)
-        to_pair = flat.gather(1, (kept % count)[looked_up, None]) + flat.gather(1, (gone % count)[looked_up, None])
-        first = torch.where(candidate, to_pair[:, 0] / self.sizes[:-1], torch.inf)  # ∝ d(q, G_0)
-        order = first.argsort()
-        order = order[pair[order].argsort(stable=True)]
-        sorted_pair = pair[order]
-        per_pair = torch.zeros(pairs + 1, dtype=torch.int64, device=flat.device).index_add_(0, pair, torch.ones_like(pair))
-        rank = rows - (per_pair.cumsum(0) - per_pair)[sorted_pair]
-        table_slot = torch.where(
-            (rank < CHAIN_LENGTH) & (sorted_pair < pairs), sorted_pair * CHAIN_LENGTH + rank, pairs * CHAIN_LENGTH
-        )
-        table = torch.full((pairs * CHAIN_LENGTH + 1,), -1, dtype=torch.int64, device=flat.device)
-        members = table.index_copy_(0, table_slot, order)[:-1].view(pairs, CHAIN_LENGTH)  # the last slot takes the rest
-        present = members >= 0
-        members = members.clamp(min=0)
         sizes = self.sizes
+        target_sizes = self.grid(sizes)[kept // count]  # (M, K)
+        pair_rows = flat[kept] + flat[gone]  # (M, K): total distances from G_0
+        from_pair = torch.where(candidate, pair_rows / target_sizes, torch.inf)  # ∝ d(G_0, q)
+        nearest_first, local = from_pair.topk(min(CHAIN_LENGTH, count), dim=1, largest=False)
+        present = nearest_first < torch.inf
+        members = first_row[:, None] + local  # (M, L) flat rows, nearest first
         member_rows = flat[members].masked_fill_(~present[..., None], 0.0)  # (M, L, K)
-        grown = torch.cat([(flat[kept] + flat[gone])[:, None], member_rows[:, :-1]], dim=1).cumsum_(dim=1)
+        grown = torch.cat([pair_rows[:, None], member_rows[:, :-1]], dim=1).cumsum_(dim=1)
         grown_sizes = torch.cat([(sizes[kept] + sizes[gone])[:, None], (sizes[members] * present)[:, :-1]], dim=1)
         grown_sizes = grown_sizes.cumsum_(dim=1)
-        distances = grown.div_(self.grid(sizes)[kept // count][:, None, :]).div_(grown_sizes[..., None])  # d(G_k, .)
-        to_next = distances.gather(2, (members % count)[..., None])[..., 0]
+        distances = grown.div_(target_sizes[:, None, :]).div_(grown_sizes[..., None])  # d(G_k, .)
+        to_next = distances.gather(2, local[..., None])[..., 0]
         accepted = (
             present
             & (to_next <= distances.min(dim=2).values)
             & (to_next < self.threshold)
             & (to_next <= self.bound[members])
         ).cumprod(dim=1)
-        return kept[:, None].expand(pairs, CHAIN_LENGTH).reshape(-1), members.view(-1), accepted.view(-1).bool()
+        return kept[:, None].expand_as(members).reshape(-1), members.view(-1), accepted.view(-1).bool()
 
     def _add_into(self, kept: torch.Tensor, gone: torch.Tensor, valid: torch.Tensor, kept_local: torch.Tensor) -> None:
         """Add the rows, then the columns, of flat rows ``gone`` into ``kept`` (``(M,)`` each) where
