@@ -285,7 +285,6 @@ class _NearestNeighbourLinkage:
         self.searched.copy_(search.sum())
         rows, found = _first_set(search[:-1], row_slots)
         self.stale.copy_(search).index_fill_(0, torch.where(found, rows, scratch), False)
-        self.stale[-1].fill_(False)
         self._search(rows, found)
 
     def _search(self, rows: torch.Tensor, found: torch.Tensor) -> None:
