@@ -33,36 +33,47 @@ def cluster_scores(
     features: torch.Tensor,
     debiased: torch.Tensor,
     similarity: torch.Tensor,
-    prototype: torch.Tensor,
+    prototypes: torch.Tensor,
 ) -> torch.Tensor:
-    """Aggregation score ``cross_k * intra_k * a_k`` of every cluster of one target.
+    """Aggregation score ``cross_k * intra_k * a_k`` of every cluster, for B targets and K classes at once.
 
     Parameters
     ----------
     labels : torch.Tensor
-        ``(N,)`` int64 cluster labels ``0..K-1``.
+        ``(B, N)`` int64 cluster labels ``0..L_b-1`` of each target.
     candidates : torch.Tensor
-        ``(N,)`` bool candidate patches (forward ∧ backward); at least one must be set.
+        ``(K, B, N)`` bool candidate patches (forward ∧ backward) of each class.
     features, debiased : torch.Tensor
-        ``(N, C)`` original and debiased L2-normalised features.
+        ``(B, N, C)`` original and debiased L2-normalised features.
     similarity : torch.Tensor
-        ``(N,)`` debiased similarity of each patch to the prototype.
-    prototype : torch.Tensor
-        ``(C,)`` reference prototype ``p``.
+        ``(K, B, N)`` debiased similarity of each patch to each class's prototype.
+    prototypes : torch.Tensor
+        ``(K, C)`` reference prototypes ``p``.
 
     Returns
     -------
     torch.Tensor
-        ``(K,)`` float32 scores; the seed cluster's area weight is 1.
+        ``(K, B, L)`` float32 scores, ``L = max L_b`` (a target's clusters past its own ``L_b``
+        score 0); the seed cluster's area weight is 1. Meaningful only where the class has at
+        least one candidate in the target.
     """
-    count = int(labels.max()) + 1
-    sizes = torch.bincount(labels, minlength=count).float()
-    matched = torch.bincount(labels[candidates], minlength=count).float()
-    area = matched / sizes
-    seed_similarity = cluster_prototypes(debiased, labels, count) @ prototype
-    seed = torch.argmax(torch.where(matched > 0, seed_similarity, -torch.inf))
-    original = cluster_prototypes(features, labels, count)
-    intra = original @ original[seed]
-    cross = torch.bincount(labels, weights=similarity, minlength=count).float() / sizes
-    area[seed] = 1.0
+    classes, batch, count = similarity.shape
+    slots = int(labels.max()) + 1
+    flat = (labels + slots * torch.arange(batch, device=labels.device)[:, None]).view(-1)  # (B N,) cluster slot
+    sizes = torch.zeros(batch * slots, device=labels.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    sizes = sizes.view(batch, slots).clamp_(min=1.0)
+    matched = torch.zeros(classes, batch * slots, device=labels.device).index_add_(1, flat, candidates.flatten(1).float())
+    matched = matched.view(classes, batch, slots)
+    cross = torch.zeros(classes, batch * slots, device=labels.device).index_add_(1, flat, similarity.flatten(1).float())
+    cross = cross.view(classes, batch, slots) / sizes
+    seed_similarity = torch.einsum("bnc,kc->kbn", _slot_prototypes(debiased, flat, batch, slots), prototypes)
+    seed = torch.where(matched > 0, seed_similarity, -torch.inf).argmax(dim=2)  # (K, B)
+    original = _slot_prototypes(features, flat, batch, slots)
+    intra = torch.einsum("bnc,kbc->kbn", original, original[torch.arange(batch, device=labels.device), seed])
+    area = (matched / sizes).scatter_(2, seed[..., None], 1.0)
     return cross * intra * area
+
+
+def _slot_prototypes(features: torch.Tensor, flat: torch.Tensor, batch: int, slots: int) -> torch.Tensor:
+    """``(B, L, C)`` :func:`cluster_prototypes` of each target, from ``(B, N, C)`` features and flat cluster slots."""
+    return cluster_prototypes(features.flatten(0, 1), flat, batch * slots).view(batch, slots, -1)

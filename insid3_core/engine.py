@@ -452,28 +452,20 @@ class Segmenter:
                 torch.stack, zip(*(backward_match(debiased, r.features, r.masks, r.negatives) for r in classes))
             )
             candidates = allowed & backward & torch.stack([forward_candidates(sim) for sim in similarity])
-            has_candidates = candidates.any(dim=2).cpu()
-            matched = torch.nonzero(has_candidates.any(dim=0)).flatten().tolist()
+            has_candidates = candidates.any(dim=2)
+            matched = torch.nonzero(has_candidates.any(dim=0).cpu()).flatten().tolist()
         lowres = torch.zeros(candidates.shape, dtype=torch.bool, device=features.device)
         clusters = torch.full(features.shape[:2], -1, dtype=torch.int64, device=features.device)
         if matched:
             with self.stage("clustering"):
                 labels = cluster_patches(features[matched], self.config.tau, self.config.clustering)
             with self.stage("aggregation"):
-                for index, target_labels in zip(matched, labels):
-                    clusters[index] = target_labels
-                    for k, references in enumerate(classes):
-                        if not has_candidates[k, index]:
-                            continue
-                        scores = cluster_scores(
-                            target_labels,
-                            candidates[k, index],
-                            features[index],
-                            debiased[index],
-                            similarity[k, index],
-                            references.prototype,
-                        )
-                        lowres[k, index] = scores[target_labels] > self.config.merge_threshold
+                scores = cluster_scores(
+                    labels, candidates[:, matched], features[matched], debiased[matched], similarity[:, matched], prototypes
+                )
+                chosen = scores.gather(2, labels.expand(len(classes), -1, -1)) > self.config.merge_threshold
+                lowres[:, matched] = chosen & has_candidates[:, matched, None]
+                clusters[matched] = labels
         lowres &= allowed
         if len(classes) > 1:
             winner = torch.where(lowres, similarity, -torch.inf).argmax(dim=0)

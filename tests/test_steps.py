@@ -348,11 +348,38 @@ def test_cluster_scores_of_a_planted_category():
     original = torch.stack([e[4]] * 4 + [F.pad(half, (4, 2))] * 2 + [e[4]] * 2 + [e[6]] * 2)
     similarity = debiased @ prototype
 
-    scores = cluster_scores(labels, candidates, original, debiased, similarity, prototype)
+    scores = cluster_scores(labels[None], candidates[None, None], original[None], debiased[None], similarity[None, None], prototype[None])
 
     # seed: cross 1 * intra 1 * area forced to 1 (not 1/4); cluster 0: (1/√2)(1/√2) * 2/2
-    torch.testing.assert_close(scores, torch.tensor([0.5, 0.0, 1.0, 0.0]))
-    assert (scores[labels] > 0.2).tolist() == [True] * 6 + [False] * 4
+    torch.testing.assert_close(scores[0, 0], torch.tensor([0.5, 0.0, 1.0, 0.0]))
+    assert (scores[0, 0, labels] > 0.2).tolist() == [True] * 6 + [False] * 4
+
+
+def test_cluster_scores_of_a_batch_equal_each_target_and_class_alone():
+    """Targets with different cluster counts and classes with different candidates, scored
+    together, score as each (class, target) alone; clusters past a target's own count score 0."""
+    generator = torch.Generator().manual_seed(0)
+    batch, count, channels, classes = 3, 40, 6, 2
+    labels = torch.stack([torch.randint(clusters, (count,), generator=generator) for clusters in (3, 9, 5)])
+    labels[:, :9] = torch.arange(9) % labels.max(dim=1, keepdim=True).values.add(1)  # every label present
+    features = F.normalize(torch.randn(batch, count, channels, generator=generator), dim=2)
+    debiased = F.normalize(torch.randn(batch, count, channels, generator=generator), dim=2)
+    prototypes = F.normalize(torch.randn(classes, channels, generator=generator), dim=1)
+    similarity = torch.einsum("bnc,kc->kbn", debiased, prototypes)
+    candidates = torch.rand(classes, batch, count, generator=generator) > 0.7
+
+    scores = cluster_scores(labels, candidates, features, debiased, similarity, prototypes)
+
+    assert scores.shape == (classes, batch, 9)
+    for b in range(batch):
+        own = int(labels[b].max()) + 1
+        assert torch.equal(scores[:, b, own:], torch.zeros(classes, 9 - own))
+        for k in range(classes):
+            alone = cluster_scores(
+                labels[b : b + 1], candidates[k : k + 1, b : b + 1], features[b : b + 1], debiased[b : b + 1],
+                similarity[k : k + 1, b : b + 1], prototypes[k : k + 1],
+            )
+            torch.testing.assert_close(scores[k, b, :own], alone[0, 0])
 
 
 # --- step 7: back to the target's pixels -----------------------------------------------
