@@ -130,7 +130,7 @@ def _torch_average_linkage(
     if count < 2:
         return torch.zeros(batch, count, dtype=torch.int64, device=features.device)
     linkage_state = _NearestNeighbourLinkage(_cosine_distances(features), threshold)
-    linkage_state.run(slot_limits, rounds_per_check)
+    linkage_state.run(slot_limits, rounds_per_check, _RoundGraph() if features.device.type == "cuda" else None)
     return linkage_state.labels()
 
 
@@ -202,10 +202,18 @@ class _NearestNeighbourLinkage:
         """The ``(B, K)`` view of flat per-cluster ``state`` (scratch row left out)."""
         return state[:-1].view(self.batch, self.count)
 
-    def run(self, slot_limits: tuple[int, int] | None = None, rounds_per_check: int | None = None) -> None:
-        """Merge until no pair closer than the threshold is left; see :func:`_torch_average_linkage`."""
+    def run(
+        self,
+        slot_limits: tuple[int, int] | None = None,
+        rounds_per_check: int | None = None,
+        graph: _RoundGraph | None = None,
+    ) -> None:
+        """Merge until no pair closer than the threshold is left.
+
+        ``slot_limits`` and ``rounds_per_check``: see :func:`_torch_average_linkage`; ``graph``
+        replays the rounds (on CUDA), ``None`` runs them one by one.
+        """
         pair_limit, row_limit = slot_limits or (SEARCH_CELLS, SEARCH_CELLS)
-        graph = _RoundGraph() if self.sums.device.type == "cuda" else None
         rounds_per_check = rounds_per_check or (1 if graph is None else ROUNDS_PER_CHECK)
         reusable = rounds_per_check > 1
         slots = (0, 0)

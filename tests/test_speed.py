@@ -121,6 +121,47 @@ def test_torch_clustering_matches_scipy_when_rounds_leave_work_for_later(slot_li
                 assert same_partition(cluster_patches(target, tau, "scipy").numpy(), torch_labels)
 
 
+class EagerGraph:
+    """Stands for a captured ``torch.cuda.CUDAGraph`` on the CPU: a replay runs the captured
+    round again, and only on the tensors it was captured with."""
+
+    def __init__(self, state, arguments) -> None:
+        self.state, self.arguments, self.sums = state, arguments, state.sums
+
+    def replay(self) -> None:
+        assert self.state.sums is self.sums, "replayed after the matrices changed: a real graph would write to freed memory"
+        self.state.merge_round(*self.arguments)
+
+
+class EagerRoundGraph(_RoundGraph):
+    """:class:`_RoundGraph` with :class:`EagerGraph` captures, counting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captures = 0
+
+    def _capture(self, state, arguments):
+        state.merge_round(*arguments)  # the warm-up round, as in the real capture
+        self.captures += 1
+        return EagerGraph(state, arguments)
+
+
+@pytest.mark.parametrize("slot_limits", [None, (2, 8)])  # (2, 8): the slots never change, the matrices shrink
+def test_graph_replays_give_scipy_partitions_and_capture_again_when_the_round_changes(slot_limits):
+    """The replay bookkeeping the GPU runs (capture when slots or matrices change, the warm-up
+    counted as a round, several replays per read of the state), with eager graphs on the CPU."""
+    captures = []
+    for features in small_random_targets(4, seed=2):
+        for tau in (0.3, 0.6, 0.9):
+            state = _NearestNeighbourLinkage(_cosine_distances(features), 1.0 - tau)
+            graph = EagerRoundGraph()
+            state.run(slot_limits, 4, graph)
+            captures.append(graph.captures)
+            for target, torch_labels in zip(features, state.labels().numpy()):
+                assert same_partition(cluster_patches(target, tau, "scipy").numpy(), torch_labels)
+    assert min(captures) >= 1 and max(captures) > 2
+
+
 class RecordedOperations(TorchDispatchMode):
     """Records each aten operation run inside it: its name, the shapes of its outputs, and
     whether it reads a tensor's values back to the host or copies a host value in."""
