@@ -57,7 +57,7 @@ def cluster_scores(
         score 0); the seed cluster's area weight is 1. Meaningful only where the class has at
         least one candidate in the target.
     """
-    classes, batch, count = similarity.shape
+    classes, batch = similarity.shape[:2]
     slots = int(labels.max()) + 1
     flat = (labels + slots * torch.arange(batch, device=labels.device)[:, None]).view(-1)  # (B N,) cluster slot
     sizes = torch.zeros(batch * slots, device=labels.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
