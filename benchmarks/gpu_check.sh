@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The speed issue's GPU measurements in one call (about 6 minutes on an H100), for a session
+# The speed issue's GPU measurements in one call (about 7 minutes on an H100), for a session
 # lent a GPU machine: the CUDA tests of the speed-ups (CUDA-graph clustering included), the
-# clustering alone, then ViT-L/16 at 1024 px in bfloat16 (batches of 16 against the per-pair
-# baseline, and batches of 32 without it) and ViT-S/16 at 512 px end to end. Run in the
-# repository root:
+# clustering alone (batches of 16, and of 32 with 8 rounds per host read), then ViT-L/16 at
+# 1024 px in bfloat16 (batches of 16 against the per-pair baseline, and batches of 32 without
+# it) and ViT-S/16 at 512 px end to end. Run in the repository root:
 #
 #     bash benchmarks/gpu_check.sh [LOG_FOLDER]      # default: $OUT, else /tmp/insid3-gpu
 #
@@ -27,6 +27,8 @@ step() {
     step -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_parity.py -k "cuda or clustering"
     step benchmarks/clustering.py --device cuda --random-weights --backbone vit_small_patch16_dinov3 \
         --image-size 1024 --targets 32 --batch-size 16
+    step benchmarks/clustering.py --device cuda --random-weights --backbone vit_small_patch16_dinov3 \
+        --image-size 1024 --targets 32 --batch-size 32 --rounds-per-check 8
     step benchmarks/throughput.py --device cuda --backbone vit_large_patch16_dinov3 --random-weights \
         --image-size 1024 --targets 96 --shots 1 --batch-size 16 --precision bfloat16
     step benchmarks/throughput.py --device cuda --backbone vit_large_patch16_dinov3 --random-weights \
