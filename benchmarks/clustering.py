@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import add_model_arguments, make_backbone, synchronize  # noqa: E402
-from insid3_core import clustering  # noqa: E402
-from insid3_core.clustering import _NearestNeighbourLinkage, _torch_average_linkage, cluster_patches  # noqa: E402
+from insid3_core.clustering import (  # noqa: E402
+    _NearestNeighbourLinkage,
+    _RoundGraph,
+    _torch_average_linkage,
+    cluster_patches,
+)
 from insid3_core.features import patch_features, resized_pixels  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
@@ -68,7 +72,7 @@ def count_rounds(run) -> dict[str, int]:
     """Rounds, host reads and distinct round shapes (on CUDA, graph captures) of the torch
     clustering during ``run()``."""
     counts = {"rounds": 0, "host reads": 0, "round shapes": 0}
-    linkage, graph = _NearestNeighbourLinkage, clustering._RoundGraph
+    linkage, graph = _NearestNeighbourLinkage, _RoundGraph
     merge_round, pending, replay = linkage.merge_round, linkage._pending, graph.replay
     last_shape, replaying = [], []
 
@@ -136,7 +140,7 @@ def main(argv=None) -> None:
     torch_ms, scipy_ms = 1000 * min(runs) / count, 1000 * scipy_seconds / count
     clusters = [len(set(labels.tolist())) for labels in scipy_labels]
     print(f"clusters per target: min {min(clusters)} max {max(clusters)}")
-    failed = " (a CUDA graph capture failed: rounds ran eagerly)" if clustering._RoundGraph.unavailable else ""
+    failed = " (a CUDA graph capture failed: rounds ran eagerly)" if _RoundGraph.unavailable else ""
     print(", ".join(f"{name} {value}" for name, value in counts.items()) + f", all batches{failed}")
     print(f"torch_ms_per_target={torch_ms:.1f} scipy_ms_per_target={scipy_ms:.1f} "
           f"scipy_over_torch={scipy_ms / torch_ms:.2f} same_partitions={same}/{count}")

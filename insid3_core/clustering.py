@@ -27,7 +27,8 @@ CHAIN_BUDGET = 2**22
 """Rounds look for such chains only while ``pairs * CHAIN_LENGTH * K`` (float64 cells) stays below it."""
 
 SEARCH_CELLS = 2**25
-"""Most float64 cells a round's nearest-neighbour search (rows x K) or chains may read at once."""
+"""Most float64 cells one nearest-neighbour search (rows x K) or one round's row additions
+(pairs x K) read at once."""
 
 ROUNDS_PER_CHECK = 4
 """Rounds replayed on a GPU between two reads of the clustering state by the host."""
