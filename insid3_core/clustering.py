@@ -482,7 +482,7 @@ class _RoundGraph:
         when the capture failed."""
         device = state.sums.device
         current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
+        side = torch.cuda.Stream(device, priority=current.priority)
         side.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):

@@ -11,11 +11,14 @@ import torch
 
 
 class StageTimer:
-    """Accumulate seconds per named stage, synchronising the device around each stage.
+    """Accumulate seconds per named stage, synchronising the stage's stream around it.
 
     Synchronising serialises host and device work, so a timed run is slower than an
     untimed one; use it to see where time goes, not to measure throughput. Stages may run
-    in several threads at once (their seconds then add up to more than the wall time).
+    in several threads at once (their seconds then add up to more than the wall time). On a
+    GPU a stage waits for its own thread's current stream only: a device-wide
+    synchronisation would wait for other threads' work, and fails while another thread
+    captures a CUDA graph (the clustering does), whatever the capture mode.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -25,7 +28,7 @@ class StageTimer:
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         elif self.device.type == "mps":
             torch.mps.synchronize()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -296,6 +298,16 @@ def test_pipelined_cuda_stream_gives_the_inline_masks():
     assert all(np.array_equal(a, b) for a, b in zip(pipelined, inline))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_worker_stream_outranks_the_backbone_stream():
+    from insid3_core.streams import ready_marker, worker_stream
+
+    features = torch.ones(4, device="cuda")
+    with worker_stream(ready_marker(features), [features]):
+        stream = torch.cuda.current_stream()
+    assert stream.priority < torch.cuda.default_stream().priority
+
+
 def test_each_reference_passes_the_backbone_once_per_job(segmenter):
     before = segmenter.backbone.images_seen
     references = segmenter.encode_references([REFERENCE, (TARGETS[1], EXAMPLES / "masks" / TARGETS[1].name)])
@@ -311,6 +323,32 @@ def test_stage_timer_accounts_every_stage(tiny_backbone):
     segmenter.segment(segmenter.encode_references([REFERENCE]), TARGETS[:2])
     assert set(timer.seconds) == {"backbone", "matching", "clustering", "aggregation", "output"}
     assert all(seconds > 0 for seconds in timer.seconds.values())
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_stages_timed_in_one_thread_while_another_clusters(device):
+    """The timed engine run's pattern: one thread times stages (on CUDA, synchronising around
+    each) while another clusters (on CUDA, capturing graphs); neither fails, and the
+    partitions stay scipy's."""
+    from insid3_core.timing import StageTimer
+
+    timer = StageTimer(torch.device(device))
+    targets = list(small_random_targets(6, seed=1))
+    with ThreadPoolExecutor(1) as pool:
+        clustered = pool.submit(lambda: [cluster_patches(t.to(device), 0.6, "torch").cpu().numpy() for t in targets])
+        work = torch.randn(256, 256, device=device)
+        while not clustered.done():
+            with timer.stage("backbone"):
+                work = (work @ work).tanh_()
+        labels = clustered.result()
+    for features, batched in zip(targets, labels):
+        for target, torch_labels in zip(features, batched):
+            assert same_partition(cluster_patches(target, 0.6, "scipy").numpy(), torch_labels)
+    assert timer.seconds["backbone"] > 0
+    assert not _RoundGraph.unavailable
 
 
 @pytest.mark.parametrize("seed", range(4))
