@@ -17,8 +17,12 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 from .config import CLUSTERING_METHODS
 
+TORCH_MEMORY_SHARE = 0.25
+"""Share of a GPU's memory the torch clustering may use at once; a batch is clustered in
+chunks that fit."""
+
 TORCH_MEMORY_BUDGET = 8 * 2**30
-"""Bytes the torch clustering may use at once; a batch is clustered in chunks that fit."""
+"""Bytes the torch clustering may use at once on other devices."""
 
 CHAIN_LENGTH = 8
 """Most clusters a merging pair may absorb one after another within one round."""
@@ -62,10 +66,17 @@ def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") ->
         return cluster_patches(features[None], tau, method)[0]
     if method == "torch" or (method == "auto" and features.device.type != "cpu"):
         per_target = 32 * features.shape[1] ** 2  # float64 sums, their float32/float64 build and shrink copies
-        chunk = max(1, TORCH_MEMORY_BUDGET // per_target)
+        chunk = max(1, _memory_budget(features.device) // per_target)
         return torch.cat([_torch_average_linkage(part, 1.0 - tau) for part in features.split(chunk)])
     labels = [torch.from_numpy(_scipy_average_linkage(target, tau)) for target in features]
     return torch.stack(labels).to(features.device)
+
+
+def _memory_budget(device: torch.device) -> int:
+    """Bytes the torch clustering may use at once on ``device``."""
+    if device.type == "cuda":
+        return int(TORCH_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+    return TORCH_MEMORY_BUDGET
 
 
 def _cosine_similarities(features: torch.Tensor) -> torch.Tensor:

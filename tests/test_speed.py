@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import EXAMPLES
-from insid3_core import EngineConfig, InputError, Segmenter
+from insid3_core import EngineConfig, InputError, Segmenter, clustering
 from insid3_core.clustering import (
     _cosine_distances,
     _NearestNeighbourLinkage,
@@ -201,6 +201,31 @@ def test_a_clustering_round_has_fixed_shapes_and_reads_nothing_back(chains):
             runs.append(recorded.operations)
     assert all(run == runs[0] for run in runs)
     assert any("topk" in name for name, _ in runs[0]) and any("index_add_" in name for name, _ in runs[0])
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_torch_clustering_splits_a_batch_into_chunks_that_fit_its_memory_budget(monkeypatch, device):
+    features = structured_targets().to(device)  # 5 targets of 300 patches
+    budget = 2 * 32 * 300**2  # two targets' worth
+    if device == "cuda":
+        monkeypatch.setattr(clustering, "TORCH_MEMORY_SHARE", budget / torch.cuda.get_device_properties(0).total_memory)
+    else:
+        monkeypatch.setattr(clustering, "TORCH_MEMORY_BUDGET", budget)
+    chunks = []
+    linkage = clustering._torch_average_linkage
+
+    def recorded_linkage(part, threshold):
+        chunks.append(len(part))
+        return linkage(part, threshold)
+
+    monkeypatch.setattr(clustering, "_torch_average_linkage", recorded_linkage)
+    labels = cluster_patches(features, 0.6, "torch").cpu().numpy()
+    assert chunks == [2, 2, 1]
+    for target, torch_labels in zip(features.cpu(), labels):
+        assert same_partition(cluster_patches(target, 0.6, "scipy").numpy(), torch_labels)
 
 
 def test_torch_clustering_keeps_duplicate_patches_together():
