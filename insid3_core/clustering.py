@@ -9,6 +9,7 @@ partition.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -18,8 +19,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from .config import CLUSTERING_METHODS
 
 TORCH_MEMORY_SHARE = 0.25
-"""Share of a GPU's memory the torch clustering may use at once; a batch is clustered in
-chunks that fit."""
+"""Share of a GPU's memory one torch clustering may use at once (the engine's two device
+threads may each run one); a batch is clustered in chunks that fit."""
 
 TORCH_MEMORY_BUDGET = 8 * 2**30
 """Bytes the torch clustering may use at once on other devices."""
@@ -469,6 +470,10 @@ class _RoundGraph:
     unavailable = False
     """Set for the whole process when a capture failed."""
 
+    capture_lock = threading.Lock()
+    """One capture at a time in the process (the engine's device threads cluster two batches
+    at once on a GPU)."""
+
     def __init__(self) -> None:
         self.sums = None  # the matrices of the state captured; compaction replaces all its tensors
         self.arguments = None
@@ -499,11 +504,12 @@ class _RoundGraph:
         with torch.cuda.stream(side):
             state.merge_round(*arguments)
             try:
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    state.merge_round(*arguments)
-                finally:
-                    graph.capture_end()
+                with _RoundGraph.capture_lock:
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    try:
+                        state.merge_round(*arguments)
+                    finally:
+                        graph.capture_end()
             except RuntimeError as error:
                 _RoundGraph.unavailable = True
                 warnings.warn(f"clustering rounds run without CUDA graphs: capturing one failed ({error})", RuntimeWarning)

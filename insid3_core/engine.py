@@ -27,7 +27,7 @@ from .matching import backward_match, downsample_mask, forward_candidates, mask_
 from .quality import QualityReport, QualityThresholds, quality_report
 from .timing import StageTimer
 from .refine import refine_masks
-from .streams import ready_marker, worker_stream
+from .streams import device_threads, ready_marker, worker_stream
 from .upsample import resize_mask, upsample_mask
 
 if TYPE_CHECKING:
@@ -312,9 +312,10 @@ class Segmenter:
         """Yield ``(target, result)`` in input order, or ``(target, InputError)`` for an unreadable one.
 
         Targets are decoded and resized in ``workers`` threads ahead of the device and travel
-        through pinned memory to a GPU. One more thread matches, clusters and aggregates a
-        batch (on its own CUDA stream on a GPU) while the caller's thread sends the next batch
-        through the backbone, and masks are brought to full resolution and judged in
+        through pinned memory to a GPU. A device thread matches, clusters and aggregates a
+        batch (on its own high-priority CUDA stream on a GPU, where a second one takes the next
+        batch, see :func:`insid3_core.streams.device_threads`) while the caller's thread sends
+        the next batch through the backbone, and masks are brought to full resolution and judged in
         ``workers`` threads again. ``None`` picks :func:`insid3_core.loader.default_workers`;
         0 runs everything in the caller's thread.
         """
@@ -346,7 +347,8 @@ class Segmenter:
         workers = default_workers(self.backbone.device) if workers is None else workers
         pin = self.backbone.device.type == "cuda"
         ready: deque[tuple[ImageLike, Future | InputError]] = deque()
-        with executor(workers, "insid3-finish") as finisher, executor(min(workers, 1), "insid3-device") as device_stage:
+        device_workers = min(workers, device_threads(self.backbone.device))
+        with executor(workers, "insid3-finish") as finisher, executor(device_workers, "insid3-device") as device_stage:
             for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
                 if batch.pixels is not None:
                     features = self._features(classes, batch.pixels)

@@ -23,6 +23,16 @@ WORKER_PRIORITY = -1
 _local = threading.local()
 
 
+def device_threads(device: torch.device) -> int:
+    """Worker threads that match and cluster batches beside the backbone.
+
+    Two on a GPU: a batch's clustering is a chain of short kernels, each waiting for the one
+    before, which leaves the GPU room for a second batch's chain. One elsewhere, where scipy's
+    clustering holds the GIL.
+    """
+    return 2 if device.type == "cuda" else 1
+
+
 def ready_marker(tensor: torch.Tensor) -> torch.cuda.Event | None:
     """An event marking when ``tensor``, just computed on the current stream, is ready.
 

@@ -311,6 +311,37 @@ def test_next_batch_goes_through_the_backbone_while_the_device_stage_clusters(se
     assert all(np.array_equal(a, b) for a, b in zip(pipelined, inline))
 
 
+def test_two_device_threads_take_consecutive_batches_and_keep_the_masks(segmenter, monkeypatch):
+    """On a GPU two device threads match and cluster consecutive batches at once (forced here on
+    the CPU); results come out in input order and equal the inline ones."""
+    import threading
+    import time
+
+    import insid3_core.engine
+
+    stages = []
+    lowres = segmenter._lowres_masks
+
+    def slow_lowres(*arguments):
+        start = time.perf_counter()
+        time.sleep(0.3)
+        result = lowres(*arguments)
+        stages.append((start, time.perf_counter(), threading.current_thread().name))
+        return result
+
+    monkeypatch.setattr(insid3_core.engine, "device_threads", lambda device: 2)
+    monkeypatch.setattr(segmenter, "_lowres_masks", slow_lowres)
+    references = segmenter.encode_references([REFERENCE])
+    pipelined = list(segmenter.iter_segment(references, TARGETS[:6], batch_size=2, workers=2))
+    monkeypatch.undo()
+    inline = segmenter.segment(references, TARGETS[:6], batch_size=2, workers=0)
+
+    assert [target for target, _ in pipelined] == TARGETS[:6]
+    assert all(np.array_equal(result.mask, expected.mask) for (_, result), expected in zip(pipelined, inline))
+    assert len({name for *_, name in stages}) == 2
+    assert any(b[0] < a[1] and a[0] < b[1] for a, b in zip(stages, stages[1:]))  # two batches at once
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_pipelined_cuda_stream_gives_the_inline_masks():
     from insid3_core import load_backbone
@@ -354,21 +385,25 @@ def test_stage_timer_accounts_every_stage(tiny_backbone):
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
 )
-def test_stages_timed_in_one_thread_while_another_clusters(device):
-    """The timed engine run's pattern: one thread times stages (on CUDA, synchronising around
-    each) while another clusters (on CUDA, capturing graphs); neither fails, and the
-    partitions stay scipy's."""
+def test_stages_timed_in_one_thread_while_two_others_cluster(device):
+    """The engine's pattern on a GPU: one thread times stages (on CUDA, synchronising around
+    each) while two device threads cluster (on CUDA, capturing graphs, one capture at a time);
+    nothing fails, and the partitions stay scipy's."""
     from insid3_core.timing import StageTimer
 
     timer = StageTimer(torch.device(device))
-    targets = list(small_random_targets(6, seed=1))
-    with ThreadPoolExecutor(1) as pool:
-        clustered = pool.submit(lambda: [cluster_patches(t.to(device), 0.6, "torch").cpu().numpy() for t in targets])
+    targets = list(small_random_targets(8, seed=1))
+
+    def clustered(batches):
+        return [cluster_patches(t.to(device), 0.6, "torch").cpu().numpy() for t in batches]
+
+    with ThreadPoolExecutor(2) as pool:
+        halves = [pool.submit(clustered, targets[:4]), pool.submit(clustered, targets[4:])]
         work = torch.randn(256, 256, device=device)
-        while not clustered.done():
+        while not all(half.done() for half in halves):
             with timer.stage("backbone"):
                 work = (work @ work).tanh_()
-        labels = clustered.result()
+        labels = halves[0].result() + halves[1].result()
     for features, batched in zip(targets, labels):
         for target, torch_labels in zip(features, batched):
             assert same_partition(cluster_patches(target, 0.6, "scipy").numpy(), torch_labels)
