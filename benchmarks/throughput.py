@@ -40,6 +40,7 @@ from insid3_core.features import patch_features, resized_pixels  # noqa: E402
 from insid3_core.io import load_image, write_mask_png  # noqa: E402
 from insid3_core.loader import default_workers, executor  # noqa: E402
 from insid3_core.metrics import mask_iou  # noqa: E402
+from insid3_core.streams import device_threads  # noqa: E402
 from insid3_core.timing import StageTimer  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
@@ -175,7 +176,8 @@ def main(argv=None) -> None:
     print(f"# device={device} ({name}) dtype={arguments.precision} image_size={arguments.image_size} "
           f"backbone={engine_backbone.name}{' random-weights' if arguments.weights is None and arguments.random_weights else ''} "
           f"batch_size={arguments.batch_size} shots={arguments.shots} targets={arguments.targets} "
-          f"workers={arguments.workers} clustering={arguments.clustering} target_jpeg={arguments.target_size[0]}x{arguments.target_size[1]}")
+          f"workers={arguments.workers} device_threads={min(arguments.workers, device_threads(device))} "
+          f"clustering={arguments.clustering} target_jpeg={arguments.target_size[0]}x{arguments.target_size[1]}")
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
