@@ -108,7 +108,7 @@ def run_per_pair(segmenter: Segmenter, references, targets, out: Path) -> tuple[
     synchronize(device)
     start = time.perf_counter()
     for target in targets:
-        with segmenter.stage("load"):
+        with segmenter.stage("load", device=False):
             pixels, reference_masks, names = segmenter.prepare_references(references)
             image = load_image(target)
             batch = torch.cat([pixels, resized_pixels(image, segmenter.config.image_size)[None]])
@@ -117,7 +117,7 @@ def run_per_pair(segmenter: Segmenter, references, targets, out: Path) -> tuple[
         with segmenter.stage("matching"):
             reference_set = segmenter.reference_set(features[:-1], reference_masks, names)
         result = segmenter.segment_features(reference_set, features[-1:], [(image.height, image.width)])[0]
-        with segmenter.stage("write"):
+        with segmenter.stage("write", device=False):
             write_mask_png(out / f"{target.stem}.png", result.mask)
         masks[target.name] = result.mask
     synchronize(device)

@@ -526,9 +526,10 @@ class Segmenter:
         squares = refined.swapaxes(0, 1) if refined is not None else [None] * len(sizes)
         return iter(zip(lowres.swapaxes(0, 1), confidence.T, similarity.swapaxes(0, 1), clusters, squares, sizes))
 
-    def stage(self, name: str):
-        """Context timing a named stage with :attr:`timer`, when one is set."""
-        return self.timer.stage(name) if self.timer is not None else contextlib.nullcontext()
+    def stage(self, name: str, device: bool = True):
+        """Context timing a named stage with :attr:`timer`, when one is set (see
+        :meth:`StageTimer.stage` for ``device``)."""
+        return self.timer.stage(name, device) if self.timer is not None else contextlib.nullcontext()
 
     def _finish(
         self,
@@ -544,7 +545,7 @@ class Segmenter:
         ``refined`` holds the classes' ``(K, s, s)`` guided-filter masks, resized instead of
         upsampling the feature-resolution masks.
         """
-        with self.stage("output"):
+        with self.stage("output", device=False):
             results = []
             for index, (class_lowres, class_confidence, class_similarity) in enumerate(zip(lowres, confidence, similarity)):
                 if refined is None:

@@ -33,13 +33,17 @@ class StageTimer:
             torch.mps.synchronize()
 
     @contextmanager
-    def stage(self, name: str):
-        self._synchronize()
+    def stage(self, name: str, device: bool = True):
+        """Time the block as stage ``name``; ``device=False`` for a stage of host work only,
+        which then does not wait for device work queued on its thread's stream before it."""
+        if device:
+            self._synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._synchronize()
+            if device:
+                self._synchronize()
             elapsed = time.perf_counter() - start
             with self._lock:
                 self.seconds[name] += elapsed

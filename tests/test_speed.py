@@ -371,14 +371,33 @@ def test_each_reference_passes_the_backbone_once_per_job(segmenter):
     assert segmenter.backbone.images_seen - before == 2 + len(TARGETS)
 
 
-def test_stage_timer_accounts_every_stage(tiny_backbone):
+def test_stage_timer_accounts_every_stage_and_synchronises_around_device_stages_only(tiny_backbone):
     from insid3_core.timing import StageTimer
 
-    timer = StageTimer(tiny_backbone.device)
+    class RecordingTimer(StageTimer):
+        def __init__(self, device):
+            super().__init__(device)
+            self.synchronised = {}
+
+        def stage(self, name, device=True):
+            self.synchronised[name] = device
+            return super().stage(name, device)
+
+    timer = RecordingTimer(tiny_backbone.device)
     segmenter = Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16), cache=False, timer=timer)
     segmenter.segment(segmenter.encode_references([REFERENCE]), TARGETS[:2])
     assert set(timer.seconds) == {"backbone", "matching", "clustering", "aggregation", "output"}
     assert all(seconds > 0 for seconds in timer.seconds.values())
+    assert [name for name, device in timer.synchronised.items() if not device] == ["output"]  # host work only
+
+    synchronisations = []
+    timer._synchronize = lambda: synchronisations.append(True)
+    with timer.stage("host", device=False):
+        pass
+    assert synchronisations == []
+    with timer.stage("device"):
+        pass
+    assert len(synchronisations) == 2
 
 
 @pytest.mark.parametrize(
