@@ -355,7 +355,7 @@ def test_pipelined_cuda_stream_gives_the_inline_masks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_worker_stream_outranks_the_backbone_stream():
+def test_worker_cuda_stream_outranks_the_backbone_stream():
     from insid3_core.streams import ready_marker, worker_stream
 
     features = torch.ones(4, device="cuda")
