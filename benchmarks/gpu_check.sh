@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The speed issue's GPU measurements in one call (about 7 minutes on an H100), for a session
-# lent a GPU machine: the CUDA tests of the speed-ups (CUDA-graph clustering included), the
-# clustering alone (batches of 16, and of 32 with 8 rounds per host read), then ViT-L/16 at
-# 1024 px in bfloat16 (batches of 16 against the per-pair baseline, and batches of 32 without
-# it) and ViT-S/16 at 512 px end to end. Run in the repository root:
+# The speed issue's GPU measurements in one call (about 8 minutes on an H100), for a session
+# lent a GPU machine: the CUDA tests of the speed-ups (CUDA-graph clustering and the device
+# threads included), the clustering alone (batches of 16, and of 32 with 8 rounds per host
+# read), then ViT-L/16 at 1024 px in bfloat16 (batches of 16 against the per-pair baseline, and
+# batches of 32 without it) and ViT-S/16 at 512 px end to end, and last the peak memory of
+# ViT-L/16 at 512 to 2048 px. Run in the repository root:
 #
 #     bash benchmarks/gpu_check.sh [LOG_FOLDER]      # default: $OUT, else /tmp/insid3-gpu
 #
@@ -35,4 +36,5 @@ step() {
         --image-size 1024 --targets 192 --shots 1 --batch-size 32 --precision bfloat16 --skip-baseline
     step benchmarks/throughput.py --device cuda --backbone vit_small_patch16_dinov3 --random-weights \
         --image-size 512 --targets 96 --shots 1 --batch-size 16
+    step benchmarks/memory.py --device cuda --backbone vit_large_patch16_dinov3 --sizes 512 1024 1536 2048
 } 2>&1 | tee "$log_folder/gpu_check.log"
