@@ -23,6 +23,8 @@ from insid3_core.io import load_image
 
 REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")
 TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -69,10 +71,7 @@ def structured_targets(count: int = 300, channels: int = 16):
     return torch.nn.functional.normalize(features, dim=2)
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
-)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tau", [0.2, 0.5, 0.8, 0.95])
 def test_batched_torch_clustering_matches_scipy_on_structured_features(tau, device):
     features = structured_targets()
@@ -96,10 +95,7 @@ def small_random_targets(batches: int, seed: int = 0):
         yield torch.nn.functional.normalize(torch.randn(32, count, channels, generator=generator), dim=2)
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_clustering_matches_scipy_on_many_small_random_targets(device):
     """Hundreds of small targets in 2-5 dimensions: ties of order, chains and thresholds met
     in every combination the merges, their cached neighbours and absorbed chains can meet
@@ -203,10 +199,7 @@ def test_a_clustering_round_has_fixed_shapes_and_reads_nothing_back(chains):
     assert any("topk" in name for name, _ in runs[0]) and any("index_add_" in name for name, _ in runs[0])
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_clustering_splits_a_batch_into_chunks_that_fit_its_memory_budget(monkeypatch, device):
     features = structured_targets().to(device)  # 5 targets of 300 patches
     budget = 2 * 32 * 300**2  # two targets' worth
@@ -342,7 +335,7 @@ def test_two_device_threads_take_consecutive_batches_and_keep_the_masks(segmente
     assert any(b[0] < a[1] and a[0] < b[1] for a, b in zip(stages, stages[1:]))  # two batches at once
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@NEEDS_CUDA
 def test_pipelined_cuda_stream_gives_the_inline_masks():
     from insid3_core import load_backbone
 
@@ -354,7 +347,7 @@ def test_pipelined_cuda_stream_gives_the_inline_masks():
     assert all(np.array_equal(a, b) for a, b in zip(pipelined, inline))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@NEEDS_CUDA
 def test_worker_cuda_stream_outranks_the_backbone_stream():
     from insid3_core.streams import ready_marker, worker_stream
 
@@ -400,10 +393,7 @@ def test_stage_timer_accounts_every_stage_and_synchronises_around_device_stages_
     assert len(synchronisations) == 2
 
 
-@pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_stages_timed_in_one_thread_while_two_others_cluster(device):
     """The engine's pattern on a GPU: one thread times stages (on CUDA, synchronising around
     each) while two device threads cluster (on CUDA, capturing graphs, one capture at a time);
