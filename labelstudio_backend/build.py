@@ -24,6 +24,7 @@ def build_backend(settings: Settings, segmenter) -> Backend:
         settings.allowed_hosts,
         settings.max_download_bytes,
         settings.max_pixels,
+        settings.download_seconds,
     )
     predictor = Predictor(
         segmenter, settings.batch_size, settings.instances, settings.min_instance_patches, settings.negative_label

@@ -56,11 +56,3 @@ class Credentials:
             return response.json()["access"]
         except (ValueError, KeyError, TypeError) as err:
             raise BackendError(f"Label Studio's /api/token/refresh/ answered without an access token ({err})", 502) from err
-
-    def get(self, url: str, **kwargs) -> requests.Response:
-        """``GET url`` with these credentials, retried once with a fresh token after a 401."""
-        response = requests.get(url, headers=self.headers(), **kwargs)
-        if response.status_code == 401 and is_personal_access_token(self.api_key):
-            response.close()
-            response = requests.get(url, headers=self.headers(refresh=True), **kwargs)
-        return response

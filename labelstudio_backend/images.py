@@ -1,34 +1,49 @@
-"""Fetching task images from Label Studio uploads, local-files storage and allowed http(s) hosts."""
+"""Fetching task images from Label Studio uploads, local-files storage and allowed http(s) hosts.
+
+Each download connects with urllib3's connection class to the host and port that
+:func:`~labelstudio_backend.urls.parse_url` read and checked, and sends that URL's path: the fetcher
+parses no URL of its own, so the host checked is the host connected to. Redirects are followed
+here, each hop checked like the first; Label Studio's credentials go only to its exact origin and
+never after a hop elsewhere. A watchdog shuts the socket at the download's deadline, so a server
+sending a byte now and then cannot hold a worker past it.
+"""
 
 from __future__ import annotations
 
+import http.client
 import io
+import os
+import socket
+import threading
 import time
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
-import requests
+import urllib3
 from PIL import Image
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from insid3_core.io import InputError, load_image
 
-from .credentials import Credentials
+from .credentials import Credentials, is_personal_access_token
 from .errors import BackendError
+from .urls import URL, UnsafeURL, canonical_host, parse_url
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 16
-DOWNLOAD_SECONDS = 120
-DEFAULT_PORTS = {"http": 80, "https": 443}
+READ_SECONDS = 30
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+TRANSFER_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
 
 
-def origin(url: str) -> tuple[str, str, int | None]:
-    """``(scheme, host, port)`` of ``url``, the default port made explicit; ``ValueError`` when malformed."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme)
+def ca_bundle() -> str:
+    """Certificates that verify https hosts: ``REQUESTS_CA_BUNDLE``, ``SSL_CERT_FILE`` or certifi's."""
+    import certifi
+
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or certifi.where()
 
 
 class ImageFetcher:
-    """Download and decode task images within size limits, from allowed hosts only.
+    """Download and decode task images within size and time limits, from allowed hosts only.
 
     Parameters
     ----------
@@ -40,38 +55,50 @@ class ImageFetcher:
         Largest file downloaded.
     max_pixels : int
         Largest image decoded (width x height).
+    download_seconds : float
+        Deadline of one download, redirects and slow bodies included.
     """
 
     def __init__(self, credentials: Credentials, allowed_hosts=(), max_bytes: int = 50 * 2**20,
-                 max_pixels: int = 100_000_000) -> None:
+                 max_pixels: int = 100_000_000, download_seconds: float = 120.0) -> None:
         self.credentials = credentials
-        self.own_origin = origin(credentials.base_url) if credentials.base_url else None
-        self.allowed_hosts = {host.lower() for host in allowed_hosts}
+        try:
+            self.own_origin = parse_url(credentials.base_url).origin if credentials.base_url else None
+        except UnsafeURL as err:
+            raise ValueError(f"LABEL_STUDIO_URL={credentials.base_url!r} {err}") from None
+        try:
+            self.allowed_hosts = frozenset(canonical_host(host) for host in allowed_hosts)
+        except UnsafeURL as err:
+            raise ValueError(f"INSID3_ALLOWED_HOSTS: a host {err}") from None
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.download_seconds = download_seconds
 
-    def url(self, address: str) -> str:
-        """Absolute URL of a task's image address; raises :class:`BackendError` when refused."""
+    def url(self, address: str) -> URL:
+        """The checked URL of a task's image address; raises :class:`BackendError` when refused."""
+        if not isinstance(address, str):
+            raise BackendError(f"an image address must be a string, not {type(address).__name__}", 422)
         if address.startswith("/"):
             if not self.credentials.base_url:
-                raise BackendError(f"image {address!r} is served by Label Studio, but LABEL_STUDIO_URL is not set")
-            address = urljoin(self.credentials.base_url + "/", address.lstrip("/"))
+                raise BackendError(f"image {address[:200]!r} is served by Label Studio, but LABEL_STUDIO_URL is not set")
+            address = self.credentials.base_url + "/" + address.lstrip("/")
+        return self._checked(address)
+
+    def _checked(self, address: str) -> URL:
         try:
-            scheme, host, _ = origin(address)
-        except ValueError as err:
-            raise BackendError(f"image {address[:200]!r} is not a valid URL: {err}", 422) from err
-        if scheme not in ("http", "https"):
-            raise BackendError(f"image {address[:200]!r}: only Label Studio uploads, local files and http(s) URLs are supported", 422)
-        if not self.is_own(address) and host not in self.allowed_hosts:
+            url = parse_url(address)
+        except UnsafeURL as err:
+            raise BackendError(f"image {address[:200]!r} is refused: it {err}", 422) from None
+        if url.origin != self.own_origin and url.host not in self.allowed_hosts:
             raise BackendError(
-                f"image host {host!r} is neither Label Studio's ({self.credentials.base_url or 'unset'}) "
+                f"image host {url.host!r} is neither Label Studio's ({self.credentials.base_url or 'unset'}) "
                 "nor listed in INSID3_ALLOWED_HOSTS", 403
             )
-        return address
+        return url
 
-    def is_own(self, url: str) -> bool:
+    def is_own(self, url: URL) -> bool:
         """``True`` when ``url`` is on Label Studio's origin (the only one given its credentials)."""
-        return origin(url) == self.own_origin
+        return url.origin == self.own_origin
 
     def fetch(self, address: str) -> Image.Image:
         """The image at ``address`` as RGB, EXIF orientation applied."""
@@ -90,38 +117,108 @@ class ImageFetcher:
             raise BackendError(f"image {address!r} is unreadable: {err}", 422) from err
 
     def download(self, address: str) -> bytes:
-        """The bytes at ``address``, following redirects to allowed hosts only, within ``DOWNLOAD_SECONDS``."""
+        """The bytes at ``address``, following redirects to allowed hosts only, within ``download_seconds``."""
         url = self.url(address)
-        deadline = time.monotonic() + DOWNLOAD_SECONDS
+        deadline = time.monotonic() + self.download_seconds
+        trusted = True  # every hop so far stayed on Label Studio's origin
         for _ in range(MAX_REDIRECTS + 1):
-            try:
-                if self.is_own(url):
-                    response = self.credentials.get(url, stream=True, timeout=(10, 120), allow_redirects=False)
-                else:
-                    response = requests.get(url, stream=True, timeout=(10, 120), allow_redirects=False)
-            except requests.RequestException as err:
-                raise BackendError(f"image {address!r} cannot be downloaded: {err}", 502) from err
-            with response:
-                if response.is_redirect:
-                    url = self.url(urljoin(url, response.headers["Location"]))
+            trusted = trusted and self.is_own(url)
+            with self._open(url, trusted, deadline, address) as exchange:
+                response = exchange.response
+                if response.status in REDIRECT_STATUSES:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise BackendError(f"image {address!r}: HTTP {response.status} without a Location", 422)
+                    url = self._checked(urljoin(str(url), location))
                     continue
-                if response.status_code != 200:
-                    raise BackendError(f"image {address!r}: HTTP {response.status_code} from {urlsplit(url).hostname}", 422)
-                return self._read_limited(response, address, deadline)
+                if response.status != 200:
+                    raise BackendError(f"image {address!r}: HTTP {response.status} from {url.host}", 422)
+                return exchange.read(self.max_bytes)
         raise BackendError(f"image {address!r}: more than {MAX_REDIRECTS} redirects", 422)
 
-    def _read_limited(self, response: requests.Response, address: str, deadline: float) -> bytes:
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            raise BackendError(f"image {address!r} is {declared} bytes, above INSID3_MAX_DOWNLOAD_BYTES={self.max_bytes}", 413)
+    def _open(self, url: URL, trusted: bool, deadline: float, address: str) -> "_Exchange":
+        """The answer to ``GET url``: with credentials when ``trusted``, retried once with a fresh
+        access token after a 401."""
+        exchange = _Exchange(url, self.credentials.headers() if trusted else {}, deadline, address).open()
+        if exchange.response.status == 401 and trusted and is_personal_access_token(self.credentials.api_key):
+            exchange.close()
+            exchange = _Exchange(url, self.credentials.headers(refresh=True), deadline, address).open()
+        return exchange
+
+
+class _Exchange:
+    """One ``GET`` on a connection of its own to ``url``'s host and port, cut off at ``deadline``."""
+
+    def __init__(self, url: URL, headers: dict[str, str], deadline: float, address: str) -> None:
+        self.address = address
+        self.seconds_left = deadline - time.monotonic()
+        timeout = max(0.001, min(READ_SECONDS, self.seconds_left))
+        if url.scheme == "https":
+            self.connection = HTTPSConnection(url.host, url.port, timeout=timeout, cert_reqs="CERT_REQUIRED",
+                                              ca_certs=ca_bundle())
+        else:
+            self.connection = HTTPConnection(url.host, url.port, timeout=timeout)
+        self.cut = threading.Event()
+        self.watchdog = threading.Timer(max(0.0, self.seconds_left), self._cut)
+        self.watchdog.daemon = True
+        self.url, self.headers = url, headers
+        self.socket = None  # kept: http.client drops the connection's socket once a response will close
+        self.response = None
+
+    def open(self) -> "_Exchange":
+        """Send the request and read the answer's status and headers."""
+        if self.seconds_left <= 0:
+            raise self._late()
+        self.watchdog.start()
+        try:
+            self.connection.request("GET", self.url.target, headers=self.headers, preload_content=False)
+            self.socket = self.connection.sock
+            self.response = self.connection.getresponse()
+        except TRANSFER_ERRORS as err:
+            self.close()
+            raise self._late() if self.cut.is_set() else self._failed(err) from None
+        return self
+
+    def __enter__(self) -> "_Exchange":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def read(self, max_bytes: int) -> bytes:
+        """The body (decoded), refused beyond ``max_bytes`` or after the deadline."""
+        declared = self.response.headers.get("Content-Length", "")
+        if declared.isdigit() and len(declared) < 20 and int(declared) > max_bytes:
+            raise BackendError(f"image {self.address!r} is {declared} bytes, above INSID3_MAX_DOWNLOAD_BYTES={max_bytes}", 413)
         body = bytearray()
         try:
-            for chunk in response.iter_content(CHUNK):
+            for chunk in self.response.stream(CHUNK):
                 body += chunk
-                if len(body) > self.max_bytes:
-                    raise BackendError(f"image {address!r} is above INSID3_MAX_DOWNLOAD_BYTES={self.max_bytes} bytes", 413)
-                if time.monotonic() > deadline:
-                    raise BackendError(f"image {address!r} took more than {DOWNLOAD_SECONDS} s to download", 504)
-        except requests.RequestException as err:
-            raise BackendError(f"image {address!r} cannot be downloaded: {err}", 502) from err
+                if len(body) > max_bytes:
+                    raise BackendError(f"image {self.address!r} is above INSID3_MAX_DOWNLOAD_BYTES={max_bytes} bytes", 413)
+        except TRANSFER_ERRORS as err:
+            raise self._late() if self.cut.is_set() else self._failed(err) from None
+        if self.cut.is_set():
+            raise self._late()
         return bytes(body)
+
+    def close(self) -> None:
+        self.watchdog.cancel()
+        if self.response is not None:
+            self.response.close()
+        self.connection.close()
+
+    def _cut(self) -> None:
+        self.cut.set()
+        sock = self.socket or self.connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _late(self) -> BackendError:
+        return BackendError(f"image {self.address!r} was not downloaded within INSID3_DOWNLOAD_SECONDS", 504)
+
+    def _failed(self, err: Exception) -> BackendError:
+        return BackendError(f"image {self.address!r} cannot be downloaded from {self.url.host}: {err}", 502)

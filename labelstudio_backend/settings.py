@@ -35,6 +35,8 @@ class Settings:
         ``INSID3_MAX_DOWNLOAD_BYTES``: largest image file fetched.
     max_pixels : int
         ``INSID3_MAX_PIXELS``: largest decoded image (width x height).
+    download_seconds : float
+        ``INSID3_DOWNLOAD_SECONDS``: deadline of one image download, redirects included.
     max_tasks_per_request : int
         ``INSID3_MAX_TASKS_PER_REQUEST``: larger ``/predict`` requests are answered so that
         Label Studio retrieves the tasks one by one (each within its own timeout).
@@ -63,6 +65,7 @@ class Settings:
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     max_download_bytes: int = 50 * 2**20
     max_pixels: int = 100_000_000
+    download_seconds: float = 120.0
     max_tasks_per_request: int = 8
     batch_size: int = 4
     warmup_wait: float = 30.0
@@ -93,6 +96,7 @@ class Settings:
             allowed_hosts=frozenset(h.strip().lower() for h in hosts.split(",") if h.strip()),
             max_download_bytes=env_setting("max_download_bytes", cls.max_download_bytes, int),
             max_pixels=env_setting("max_pixels", cls.max_pixels, int),
+            download_seconds=env_setting("download_seconds", cls.download_seconds, float),
             max_tasks_per_request=env_setting("max_tasks_per_request", cls.max_tasks_per_request, int),
             batch_size=env_setting("batch_size", cls.batch_size, int),
             warmup_wait=env_setting("warmup_wait", cls.warmup_wait, float),

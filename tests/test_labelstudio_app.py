@@ -251,10 +251,10 @@ def test_label_studio_addresses():
     from labelstudio_backend.images import ImageFetcher
 
     fetcher = ImageFetcher(Credentials("http://ls.local:8080", ""), allowed_hosts={"images.example.org"})
-    assert fetcher.url("/data/local-files/?d=scans/a.png") == "http://ls.local:8080/data/local-files/?d=scans/a.png"
-    assert fetcher.url("/data/upload/3/a.png") == "http://ls.local:8080/data/upload/3/a.png"
-    assert fetcher.url("https://images.example.org/a.png") == "https://images.example.org/a.png"
-    assert fetcher.url("https://images.example.org:8443/a.png") == "https://images.example.org:8443/a.png"
+    assert str(fetcher.url("/data/local-files/?d=scans/a.png")) == "http://ls.local:8080/data/local-files/?d=scans/a.png"
+    assert str(fetcher.url("/data/upload/3/a.png")) == "http://ls.local:8080/data/upload/3/a.png"
+    assert str(fetcher.url("https://images.example.org/a.png")) == "https://images.example.org/a.png"
+    assert str(fetcher.url("https://images.example.org:8443/a.png")) == "https://images.example.org:8443/a.png"
     refusals = (("s3://bucket/a.png", 422), ("http://169.254.169.254/latest", 403), ("http://[::1/a.png", 422),
                 ("http://ls.local:22/a.png", 403), ("https://ls.local:8080/a.png", 403))
     for refused, status in refusals:
@@ -262,9 +262,10 @@ def test_label_studio_addresses():
             fetcher.url(refused)
         assert caught.value.status == status, refused
     # credentials go to Label Studio's origin only: same scheme, host and port
-    assert fetcher.is_own("http://LS.local:8080/data/upload/1.png")
-    assert not fetcher.is_own("https://images.example.org/a.png")
-    assert ImageFetcher(Credentials("https://ls.local", "")).is_own("https://ls.local:443/a.png")
+    assert fetcher.is_own(fetcher.url("http://LS.local:8080/data/upload/1.png"))
+    assert not fetcher.is_own(fetcher.url("https://images.example.org/a.png"))
+    own = ImageFetcher(Credentials("https://ls.local", ""))
+    assert own.is_own(own.url("https://ls.local:443/a.png"))
     with pytest.raises(BackendError, match="LABEL_STUDIO_URL is not set"):
         ImageFetcher(Credentials("", "")).url("/data/upload/3/a.png")
 
