@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 
 from .errors import BackendError
+from .payload import json_object, objects, project_id, text
 
 log = logging.getLogger(__name__)
 MODEL_CLASS = "INSID3"
 
 
-def create_app(backend):
-    """A Flask app serving ``backend`` (a :class:`labelstudio_backend.service.Backend`)."""
-    from flask import Flask, jsonify, request
+BUSY_RETRY_AFTER = 5
+WORK_ROUTES = frozenset({"/setup", "/predict", "/train", "/webhook"})
+
+
+def create_app(backend, busy_limit: int | None = None):
+    """A Flask app serving ``backend`` (a :class:`labelstudio_backend.service.Backend`).
+
+    ``busy_limit`` caps the requests of ``WORK_ROUTES`` served at once (the server's threads
+    less one, so ``/health`` always finds a thread); one more is answered 503 with ``Retry-After``.
+    """
+    from flask import Flask, g, jsonify, request
     from werkzeug.exceptions import HTTPException
 
     app = Flask("insid3-labelstudio")
+    app.config["MAX_CONTENT_LENGTH"] = backend.settings.max_request_bytes
+    slots = threading.BoundedSemaphore(busy_limit) if busy_limit else None
 
     @app.before_request
     def check_basic_auth():
@@ -39,6 +51,21 @@ def create_app(backend):
             return response
         return None
 
+    @app.before_request
+    def take_a_work_slot():
+        if slots is None or request.path not in WORK_ROUTES:
+            return None
+        if not slots.acquire(blocking=False):
+            raise BackendError(f"insid3 is busy with {busy_limit} requests; retry in {BUSY_RETRY_AFTER} s", 503,
+                               retry_after=BUSY_RETRY_AFTER)
+        g.work_slot = True
+        return None
+
+    @app.teardown_request
+    def give_back_the_work_slot(_error):
+        if g.pop("work_slot", False):
+            slots.release()
+
     @app.errorhandler(BackendError)
     def backend_error(err: BackendError):
         log.warning("%s %s: %s", request.method, request.path, err.message)
@@ -55,7 +82,7 @@ def create_app(backend):
     @app.errorhandler(Exception)
     def unexpected_error(err: Exception):
         log.exception("%s %s failed", request.method, request.path)
-        return jsonify(error=f"insid3 backend failed: {type(err).__name__}: {err}"), 500
+        return jsonify(error=f"insid3 backend failed ({type(err).__name__}); its log has the details"), 500
 
     @app.get("/")
     @app.get("/health")
@@ -65,14 +92,14 @@ def create_app(backend):
     @app.post("/setup")
     def setup():
         payload = json_body()
-        version = backend.setup(project_id(payload.get("project")), payload.get("schema") or payload.get("label_config") or "")
+        version = backend.setup(project_id(payload.get("project")), text(payload, "schema", "label_config"))
         return jsonify(model_version=version)
 
     @app.post("/predict")
     def predict():
         payload = json_body()
         tasks = objects(payload, "tasks")
-        project, label_config = project_id(payload.get("project")), payload.get("label_config") or ""
+        project, label_config = project_id(payload.get("project")), text(payload, "label_config")
         if len(tasks) > backend.settings.max_tasks_per_request:
             return one_by_one(backend.setup(project, label_config))
         predictions, version = backend.predict(tasks, project, label_config, backend.settings.warmup_wait)
@@ -91,7 +118,7 @@ def create_app(backend):
     @app.post("/train")
     def train():
         payload = json_body()
-        version = backend.train(project_id(payload.get("project")), payload.get("label_config") or "",
+        version = backend.train(project_id(payload.get("project")), text(payload, "label_config"),
                                 objects(payload, "annotations", required=False), backend.settings.warmup_wait)
         return jsonify(model_version=version)
 
@@ -108,29 +135,7 @@ def create_app(backend):
         return jsonify({})
 
     def json_body() -> dict:
-        payload = request.get_json(silent=True)
-        if not isinstance(payload, dict):
-            raise BackendError("request body must be a JSON object")
-        return payload
+        return json_object(request.get_data(cache=False))
 
     return app
 
-
-def objects(payload: dict, key: str, required: bool = True) -> list[dict]:
-    """``payload[key]`` checked to be a list of JSON objects (an empty list when absent and not ``required``)."""
-    value = payload.get(key)
-    if value is None and not required:
-        return []
-    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-        raise BackendError(f"request field {key!r} must be a list of objects")
-    return value
-
-
-def project_id(value) -> int | None:
-    """Project id from Label Studio's ``"<id>.<timestamp>"``, a number, or ``None``."""
-    if value in (None, ""):
-        return None
-    head = str(value).split(".")[0]
-    if isinstance(value, bool) or not head.isdigit():
-        raise BackendError(f"project {value!r} is not a project id")
-    return int(head)

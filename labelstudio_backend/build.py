@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .budget import PixelBudget
 from .credentials import Credentials
 from .images import ImageFetcher
 from .predictor import Predictor
@@ -25,6 +26,7 @@ def build_backend(settings: Settings, segmenter) -> Backend:
         settings.max_download_bytes,
         settings.max_pixels,
         settings.download_seconds,
+        PixelBudget(settings.max_pixels_in_flight, settings.decode_wait),
     )
     predictor = Predictor(
         segmenter, settings.batch_size, settings.instances, settings.min_instance_patches, settings.negative_label

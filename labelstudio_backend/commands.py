@@ -21,7 +21,9 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=9090)
     serve.add_argument("--threads", type=int, default=SERVER_THREADS,
-                       help=f"requests served at once, in one process sharing the model (default {SERVER_THREADS})")
+                       help=f"requests served at once, in one process sharing the model (default {SERVER_THREADS}); "
+                            "one is kept for /health, so --threads - 1 predictions, trainings and webhooks run at "
+                            "once and more are answered 503 with Retry-After")
     add_engine_arguments(serve)
     add_quality_arguments(serve)
     serve.set_defaults(handler=run_serve)
@@ -65,14 +67,25 @@ def run_serve(arguments: argparse.Namespace) -> int:
     """Serve the ML backend with waitress (threads in one process: the model is loaded once) until interrupted."""
     import waitress
 
-    from .app import create_app
     from .settings import Settings
 
+    from insid3_core.cli import UsageError
+
+    if arguments.threads < 2:
+        raise UsageError(f"--threads must be >= 2 (one stays free for /health), got {arguments.threads}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    app = create_app(backend_from_arguments(arguments, Settings.from_environment()))
+    app, options = served_app(backend_from_arguments(arguments, Settings.from_environment()), arguments.threads)
     print(f"insid3: Label Studio ML backend on http://{arguments.host}:{arguments.port}", file=sys.stderr)
-    waitress.serve(app, host=arguments.host, port=arguments.port, threads=arguments.threads, ident="insid3")
+    waitress.serve(app, host=arguments.host, port=arguments.port, **options)
     return 0
+
+
+def served_app(backend, threads: int):
+    """``(app, waitress options)`` serving ``backend`` on ``threads`` threads, one kept for ``/health``."""
+    from .app import create_app
+
+    options = {"threads": threads, "ident": "insid3", "max_request_body_size": backend.settings.max_request_bytes}
+    return create_app(backend, busy_limit=threads - 1), options
 
 
 def api_settings(command: str):

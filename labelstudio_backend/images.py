@@ -24,6 +24,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from insid3_core.io import InputError, load_image
 
+from .budget import Lease, PixelBudget
 from .credentials import Credentials, is_personal_access_token
 from .errors import BackendError
 from .urls import URL, UnsafeURL, canonical_host, parse_url
@@ -57,10 +58,13 @@ class ImageFetcher:
         Largest image decoded (width x height).
     download_seconds : float
         Deadline of one download, redirects and slow bodies included.
+    budget : PixelBudget or None
+        Shared by every request's :meth:`lease` (default: ``2 * max_pixels``, 30 s wait).
     """
 
     def __init__(self, credentials: Credentials, allowed_hosts=(), max_bytes: int = 50 * 2**20,
-                 max_pixels: int = 100_000_000, download_seconds: float = 120.0) -> None:
+                 max_pixels: int = 100_000_000, download_seconds: float = 120.0,
+                 budget: PixelBudget | None = None) -> None:
         self.credentials = credentials
         try:
             self.own_origin = parse_url(credentials.base_url).origin if credentials.base_url else None
@@ -73,6 +77,11 @@ class ImageFetcher:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.download_seconds = download_seconds
+        self.budget = budget or PixelBudget(2 * max_pixels, 30.0)
+
+    def lease(self) -> Lease:
+        """A request's share of the pixel budget, given back when its ``with`` block ends."""
+        return Lease(self.budget)
 
     def url(self, address: str) -> URL:
         """The checked URL of a task's image address; raises :class:`BackendError` when refused."""
@@ -100,8 +109,9 @@ class ImageFetcher:
         """``True`` when ``url`` is on Label Studio's origin (the only one given its credentials)."""
         return url.origin == self.own_origin
 
-    def fetch(self, address: str) -> Image.Image:
-        """The image at ``address`` as RGB, EXIF orientation applied."""
+    def fetch(self, address: str, lease: Lease | None = None) -> Image.Image:
+        """The image at ``address`` as RGB, EXIF orientation applied; its pixels are taken from
+        ``lease`` before it is decoded (``None``: not counted)."""
         data = self.download(address)
         try:
             with Image.open(io.BytesIO(data)) as handle:
@@ -109,6 +119,8 @@ class ImageFetcher:
                     raise BackendError(
                         f"image {address!r} is {handle.width}x{handle.height}, above INSID3_MAX_PIXELS={self.max_pixels}", 413
                     )
+                if lease is not None:
+                    lease.take(handle.width * handle.height, address)
                 handle.load()
                 return load_image(handle)
         except BackendError:

@@ -6,6 +6,9 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 
 from .errors import BackendError
+from .references import label_folder
+
+MAX_FOLDER_NAME = 255
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,8 @@ class BrushTarget:
 def brush_target(label_config: str) -> BrushTarget:
     """The first ``BrushLabels`` control of ``label_config`` bound to an ``Image`` tag.
 
-    Raises :class:`BackendError` (400) when the config is missing, not XML, or has no
-    ``BrushLabels`` on an image.
+    Raises :class:`BackendError` (400) when the config is missing, not XML, has no ``BrushLabels``
+    on an image, or a label too long for a folder name.
     """
     if not label_config or not label_config.strip():
         raise BackendError("the project has no labelling config")
@@ -49,6 +52,10 @@ def brush_target(label_config: str) -> BrushTarget:
             labels = tuple(label.get("value", "") for label in control.iter("Label") if label.get("value"))
             if not labels:
                 raise BackendError(f"BrushLabels {control.get('name')!r} has no <Label> values")
+            too_long = [label for label in labels if len(label_folder(label)) > MAX_FOLDER_NAME]
+            if too_long:
+                raise BackendError(f"label {too_long[0][:40]!r}... is too long: its reference folder name would be "
+                                   f"{len(label_folder(too_long[0]))} characters (URL-quoted), at most {MAX_FOLDER_NAME}")
             return BrushTarget(control.get("name", ""), to_name, images[to_name][1:], labels)
     raise BackendError(
         "the labelling config has no <BrushLabels> bound to an <Image>; insid3 predicts brush masks only"

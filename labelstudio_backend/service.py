@@ -16,6 +16,7 @@ import numpy as np
 from .errors import BackendError
 from .images import ImageFetcher
 from .labelconfig import BrushTarget, brush_target
+from .payload import identifier, objects, optional_object, project_id, text
 from .references import AnnotationStore, Pairs, merge, pool_version, scan_folder
 from .results import prediction
 from .rle import rle_to_mask
@@ -112,15 +113,21 @@ class Backend:
         """
         target = brush_target(label_config)
         references, version = self.references(project, target, wait)
-        images = self._task_images(tasks, target)
+        with self.fetcher.lease() as lease:
+            return self._segment_tasks(tasks, target, references, version, lease), version
+
+    def _segment_tasks(self, tasks: Sequence[dict], target: BrushTarget, references: dict, version: str,
+                       lease) -> list:
+        """Predictions of ``tasks`` (a task's :class:`BackendError` in its place); the decoded images
+        are freed on return, before ``lease`` gives their pixels back."""
+        images = self._task_images(tasks, target, lease)
         with self._device_lock:
             segmented = iter(self.predictor.segment(references, [i for i in images if not isinstance(i, BackendError)]))
         split = self.predictor.split
-        predictions = [
+        return [
             image if isinstance(image, BackendError) else prediction(target, next(segmented), version, split)
             for image in images
         ]
-        return predictions, version
 
     def references(self, project: int | None, target: BrushTarget, wait: float | None) -> tuple[dict, str]:
         """``(label -> ReferenceSet, model version)`` of the current pool, from the encoded cache or
@@ -187,14 +194,14 @@ class Backend:
         pairs = {label: pairs[label] for label in target.labels if label in pairs}
         return pairs, (digest, *pairs), self.predictor.model_version(digest)
 
-    def _task_images(self, tasks: Sequence[dict], target: BrushTarget) -> list:
+    def _task_images(self, tasks: Sequence[dict], target: BrushTarget, lease) -> list:
         images = []
         for task in tasks:
             address = image_address(task, target)
             try:
                 if not isinstance(address, str) or not address:
                     raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
-                images.append(self.fetcher.fetch(address))
+                images.append(self.fetcher.fetch(address, lease))
             except BackendError as err:
                 log.warning("task %s: %s", task.get("id"), err.message)
                 images.append(err)
@@ -207,23 +214,23 @@ class Backend:
         full re-reads (``START_TRAINING``, ...) run in the background.
         """
         action = payload.get("action", "")
+        if action not in (*DELETE_EVENTS, *REFERENCE_EVENTS, *SYNC_EVENTS):
+            return {"status": "ignored", "action": str(action)[:100]}
         project = webhook_project(payload)
         if action in DELETE_EVENTS:
-            annotations = payload.get("annotations") or [payload.get("annotation") or {}]
+            annotations = objects(payload, "annotations", required=False) or [optional_object(payload, "annotation")]
             with self._lock:
                 for annotation in annotations:
                     self.store(project).remove(annotation_id(annotation))
         elif action in REFERENCE_EVENTS:
             target = self._webhook_target(payload, project)
-            task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
+            task, annotation = optional_object(payload, "task"), optional_object(payload, "annotation")
             with self._lock:
-                self.add_annotation(project, target, task, payload.get("annotation") or {})
+                self.add_annotation(project, target, task, annotation)
             self.warm(project, target)
-        elif action in SYNC_EVENTS:
+        else:
             self.warm(project, self._webhook_target(payload, project), force=True)
             return {"status": "started", "action": action, "model_version": self.model_version(project)}
-        else:
-            return {"status": "ignored", "action": action}
         return {"status": "ok", "action": action, "model_version": self.model_version(project)}
 
     def add_annotation(self, project: int, target: BrushTarget, task: dict, annotation: dict) -> bool:
@@ -246,14 +253,16 @@ class Backend:
             return False
         if not isinstance(address, str) or not address:
             raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
-        image = self.fetcher.fetch(address)
         shapes = {mask.shape for mask in masks.values()}
-        if shapes != {(image.height, image.width)}:
-            raise BackendError(
-                f"annotation {identifier}: brush size {sorted(shapes)} differs from its image "
-                f"{image.height}x{image.width}", 422
-            )
-        store.put(identifier, image, masks, stamp)
+        with self.fetcher.lease() as lease:
+            image = self.fetcher.fetch(address, lease)
+            if shapes != {(image.height, image.width)}:
+                raise BackendError(
+                    f"annotation {identifier}: brush size {sorted(shapes)} differs from its image "
+                    f"{image.height}x{image.width}", 422
+                )
+            store.put(identifier, image, masks, stamp)
+            del image  # freed before the lease gives its pixels (and the memory) back
         return True
 
     def sync(self, project: int, target: BrushTarget, force: bool = False) -> None:
@@ -282,7 +291,8 @@ class Backend:
             store.remove(stale)
 
     def _webhook_target(self, payload: dict, project: int) -> BrushTarget:
-        config = (payload.get("project") or {}).get("label_config") if isinstance(payload.get("project"), dict) else None
+        project_object = payload.get("project")
+        config = text(project_object, "label_config") if isinstance(project_object, dict) else ""
         if config:
             return brush_target(config)
         if self.api is None:
@@ -298,19 +308,21 @@ def image_address(task: dict, target: BrushTarget):
 
 def webhook_project(payload: dict) -> int:
     """The project id of a webhook payload (``project`` as an object or an id)."""
-    project = payload.get("project")
-    project = project.get("id") if isinstance(project, dict) else project
-    if isinstance(project, bool) or not isinstance(project, (int, str)) or not str(project).isdigit():
+    try:
+        project = project_id(payload.get("project"))
+    except BackendError as err:
+        raise BackendError(f"webhook payload has no project id: {err.message}") from None
+    if project is None:
         raise BackendError("webhook payload has no project id")
-    return int(project)
+    return project
 
 
 def annotation_id(annotation) -> int:
     """The integer id of an annotation object; :class:`BackendError` when it has none."""
-    identifier = annotation.get("id") if isinstance(annotation, dict) else None
-    if isinstance(identifier, bool) or not isinstance(identifier, (int, str)) or not str(identifier).isdigit():
-        raise BackendError(f"annotation without an id: {str(annotation)[:200]}")
-    return int(identifier)
+    try:
+        return identifier(annotation.get("id") if isinstance(annotation, dict) else None, "annotation")
+    except BackendError as err:
+        raise BackendError(f"annotation without an id: {err.message}") from None
 
 
 def annotation_stamp(annotation: dict, target: BrushTarget, address) -> str:
@@ -337,7 +349,7 @@ def annotation_masks(annotation: dict, target: BrushTarget, max_pixels: int) -> 
             continue
         try:
             height, width = int(item["original_height"]), int(item["original_width"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise BackendError(f"annotation {annotation.get('id')}: brush region without its image size ({err})", 422) from err
         if height <= 0 or width <= 0 or height * width > max_pixels:
             raise BackendError(

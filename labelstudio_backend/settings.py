@@ -37,6 +37,13 @@ class Settings:
         ``INSID3_MAX_PIXELS``: largest decoded image (width x height).
     download_seconds : float
         ``INSID3_DOWNLOAD_SECONDS``: deadline of one image download, redirects included.
+    max_pixels_in_flight : int
+        ``INSID3_MAX_PIXELS_IN_FLIGHT``: pixels of decoded task images held at once by all requests
+        (at least ``max_pixels``); a request beyond it waits, then is answered 503.
+    decode_wait : float
+        ``INSID3_DECODE_WAIT``: seconds a request waits for ``max_pixels_in_flight`` before its 503.
+    max_request_bytes : int
+        ``INSID3_MAX_REQUEST_BYTES``: largest request body accepted (413 beyond).
     max_tasks_per_request : int
         ``INSID3_MAX_TASKS_PER_REQUEST``: larger ``/predict`` requests are answered so that
         Label Studio retrieves the tasks one by one (each within its own timeout).
@@ -66,6 +73,9 @@ class Settings:
     max_download_bytes: int = 50 * 2**20
     max_pixels: int = 100_000_000
     download_seconds: float = 120.0
+    max_pixels_in_flight: int = 200_000_000
+    decode_wait: float = 30.0
+    max_request_bytes: int = 64 * 2**20
     max_tasks_per_request: int = 8
     batch_size: int = 4
     warmup_wait: float = 30.0
@@ -76,6 +86,15 @@ class Settings:
     def __post_init__(self) -> None:
         if self.instances not in INSTANCE_CHOICES:
             raise ValueError(f"INSID3_INSTANCES must be one of {', '.join(INSTANCE_CHOICES)}, got {self.instances!r}")
+        for name in ("max_download_bytes", "max_pixels", "max_request_bytes", "max_tasks_per_request", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"INSID3_{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.max_pixels_in_flight < self.max_pixels:
+            raise ValueError(f"INSID3_MAX_PIXELS_IN_FLIGHT={self.max_pixels_in_flight} is below "
+                             f"INSID3_MAX_PIXELS={self.max_pixels}: no image that size could be decoded")
+        for name in ("download_seconds", "warmup_wait", "decode_wait"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"INSID3_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")
         if self.min_instance_patches < 1:
             raise ValueError(f"INSID3_MIN_INSTANCE_PATCHES must be >= 1, got {self.min_instance_patches}")
 
@@ -97,6 +116,9 @@ class Settings:
             max_download_bytes=env_setting("max_download_bytes", cls.max_download_bytes, int),
             max_pixels=env_setting("max_pixels", cls.max_pixels, int),
             download_seconds=env_setting("download_seconds", cls.download_seconds, float),
+            max_pixels_in_flight=env_setting("max_pixels_in_flight", cls.max_pixels_in_flight, int),
+            decode_wait=env_setting("decode_wait", cls.decode_wait, float),
+            max_request_bytes=env_setting("max_request_bytes", cls.max_request_bytes, int),
             max_tasks_per_request=env_setting("max_tasks_per_request", cls.max_tasks_per_request, int),
             batch_size=env_setting("batch_size", cls.batch_size, int),
             warmup_wait=env_setting("warmup_wait", cls.warmup_wait, float),

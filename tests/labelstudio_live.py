@@ -106,12 +106,15 @@ class LabelStudio:
 
 
 class BackendServer:
-    """The app served by waitress, as ``insid3 labelstudio serve`` serves it, on a free 127.0.0.1 port in a thread."""
+    """A backend served by waitress, as ``insid3 labelstudio serve`` serves it, on a free 127.0.0.1 port in a thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, backend, threads: int = 4) -> None:
         from waitress.server import create_server
 
-        self.server = create_server(app, host="127.0.0.1", port=0, threads=4)
+        from labelstudio_backend.commands import served_app
+
+        app, options = served_app(backend, threads)
+        self.server = create_server(app, host="127.0.0.1", port=0, **options)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

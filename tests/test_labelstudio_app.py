@@ -368,7 +368,7 @@ def test_bad_requests_are_400s(segmenter, settings):
 def test_unchanged_annotations_are_not_downloaded_again(segmenter, settings, tmp_path):
     backend = build_backend(dataclasses.replace(settings, reference_dir=tmp_path / "none"), segmenter)
     fetched, fetch = [], backend.fetcher.fetch
-    backend.fetcher.fetch = lambda address: fetched.append(address) or fetch(address)
+    backend.fetcher.fetch = lambda address, lease=None: fetched.append(address) or fetch(address, lease)
     client = create_app(backend).test_client()
     truth = load_mask(EXAMPLES / "masks" / TARGETS[0].name)
     task = dict(tasks_for(TARGETS[:1])[0], annotations=[{"id": 5, "result": [brush_region(truth)]}])

@@ -24,7 +24,6 @@ from labelstudio_live import BackendServer, LabelStudio, label_studio_executable
 from insid3_core.instances import split_instances  # noqa: E402
 from insid3_core.io import load_mask  # noqa: E402
 from insid3_core.quality import VERDICTS  # noqa: E402
-from labelstudio_backend.app import create_app  # noqa: E402
 from labelstudio_backend.build import build_backend  # noqa: E402
 from labelstudio_backend.connect import WEBHOOK_ACTIONS, basic_auth_header  # noqa: E402
 from labelstudio_backend.preannotate import Report, preannotate  # noqa: E402
@@ -117,7 +116,7 @@ def test_end_to_end(label_studio, project, tiny_backbone, tmp_path, monkeypatch,
     settings = Settings(label_studio_url=label_studio.url, api_key=label_studio.personal_access_token,
                         model_dir=tmp_path / "model", max_tasks_per_request=4, basic_auth=BASIC_AUTH)
     backend = build_backend(settings, segmenter)
-    with BackendServer(create_app(backend)) as server:
+    with BackendServer(backend) as server:
         assert "connected), webhook" in run_connect(label_studio, monkeypatch, capsys, project, server.url, BASIC_AUTH)
         again = run_connect(label_studio, monkeypatch, capsys, project, server.url, BASIC_AUTH)
         assert "already connected), webhook" in again and "(updated), 0 duplicate(s)" in again
@@ -190,7 +189,7 @@ def test_local_files_storage_and_reference_folder(label_studio, tiny_backbone, t
                         model_dir=tmp_path / "model", reference_dir=reference_folder(tmp_path / "references"),
                         max_tasks_per_request=16)
     backend = build_backend(settings, segmenter)
-    with BackendServer(create_app(backend)) as server:
+    with BackendServer(backend) as server:
         label_studio.api("POST", "/api/ml", json={"url": server.url, "project": created["id"], "title": "insid3"})
         label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={created['id']}",
                          json={"selectedItems": {"all": True, "excluded": []}})
@@ -222,7 +221,7 @@ def test_verdicts_are_filterable_in_the_data_manager(label_studio, tiny_backbone
     release, encode = threading.Event(), backend.predictor.references
     backend.predictor.references = lambda pairs, key: release.wait(120) and encode(pairs, key)
     retrieve = f"/api/dm/actions?id=retrieve_tasks_predictions&project={created['id']}"
-    with BackendServer(create_app(backend)) as server:
+    with BackendServer(backend) as server:
         run_connect(label_studio, monkeypatch, capsys, created["id"], server.url)
         run_connect(label_studio, monkeypatch, capsys, created["id"], server.url)
         check_connection(label_studio, created["id"], server.url)
@@ -266,7 +265,7 @@ def test_instances_project(label_studio, tiny_backbone, tmp_path):
     settings = Settings(label_studio_url=label_studio.url, api_key=label_studio.personal_access_token,
                         model_dir=tmp_path / "model", reference_dir=folder, instances="necks")
     backend = build_backend(settings, segmenter)
-    with BackendServer(create_app(backend)) as server:
+    with BackendServer(backend) as server:
         label_studio.api("POST", "/api/ml", json={"url": server.url, "project": created["id"], "title": "insid3"})
         label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={created['id']}",
                          json={"selectedItems": {"all": True, "excluded": []}})
