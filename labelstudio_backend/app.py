@@ -1,7 +1,8 @@
 """The Flask app speaking Label Studio's ML-backend protocol.
 
 Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /train``, ``POST /webhook``,
-``GET /versions``, ``GET /metrics``. Every failure is a JSON ``{"error": message}`` response.
+``GET /versions``, ``GET /metrics``, ``GET /openapi.json`` (their description, ``openapi.json`` beside
+this module). Every failure is a JSON ``{"error": message}`` response.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+from pathlib import Path
 
 from .errors import BackendError
 from .payload import json_object, objects, project_id, text
 
 log = logging.getLogger(__name__)
 MODEL_CLASS = "INSID3"
+OPENAPI = Path(__file__).with_name("openapi.json")
 
 
 BUSY_RETRY_AFTER = 5
@@ -77,7 +80,12 @@ def create_app(backend, busy_limit: int | None = None):
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
-        return jsonify(error=err.description), err.code
+        response = jsonify(error=err.description)
+        response.status_code = err.code
+        for name, value in err.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value  # Allow on a 405
+        return response
 
     @app.errorhandler(Exception)
     def unexpected_error(err: Exception):
@@ -133,6 +141,10 @@ def create_app(backend, busy_limit: int | None = None):
     @app.get("/metrics")
     def metrics():
         return jsonify({})
+
+    @app.get("/openapi.json")
+    def openapi():
+        return app.response_class(OPENAPI.read_bytes(), mimetype="application/json")
 
     def json_body() -> dict:
         return json_object(request.get_data(cache=False))

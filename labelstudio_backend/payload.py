@@ -49,8 +49,10 @@ def identifier(value, what: str) -> int:
 
 
 def project_id(value) -> int | None:
-    """Project id from Label Studio's ``"<id>.<timestamp>"``, a number, an object with an ``id``, or ``None``."""
+    """Project id from Label Studio's ``"<id>.<timestamp>"``, a number, an object with an ``id`` (and
+    maybe a string ``label_config``), or ``None``."""
     if isinstance(value, dict):
+        text(value, "label_config")
         value = value.get("id")
     if value in (None, ""):
         return None

@@ -213,20 +213,21 @@ class Backend:
         ``ANNOTATION_CREATED``/``UPDATED`` and deletions change the cache before answering; the
         full re-reads (``START_TRAINING``, ...) run in the background.
         """
-        action = payload.get("action", "")
+        action = text(payload, "action")
+        project_id(payload.get("project"))  # a malformed body is refused whatever its action
+        annotations = objects(payload, "annotations", required=False) or [optional_object(payload, "annotation")]
+        task = optional_object(payload, "task")
         if action not in (*DELETE_EVENTS, *REFERENCE_EVENTS, *SYNC_EVENTS):
-            return {"status": "ignored", "action": str(action)[:100]}
+            return {"status": "ignored", "action": action[:100]}
         project = webhook_project(payload)
         if action in DELETE_EVENTS:
-            annotations = objects(payload, "annotations", required=False) or [optional_object(payload, "annotation")]
             with self._lock:
                 for annotation in annotations:
                     self.store(project).remove(annotation_id(annotation))
         elif action in REFERENCE_EVENTS:
             target = self._webhook_target(payload, project)
-            task, annotation = optional_object(payload, "task"), optional_object(payload, "annotation")
             with self._lock:
-                self.add_annotation(project, target, task, annotation)
+                self.add_annotation(project, target, task, optional_object(payload, "annotation"))
             self.warm(project, target)
         else:
             self.warm(project, self._webhook_target(payload, project), force=True)
