@@ -209,39 +209,43 @@ def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
     from timm.layers import LayerNorm
     from timm.models.eva import checkpoint_filter_fn
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BackboneError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
-    state = _unwrap_state_dict(state, path)
-    arguments = {**_META_DEFAULTS, **_arguments_from_weights(state, path)}
+    state = _unwrap_state_dict(_load_tensors(path), path)
+    from_weights = _arguments_from_weights(state, path)
+    arguments = {**_META_DEFAULTS, **from_weights}
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        try:
-            arguments.update(json.loads(sidecar.read_text()))
-        except json.JSONDecodeError as err:
-            raise BackboneError(f"{sidecar}: invalid JSON ({err})") from err
+        given = _read_sidecar(sidecar)
+        for key in ("embed_dim", "depth", "patch_size", "n_storage_tokens"):
+            if key in given and given[key] != from_weights[key]:
+                raise BackboneError(f"{sidecar}: {key}={given[key]!r}, but the weights of {path.name} have {from_weights[key]}")
+        arguments.update(given)
     if "num_heads" not in arguments:
         raise BackboneError(
             f"{path}: width {arguments['embed_dim']} is not a standard DINOv3 size; put Meta's "
             f"constructor arguments (num_heads, ...) in {sidecar}"
         )
     name, timm_arguments = _timm_arguments(arguments, path)
-    model = timm.create_model(
-        name,
-        pretrained=False,
-        num_classes=0,
-        norm_layer=partial(LayerNorm, eps=_META_NORM_EPS[arguments["norm_layer"]]),
-        **timm_arguments,
-    )
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=0,
+            norm_layer=partial(LayerNorm, eps=_META_NORM_EPS[arguments["norm_layer"]]),
+            **timm_arguments,
+        )
+    except (AssertionError, RuntimeError, TypeError, ValueError) as err:
+        raise BackboneError(f"{path}: {name} cannot be built with {timm_arguments} ({_first_line(err)})") from None
     periods = state.get("rope_embed.periods")
-    if periods is not None and not torch.allclose(periods.float(), model.rope.periods.float(), rtol=1e-4):
+    expected = model.rope.periods.float()
+    if periods is not None and (periods.shape != expected.shape or not torch.allclose(periods.float(), expected, rtol=1e-4)):
         raise BackboneError(
             f"{path}: the checkpoint's RoPE periods differ from those of base "
             f"{arguments['pos_embed_rope_base']}; give Meta's constructor arguments in {sidecar.name}"
         )
-    converted = checkpoint_filter_fn(state, model)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise BackboneError(f"{path}: weights do not fit {name} ({_first_line(err)})") from None
     if missing or unexpected:
         raise BackboneError(
             f"{path}: weights do not fit {name} ({arguments['embed_dim']} wide, depth "
@@ -250,19 +254,78 @@ def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
     return model, name, f"{path.stem}-{_file_digest(path)}"
 
 
+def _load_tensors(path: Path):
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, never pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        if "weights_only" in str(err):
+            reason = "it holds Python objects besides tensors, and insid3 loads tensors only"
+        else:
+            reason = f"{type(err).__name__}: {_first_line(err)}"
+        raise BackboneError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def _unwrap_state_dict(state, path: Path) -> dict:
     for key in ("model", "teacher", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict) or "cls_token" not in state or "storage_tokens" not in state:
         raise BackboneError(f"{path}: not a DINOv3 checkpoint in Meta's format (no cls_token/storage_tokens)")
-    return {key.removeprefix("backbone."): value for key, value in state.items()}
+    state = {str(key).removeprefix("backbone."): value for key, value in state.items()}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise BackboneError(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor")
+    return state
+
+
+_SIDECAR_TYPES = {
+    "embed_dim": int, "depth": int, "num_heads": int, "patch_size": int, "n_storage_tokens": int,
+    "ffn_ratio": float, "pos_embed_rope_base": float, "qkv_bias": bool, "norm_layer": str, "ffn_layer": str,
+    "pos_embed_rope_normalize_coords": str, "untie_cls_and_patch_norms": bool,
+    "untie_global_and_local_cls_norm": bool,
+}
+
+
+def _read_sidecar(sidecar: Path) -> dict:
+    """Meta's constructor arguments from ``sidecar``, checked to be a JSON object of the right types."""
+    try:
+        arguments = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BackboneError(f"{sidecar}: invalid JSON ({err})") from None
+    if not isinstance(arguments, dict):
+        raise BackboneError(f"{sidecar}: must hold a JSON object of Meta's DinoVisionTransformer arguments, "
+                            f"not a {type(arguments).__name__}")
+    for key, kind in _SIDECAR_TYPES.items():
+        if key not in arguments:
+            continue
+        value = arguments[key]
+        number = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number or type(value) is kind) or (kind is int and value < 1) or (number and not value > 0):
+            expected = {int: "a positive integer", float: "a positive number", bool: "true or false", str: "a string"}
+            raise BackboneError(f"{sidecar}: {key} must be {expected[kind]}, got {value!r}")
+    return arguments
 
 
 def _arguments_from_weights(state: dict, path: Path) -> dict:
     """Meta constructor arguments that the weights determine (64 channels per head assumed)."""
+    try:
+        return _read_architecture(state)
+    except (KeyError, IndexError, ValueError) as err:
+        missing = f"no {err.args[0]!r}" if isinstance(err, KeyError) else _first_line(err)
+        raise BackboneError(f"{path}: not a DINOv3 checkpoint in Meta's format ({missing})") from None
+
+
+def _read_architecture(state: dict) -> dict:
+    blocks = [key.split(".")[1] for key in state if key.startswith("blocks.")]
+    if not blocks:
+        raise ValueError("no transformer blocks (blocks.N.*)")
     embed_dim = state["cls_token"].shape[-1]
-    depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("blocks."))
+    depth = 1 + max(int(block) for block in blocks)
     swiglu = "blocks.0.mlp.w1.weight" in state
     hidden = state["blocks.0.mlp.w1.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[0]
     arguments = {

@@ -124,8 +124,34 @@ def test_unsupported_meta_argument_is_refused(tmp_path):
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "hostile.pth"
     torch.save({"cls_token": torch.zeros(1), "payload": BackboneError("not a tensor")}, path)
-    with pytest.raises(BackboneError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(BackboneError, match="not a readable PyTorch checkpoint") as refused:
         load_backbone(path, device="cpu")
+    assert "loads tensors only" in str(refused.value) and "weights_only=False" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda state, sidecar: {k: v for k, v in state.items() if not k.startswith("blocks.")}, "no transformer blocks"),
+    (lambda state, sidecar: {k: v for k, v in state.items() if k != "patch_embed.proj.weight"}, "no 'patch_embed.proj.weight'"),
+    (lambda state, sidecar: {**state, "cls_token": 3}, "'cls_token' holds a int, not a tensor"),
+    (lambda state, sidecar: "a JSON string", "must hold a JSON object"),
+    (lambda state, sidecar: [sidecar], "must hold a JSON object"),
+    (lambda state, sidecar: {**sidecar, "num_heads": "three"}, "num_heads must be a positive integer"),
+    (lambda state, sidecar: {**sidecar, "qkv_bias": "yes"}, "qkv_bias must be true or false"),
+    (lambda state, sidecar: {**sidecar, "depth": 10_000}, "depth=10000, but the weights of tiny.pth have 4"),
+    (lambda state, sidecar: {**sidecar, "ffn_layer": "swiglu999"}, "ffn_layer='swiglu999' is not supported"),
+])
+def test_damaged_checkpoints_and_sidecars_name_the_file_and_the_problem(tmp_path, damage, message):
+    """Each of these gave a bare Python error ("max() arg is an empty sequence", ...) or a traceback."""
+    path = tmp_path / "tiny.pth"
+    state = torch.load(BUNDLED_CHECKPOINT, weights_only=True)
+    sidecar = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
+    damaged = damage(state, sidecar)
+    torch.save(damaged if isinstance(damaged, dict) and "cls_token" in damaged else state, path)
+    (tmp_path / "tiny.json").write_text(json.dumps(sidecar if isinstance(damaged, dict) and "cls_token" in damaged
+                                                   else damaged))
+    with pytest.raises(BackboneError, match="tiny") as refused:
+        load_backbone(path, device="cpu")
+    assert message in str(refused.value)
 
 
 def test_not_a_dinov3_checkpoint(tmp_path):
