@@ -9,33 +9,31 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 from pathlib import Path
 
 from .errors import BackendError
 from .payload import json_object, objects, project_id, text
+from .turns import Turns
 
 log = logging.getLogger(__name__)
 MODEL_CLASS = "INSID3"
 OPENAPI = Path(__file__).with_name("openapi.json")
 
 
-BUSY_RETRY_AFTER = 5
 WORK_ROUTES = frozenset({"/setup", "/predict", "/train", "/webhook"})
 
 
-def create_app(backend, busy_limit: int | None = None):
+def create_app(backend, turns: Turns | None = None):
     """A Flask app serving ``backend`` (a :class:`labelstudio_backend.service.Backend`).
 
-    ``busy_limit`` caps the requests of ``WORK_ROUTES`` served at once (the server's threads
-    less one, so ``/health`` always finds a thread); one more is answered 503 with ``Retry-After``.
+    ``turns`` bounds the requests of ``WORK_ROUTES`` served and waiting at once (see
+    :mod:`labelstudio_backend.turns`); ``None``: no bound.
     """
     from flask import Flask, g, jsonify, request
     from werkzeug.exceptions import HTTPException
 
     app = Flask("insid3-labelstudio")
     app.config["MAX_CONTENT_LENGTH"] = backend.settings.max_request_bytes
-    slots = threading.BoundedSemaphore(busy_limit) if busy_limit else None
 
     @app.before_request
     def check_basic_auth():
@@ -55,19 +53,17 @@ def create_app(backend, busy_limit: int | None = None):
         return None
 
     @app.before_request
-    def take_a_work_slot():
-        if slots is None or request.path not in WORK_ROUTES:
+    def take_a_turn():
+        if turns is None or request.path not in WORK_ROUTES:
             return None
-        if not slots.acquire(blocking=False):
-            raise BackendError(f"insid3 is busy with {busy_limit} requests; retry in {BUSY_RETRY_AFTER} s", 503,
-                               retry_after=BUSY_RETRY_AFTER)
-        g.work_slot = True
+        turns.take()
+        g.turn = True
         return None
 
     @app.teardown_request
-    def give_back_the_work_slot(_error):
-        if g.pop("work_slot", False):
-            slots.release()
+    def give_back_the_turn(_error):
+        if g.pop("turn", False):
+            turns.give_back()
 
     @app.errorhandler(BackendError)
     def backend_error(err: BackendError):

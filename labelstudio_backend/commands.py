@@ -8,6 +8,7 @@ import logging
 import sys
 
 SERVER_THREADS = 8
+CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
 
 
 def register(subparsers) -> None:
@@ -21,9 +22,9 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=9090)
     serve.add_argument("--threads", type=int, default=SERVER_THREADS,
-                       help=f"requests served at once, in one process sharing the model (default {SERVER_THREADS}); "
-                            "one is kept for /health, so --threads - 1 predictions, trainings and webhooks run at "
-                            "once and more are answered 503 with Retry-After")
+                       help=f"predictions, trainings and webhooks served at once, in one process sharing the model "
+                            f"(default {SERVER_THREADS}); INSID3_MAX_QUEUED_REQUESTS more wait for their turn, and "
+                            "/health is always answered")
     add_engine_arguments(serve)
     add_quality_arguments(serve)
     serve.set_defaults(handler=run_serve)
@@ -71,8 +72,8 @@ def run_serve(arguments: argparse.Namespace) -> int:
 
     from insid3_core.cli import UsageError
 
-    if arguments.threads < 2:
-        raise UsageError(f"--threads must be >= 2 (one stays free for /health), got {arguments.threads}")
+    if arguments.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {arguments.threads}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app, options = served_app(backend_from_arguments(arguments, Settings.from_environment()), arguments.threads)
     print(f"insid3: Label Studio ML backend on http://{arguments.host}:{arguments.port}", file=sys.stderr)
@@ -81,11 +82,17 @@ def run_serve(arguments: argparse.Namespace) -> int:
 
 
 def served_app(backend, threads: int):
-    """``(app, waitress options)`` serving ``backend`` on ``threads`` threads, one kept for ``/health``."""
+    """``(app, waitress options)`` serving ``backend``: ``threads`` work requests at once,
+    ``INSID3_MAX_QUEUED_REQUESTS`` waiting, and a thread beyond them for ``/health`` and refusals."""
     from .app import create_app
+    from .turns import Turns
 
-    options = {"threads": threads, "ident": "insid3", "max_request_body_size": backend.settings.max_request_bytes}
-    return create_app(backend, busy_limit=threads - 1), options
+    settings = backend.settings
+    turns = Turns(threads, settings.max_queued_requests, settings.queue_wait)
+    served_at_once = threads + settings.max_queued_requests + 1
+    options = {"threads": served_at_once, "connection_limit": served_at_once + CONNECTIONS_BEYOND_THREADS,
+               "ident": "insid3", "max_request_body_size": settings.max_request_bytes}
+    return create_app(backend, turns), options
 
 
 def api_settings(command: str):

@@ -213,13 +213,14 @@ class Backend:
         ``ANNOTATION_CREATED``/``UPDATED`` and deletions change the cache before answering; the
         full re-reads (``START_TRAINING``, ...) run in the background.
         """
-        action = text(payload, "action")
-        project_id(payload.get("project"))  # a malformed body is refused whatever its action
+        action = text(payload, "action")  # a malformed body is refused whatever its action
+        project = webhook_project(payload)
         annotations = objects(payload, "annotations", required=False) or [optional_object(payload, "annotation")]
         task = optional_object(payload, "task")
         if action not in (*DELETE_EVENTS, *REFERENCE_EVENTS, *SYNC_EVENTS):
             return {"status": "ignored", "action": action[:100]}
-        project = webhook_project(payload)
+        if project is None:
+            raise BackendError("webhook payload has no project id")
         if action in DELETE_EVENTS:
             with self._lock:
                 for annotation in annotations:
@@ -307,15 +308,12 @@ def image_address(task: dict, target: BrushTarget):
     return data.get(target.data_key) if isinstance(data, dict) else None
 
 
-def webhook_project(payload: dict) -> int:
-    """The project id of a webhook payload (``project`` as an object or an id)."""
+def webhook_project(payload: dict) -> int | None:
+    """The project id of a webhook payload (``project`` as an object or an id), ``None`` when it has none."""
     try:
-        project = project_id(payload.get("project"))
+        return project_id(payload.get("project"))
     except BackendError as err:
         raise BackendError(f"webhook payload has no project id: {err.message}") from None
-    if project is None:
-        raise BackendError("webhook payload has no project id")
-    return project
 
 
 def annotation_id(annotation) -> int:

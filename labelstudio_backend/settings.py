@@ -44,6 +44,11 @@ class Settings:
         ``INSID3_DECODE_WAIT``: seconds a request waits for ``max_pixels_in_flight`` before its 503.
     max_request_bytes : int
         ``INSID3_MAX_REQUEST_BYTES``: largest request body accepted (413 beyond).
+    max_queued_requests : int
+        ``INSID3_MAX_QUEUED_REQUESTS``: work requests waiting for a turn beyond those served at
+        once; one more is answered 503 at once.
+    queue_wait : float
+        ``INSID3_QUEUE_WAIT``: seconds a work request waits for its turn before its 503.
     max_tasks_per_request : int
         ``INSID3_MAX_TASKS_PER_REQUEST``: larger ``/predict`` requests are answered so that
         Label Studio retrieves the tasks one by one (each within its own timeout).
@@ -76,6 +81,8 @@ class Settings:
     max_pixels_in_flight: int = 200_000_000
     decode_wait: float = 30.0
     max_request_bytes: int = 64 * 2**20
+    max_queued_requests: int = 256
+    queue_wait: float = 90.0
     max_tasks_per_request: int = 8
     batch_size: int = 4
     warmup_wait: float = 30.0
@@ -92,7 +99,9 @@ class Settings:
         if self.max_pixels_in_flight < self.max_pixels:
             raise ValueError(f"INSID3_MAX_PIXELS_IN_FLIGHT={self.max_pixels_in_flight} is below "
                              f"INSID3_MAX_PIXELS={self.max_pixels}: no image that size could be decoded")
-        for name in ("download_seconds", "warmup_wait", "decode_wait"):
+        if self.max_queued_requests < 0:
+            raise ValueError(f"INSID3_MAX_QUEUED_REQUESTS must be >= 0, got {self.max_queued_requests}")
+        for name in ("download_seconds", "warmup_wait", "decode_wait", "queue_wait"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"INSID3_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")
         if self.min_instance_patches < 1:
@@ -119,6 +128,8 @@ class Settings:
             max_pixels_in_flight=env_setting("max_pixels_in_flight", cls.max_pixels_in_flight, int),
             decode_wait=env_setting("decode_wait", cls.decode_wait, float),
             max_request_bytes=env_setting("max_request_bytes", cls.max_request_bytes, int),
+            max_queued_requests=env_setting("max_queued_requests", cls.max_queued_requests, int),
+            queue_wait=env_setting("queue_wait", cls.queue_wait, float),
             max_tasks_per_request=env_setting("max_tasks_per_request", cls.max_tasks_per_request, int),
             batch_size=env_setting("batch_size", cls.batch_size, int),
             warmup_wait=env_setting("warmup_wait", cls.warmup_wait, float),

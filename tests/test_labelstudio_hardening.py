@@ -123,29 +123,50 @@ def test_request_bodies_are_bounded(segmenter, settings):
 
 
 def test_busy_workers_leave_health_answering(segmenter, settings, hosts):
-    """Two /predict wait on a server trickling its image; a third is told to come back; /health answers."""
+    """Two /predict (the work served at once) wait on a server trickling its image; a third waits its
+    turn, then is told to come back; a fourth beyond the line is refused at once; /health answers."""
     slow = hosts["slow"]
     slow.requests.clear()
-    settings = dataclasses.replace(settings, download_seconds=4.0)
-    task = {"id": 1, "data": {"image": slow.url + "/drip"}}
-    body = {"tasks": [task], "project": "7.1", "label_config": BRUSH_CONFIG}
-    with BackendServer(build_backend(settings, segmenter), threads=3) as server:
-        answers = []
-        workers = [threading.Thread(target=lambda: answers.append(requests.post(server.url + "/predict", json=body,
-                                                                                timeout=60)))
-                   for _ in range(2)]
-        for worker in workers:
+    settings = dataclasses.replace(settings, download_seconds=4.0, max_queued_requests=1, queue_wait=1.0)
+    body = {"tasks": [{"id": 1, "data": {"image": slow.url + "/drip"}}], "project": "7.1", "label_config": BRUSH_CONFIG}
+    with BackendServer(build_backend(settings, segmenter), threads=2) as server:
+        answers = {}
+
+        def predict(name):
+            answers[name] = requests.post(server.url + "/predict", json=body, timeout=60)
+
+        running = [threading.Thread(target=predict, args=(name,)) for name in ("first", "second")]
+        for worker in running:
             worker.start()
         while len(slow.requests) < 2:
             time.sleep(0.05)
-        busy = requests.post(server.url + "/predict", json=body, timeout=10)
+        waiting = threading.Thread(target=predict, args=("waiting",))
+        waiting.start()
+        while server.server.task_dispatcher.active_count < 3:
+            time.sleep(0.01)
+        refused = requests.post(server.url + "/predict", json=body, timeout=10)
         health = requests.get(server.url + "/health", timeout=10)
+        for worker in (*running, waiting):
+            worker.join()
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+    assert refused.status_code == 503 and refused.headers["Retry-After"] and "busy" in refused.json()["error"]
+    assert answers["waiting"].status_code == 503 and "INSID3_QUEUE_WAIT" in answers["waiting"].json()["error"]
+    assert [answers["first"].status_code, answers["second"].status_code] == [504, 504]
+    assert len(slow.requests) == 2
+
+
+def test_a_full_house_waits_its_turn_instead_of_failing(segmenter, settings):
+    """Twelve predictions at once on two turns: every one is answered 200, none refused."""
+    with BackendServer(build_backend(settings, segmenter), threads=2) as server:
+        body = {"tasks": [{"id": 1, "data": {"image": "/x.png"}}], "project": "7.1", "label_config": BRUSH_CONFIG}
+        answers = []
+        workers = [threading.Thread(target=lambda: answers.append(
+            requests.post(server.url + "/predict", json=body, timeout=120).status_code)) for _ in range(12)]
+        for worker in workers:
+            worker.start()
         for worker in workers:
             worker.join()
-    assert busy.status_code == 503 and busy.headers["Retry-After"] and "busy" in busy.json()["error"]
-    assert health.status_code == 200 and health.json()["status"] == "UP"
-    assert sorted(answer.status_code for answer in answers) == [504, 504]
-    assert len(slow.requests) == 2
+    assert answers == [200] * 12
 
 
 def test_decoded_pixels_are_bounded_across_requests(tmp_path):
