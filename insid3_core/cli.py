@@ -8,6 +8,7 @@ import argparse
 import collections
 import glob
 import json
+import os
 import platform
 import sys
 from importlib.metadata import entry_points
@@ -23,7 +24,10 @@ from .config import CLUSTERING_METHODS, REFINEMENTS, EngineConfig, cache_dir, en
 from .engine import Segmenter
 from .eval_command import register as register_eval
 from .instances import INSTANCE_METHODS
-from .io import IMAGE_EXTENSIONS, InputError, atomic_write, label_masks, load_mask, write_json, write_mask_png
+from .io import (
+    IMAGE_EXTENSIONS, InputError, label_masks, load_mask, remove_stale_temporaries, temporary_name, write_json,
+    write_label_png, write_mask_png,
+)
 from .loader import default_workers, executor
 from .match_cli import register as register_match
 from .quality import VERDICTS, QualityThresholds
@@ -224,22 +228,56 @@ def class_names(specs: list[str]) -> dict[int, str]:
     return names
 
 
-def write_label_png(path: Path, label_map: np.ndarray, classes: int) -> None:
-    """One class: 0/255 mask. Several: 8-bit label map, ``i + 1`` for the ``i``-th class."""
+RECORD_KEY = "insid3-record"
+"""PNG text chunk of an output mask holding its annotations.json record, so the pair stays whole
+when a run is killed between writing a mask and the annotations that list it."""
+
+
+def write_output_mask(path: Path, label_map: np.ndarray, classes: int, record: dict) -> None:
+    """One class: 0/255 mask. Several: 8-bit label map, ``i + 1`` for the ``i``-th class. The
+    target's record travels in the PNG (see :data:`RECORD_KEY`)."""
+    text = {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
     if classes == 1:
-        write_mask_png(path, label_map > 0)
-        return
-    with atomic_write(path) as stream:
-        Image.fromarray(label_map.astype(np.uint8), mode="L").save(stream, format="PNG")
+        write_mask_png(path, label_map > 0, text)
+    else:
+        write_label_png(path, label_map.astype(np.uint8), text)
+
+
+def written_record(path: Path, file_name: str, categories: list[str]) -> dict:
+    """The record of an output mask already written: the one it carries, else one rebuilt from
+    its pixels (a mask written by hand or by an older insid3: no score)."""
+    try:
+        with Image.open(path) as image:
+            carried = json.loads(image.text.get(RECORD_KEY, "null"))
+    except (OSError, ValueError):
+        carried = None
+    if isinstance(carried, dict) and isinstance(carried.get("annotations"), list) and \
+            isinstance(carried.get("image"), dict) and carried["image"].get("file_name") == file_name:
+        return carried
+    return mask_record(file_name, written_labels(path, len(categories)), categories)
+
+
+def settle(writes: list, records: dict[str, dict], wait: bool) -> list:
+    """Move the records of written masks (``(future, name, record)`` in ``writes``) into ``records``,
+    so annotations.json never lists a mask before it exists; returns the writes still running."""
+    running = []
+    for future, name, record in writes:
+        if wait or future.done():
+            future.result()
+            records[name] = record
+        else:
+            running.append((future, name, record))
+    return running
 
 
 def run_segment(arguments: argparse.Namespace) -> int:
     if arguments.min_instance_patches < 1:
         raise UsageError(f"--min-instance-patches must be >= 1, got {arguments.min_instance_patches}")
+    out: Path = arguments.out
+    check_writable_folder(out, "--out")
     classes = reference_classes(arguments)
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
-    out: Path = arguments.out
     given = [*(p for pair in arguments.ref + arguments.label_ref + arguments.negative for p in pair),
              *(p for _, image, mask in arguments.class_ref for p in (image, mask))]
     inputs = {Path(p).expanduser().resolve() for p in given} | set(targets)
@@ -248,11 +286,12 @@ def run_segment(arguments: argparse.Namespace) -> int:
     if clobbered:
         raise UsageError(f"output masks would overwrite input files: {', '.join(clobbered)}; choose another --out")
     annotations_path = out / "annotations.json"
+    remove_stale_temporaries(out, [annotations_path.name, *(path.name for path in outputs.values())])
     records = load_records(annotations_path, arguments.overwrite)
     pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
     for target in targets:
         if target not in pending and target.name not in records:
-            records[target.name] = mask_record(target.name, written_labels(outputs[target], len(classes)), list(classes))
+            records[target.name] = written_record(outputs[target], target.name, list(classes))
 
     segmenter = segmenter_from_arguments(arguments)
     encoded = segmenter.encode_classes(classes, negatives)
@@ -288,16 +327,15 @@ def run_segment(arguments: argparse.Namespace) -> int:
             if isinstance(result, InputError):
                 failures[str(target)] = str(result)
                 continue
-            writes.append(writer.submit(write_label_png, outputs[target], result.label_map, len(classes)))
-            records[target.name] = result_record(
-                target.name, result.classes, instance_method, arguments.min_instance_patches
-            )
+            record = result_record(target.name, result.classes, instance_method, arguments.min_instance_patches)
+            writes.append((writer.submit(write_output_mask, outputs[target], result.label_map, len(classes), record),
+                           target.name, record))
             verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
             progress.set_postfix(verdicts, refresh=False)
             if done % arguments.batch_size == 0:
+                writes = settle(writes, records, wait=False)
                 write_json(annotations_path, coco_document(records, list(classes), info))
-        for write in writes:
-            write.result()
+        settle(writes, records, wait=True)
     write_json(annotations_path, coco_document(records, list(classes), info))
 
     summary = ", ".join(f"{verdict} {verdicts[verdict]}" for verdict in VERDICTS if verdicts[verdict])
@@ -311,6 +349,19 @@ def run_segment(arguments: argparse.Namespace) -> int:
         print("insid3: reminder: these masks come from the random-weight TEST checkpoint (smoke test).",
               file=sys.stderr)
     return 1 if failures else 0
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` and write a probe file in it; a :class:`UsageError` before any work when that fails."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {folder}: is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temporary_name(folder / "write-check")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
 
 
 def written_labels(path: Path, classes: int) -> np.ndarray:

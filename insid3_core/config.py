@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ class EngineConfig:
             raise ValueError(f"svd_components must be >= 0, got {self.svd_components}")
         if not -1.0 < self.tau < 1.0:
             raise ValueError(f"tau must lie in (-1, 1), got {self.tau}")
+        if not math.isfinite(self.merge_threshold):
+            raise ValueError(f"merge_threshold must be a finite number, got {self.merge_threshold}")
         if self.clustering not in CLUSTERING_METHODS:
             raise ValueError(f"clustering must be one of {CLUSTERING_METHODS}, got {self.clustering!r}")
         if self.refinement not in REFINEMENTS:
@@ -85,3 +88,12 @@ def cache_dir() -> Path:
         return Path(configured).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "insid3"
+
+
+def clustering_bytes(image_size: int, patch_size: int = 16) -> int:
+    """Memory one target's clustering needs at ``image_size``: its ``N x N`` patch distances
+    (``N = (image_size / patch_size)^2``) twice over in float32 (scipy's condensed float64
+    matrix is the same size)."""
+    patches = (image_size // patch_size) ** 2
+    return 8 * patches * patches
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +30,34 @@ def positional_directions(backbone: Backbone, image_size: int, cache: Path | Non
     if cache is not None and backbone.identity is not None:
         path = Path(cache) / f"positional_{backbone.identity}_s{image_size}.npy"
         if path.is_file():
-            return torch.from_numpy(np.load(path)).to(backbone.device)
+            cached = _read_cached(path, backbone.embed_dim)
+            if cached is not None:
+                return cached.to(backbone.device)
     black = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
     features = patch_features(backbone, black)[0].T.double()  # (C, N)
     centred = features - features.mean(dim=1, keepdim=True)
     directions = torch.linalg.svd(centred.cpu(), full_matrices=False).U.float()
     if path is not None:
-        with atomic_write(path) as stream:
-            np.save(stream, directions.numpy())
+        try:
+            with atomic_write(path) as stream:
+                np.save(stream, directions.numpy())
+        except OSError as err:
+            warnings.warn(f"{path}: cannot write the positional-basis cache ({err}); going on without it", stacklevel=2)
     return directions.to(backbone.device)
+
+
+def _read_cached(path: Path, width: int) -> torch.Tensor | None:
+    """The cached ``(C, r)`` directions at ``path``; ``None`` (with a warning naming it) when unusable."""
+    try:
+        directions = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        warnings.warn(f"{path}: unreadable positional-basis cache ({err}); computing it again", stacklevel=3)
+        return None
+    if directions.ndim != 2 or directions.shape[0] != width or not np.isfinite(directions).all():
+        warnings.warn(f"{path}: positional-basis cache of shape {directions.shape} does not fit a backbone of "
+                      f"width {width}; computing it again", stacklevel=3)
+        return None
+    return torch.from_numpy(np.ascontiguousarray(directions, dtype=np.float32))
 
 
 def positional_basis(
@@ -68,9 +88,16 @@ def positional_basis(
     """
     width = backbone.embed_dim
     if basis_file is not None:
-        basis = np.load(basis_file)
+        try:
+            basis = np.load(basis_file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{basis_file}: not a readable NumPy .npy array ({err})") from None
+        if not isinstance(basis, np.ndarray) or not np.issubdtype(basis.dtype, np.floating):
+            raise ValueError(f"{basis_file}: expected a float array of shape ({width}, k), got {getattr(basis, 'dtype', type(basis).__name__)}")
         if basis.ndim != 2 or basis.shape[0] != width:
             raise ValueError(f"{basis_file}: positional basis of shape {basis.shape}, expected ({width}, k)")
+        if not np.isfinite(basis).all():
+            raise ValueError(f"{basis_file}: the positional basis holds NaN or infinite values")
         if components is not None and components != basis.shape[1]:
             raise ValueError(f"{basis_file}: holds {basis.shape[1]} components, svd_components={components}")
         components = basis.shape[1]

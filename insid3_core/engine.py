@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -18,7 +19,7 @@ from PIL import Image
 from .aggregation import cluster_scores
 from .backbone import Backbone
 from .clustering import cluster_patches
-from .config import EngineConfig, cache_dir
+from .config import EngineConfig, cache_dir, clustering_bytes
 from .debias import debias, positional_basis
 from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
@@ -120,6 +121,29 @@ class MultiClassResult:
     classes: dict[str, SegmentationResult]
 
 
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on ``device``: the GPU's own, else the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_image_size_fits(image_size: int, backbone: Backbone) -> None:
+    """``ValueError`` naming the largest size that fits when one target at ``image_size`` could not
+    be clustered in ``backbone``'s device memory (before anything that size is allocated)."""
+    available = device_memory(backbone.device)
+    if clustering_bytes(image_size, backbone.patch_size) <= available:
+        return
+    largest = backbone.patch_size
+    while clustering_bytes(largest * 2, backbone.patch_size) <= available:
+        largest *= 2
+    raise ValueError(
+        f"image_size {image_size} needs about {clustering_bytes(image_size, backbone.patch_size) / 2**30:,.0f} GiB "
+        f"to cluster one target ({(image_size // backbone.patch_size) ** 2:,} patches), more than the "
+        f"{available / 2**30:.0f} GiB of {backbone.device}; use at most about {largest}"
+    )
+
+
 class Segmenter:
     """Segment targets by example with a frozen DINOv3 backbone.
 
@@ -154,6 +178,7 @@ class Segmenter:
     ) -> None:
         if config.image_size % backbone.patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {backbone.patch_size}")
+        check_image_size_fits(config.image_size, backbone)
         self.backbone = backbone
         self.config = config
         self.quality = quality

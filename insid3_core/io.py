@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -123,12 +124,31 @@ def label_masks(path: str | Path, max_classes: int = 255) -> dict[int, np.ndarra
     return {value: array == value for value in values}
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` for the file being written (``.<name>.<random>.tmp``)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb"):
-    """Open a temporary file beside ``path`` and move it into place only on success."""
+    """Open a temporary file beside ``path`` and move it into place only on success.
+
+    The file is created with mode ``0o666`` less the process's umask, as ``open`` would
+    (``tempfile.mkstemp`` makes it ``0o600`` whatever the umask, which locks out a second user
+    sharing a cache or an output folder).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        temporary = temporary_name(path)
+        try:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(handle, mode) as stream:
             yield stream
@@ -139,10 +159,33 @@ def atomic_write(path: str | Path, mode: str = "wb"):
         raise
 
 
-def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
-    """Write a ``(H, W)`` bool mask as a 0/255 8-bit PNG, atomically."""
+def write_mask_png(path: str | Path, mask: np.ndarray, text: dict[str, str] | None = None) -> None:
+    """Write a ``(H, W)`` bool mask as a 0/255 8-bit PNG, atomically (``text``: PNG text chunks)."""
+    write_label_png(path, np.where(mask, 255, 0).astype(np.uint8), text)
+
+
+def write_label_png(path: str | Path, labels: np.ndarray, text: dict[str, str] | None = None) -> None:
+    """Write a ``(H, W)`` uint8 label map as an 8-bit greyscale PNG, atomically, with ``text`` as
+    compressed PNG text chunks (``zTXt``)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value, zip=True)
     with atomic_write(path) as stream:
-        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(stream, format="PNG")
+        Image.fromarray(labels, mode="L").save(stream, format="PNG", pnginfo=info)
+
+
+def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left beside ``names`` in ``folder`` when a
+    process was killed; returns what was removed."""
+    removed = []
+    for name in names:
+        for stale in Path(folder).glob(f".{glob.escape(name)}.*{TEMPORARY_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+                removed.append(stale)
+    return removed
 
 
 def write_json(path: str | Path, payload) -> None:

@@ -1,0 +1,146 @@
+"""Outputs a killed or shared run leaves behind: masks and annotations.json stay a consistent pair,
+stale temporaries are cleaned, scores survive a rebuild, files respect the umask, an unusable
+positional-basis cache is computed again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import insid3_core.cli
+from conftest import EXAMPLES
+from insid3_core.cli import main
+from test_cli import FAST, REFERENCE, segment
+
+
+@pytest.fixture
+def targets(tmp_path):
+    folder = tmp_path / "targets"
+    shutil.copytree(EXAMPLES / "targets", folder)
+    return folder
+
+
+def annotations(out):
+    return json.loads((out / "annotations.json").read_text())
+
+
+def by_file(document) -> dict[str, list[dict]]:
+    names = {image["id"]: image["file_name"] for image in document["images"]}
+    found: dict[str, list[dict]] = {}
+    for entry in document["annotations"]:
+        found.setdefault(names[entry["image_id"]], []).append(
+            {key: value for key, value in entry.items() if key not in ("id", "image_id")})
+    return found
+
+
+def test_a_mask_whose_record_was_lost_is_rebuilt_with_its_score(tmp_path, targets):
+    """A kill after a mask's write but before annotations.json's left the mask unlisted; its
+    entry came back with ``score: null``."""
+    out = tmp_path / "out"
+    assert segment("--out", out, targets) == 0
+    complete = by_file(annotations(out))
+    document = annotations(out)
+    lost = next(image["id"] for image in document["images"] if image["file_name"] == "scene_02.png")
+    document["annotations"] = [entry for entry in document["annotations"] if entry["image_id"] != lost]
+    document["images"] = [image for image in document["images"] if image["id"] != lost]
+    (out / "annotations.json").write_text(json.dumps(document))
+    assert segment("--out", out, targets) == 0
+    rebuilt = by_file(annotations(out))
+    assert rebuilt["scene_02.png"] == complete["scene_02.png"]
+    assert all(entry["score"] is not None for entries in rebuilt.values() for entry in entries)
+
+
+def test_annotations_never_list_a_mask_not_yet_written(tmp_path, targets, monkeypatch):
+    """Masks are written in threads; annotations.json, written every batch, listed masks still queued."""
+    out = tmp_path / "out"
+    write_mask, write_json = insid3_core.cli.write_output_mask, insid3_core.cli.write_json
+    checked = []
+
+    def slow_write(path, *arguments):
+        time.sleep(0.3)
+        write_mask(path, *arguments)
+
+    def checking_write_json(path, document):
+        missing = [image["file_name"] for image in document["images"] if not (out / image["file_name"]).is_file()]
+        checked.append(missing)
+        write_json(path, document)
+
+    monkeypatch.setattr(insid3_core.cli, "write_output_mask", slow_write)
+    monkeypatch.setattr(insid3_core.cli, "write_json", checking_write_json)
+    assert segment("--out", out, targets) == 0
+    assert len(checked) >= 3 and all(missing == [] for missing in checked)
+    assert len(annotations(out)["images"]) == 8
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, targets):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".annotations.json.1a2b3c.tmp", out / ".scene_01.png.ffee00.tmp"]
+    for path in stale:
+        path.write_bytes(b"")
+    unrelated = out / ".notes.txt.tmp"
+    unrelated.write_text("mine")
+    assert segment("--out", out, targets) == 0
+    assert not any(path.exists() for path in stale) and unrelated.read_text() == "mine"
+    assert list(out.glob(".*.tmp")) == [unrelated]
+
+
+def test_outputs_respect_the_umask(tmp_path, targets):
+    """Every output was 0600 whatever the umask (tempfile.mkstemp)."""
+    out = tmp_path / "out"
+    previous = os.umask(0o022)
+    try:
+        assert segment("--out", out, targets) == 0
+    finally:
+        os.umask(previous)
+    modes = {stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert modes == {0o644}
+
+
+def test_an_unusable_cache_entry_is_computed_again(tmp_path):
+    """A damaged or foreign cache file (another user's, another version's) is named and recomputed."""
+    from insid3_core import load_backbone
+    from insid3_core.debias import positional_directions
+
+    backbone = load_backbone(None, device="cpu")
+    cache = tmp_path / "cache"
+    first = positional_directions(backbone, 64, cache)
+    (entry,) = cache.iterdir()
+    for damage in (lambda: entry.write_bytes(b"not numpy"), lambda: np.save(entry, np.zeros((3, 3), np.float32))):
+        damage()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = positional_directions(backbone, 64, cache)
+        assert any(str(entry) in str(warning.message) for warning in caught)
+        assert np.array_equal(again.numpy(), first.numpy())
+
+
+def test_kill_9_then_resume_gives_a_consistent_output(tmp_path, targets):
+    """A real ``kill -9`` as soon as the first mask is written; the rerun completes the folder."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "insid3_core.cli", "segment", "--ref", *REFERENCE, *FAST,
+               "--batch-size", "1", "--out", str(out), str(targets)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("scene_*.png")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if (out / "annotations.json").is_file():
+        listed = [image["file_name"] for image in annotations(out)["images"]]
+        assert all((out / name).is_file() for name in listed)
+    assert main(["segment", "--ref", *REFERENCE, *FAST, "--out", str(out), str(targets)]) == 0
+    document = annotations(out)
+    assert sorted(image["file_name"] for image in document["images"]) == sorted(p.name for p in targets.iterdir())
+    assert all(entry["score"] is not None for entry in document["annotations"])
+    assert not list(out.glob(".*.tmp"))
