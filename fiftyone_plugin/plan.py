@@ -9,6 +9,7 @@ from .labels import Outputs
 from .references import (
     BACKGROUND,
     ReferenceProblem,
+    check_files,
     chosen_classes,
     class_references,
     class_value,
@@ -76,13 +77,18 @@ def target_samples(ctx, chosen: dict):
 
 def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
     """The run's :class:`Plan`, or ``None`` and what stops the run, for the App user."""
+    from . import settings
+    from .models import engine_problem
+
     try:
         plan = plan_run(ctx.dataset, chosen)
-    except (ReferenceProblem, OutputProblem) as problem:
+        engine = settings.resolve(ctx.params, ctx.dataset)
+    except (ReferenceProblem, OutputProblem, ValueError) as problem:
         return None, str(problem)
     if not len(target_samples(ctx, chosen)):
         return None, "No target sample: the chosen target holds only references and negatives"
-    return plan, None
+    problem = engine_problem(engine)
+    return (None, problem) if problem else (plan, None)
 
 
 def plan_run(dataset, chosen: dict) -> Plan:
@@ -107,6 +113,8 @@ def plan_run(dataset, chosen: dict) -> Plan:
         classes, mask_targets = ((label, SINGLE_VALUE),), None
     segmentation_field, instances_field = output_fields(dataset, chosen)
     negatives = negative_pairs(dataset, chosen["negative_tag"], field, chosen["reference_tag"])
+    for role, pairs in (("reference", [pair for pairs in references.values() for pair in pairs]), ("negative", negatives)):
+        check_files(pairs, role)
     outputs = Outputs(classes, is_multiclass(chosen), segmentation_field, instances_field,
                       mask_targets=mask_targets if segmentation_field else None)
     return Plan(references, negatives, outputs)

@@ -9,6 +9,8 @@ import numpy as np
 
 SHOWN = 5  # sample names listed in a message
 BACKGROUND = ("0", "#000000")  # mask values of no class
+ORIENTATION_TAG = 0x0112  # EXIF
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # rotations by 90 degrees: width and height swap
 
 
 class ReferenceProblem(ValueError):
@@ -161,6 +163,27 @@ def negative_pairs(dataset, tag: str, field: str, reference_tag: str) -> list[tu
     if not len(dataset.match_tags(tag)):
         return []
     return reference_pairs(dataset, tag, field, role="negative")
+
+
+def check_files(pairs: list[tuple[str, np.ndarray]], role: str = "reference") -> None:
+    """:class:`ReferenceProblem` naming the first sample whose image file is gone or unreadable, or
+    whose mask's size differs from its image's (EXIF orientation applied); reads headers only."""
+    from PIL import Image
+
+    for filepath, mask in pairs:
+        name = os.path.basename(filepath)
+        try:
+            with Image.open(filepath) as image:
+                width, height = image.size
+                if image.getexif().get(ORIENTATION_TAG, 1) in TRANSPOSING_ORIENTATIONS:
+                    width, height = height, width
+        except FileNotFoundError:
+            raise ReferenceProblem(f"The {role} image {name} no longer exists ({filepath})") from None
+        except OSError as err:
+            raise ReferenceProblem(f"The {role} image {name} is unreadable: {err}") from None
+        if mask.shape != (height, width):
+            raise ReferenceProblem(f"The mask of {role} {name} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                                   f"{width}x{height} (width x height)")
 
 
 def tagged_masks(dataset, tag: str, field: str, role: str = "reference") -> list[tuple[str, np.ndarray]]:

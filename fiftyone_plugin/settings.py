@@ -50,16 +50,25 @@ def default(name: str, dataset=None):
     """Default of one setting (see the module docstring for the order of sources)."""
     from insid3_core.config import env_setting
 
-    cast = CASTS.get(name, str)
     configured = plugin_settings(dataset).get(name)
     if configured not in (None, ""):
-        return cast(configured)
-    return env_setting(name, DEFAULTS[name], cast)
+        return _cast(name, configured, f"plugin setting '{name}'")
+    return env_setting(name, DEFAULTS[name], CASTS.get(name, str))
 
 
 def resolve(params: dict, dataset=None) -> dict:
-    """Every setting of :data:`DEFAULTS`: the operator's value where given, else its default."""
+    """Every setting of :data:`DEFAULTS`: the operator's value where given, else its default.
+
+    Raises ``ValueError`` naming the setting whose value has the wrong type."""
     return {
-        name: CASTS.get(name, str)(params[name]) if params.get(name) not in (None, "") else default(name, dataset)
+        name: _cast(name, params[name], f"'{name}'") if params.get(name) not in (None, "") else default(name, dataset)
         for name in DEFAULTS
     }
+
+
+def _cast(name: str, value, where: str):
+    cast = CASTS.get(name, str)
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be {'an integer' if cast is int else 'a number'}, got {value!r}") from None

@@ -113,7 +113,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    resolved = torch.device(name)
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise BackboneError(f"device {name!r} is none of auto, cpu, cuda, cuda:N, mps")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise BackboneError(f"device {name!r} requested but CUDA is not available")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
@@ -161,6 +166,16 @@ def load_backbone(
         smoke = False
     model = model.to(device=torch_device, dtype=dtype).eval().requires_grad_(False)
     return Backbone(model, name, identity, torch_device, dtype, is_smoke_test=smoke)
+
+
+def check_source(source: str | Path) -> None:
+    """:class:`BackboneError` unless ``source`` is an existing file or a timm DINOv3 model name,
+    without loading anything (for forms that check their settings before a run)."""
+    if not Path(source).expanduser().is_file():
+        try:
+            _check_dinov3_name(str(source))
+        except BackboneError:
+            raise BackboneError(f"weights {str(source)!r}: no such file, and not a timm DINOv3 model name") from None
 
 
 def random_backbone(

@@ -8,7 +8,6 @@ import argparse
 import collections
 import glob
 import json
-import os
 import platform
 import sys
 from importlib.metadata import entry_points
@@ -25,7 +24,7 @@ from .engine import Segmenter
 from .eval_command import register as register_eval
 from .instances import INSTANCE_METHODS
 from .io import (
-    IMAGE_EXTENSIONS, InputError, label_masks, load_mask, remove_stale_temporaries, temporary_name, write_json,
+    IMAGE_EXTENSIONS, InputError, check_writable_folder, label_masks, load_mask, remove_stale_temporaries, write_json,
     write_label_png, write_mask_png,
 )
 from .loader import default_workers, executor
@@ -274,7 +273,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
     if arguments.min_instance_patches < 1:
         raise UsageError(f"--min-instance-patches must be >= 1, got {arguments.min_instance_patches}")
     out: Path = arguments.out
-    check_writable_folder(out, "--out")
+    check_writable_folder(out, "--out")  # before any work
     classes = reference_classes(arguments)
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
@@ -349,19 +348,6 @@ def run_segment(arguments: argparse.Namespace) -> int:
         print("insid3: reminder: these masks come from the random-weight TEST checkpoint (smoke test).",
               file=sys.stderr)
     return 1 if failures else 0
-
-
-def check_writable_folder(folder: Path, option: str) -> None:
-    """Create ``folder`` and write a probe file in it; a :class:`UsageError` before any work when that fails."""
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{option} {folder}: is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = temporary_name(folder / "write-check")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"{option} {folder}: cannot write there ({err.strerror or err})") from None
 
 
 def written_labels(path: Path, classes: int) -> np.ndarray:

@@ -128,19 +128,19 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_image_size_fits(image_size: int, backbone: Backbone) -> None:
+def check_image_size_fits(image_size: int, patch_size: int, device: torch.device) -> None:
     """``ValueError`` naming the largest size that fits when one target at ``image_size`` could not
-    be clustered in ``backbone``'s device memory (before anything that size is allocated)."""
-    available = device_memory(backbone.device)
-    if clustering_bytes(image_size, backbone.patch_size) <= available:
+    be clustered in ``device``'s memory (checked before anything that size is allocated)."""
+    available = device_memory(device)
+    if clustering_bytes(image_size, patch_size) <= available:
         return
-    largest = backbone.patch_size
-    while clustering_bytes(largest * 2, backbone.patch_size) <= available:
+    largest = patch_size
+    while clustering_bytes(largest * 2, patch_size) <= available:
         largest *= 2
     raise ValueError(
-        f"image_size {image_size} needs about {clustering_bytes(image_size, backbone.patch_size) / 2**30:,.0f} GiB "
-        f"to cluster one target ({(image_size // backbone.patch_size) ** 2:,} patches), more than the "
-        f"{available / 2**30:.0f} GiB of {backbone.device}; use at most about {largest}"
+        f"image_size {image_size} needs about {clustering_bytes(image_size, patch_size) / 2**30:,.0f} GiB "
+        f"to cluster one target ({(image_size // patch_size) ** 2:,} patches), more than the "
+        f"{available / 2**30:.0f} GiB of {device}; use at most about {largest}"
     )
 
 
@@ -178,7 +178,7 @@ class Segmenter:
     ) -> None:
         if config.image_size % backbone.patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {backbone.patch_size}")
-        check_image_size_fits(config.image_size, backbone)
+        check_image_size_fits(config.image_size, backbone.patch_size, backbone.device)
         self.backbone = backbone
         self.config = config
         self.quality = quality

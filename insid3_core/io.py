@@ -176,6 +176,21 @@ def write_label_png(path: str | Path, labels: np.ndarray, text: dict[str, str] |
         Image.fromarray(labels, mode="L").save(stream, format="PNG", pnginfo=info)
 
 
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """Create ``folder`` and write a probe file in it; :class:`InputError` naming ``what`` (an option
+    or setting) when that fails, so a run finds out before its work rather than after."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{what} {folder}: is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temporary_name(folder / "write-check")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"{what} {folder}: cannot write there ({err.strerror or err})") from None
+
+
 def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
     """Delete the temporary files :func:`atomic_write` left beside ``names`` in ``folder`` when a
     process was killed; returns what was removed."""

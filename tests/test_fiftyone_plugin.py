@@ -268,3 +268,54 @@ def test_form_offers_defaults_classes_and_explains_problems(fo, dataset):
 
     problem = form(dataset, reference_tag="nothing")["problem"]
     assert problem.invalid and "No sample is tagged 'nothing'" in problem.error_message
+
+
+@pytest.mark.parametrize("case, message", [
+    ("image_size", "image_size must be a positive multiple of 16, got 250"),
+    ("tau", "tau must lie in (-1, 1), got 2.0"),
+    ("merge_threshold", "merge_threshold must be a finite number"),
+    ("device", "device 'gpu' is none of auto, cpu, cuda, cuda:N, mps"),
+    ("weights", "weights '/nowhere/dinov3.pth': no such file"),
+    ("batch_size", "batch_size must be >= 1, got 0"),
+    ("mask_dir", "is a file, not a folder"),
+    ("huge_image", "use at most about"),
+    ("wrong_size_reference", "The mask of reference disks"),
+    ("deleted_reference", "no longer exists"),
+])
+def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, case, message):
+    """Each of these came back as a Python traceback from the run instead of a message in the form."""
+    import re
+    import shutil
+
+    from fiftyone.operators.executor import ExecutionError
+
+    params = {"reference_field": "ground_truth", **ENGINE, "output_field": "pred"}
+    if case in ("image_size", "tau", "batch_size"):
+        params[case] = {"image_size": 250, "tau": 2.0, "batch_size": 0}[case]
+    elif case == "merge_threshold":
+        params[case] = float("nan")
+    elif case == "device":
+        params[case] = "gpu"
+    elif case == "weights":
+        params[case] = "/nowhere/dinov3.pth"
+    elif case == "mask_dir":
+        (tmp_path / "masks").write_text("a file")
+        params[case] = str(tmp_path / "masks")
+    elif case == "huge_image":
+        params["image_size"] = 1_600_000
+    else:
+        reference = dataset.match_tags("reference").first()
+        copy = tmp_path / "disks.png"
+        shutil.copy(REFERENCE[0], copy)
+        reference.filepath = str(copy)
+        if case == "wrong_size_reference":
+            reference.ground_truth = fo.Segmentation(mask=np.ones((10, 10), dtype=np.uint8))
+        else:
+            copy.unlink()
+        reference.save()
+
+    problem = form(dataset, **params)["problem"]
+    assert problem.invalid and message in problem.error_message
+    with pytest.raises(ExecutionError, match=re.escape(message)):
+        segment(dataset, params)
+    assert "pred" not in dataset.get_field_schema()
