@@ -19,7 +19,7 @@ from PIL import Image
 from . import __version__
 from .backbone import BackboneError, load_backbone, resolve_device
 from .coco import coco_document, mask_record, records_from_document, result_record
-from .config import CLUSTERING_METHODS, REFINEMENTS, EngineConfig, cache_dir, env_setting
+from .config import CLUSTERING_METHODS, REFINEMENTS, EngineConfig, cache_dir, env_setting, number
 from .engine import Segmenter
 from .eval_command import register as register_eval
 from .instances import INSTANCE_METHODS
@@ -45,9 +45,8 @@ class UsageError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``insid3`` console script; returns the exit code."""
-    parser = build_parser()
-    arguments = parser.parse_args(argv)
     try:
+        arguments = build_parser().parse_args(argv)  # option defaults read INSID3_* variables
         return arguments.handler(arguments)
     except (UsageError, InputError, BackboneError, ValueError) as err:
         print(f"insid3: error: {err}", file=sys.stderr)
@@ -84,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(segment)
     quality = segment.add_argument_group("quality verdicts")
     defaults = QualityThresholds()
-    quality.add_argument("--min-area-ratio", type=float, default=defaults.min_area_ratio)
-    quality.add_argument("--max-area-ratio", type=float, default=defaults.max_area_ratio)
-    quality.add_argument("--max-components", type=int, default=defaults.max_components)
+    quality.add_argument("--min-area-ratio", type=number, default=env_setting("min_area_ratio", defaults.min_area_ratio, number))
+    quality.add_argument("--max-area-ratio", type=number, default=env_setting("max_area_ratio", defaults.max_area_ratio, number))
+    quality.add_argument("--max-components", type=int, default=env_setting("max_components", defaults.max_components, int))
     segment.set_defaults(handler=run_segment)
 
     info = commands.add_parser("info", help="print versions, device and cache location")
@@ -112,8 +111,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="positional directions removed (default: half the backbone width, 500 for ViT-L)")
     engine.add_argument("--basis", type=Path, default=env_setting("basis"), metavar="NPY",
                         help="(C, k) .npy positional basis to use instead of computing it")
-    engine.add_argument("--tau", type=float, default=env_setting("tau", 0.6, float))
-    engine.add_argument("--merge-threshold", type=float, default=env_setting("merge_threshold", 0.2, float))
+    engine.add_argument("--tau", type=number, default=env_setting("tau", 0.6, number))
+    engine.add_argument("--merge-threshold", type=number, default=env_setting("merge_threshold", 0.2, number))
     engine.add_argument("--device", default=env_setting("device", "auto"), choices=None,
                         help="auto|cpu|cuda|cuda:N|mps")
     engine.add_argument("--precision", default=env_setting("precision", "float32"),

@@ -59,6 +59,15 @@ class EngineConfig:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, got {self.refinement!r}")
 
 
+def number(text: str) -> float:
+    """A finite float from ``text`` (``nan`` and ``inf`` raise ``ValueError``): the type of every
+    float option and ``INSID3_*`` variable, so argparse and :func:`env_setting` say "not a valid number"."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
 def env_setting(name: str, default=None, cast=str):
     """Read ``INSID3_<NAME>`` from the environment.
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import number
 from .io import InputError, write_json
 from .keypoints import encode_points, iter_match, load_points
 
@@ -23,7 +24,7 @@ def register(commands) -> None:
                        help="match the backbone's original features instead of the debiased ones")
     match.add_argument("--window", type=int, default=3,
                        help="odd side, in patches, of the soft-argmax window refining each match (1: patch centres)")
-    match.add_argument("--temperature", type=float, default=0.05, help="soft-argmax temperature on cosine similarity")
+    match.add_argument("--temperature", type=number, default=0.05, help="soft-argmax temperature on cosine similarity")
     match.add_argument("--mutual", action="store_true",
                        help="report per point whether the match passes the mutual-nearest-neighbour check")
     add_engine_arguments(match)

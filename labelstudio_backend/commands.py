@@ -45,11 +45,11 @@ def register(subparsers) -> None:
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     """The thresholds of the quality verdicts shown to reviewers (``INSID3_MIN_AREA_RATIO``, ...)."""
-    from insid3_core.config import env_setting
+    from insid3_core.config import env_setting, number
     from insid3_core.quality import QualityThresholds
 
     quality = parser.add_argument_group("quality verdicts")
-    for name, cast in (("min_area_ratio", float), ("max_area_ratio", float), ("max_components", int)):
+    for name, cast in (("min_area_ratio", number), ("max_area_ratio", number), ("max_components", int)):
         quality.add_argument(f"--{name.replace('_', '-')}", type=cast,
                              default=env_setting(name, getattr(QualityThresholds, name), cast))
 

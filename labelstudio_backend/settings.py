@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from insid3_core.config import env_setting
+from insid3_core.config import env_setting, number
 from insid3_core.instances import INSTANCE_METHODS
 
 INSTANCE_CHOICES = ("off", *INSTANCE_METHODS)
@@ -124,15 +124,15 @@ class Settings:
             allowed_hosts=frozenset(h.strip().lower() for h in hosts.split(",") if h.strip()),
             max_download_bytes=env_setting("max_download_bytes", cls.max_download_bytes, int),
             max_pixels=env_setting("max_pixels", cls.max_pixels, int),
-            download_seconds=env_setting("download_seconds", cls.download_seconds, float),
+            download_seconds=env_setting("download_seconds", cls.download_seconds, number),
             max_pixels_in_flight=env_setting("max_pixels_in_flight", cls.max_pixels_in_flight, int),
-            decode_wait=env_setting("decode_wait", cls.decode_wait, float),
+            decode_wait=env_setting("decode_wait", cls.decode_wait, number),
             max_request_bytes=env_setting("max_request_bytes", cls.max_request_bytes, int),
             max_queued_requests=env_setting("max_queued_requests", cls.max_queued_requests, int),
-            queue_wait=env_setting("queue_wait", cls.queue_wait, float),
+            queue_wait=env_setting("queue_wait", cls.queue_wait, number),
             max_tasks_per_request=env_setting("max_tasks_per_request", cls.max_tasks_per_request, int),
             batch_size=env_setting("batch_size", cls.batch_size, int),
-            warmup_wait=env_setting("warmup_wait", cls.warmup_wait, float),
+            warmup_wait=env_setting("warmup_wait", cls.warmup_wait, number),
             instances=env_setting("instances", cls.instances).strip().lower(),
             min_instance_patches=env_setting("min_instance_patches", cls.min_instance_patches, int),
             negative_label=env_setting("negative_label", cls.negative_label).strip(),
