@@ -37,7 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from insid3_core import EngineConfig, Segmenter, load_backbone  # noqa: E402
+from insid3_core import TEST_CHECKPOINT, EngineConfig, Segmenter, load_backbone  # noqa: E402
 from insid3_core.features import resized_pixels  # noqa: E402
 from insid3_core.io import load_image, load_mask  # noqa: E402
 from insid3_core.metrics import boundary_f_score, mask_iou  # noqa: E402
@@ -50,7 +50,8 @@ EXAMPLES = ROOT / "examples"
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--weights", help="DINOv3 checkpoint (default: the bundled random-weight test one)")
+    parser.add_argument("--weights", default=TEST_CHECKPOINT,
+                        help="DINOv3 checkpoint (default: the bundled random-weight test one)")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--svd-components", type=int, default=None)
     parser.add_argument("--radius", type=int, default=None, help="guided filter radius (default: one patch)")

@@ -1,61 +1,48 @@
-"""The backbone and segmenter, loaded on first use and kept for later runs in the process."""
+"""The segmenter of a run's engine settings, kept for later runs in the process, and the check of
+those settings before a run."""
 
 from __future__ import annotations
 
 import threading
 
 _LOCK = threading.Lock()
-_CACHE: dict = {}
+_SEGMENTERS: dict = {}
 PATCH_SIZE = 16  # of every DINOv3 ViT
 
 
-def engine_problem(settings: dict) -> str | None:
-    """What would stop :func:`segmenter` or the run with these engine ``settings``, without loading
-    anything (shown in the operator's form before a run starts); ``None`` when they look right."""
-    from insid3_core import BackboneError, EngineConfig, InputError
+def engine_problem(engine) -> str | None:
+    """What would stop a run with ``engine`` (:class:`insid3_core.settings.EngineSettings`) and a
+    mask folder, without loading anything (shown in the operator's form before a run starts);
+    ``None`` when they look right."""
+    from insid3_core import BackboneError
     from insid3_core.backbone import check_source, resolve_device, resolve_dtype
     from insid3_core.engine import check_image_size_fits
-    from insid3_core.io import check_writable_folder
 
     try:
-        config = EngineConfig(image_size=settings["image_size"], svd_components=settings["svd_components"],
-                              tau=settings["tau"], merge_threshold=settings["merge_threshold"])
-        device = resolve_device(settings["device"])
-        resolve_dtype(settings["precision"], device)
-        check_image_size_fits(config.image_size, PATCH_SIZE, device)
-        if settings["weights"]:
-            check_source(settings["weights"])
-        for name in ("batch_size", "min_instance_patches"):
-            if settings[name] < 1:
-                raise ValueError(f"{name} must be >= 1, got {settings[name]}")
-        if settings["mask_dir"]:
-            check_writable_folder(settings["mask_dir"], "Mask folder")
-    except (BackboneError, InputError, ValueError) as err:
+        device = resolve_device(engine.device)
+        resolve_dtype(engine.precision, device)
+        check_image_size_fits(engine.image_size, PATCH_SIZE, device)
+        for source in (engine.weights, engine.backbone):
+            if source:
+                check_source(source)
+    except (BackboneError, ValueError) as err:
         return str(err)
     return None
 
 
-def segmenter(settings: dict):
-    """A :class:`insid3_core.Segmenter` for the engine ``settings`` (see :mod:`.settings`).
+def segmenter(engine):
+    """A :class:`insid3_core.Segmenter` for ``engine`` (:class:`insid3_core.settings.EngineSettings`).
 
-    The backbone of the last ``(weights, device, precision)`` asked for stays loaded, and
-    so do the segmenters built on it (one per engine configuration), so consecutive runs
-    in the same process load the weights and compute the positional basis once.
+    The backbone stays loaded across runs (see :meth:`EngineSettings.load_backbone`), and so do
+    the segmenters built on it, one per setting of what the segmenter holds, so consecutive
+    runs compute the positional basis once.
     """
-    from insid3_core import EngineConfig, Segmenter, load_backbone
+    import dataclasses
 
-    source = (settings["weights"], settings["device"], settings["precision"])
-    config = EngineConfig(
-        image_size=settings["image_size"],
-        svd_components=settings["svd_components"],
-        tau=settings["tau"],
-        merge_threshold=settings["merge_threshold"],
-    )
+    key = dataclasses.replace(engine, batch_size=1, workers=None, instance_method="necks", min_instance_patches=1)
     with _LOCK:
-        if _CACHE.get("source") != source:
-            _CACHE.clear()
-            _CACHE.update(source=source, backbone=load_backbone(*source), segmenters={})
-        segmenters = _CACHE["segmenters"]
-        if config not in segmenters:
-            segmenters[config] = Segmenter(_CACHE["backbone"], config)
-        return segmenters[config]
+        built = _SEGMENTERS.get(key)
+        if built is None or built.backbone is not engine.load_backbone():
+            _SEGMENTERS.clear()
+            built = _SEGMENTERS[key] = engine.build()
+        return built

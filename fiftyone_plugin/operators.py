@@ -7,6 +7,7 @@ import collections
 import dataclasses
 
 import fiftyone.operators as foo
+from insid3_core.config import SMOKE_TEST_NOTE
 import fiftyone.operators.types as types
 
 from . import settings as plugin_settings
@@ -14,16 +15,15 @@ from .plan import check_run, choices, is_multiclass, single_label, target_sample
 from .references import BACKGROUND, class_value, mask_classes, segmentation_fields
 from .segment import failure_tag, segment_collection
 
-ENGINE_INPUTS = (
-    ("weights", "Weights", "Meta DINOv3 .pth checkpoint or timm model name; empty: the random-weight TEST checkpoint"),
-    ("image_size", "Image size", "square input side, a multiple of 16"),
-    ("svd_components", "SVD components", "positional directions removed; empty: the backbone's default"),
-    ("tau", "Tau", "clusters merge while their average cosine distance is below 1 - tau"),
-    ("merge_threshold", "Merge threshold", "clusters scoring above it form the mask"),
-    ("device", "Device", "auto, cpu, cuda, cuda:N or mps"),
-    ("batch_size", "Batch size", "targets per backbone call"),
-    ("mask_dir", "Mask folder", "write masks as PNG files under <folder>/<output field>/ (mask_path); empty: inline"),
-)
+ENGINE_LABELS = {"weights": "Weights", "backbone": "timm backbone", "device": "Device", "precision": "Precision",
+                 "image_size": "Image size", "svd_components": "SVD components", "basis": "Positional basis",
+                 "tau": "Tau", "merge_threshold": "Merge threshold", "clustering": "Clustering",
+                 "refinement": "Refinement", "min_area_ratio": "Minimum area ratio",
+                 "max_area_ratio": "Maximum area ratio", "max_components": "Maximum components",
+                 "batch_size": "Batch size", "workers": "Workers"}
+"""The form's engine inputs (every EngineSettings option but the instance ones, which the output
+choice shows), under the option's own name."""
+MASK_DIR_HELP = "write masks as PNG files under <folder>/<output field>/ (mask_path); empty: inline"
 
 
 class SegmentByExample(foo.Operator):
@@ -60,14 +60,11 @@ class SegmentByExample(foo.Operator):
         output_inputs(inputs, dataset, chosen)
         inputs.bool("overwrite", default=False, label="Overwrite",
                     description="replace the values of existing output fields")
-        for name, label, description in ENGINE_INPUTS:
-            default = plugin_settings.default(name, dataset)
-            kind = {int: inputs.int, float: inputs.float}.get(plugin_settings.CASTS.get(name), inputs.str)
-            kind(name, default=default, label=label, description=description)
-        if not (ctx.params.get("weights") or plugin_settings.default("weights", dataset)):
+        engine_inputs(inputs, dataset)
+        if not any(ctx.params.get(name) or plugin_settings.default(name, dataset) for name in ("weights", "backbone")):
             inputs.view("smoke_test", types.Warning(
                 label="No DINOv3 weights configured",
-                description="The random-weight TEST checkpoint gives smoke-test masks, not DINOv3 quality"))
+                description=f"The {SMOKE_TEST_NOTE}"))
         return types.Property(inputs, view=types.View(label="Segment by example"))
 
     def resolve_execution_options(self, ctx):
@@ -98,9 +95,10 @@ def start_run(ctx):
     plan, problem = check_run(ctx, chosen)
     if problem:
         raise ValueError(problem)
-    engine = plugin_settings.resolve(ctx.params, ctx.dataset)
-    outputs = dataclasses.replace(plan.outputs, instance_method=engine["instance_method"],
-                                  min_instance_patches=engine["min_instance_patches"], mask_dir=engine["mask_dir"])
+    engine = plugin_settings.engine_settings(ctx.params, ctx.dataset)
+    outputs = dataclasses.replace(plan.outputs, instance_method=engine.instance_method,
+                                  min_instance_patches=engine.min_instance_patches,
+                                  mask_dir=plugin_settings.plugin_setting("mask_dir", ctx.params, ctx.dataset))
     segmenter = cached_segmenter(engine)
     try:
         classes = segmenter.encode_classes(plan.references, plan.negatives)
@@ -108,12 +106,31 @@ def start_run(ctx):
         raise ValueError(f"reference unusable: {err}") from err
     counts = collections.Counter()
     job = segment_collection(segmenter, classes, ctx.dataset, target_samples(ctx, chosen), outputs,
-                             engine["batch_size"], counts)
+                             engine.batch_size, counts)
 
     def report() -> str:
         return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test)
 
-    return job, engine["batch_size"], counts, outputs, report
+    return job, engine.batch_size, counts, outputs, report
+
+
+def engine_inputs(inputs, dataset) -> None:
+    """An input per engine option (its default for ``dataset``), and the mask folder."""
+    from insid3_core.settings import EngineSettings
+
+    for name, label in ENGINE_LABELS.items():
+        option = EngineSettings.__dataclass_fields__[name].metadata
+        default = plugin_settings.default(name, dataset)
+        if option["choices"]:
+            choices = types.Dropdown(label=label, description=option["help"])
+            for choice in option["choices"]:
+                choices.add_choice(choice, label=choice)
+            inputs.enum(name, choices.values(), default=default, view=choices)
+            continue
+        field = {int: inputs.int, float: inputs.float}.get(option["kind"], inputs.str)
+        field(name, default=default, label=label, description=option["help"])
+    inputs.str("mask_dir", default=plugin_settings.default("mask_dir", dataset), label="Mask folder",
+               description=MASK_DIR_HELP)
 
 
 def class_inputs(inputs, dataset, chosen: dict) -> None:
@@ -199,6 +216,6 @@ def summary(counts: collections.Counter, fields: list[str], smoke_test: bool) ->
     parts = ", ".join(f"{category} {count}" for category, count in sorted(counts.items()))
     failures = sorted(failure_tag(category) for category in counts if category != "ok")
     tagged = f"; review tags {', '.join(failures)}" if failures else ""
-    warning = " (random-weight TEST checkpoint: smoke-test masks)" if smoke_test else ""
+    warning = f" ({SMOKE_TEST_NOTE})" if smoke_test else ""
     where = " and ".join(f"'{field}'" for field in fields)
     return f"{sum(counts.values())} masks in {where}: {parts}{tagged}{warning}"

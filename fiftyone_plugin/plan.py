@@ -77,13 +77,18 @@ def target_samples(ctx, chosen: dict):
 
 def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
     """The run's :class:`Plan`, or ``None`` and what stops the run, for the App user."""
+    from insid3_core.io import check_writable_folder
+
     from . import settings
     from .models import engine_problem
 
     try:
         plan = plan_run(ctx.dataset, chosen)
-        engine = settings.resolve(ctx.params, ctx.dataset)
-    except (ReferenceProblem, OutputProblem, ValueError) as problem:
+        engine = settings.engine_settings(ctx.params, ctx.dataset)
+        mask_dir = settings.plugin_setting("mask_dir", ctx.params, ctx.dataset)
+        if mask_dir:
+            check_writable_folder(mask_dir, "Mask folder")
+    except (ReferenceProblem, OutputProblem, ValueError) as problem:  # SettingsError, InputError too
         return None, str(problem)
     if not len(target_samples(ctx, chosen)):
         return None, "No target sample: the chosen target holds only references and negatives"

@@ -1,39 +1,19 @@
-"""Defaults of the operators' engine inputs.
+"""The operators' settings: every :class:`insid3_core.settings.EngineSettings` option under its own
+name (``image_size``, ``refinement``, ``min_area_ratio``, ...), and the plugin's own ones.
 
-Each input takes, in order, the value given to the operator, the dataset's plugin settings
+Each setting takes, in order, the value given to the operator, the dataset's plugin settings
 (``dataset.app_config.plugins["@insid3/fiftyone"]``), FiftyOne's App config plugin settings
 (``fo.app_config.plugins["@insid3/fiftyone"]``, i.e. ``plugins`` in ``app_config.json``), the
-``INSID3_<NAME>`` environment variable, and finally the built-in default below.
+``INSID3_<NAME>`` environment variable, and finally the built-in default.
 """
 
 from __future__ import annotations
 
+from insid3_core.settings import EngineSettings, SettingsError, parse
+
 PLUGIN_NAME = "@insid3/fiftyone"
-
-DEFAULTS = {
-    "weights": None,
-    "image_size": 1024,
-    "svd_components": None,
-    "tau": 0.6,
-    "merge_threshold": 0.2,
-    "device": "auto",
-    "precision": "float32",
-    "batch_size": 4,
-    "mask_dir": None,
-    "delegation_threshold": 100,
-    "instance_method": "necks",
-    "min_instance_patches": 1,
-}
-
-CASTS = {
-    "image_size": int,
-    "svd_components": int,
-    "tau": float,
-    "merge_threshold": float,
-    "batch_size": int,
-    "delegation_threshold": int,
-    "min_instance_patches": int,
-}
+PLUGIN_DEFAULTS = {"mask_dir": None, "delegation_threshold": 100}
+PLUGIN_CASTS = {"delegation_threshold": int}
 
 
 def plugin_settings(dataset=None) -> dict:
@@ -46,29 +26,62 @@ def plugin_settings(dataset=None) -> dict:
     return merged
 
 
+def kind(name: str) -> type:
+    """The type of setting ``name``: ``int``, ``float`` or ``str``."""
+    if name in PLUGIN_DEFAULTS:
+        return PLUGIN_CASTS.get(name, str)
+    return EngineSettings.__dataclass_fields__[name].metadata["kind"]
+
+
+def engine_settings(params: dict, dataset=None) -> EngineSettings:
+    """The run's :class:`EngineSettings`; a :class:`SettingsError` naming a bad setting."""
+    configured = plugin_settings(dataset)
+    overrides = {}
+    for name in EngineSettings.names():
+        if params.get(name) not in (None, ""):
+            overrides[name] = _typed(name, params[name], f"'{name}'")
+        elif configured.get(name) not in (None, ""):
+            overrides[name] = _typed(name, configured[name], f"plugin setting '{name}'")
+    return EngineSettings.from_env(**overrides)
+
+
 def default(name: str, dataset=None):
-    """Default of one setting (see the module docstring for the order of sources)."""
+    """Default of one setting for ``dataset`` (see the module docstring for the order of sources);
+    the built-in default when the configured one is unusable (the form then shows the problem)."""
     from insid3_core.config import env_setting
 
-    configured = plugin_settings(dataset).get(name)
-    if configured not in (None, ""):
-        return _cast(name, configured, f"plugin setting '{name}'")
-    return env_setting(name, DEFAULTS[name], CASTS.get(name, str))
-
-
-def resolve(params: dict, dataset=None) -> dict:
-    """Every setting of :data:`DEFAULTS`: the operator's value where given, else its default.
-
-    Raises ``ValueError`` naming the setting whose value has the wrong type."""
-    return {
-        name: _cast(name, params[name], f"'{name}'") if params.get(name) not in (None, "") else default(name, dataset)
-        for name in DEFAULTS
-    }
-
-
-def _cast(name: str, value, where: str):
-    cast = CASTS.get(name, str)
+    if name in PLUGIN_DEFAULTS:
+        configured = plugin_settings(dataset).get(name)
+        try:
+            if configured not in (None, ""):
+                return _typed(name, configured, f"plugin setting '{name}'")
+            return env_setting(name, PLUGIN_DEFAULTS[name], kind(name))
+        except (SettingsError, ValueError):
+            return PLUGIN_DEFAULTS[name]
     try:
-        return cast(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be {'an integer' if cast is int else 'a number'}, got {value!r}") from None
+        return getattr(engine_settings({}, dataset), name)
+    except SettingsError:
+        return EngineSettings.__dataclass_fields__[name].default
+
+
+def plugin_setting(name: str, params: dict, dataset=None):
+    """A plugin-only setting (``mask_dir``, ``delegation_threshold``): the operator's value, else its default."""
+    if params.get(name) not in (None, ""):
+        return _typed(name, params[name], f"'{name}'")
+    return default(name, dataset)
+
+
+def _typed(name: str, value, where: str):
+    """``value`` as setting ``name``'s type: typed form values pass, text (plugin settings) is parsed."""
+    expected = kind(name)
+    if isinstance(value, str) and expected is not str:
+        if name in PLUGIN_DEFAULTS:
+            try:
+                return expected(value)
+            except ValueError:
+                raise SettingsError(f"{where} must be an integer, got {value!r}") from None
+        return parse(name, value, where)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+

@@ -1,6 +1,6 @@
 """insid3_core: training-free segmentation by example with frozen DINOv3 features (INSID3)."""
 
-from .backbone import Backbone, BackboneError, load_backbone, random_backbone
+from .backbone import TEST_CHECKPOINT, Backbone, BackboneError, load_backbone, random_backbone
 from .config import EngineConfig
 from .engine import MultiClassResult, ReferenceSet, SegmentationResult, Segmenter, merge_references
 from .io import InputError, load_image, load_mask
@@ -9,6 +9,7 @@ from .quality import QualityReport, QualityThresholds, quality_report
 __version__ = "0.2.0"
 
 __all__ = [
+    "TEST_CHECKPOINT",
     "Backbone",
     "BackboneError",
     "EngineConfig",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,14 @@ import torch
 from torch import nn
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "tiny_dinov3_meta.pth"
+TEST_CHECKPOINT = "insid3-test-checkpoint"
+"""The name :func:`load_backbone` takes for the bundled random-weight checkpoint (smoke tests only)."""
+SMOKE_TEST_BANNER = """\
+############################################################################
+#  NO DINOv3 WEIGHTS CONFIGURED: running on the bundled random-weight TEST  #
+#  checkpoint. These masks are a SMOKE TEST, not DINOv3 quality.            #
+#  Pass --weights PATH (or set INSID3_WEIGHTS) to a real DINOv3 checkpoint. #
+############################################################################"""
 
 DINOV3_MODELS = {
     # embed_dim, swiglu -> timm architecture with the qkv bias kept
@@ -137,7 +144,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def load_backbone(
-    source: str | Path | None = None,
+    source: str | Path,
     device: str | torch.device = "auto",
     precision: str = "float32",
 ) -> Backbone:
@@ -145,9 +152,9 @@ def load_backbone(
 
     Parameters
     ----------
-    source : str, Path or None
-        Path to a Meta ``.pth`` checkpoint, a timm DINOv3 model name, or ``None`` for the
-        bundled random-weight test checkpoint (smoke tests only).
+    source : str or Path
+        Path to a Meta ``.pth`` checkpoint, a timm DINOv3 model name, or :data:`TEST_CHECKPOINT`
+        for the bundled random-weight test checkpoint (smoke tests only).
     device : str
         ``auto``, ``cuda``, ``cuda:N``, ``mps`` or ``cpu``.
     precision : str
@@ -155,7 +162,10 @@ def load_backbone(
     """
     torch_device = resolve_device(device)
     dtype = resolve_dtype(precision, torch_device)
-    if source is None:
+    if source is None or str(source) == "":
+        raise BackboneError(f"no backbone given: a checkpoint path, a timm DINOv3 model name, or {TEST_CHECKPOINT!r} "
+                            "for the bundled random-weight test checkpoint")
+    if str(source) == TEST_CHECKPOINT:
         model, name, identity = _from_meta_checkpoint(BUNDLED_CHECKPOINT)
         smoke = True
     elif Path(source).expanduser().is_file():
@@ -398,11 +408,10 @@ def _file_digest(path: Path, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
-def warn_if_smoke_test(backbone: Backbone) -> None:
-    """Warn loudly that a random-weight backbone gives smoke-test masks, not DINOv3 quality."""
+def announce_smoke_test(backbone: Backbone, stream=None) -> None:
+    """Print :data:`SMOKE_TEST_BANNER` (to ``stream``, default standard error) when ``backbone`` is
+    the bundled random-weight test checkpoint; the one place the warning is written."""
+    import sys
+
     if backbone.is_smoke_test:
-        warnings.warn(
-            "insid3 is running on the bundled random-weight TEST checkpoint: its masks are a smoke "
-            "test, not DINOv3 quality. Pass --weights PATH (or set INSID3_WEIGHTS) to a real DINOv3 checkpoint.",
-            stacklevel=2,
-        )
+        print(SMOKE_TEST_BANNER, file=stream or sys.stderr)

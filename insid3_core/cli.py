@@ -17,27 +17,19 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .backbone import BackboneError, load_backbone, resolve_device
+from .backbone import BackboneError, announce_smoke_test, resolve_device
 from .coco import coco_document, mask_record, records_from_document, result_record
-from .config import CLUSTERING_METHODS, REFINEMENTS, EngineConfig, cache_dir, env_setting, number
+from .config import SMOKE_TEST_NOTE, cache_dir, env_setting
 from .engine import Segmenter
 from .eval_command import register as register_eval
-from .instances import INSTANCE_METHODS
 from .io import (
     IMAGE_EXTENSIONS, InputError, check_writable_folder, label_masks, load_mask, remove_stale_temporaries, write_json,
     write_label_png, write_mask_png,
 )
 from .loader import default_workers, executor
 from .match_cli import register as register_match
-from .quality import VERDICTS, QualityThresholds
-
-SMOKE_TEST_BANNER = """\
-############################################################################
-#  NO DINOv3 WEIGHTS CONFIGURED: running on the bundled random-weight TEST  #
-#  checkpoint. These masks are a SMOKE TEST, not DINOv3 quality.            #
-#  Pass --weights PATH (or set INSID3_WEIGHTS) to a real DINOv3 checkpoint. #
-############################################################################"""
-
+from .quality import VERDICTS
+from .settings import EngineSettings
 
 class UsageError(Exception):
     """A problem with the command's arguments or files, reported without a traceback."""
@@ -48,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         arguments = build_parser().parse_args(argv)  # option defaults read INSID3_* variables
         return arguments.handler(arguments)
-    except (UsageError, InputError, BackboneError, ValueError) as err:
+    except (UsageError, InputError, BackboneError, ValueError) as err:  # SettingsError is a ValueError
         print(f"insid3: error: {err}", file=sys.stderr)
         return 2
 
@@ -74,18 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     segment.add_argument("--category", default="object", help="category name of --ref references")
     segment.add_argument("--instances", action="store_true",
-                         help="one annotation per instance (COCO instance JSON) instead of one per class")
-    segment.add_argument("--instance-method", choices=INSTANCE_METHODS, default="necks",
-                         help="how a mask is split into instances (default: necks)")
-    segment.add_argument("--min-instance-patches", type=int, default=1, metavar="N",
-                         help="instances with fewer feature patches are dropped")
+                         help="one annotation per instance (COCO instance JSON, split by --instance-method) "
+                              "instead of one per class")
     segment.add_argument("--overwrite", action="store_true", help="re-segment targets whose mask already exists")
-    add_engine_arguments(segment)
-    quality = segment.add_argument_group("quality verdicts")
-    defaults = QualityThresholds()
-    quality.add_argument("--min-area-ratio", type=number, default=env_setting("min_area_ratio", defaults.min_area_ratio, number))
-    quality.add_argument("--max-area-ratio", type=number, default=env_setting("max_area_ratio", defaults.max_area_ratio, number))
-    quality.add_argument("--max-components", type=int, default=env_setting("max_components", defaults.max_components, int))
+    EngineSettings.add_arguments(segment)
     segment.set_defaults(handler=run_segment)
 
     info = commands.add_parser("info", help="print versions, device and cache location")
@@ -98,58 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine options shared by the sub-commands; defaults come from ``INSID3_<NAME>``."""
-    engine = parser.add_argument_group("engine (defaults from INSID3_<NAME> environment variables)")
-    source = engine.add_mutually_exclusive_group()
-    source.add_argument("--weights", default=env_setting("weights"), metavar="PATH",
-                        help="Meta DINOv3 .pth checkpoint (constructor arguments from PATH.json when present)")
-    source.add_argument("--backbone", default=env_setting("backbone"), metavar="NAME",
-                        help="timm DINOv3 model name, e.g. vit_large_patch16_dinov3_qkvb.lvd1689m (needs network)")
-    engine.add_argument("--image-size", type=int, default=env_setting("image_size", 1024, int))
-    engine.add_argument("--svd-components", type=int, default=env_setting("svd_components", None, int),
-                        help="positional directions removed (default: half the backbone width, 500 for ViT-L)")
-    engine.add_argument("--basis", type=Path, default=env_setting("basis"), metavar="NPY",
-                        help="(C, k) .npy positional basis to use instead of computing it")
-    engine.add_argument("--tau", type=number, default=env_setting("tau", 0.6, number))
-    engine.add_argument("--merge-threshold", type=number, default=env_setting("merge_threshold", 0.2, number))
-    engine.add_argument("--device", default=env_setting("device", "auto"), choices=None,
-                        help="auto|cpu|cuda|cuda:N|mps")
-    engine.add_argument("--precision", default=env_setting("precision", "float32"),
-                        choices=("float32", "float16", "bfloat16"), help="backbone precision (half on GPU only)")
-    engine.add_argument("--batch-size", type=int, default=env_setting("batch_size", 4, int))
-    engine.add_argument("--workers", type=int, default=env_setting("workers", None, int),
-                        help="threads decoding targets ahead of the device and finishing masks "
-                             "(default: 4 beside a GPU, 2 on the CPU; 0 runs everything in one thread)")
-    engine.add_argument("--clustering", default=env_setting("clustering", "auto"), choices=CLUSTERING_METHODS,
-                        help="clustering implementation (same partition): auto = torch on GPU, scipy on CPU")
-    engine.add_argument("--refinement", default=env_setting("refinement", "bilinear"), choices=REFINEMENTS,
-                        help="mask edges: bilinear upsampling (the release) or a guided filter on the image")
-
-
-def segmenter_from_arguments(arguments: argparse.Namespace) -> Segmenter:
-    """Load the backbone and build a :class:`Segmenter` from parsed engine options."""
-    if arguments.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {arguments.batch_size}")
-    config = EngineConfig(
-        image_size=arguments.image_size,
-        svd_components=arguments.svd_components,
-        tau=arguments.tau,
-        merge_threshold=arguments.merge_threshold,
-        clustering=arguments.clustering,
-        refinement=arguments.refinement,
-    )
-    if arguments.weights is not None and not Path(arguments.weights).expanduser().is_file():
-        raise UsageError(f"--weights {arguments.weights}: no such file")
-    backbone = load_backbone(arguments.weights or arguments.backbone, arguments.device, arguments.precision)
-    if backbone.is_smoke_test:
-        print(SMOKE_TEST_BANNER, file=sys.stderr)
-    quality = QualityThresholds(
-        getattr(arguments, "min_area_ratio", QualityThresholds.min_area_ratio),
-        getattr(arguments, "max_area_ratio", QualityThresholds.max_area_ratio),
-        getattr(arguments, "max_components", QualityThresholds.max_components),
-    )
-    return Segmenter(backbone, config, quality, basis_file=arguments.basis)
+def build_segmenter(settings: EngineSettings) -> Segmenter:
+    """``settings.build()``, with the smoke-test banner when it runs on the bundled test checkpoint."""
+    segmenter = settings.build()
+    announce_smoke_test(segmenter.backbone)
+    return segmenter
 
 
 def resolve_targets(specs: list[str]) -> list[Path]:
@@ -269,8 +206,7 @@ def settle(writes: list, records: dict[str, dict], wait: bool) -> list:
 
 
 def run_segment(arguments: argparse.Namespace) -> int:
-    if arguments.min_instance_patches < 1:
-        raise UsageError(f"--min-instance-patches must be >= 1, got {arguments.min_instance_patches}")
+    settings = EngineSettings.from_arguments(arguments)
     out: Path = arguments.out
     check_writable_folder(out, "--out")  # before any work
     classes = reference_classes(arguments)
@@ -291,7 +227,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
         if target not in pending and target.name not in records:
             records[target.name] = written_record(outputs[target], target.name, list(classes))
 
-    segmenter = segmenter_from_arguments(arguments)
+    segmenter = build_segmenter(settings)
     encoded = segmenter.encode_classes(classes, negatives)
     info = {
         "description": "insid3 segment",
@@ -305,7 +241,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
         "merge_threshold": segmenter.config.merge_threshold,
         "references": {name: list(references.names) for name, references in encoded.items()},
         "negatives": [str(image) for image, _ in negatives],
-        "instances": arguments.instance_method if arguments.instances else None,
+        "instances": settings.instance_method if arguments.instances else None,
     }
     print(f"insid3: {len(targets)} target(s), {len(targets) - len(pending)} already done, "
           f"{len(pending)} to segment on {segmenter.backbone.device}", file=sys.stderr)
@@ -314,23 +250,23 @@ def run_segment(arguments: argparse.Namespace) -> int:
 
     failures: dict[str, str] = {}
     verdicts = collections.Counter()
-    workers = default_workers(segmenter.backbone.device) if arguments.workers is None else arguments.workers
-    instance_method = arguments.instance_method if arguments.instances else None
+    workers = default_workers(segmenter.backbone.device) if settings.workers is None else settings.workers
+    instance_method = settings.instance_method if arguments.instances else None
     with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
             executor(min(workers, 2), "insid3-write") as writer:
         writes = []
-        stream = segmenter.iter_segment_classes(encoded, pending, arguments.batch_size, workers)
+        stream = segmenter.iter_segment_classes(encoded, pending, settings.batch_size, workers)
         for done, (target, result) in enumerate(stream, start=1):
             progress.update(1)
             if isinstance(result, InputError):
                 failures[str(target)] = str(result)
                 continue
-            record = result_record(target.name, result.classes, instance_method, arguments.min_instance_patches)
+            record = result_record(target.name, result.classes, instance_method, settings.min_instance_patches)
             writes.append((writer.submit(write_output_mask, outputs[target], result.label_map, len(classes), record),
                            target.name, record))
             verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
             progress.set_postfix(verdicts, refresh=False)
-            if done % arguments.batch_size == 0:
+            if done % settings.batch_size == 0:
                 writes = settle(writes, records, wait=False)
                 write_json(annotations_path, coco_document(records, list(classes), info))
         settle(writes, records, wait=True)
@@ -344,8 +280,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
     for name, message in failures.items():
         print(f"insid3: FAILED {name}: {message}", file=sys.stderr)
     if segmenter.backbone.is_smoke_test:
-        print("insid3: reminder: these masks come from the random-weight TEST checkpoint (smoke test).",
-              file=sys.stderr)
+        print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -385,7 +320,7 @@ def run_info(arguments: argparse.Namespace) -> int:
         "cuda available": torch.cuda.is_available(),
         "device": str(resolve_device(arguments.device)),
         "cache": str(cache_dir()),
-        "weights": env_setting("weights") or "(none: bundled random-weight test checkpoint)",
+        "weights": env_setting("weights") or f"(none: the {SMOKE_TEST_NOTE})",
     }
     if torch.cuda.is_available():
         lines["gpu"] = torch.cuda.get_device_name()

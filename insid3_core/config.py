@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV_PREFIX = "INSID3_"
+SMOKE_TEST_NOTE = "random-weight TEST checkpoint: smoke-test masks, not DINOv3 quality"
 CLUSTERING_METHODS = ("auto", "scipy", "torch")
 REFINEMENTS = ("bilinear", "guided")
 

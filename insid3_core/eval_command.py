@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .config import SMOKE_TEST_NOTE
 from .datasets import DEFAULT_SPLITS, FOLD_EPISODES, LAYOUTS, Dataset, Episode, load_dataset, make_episodes
 from .engine import Segmenter
 from .evaluation import ratio, run_episodes, summarise
@@ -18,7 +19,7 @@ from .io import atomic_write, write_json, write_mask_png
 
 def register(commands) -> None:
     """Add ``eval`` to the ``insid3`` sub-commands (argparse ``add_subparsers()``)."""
-    from .cli import add_engine_arguments
+    from .settings import EngineSettings
 
     evaluate = commands.add_parser(
         "eval", help="few-shot evaluation (mIoU, FB-IoU) on COCO-20i, FSS-1000, ISIC, SUIM or a class folder",
@@ -44,13 +45,14 @@ def register(commands) -> None:
     evaluate.add_argument("--figures", type=int, default=4, metavar="N",
                           help="overlay figures of N episodes (default 4)")
     evaluate.add_argument("--save-masks", action="store_true", help="also write every predicted mask to DIR/masks/")
-    add_engine_arguments(evaluate)
+    EngineSettings.add_arguments(evaluate, exclude=("instance_method", "min_instance_patches"))
     evaluate.set_defaults(handler=run_eval)
 
 
 def run_eval(arguments: argparse.Namespace) -> int:
     """Run the episodes and write ``report.json``, ``report.md``, ``figures/`` (and ``masks/``)."""
-    from .cli import UsageError, segmenter_from_arguments
+    from .cli import UsageError, build_segmenter
+    from .settings import EngineSettings
 
     for name in ("shots", "queries", "episodes"):
         if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
@@ -65,11 +67,12 @@ def run_eval(arguments: argparse.Namespace) -> int:
     dataset = load_dataset(arguments.layout, arguments.root, arguments.split, arguments.classes)
     episodes, skipped = make_episodes(dataset, arguments.shots, arguments.queries, arguments.episodes,
                                       arguments.folds, arguments.seed)
-    segmenter = segmenter_from_arguments(arguments)
+    engine = EngineSettings.from_arguments(arguments)
+    segmenter = build_segmenter(engine)
     print(f"insid3: {len(episodes)} episode(s) of {arguments.layout} ({len(dataset.classes)} classes, "
           f"{arguments.shots}-shot) on {segmenter.backbone.device}", file=sys.stderr)
     started = time.perf_counter()
-    records, figures, entries = collect(segmenter, episodes, arguments)
+    records, figures, entries = collect(segmenter, episodes, arguments, engine)
     seconds = time.perf_counter() - started
 
     results = summarise(entries)
@@ -77,7 +80,7 @@ def run_eval(arguments: argparse.Namespace) -> int:
         scores["episodes"] = sum(1 for episode in episodes if episode.fold == fold)
     report = {
         "insid3": __version__,
-        **settings(arguments, dataset, skipped, segmenter),
+        **settings(arguments, dataset, skipped, segmenter, engine),
         "results": results,
         "episodes_run": len(episodes),
         "seconds": seconds,
@@ -92,13 +95,13 @@ def run_eval(arguments: argparse.Namespace) -> int:
           f"{len(results['folds'])} fold(s), {len(episodes)} episodes in {seconds:.1f} s -> {out / 'report.md'}",
           file=sys.stderr)
     if segmenter.backbone.is_smoke_test:
-        print("insid3: reminder: these numbers come from the random-weight TEST checkpoint (smoke test).",
+        print(f"insid3: reminder: these numbers come from the {SMOKE_TEST_NOTE}",
               file=sys.stderr)
     return 0
 
 
 def collect(
-    segmenter: Segmenter, episodes: list[Episode], arguments: argparse.Namespace
+    segmenter: Segmenter, episodes: list[Episode], arguments: argparse.Namespace, engine
 ) -> tuple[list[dict], list[dict], list[tuple[int, str, np.ndarray]]]:
     """Run the episodes, saving masks and figures on the way.
 
@@ -119,7 +122,7 @@ def collect(
     count = min(arguments.figures, len(episodes))
     shown = set(np.linspace(0, len(episodes) - 1, count).round().astype(int).tolist())
     records, figures, entries = [], [], []
-    stream = run_episodes(segmenter, episodes, arguments.batch_size, arguments.workers)
+    stream = run_episodes(segmenter, episodes, engine.batch_size, engine.workers)
     with tqdm(total=sum(len(e.queries) for e in episodes), desc="eval", unit="query", file=sys.stderr) as progress:
         for outcome in stream:
             progress.update(1)
@@ -147,8 +150,10 @@ def collect(
     return records, figures, entries
 
 
-def settings(arguments: argparse.Namespace, dataset: Dataset, skipped: dict[str, str], segmenter: Segmenter) -> dict:
-    """The report's ``dataset``, ``protocol`` and ``engine`` sections."""
+def settings(arguments: argparse.Namespace, dataset: Dataset, skipped: dict[str, str], segmenter: Segmenter,
+             engine) -> dict:
+    """The report's ``dataset``, ``protocol`` and ``engine`` sections (``engine``: the
+    :class:`~insid3_core.settings.EngineSettings` of the run)."""
     by_fold = dataset.sampling == "fold"
     return {
         "dataset": {
@@ -170,6 +175,6 @@ def settings(arguments: argparse.Namespace, dataset: Dataset, skipped: dict[str,
             "smoke_test": segmenter.backbone.is_smoke_test, "image_size": segmenter.config.image_size,
             "svd_components": int(segmenter.basis.shape[1]), "tau": segmenter.config.tau,
             "merge_threshold": segmenter.config.merge_threshold, "device": str(segmenter.backbone.device),
-            "precision": arguments.precision, "batch_size": arguments.batch_size,
+            "precision": engine.precision, "batch_size": engine.batch_size,
         },
     }

@@ -11,9 +11,14 @@ from .io import InputError, write_json
 from .keypoints import encode_points, iter_match, load_points
 
 
+# what matching points never uses: the clustering, the mask, its verdicts and instances
+ENGINE_UNUSED = ("tau", "merge_threshold", "clustering", "refinement", "min_area_ratio", "max_area_ratio",
+                 "max_components", "instance_method", "min_instance_patches")
+
+
 def register(commands) -> None:
     """Add ``match`` to the ``insid3`` sub-commands (argparse ``add_subparsers()``)."""
-    from .cli import add_engine_arguments
+    from .settings import EngineSettings
 
     match = commands.add_parser("match", help="transfer reference keypoints to target images")
     match.add_argument("targets", nargs="+", metavar="TARGET", help="image files, folders or glob patterns")
@@ -27,27 +32,29 @@ def register(commands) -> None:
     match.add_argument("--temperature", type=number, default=0.05, help="soft-argmax temperature on cosine similarity")
     match.add_argument("--mutual", action="store_true",
                        help="report per point whether the match passes the mutual-nearest-neighbour check")
-    add_engine_arguments(match)
+    EngineSettings.add_arguments(match, exclude=ENGINE_UNUSED)
     match.set_defaults(handler=run_match)
 
 
 def run_match(arguments: argparse.Namespace) -> int:
     """Match the points in every target and write one JSON document; exit 1 if a target failed."""
-    from .cli import UsageError, resolve_targets, segmenter_from_arguments
+    from .cli import UsageError, build_segmenter, resolve_targets
+    from .settings import EngineSettings
 
     image, points_file = arguments.ref
     names, points = load_points(points_file)
     targets = list(dict.fromkeys(target for spec in arguments.targets for target in resolve_targets([spec])))
     if arguments.out.suffix.lower() != ".json":
         raise UsageError(f"--out {arguments.out}: expected a .json file")
-    segmenter = segmenter_from_arguments(arguments)
+    settings = EngineSettings.from_arguments(arguments)
+    segmenter = build_segmenter(settings)
     reference = encode_points(
         segmenter, Path(image), points, names, debiased=not arguments.original_features, source=points_file
     )
     print(f"insid3: {len(reference)} point(s), {len(targets)} target(s) on {segmenter.backbone.device}",
           file=sys.stderr)
     matched, failures = [], []
-    stream = iter_match(segmenter, reference, targets, arguments.batch_size, arguments.workers,
+    stream = iter_match(segmenter, reference, targets, settings.batch_size, settings.workers,
                         arguments.window, arguments.temperature, arguments.mutual)
     for target, result in stream:
         if isinstance(result, InputError):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import SMOKE_TEST_NOTE
 from .io import atomic_write, load_image
 
 PREDICTION_COLOUR = "#ff00ff"
@@ -31,7 +32,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     if engine["smoke_test"]:
-        lines += ["> Random-weight TEST checkpoint: these numbers are a smoke test, not DINOv3 quality.", ""]
+        lines += [f"> These numbers come from the {SMOKE_TEST_NOTE}.", ""]
     lines += ["## Configuration", "", "| setting | value |", "|---|---|"]
     settings = {
         "dataset": f"{dataset['layout']} at `{dataset['root']}`"

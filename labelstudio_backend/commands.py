@@ -8,12 +8,13 @@ import logging
 import sys
 
 SERVER_THREADS = 8
+ENGINE_UNUSED = ("instance_method",)  # the backend's INSID3_INSTANCES says whether and how to split
 CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
 
 
 def register(subparsers) -> None:
     """Add ``labelstudio`` with its ``serve``, ``connect`` and ``preannotate`` sub-commands to ``insid3``'s parser."""
-    from insid3_core.cli import add_engine_arguments
+    from insid3_core.settings import EngineSettings
 
     labelstudio = subparsers.add_parser("labelstudio", help="Label Studio ML backend")
     commands = labelstudio.add_subparsers(dest="labelstudio_command", required=True)
@@ -25,8 +26,7 @@ def register(subparsers) -> None:
                        help=f"predictions, trainings and webhooks served at once, in one process sharing the model "
                             f"(default {SERVER_THREADS}); INSID3_MAX_QUEUED_REQUESTS more wait for their turn, and "
                             "/health is always answered")
-    add_engine_arguments(serve)
-    add_quality_arguments(serve)
+    EngineSettings.add_arguments(serve, exclude=ENGINE_UNUSED)
     serve.set_defaults(handler=run_serve)
 
     connect = commands.add_parser("connect", help="connect a running backend to a project: ML backend and webhook")
@@ -38,30 +38,22 @@ def register(subparsers) -> None:
     preannotate = commands.add_parser("preannotate", help="push predictions for every task of a project")
     preannotate.add_argument("--project", type=int, required=True, metavar="N", help="Label Studio project id")
     preannotate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_engine_arguments(preannotate)
-    add_quality_arguments(preannotate)
+    EngineSettings.add_arguments(preannotate, exclude=ENGINE_UNUSED)
     preannotate.set_defaults(handler=run_preannotate)
 
 
-def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
-    """The thresholds of the quality verdicts shown to reviewers (``INSID3_MIN_AREA_RATIO``, ...)."""
-    from insid3_core.config import env_setting, number
-    from insid3_core.quality import QualityThresholds
-
-    quality = parser.add_argument_group("quality verdicts")
-    for name, cast in (("min_area_ratio", number), ("max_area_ratio", number), ("max_components", int)):
-        quality.add_argument(f"--{name.replace('_', '-')}", type=cast,
-                             default=env_setting(name, getattr(QualityThresholds, name), cast))
-
-
 def backend_from_arguments(arguments: argparse.Namespace, settings):
-    """The backend for ``settings`` and the parsed engine options (loads the backbone)."""
-    from insid3_core.cli import segmenter_from_arguments
+    """The backend for ``settings`` and the parsed engine options (flags, else ``INSID3_*``; loads the backbone)."""
+    from insid3_core.backbone import announce_smoke_test
+    from insid3_core.settings import EngineSettings
 
     from .build import build_backend
 
-    settings = dataclasses.replace(settings, batch_size=arguments.batch_size)
-    return build_backend(settings, segmenter_from_arguments(arguments))
+    engine = EngineSettings.from_arguments(arguments)
+    segmenter = engine.build()
+    announce_smoke_test(segmenter.backbone)
+    settings = dataclasses.replace(settings, batch_size=engine.batch_size, min_instance_patches=engine.min_instance_patches)
+    return build_backend(settings, segmenter)
 
 
 def run_serve(arguments: argparse.Namespace) -> int:
@@ -135,7 +127,8 @@ def run_preannotate(arguments: argparse.Namespace) -> int:
 
     settings = api_settings("preannotate")
     try:
-        report = preannotate(backend_from_arguments(arguments, settings), arguments.project, arguments.batch_size,
+        backend = backend_from_arguments(arguments, settings)
+        report = preannotate(backend, arguments.project, backend.settings.batch_size,
                              not arguments.no_progress)
     except BackendError as err:
         print(f"insid3: error: {err.message}", file=sys.stderr)

@@ -215,7 +215,8 @@ class Backend:
         """
         action = text(payload, "action")  # a malformed body is refused whatever its action
         project = webhook_project(payload)
-        annotations = objects(payload, "annotations", required=False) or [optional_object(payload, "annotation")]
+        annotation = optional_object(payload, "annotation")
+        annotations = objects(payload, "annotations", required=False) or [annotation]
         task = optional_object(payload, "task")
         if action not in (*DELETE_EVENTS, *REFERENCE_EVENTS, *SYNC_EVENTS):
             return {"status": "ignored", "action": action[:100]}
@@ -228,7 +229,7 @@ class Backend:
         elif action in REFERENCE_EVENTS:
             target = self._webhook_target(payload, project)
             with self._lock:
-                self.add_annotation(project, target, task, optional_object(payload, "annotation"))
+                self.add_annotation(project, target, task, annotation)
             self.warm(project, target)
         else:
             self.warm(project, self._webhook_target(payload, project), force=True)

@@ -27,6 +27,6 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_backbone():
-    from insid3_core import load_backbone
+    from insid3_core import TEST_CHECKPOINT, load_backbone
 
-    return load_backbone(None, device="cpu")
+    return load_backbone(TEST_CHECKPOINT, device="cpu")

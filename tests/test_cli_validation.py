@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-import insid3_core.cli
+import insid3_core.backbone
 from conftest import EXAMPLES
 from insid3_core.backbone import BUNDLED_CHECKPOINT
 from test_cli import segment
@@ -28,12 +28,12 @@ def refused(capsys, *arguments) -> str:
 
 
 @pytest.mark.parametrize(("option", "value", "words"), [
-    ("--merge-threshold", "nan", "argument --merge-threshold: invalid number value: 'nan'"),
-    ("--merge-threshold", "inf", "argument --merge-threshold: invalid number value: 'inf'"),
-    ("--tau", "nan", "argument --tau: invalid number value"),
+    ("--merge-threshold", "nan", "argument --merge-threshold: value='nan' is not a finite number"),
+    ("--merge-threshold", "inf", "argument --merge-threshold: value='inf' is not a finite number"),
+    ("--tau", "nan", "argument --tau: value='nan' is not a finite number"),
     ("--tau", "2", "tau must lie in (-1, 1)"),
-    ("--min-area-ratio", "nan", "argument --min-area-ratio: invalid number value"),
-    ("--max-area-ratio", "inf", "argument --max-area-ratio: invalid number value"),
+    ("--min-area-ratio", "nan", "argument --min-area-ratio: value='nan' is not a finite number"),
+    ("--max-area-ratio", "inf", "argument --max-area-ratio: value='inf' is not a finite number"),
     ("--image-size", "1600000", "use at most about"),
 ])
 def test_numbers_must_be_finite_and_fit(tmp_path, capsys, option, value, words):
@@ -44,8 +44,8 @@ def test_numbers_must_be_finite_and_fit(tmp_path, capsys, option, value, words):
 
 
 @pytest.mark.parametrize(("variable", "value", "words"), [
-    ("INSID3_MERGE_THRESHOLD", "nan", "INSID3_MERGE_THRESHOLD='nan' is not a valid number"),
-    ("INSID3_IMAGE_SIZE", "abc", "INSID3_IMAGE_SIZE='abc' is not a valid int"),
+    ("INSID3_MERGE_THRESHOLD", "nan", "INSID3_MERGE_THRESHOLD='nan' is not a finite number"),
+    ("INSID3_MAX_COMPONENTS", "abc", "INSID3_MAX_COMPONENTS='abc' is not an integer"),
     ("INSID3_MAX_AREA_RATIO", "2", "max_area_ratio"),
 ])
 def test_environment_defaults_are_checked_like_options(tmp_path, capsys, monkeypatch, variable, value, words):
@@ -58,7 +58,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     def no_backbone(*_, **__):
         raise AssertionError("the backbone was loaded before --out was checked")
 
-    monkeypatch.setattr(insid3_core.cli, "load_backbone", no_backbone)
+    monkeypatch.setattr(insid3_core.backbone, "load_backbone", no_backbone)
     a_file = tmp_path / "taken.txt"
     a_file.write_text("keep me")
     assert "is a file, not a folder" in refused(capsys, "--out", a_file, TARGET)

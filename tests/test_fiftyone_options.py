@@ -34,9 +34,9 @@ def fo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def segmenter():
-    from insid3_core import EngineConfig, Segmenter, load_backbone
+    from insid3_core import TEST_CHECKPOINT, EngineConfig, Segmenter, load_backbone
 
-    return Segmenter(load_backbone(None, device="cpu"), EngineConfig(image_size=256, svd_components=16))
+    return Segmenter(load_backbone(TEST_CHECKPOINT, device="cpu"), EngineConfig(image_size=256, svd_components=16))
 
 
 def saved(image, folder, name) -> str:
@@ -123,7 +123,7 @@ def test_several_classes_in_one_pass(dataset, segmenter):
 
     package = type(foo.get_operator(SEGMENT)).__module__.rsplit(".", 1)[0]
     plugin = {name: importlib.import_module(f"{package}.{name}") for name in ("models", "settings")}
-    backbone = plugin["models"].segmenter(plugin["settings"].resolve(ENGINE, dataset)).backbone
+    backbone = plugin["models"].segmenter(plugin["settings"].engine_settings(ENGINE, dataset)).backbone
     batches = []
     hook = backbone.model.patch_embed.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
     try:

@@ -29,9 +29,9 @@ def fo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def expected():
     """The engine's own results for the example targets, by file name."""
-    from insid3_core import EngineConfig, Segmenter, load_backbone
+    from insid3_core import TEST_CHECKPOINT, EngineConfig, Segmenter, load_backbone
 
-    segmenter = Segmenter(load_backbone(None, device="cpu"), EngineConfig(image_size=128, svd_components=16))
+    segmenter = Segmenter(load_backbone(TEST_CHECKPOINT, device="cpu"), EngineConfig(image_size=128, svd_components=16))
     references = segmenter.encode_references([REFERENCE])
     return {target.name: result for target, result in zip(TARGETS, segmenter.segment(references, TARGETS, 4))}
 
@@ -99,7 +99,7 @@ def test_selection_to_mask_files_and_overwrite(dataset, expected, tmp_path):
     backbones = []
     for overwrite in (False, True):
         segment(dataset, {**params, "overwrite": overwrite}, view_target="SELECTED_SAMPLES", selected=chosen)
-        backbones.append(plugin_module("models")._CACHE["backbone"])
+        backbones.append(next(iter(plugin_module("models")._SEGMENTERS.values())).backbone)
     with pytest.raises(ExecutionError, match="already exists; tick overwrite"):
         segment(dataset, params, view_target="SELECTED_SAMPLES", selected=chosen)
 
@@ -273,10 +273,10 @@ def test_form_offers_defaults_classes_and_explains_problems(fo, dataset):
 @pytest.mark.parametrize("case, message", [
     ("image_size", "image_size must be a positive multiple of 16, got 250"),
     ("tau", "tau must lie in (-1, 1), got 2.0"),
-    ("merge_threshold", "merge_threshold must be a finite number"),
+    ("merge_threshold", "INSID3_MERGE_THRESHOLD) must be a finite number, got nan"),
     ("device", "device 'gpu' is none of auto, cpu, cuda, cuda:N, mps"),
     ("weights", "weights '/nowhere/dinov3.pth': no such file"),
-    ("batch_size", "batch_size must be >= 1, got 0"),
+    ("batch_size", "INSID3_BATCH_SIZE) must be >= 1, got 0"),
     ("mask_dir", "is a file, not a folder"),
     ("huge_image", "use at most about"),
     ("wrong_size_reference", "The mask of reference disks"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from insid3_core import EngineConfig, InputError, Segmenter, load_backbone, load_image, load_mask
+from insid3_core import TEST_CHECKPOINT, EngineConfig, InputError, Segmenter, load_backbone, load_image, load_mask
 from insid3_core.io import atomic_write, write_mask_png
 
 ORIENTATION = 0x0112
@@ -21,7 +21,7 @@ CLOCKWISE_QUARTER_TURNS = {6: -1, 8: 1}  # EXIF orientation -> np.rot90 k giving
 @pytest.fixture(scope="module")
 def segmenter():
     """Tiny random-weight backbone at 128 px, positional basis not cached."""
-    return Segmenter(load_backbone(None, device="cpu"), EngineConfig(image_size=128, svd_components=16), cache=False)
+    return Segmenter(load_backbone(TEST_CHECKPOINT, device="cpu"), EngineConfig(image_size=128, svd_components=16), cache=False)
 
 
 def scene(height: int, width: int) -> np.ndarray:

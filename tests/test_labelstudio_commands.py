@@ -32,9 +32,12 @@ def test_serve_arguments():
 
 
 def test_quality_thresholds_from_arguments_and_environment(monkeypatch):
+    from insid3_core.settings import EngineSettings
+
     monkeypatch.setenv("INSID3_MAX_COMPONENTS", "2")
     arguments = insid3_parser().parse_args(["labelstudio", "serve", "--min-area-ratio", "0.05"])
-    assert (arguments.min_area_ratio, arguments.max_area_ratio, arguments.max_components) == (0.05, 0.9, 2)
+    engine = EngineSettings.from_arguments(arguments)
+    assert (engine.min_area_ratio, engine.max_area_ratio, engine.max_components) == (0.05, 0.9, 2)
 
 
 def test_connect_arguments(monkeypatch, capsys):
@@ -49,9 +52,12 @@ def test_connect_arguments(monkeypatch, capsys):
 
 
 def test_preannotate_arguments(monkeypatch):
+    from insid3_core.settings import EngineSettings
+
     monkeypatch.setenv("INSID3_IMAGE_SIZE", "128")
     arguments = insid3_parser().parse_args(["labelstudio", "preannotate", "--project", "3"])
-    assert (arguments.project, arguments.image_size, arguments.handler) == (3, 128, run_preannotate)
+    assert (arguments.project, arguments.handler) == (3, run_preannotate)
+    assert EngineSettings.from_arguments(arguments).image_size == 128
     with pytest.raises(SystemExit):
         insid3_parser().parse_args(["labelstudio", "preannotate"])
 

@@ -87,6 +87,7 @@ MALFORMED = [
                                                       "original_height": 4, "value": {"rle": [0], "brushlabels": [LABEL]}}]}},
      422, "image size"),
     ("/webhook", {"action": "SOMETHING_NEW"}, 200, "ignored"),
+    ("/webhook", {"action": "", "annotation": 138435, "annotations": [{}]}, 400, "'annotation' must be an object"),
     ("/webhook", {"action": ["x"]}, 400, "'action' must be a string"),
     ("/webhook", {"action": "SOMETHING_NEW", "project": True}, 400, "not a project id"),
 ]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import ARTIFACTS, EPISODES, PARITY
-from insid3_core import EngineConfig, Segmenter, load_backbone
+from insid3_core import TEST_CHECKPOINT, EngineConfig, Segmenter, load_backbone
 from insid3_core.features import patch_features, resized_pixels
 from insid3_core.io import load_image
 
@@ -60,7 +60,7 @@ def test_positional_basis_spans_release_subspace(tiny_backbone, episode):
 def test_mask_matches_release(tiny_backbone, episode, device, clustering):
     """Every speed-up switched on (torch clustering, GPU, threaded loading) keeps parity."""
     folder = PARITY / episode["id"]
-    backbone = tiny_backbone if device == "cpu" else load_backbone(None, device=device)
+    backbone = tiny_backbone if device == "cpu" else load_backbone(TEST_CHECKPOINT, device=device)
     segmenter = episode_segmenter(backbone, episode, clustering)
     references = segmenter.encode_references(
         [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]

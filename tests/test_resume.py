@@ -109,10 +109,10 @@ def test_outputs_respect_the_umask(tmp_path, targets):
 
 def test_an_unusable_cache_entry_is_computed_again(tmp_path):
     """A damaged or foreign cache file (another user's, another version's) is named and recomputed."""
-    from insid3_core import load_backbone
+    from insid3_core import TEST_CHECKPOINT, load_backbone
     from insid3_core.debias import positional_directions
 
-    backbone = load_backbone(None, device="cpu")
+    backbone = load_backbone(TEST_CHECKPOINT, device="cpu")
     cache = tmp_path / "cache"
     first = positional_directions(backbone, 64, cache)
     (entry,) = cache.iterdir()

@@ -337,9 +337,9 @@ def test_two_device_threads_take_consecutive_batches_and_keep_the_masks(segmente
 
 @NEEDS_CUDA
 def test_pipelined_cuda_stream_gives_the_inline_masks():
-    from insid3_core import load_backbone
+    from insid3_core import TEST_CHECKPOINT, load_backbone
 
-    cuda = Segmenter(load_backbone(None, device="cuda"), EngineConfig(image_size=256, svd_components=16), cache=False)
+    cuda = Segmenter(load_backbone(TEST_CHECKPOINT, device="cuda"), EngineConfig(image_size=256, svd_components=16), cache=False)
     references = cuda.encode_references([REFERENCE])
     targets = TARGETS * 3
     pipelined = [result.mask for _, result in cuda.iter_segment(references, targets, batch_size=4, workers=2)]

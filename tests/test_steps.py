@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import insid3_core.debias as debias_module
-from insid3_core import QualityThresholds, load_backbone, quality_report
+from insid3_core import TEST_CHECKPOINT, QualityThresholds, load_backbone, quality_report
 from insid3_core.aggregation import cluster_scores
 from insid3_core.clustering import cluster_patches
 from insid3_core.debias import debias, positional_basis, positional_directions
@@ -26,7 +26,7 @@ from insid3_core.upsample import upsample_mask
 @pytest.fixture(scope="module")
 def backbone():
     """The bundled random-weight tiny DINOv3 (width C = 96)."""
-    return load_backbone(None, device="cpu")
+    return load_backbone(TEST_CHECKPOINT, device="cpu")
 
 
 def unit(*components: float) -> torch.Tensor:
