@@ -12,7 +12,6 @@ Three sources are accepted by :func:`load_backbone`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .io import file_digest
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "tiny_dinov3_meta.pth"
 TEST_CHECKPOINT = "insid3-test-checkpoint"
@@ -276,11 +277,16 @@ def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
             f"{path}: weights do not fit {name} ({arguments['embed_dim']} wide, depth "
             f"{arguments['depth']}): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return model, name, f"{path.stem}-{_file_digest(path)}"
+    return model, name, f"{path.stem}-{file_digest(path)}"
 
 
 def _load_tensors(path: Path):
     """``torch.load`` with ``weights_only=True``: tensors and plain containers, never pickled code."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):
+        raise BackboneError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file "
+                            f"starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
@@ -398,14 +404,6 @@ def _timm_arguments(arguments: dict, path: Path) -> tuple[str, dict]:
     if swiglu:
         timm_arguments["swiglu_align_to"] = _META_SWIGLU_ALIGN[arguments["ffn_layer"]]
     return name, timm_arguments
-
-
-def _file_digest(path: Path, length: int = 16) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:length]
 
 
 def announce_smoke_test(backbone: Backbone, stream=None) -> None:

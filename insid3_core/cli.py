@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import hashlib
 import json
 import platform
 import sys
@@ -23,8 +24,8 @@ from .config import SMOKE_TEST_NOTE, cache_dir, env_setting
 from .engine import Segmenter
 from .eval_command import register as register_eval
 from .io import (
-    IMAGE_EXTENSIONS, InputError, check_writable_folder, label_masks, load_mask, remove_stale_temporaries, write_json,
-    write_label_png, write_mask_png,
+    IMAGE_EXTENSIONS, InputError, check_references, check_writable_folder, file_digest, label_masks, load_mask,
+    remove_stale_temporaries, write_json, write_label_png, write_mask_png,
 )
 from .loader import default_workers, executor
 from .match_cli import register as register_match
@@ -38,11 +39,15 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``insid3`` console script; returns the exit code."""
     try:
-        arguments = build_parser().parse_args(argv)  # option defaults read INSID3_* variables
+        arguments = build_parser().parse_args(argv)
         return arguments.handler(arguments)
     except (UsageError, InputError, BackboneError, ValueError) as err:  # SettingsError is a ValueError
         print(f"insid3: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("insid3: interrupted; the outputs written so far are complete and listed (run again to resume)",
+              file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,18 +123,22 @@ def resolve_targets(specs: list[str]) -> list[Path]:
     return list(found)
 
 
-def load_records(path: Path, overwrite: bool) -> dict[str, dict]:
-    """Records of an earlier run's annotations.json, to merge this run's into."""
+def load_document(path: Path, overwrite: bool) -> dict | None:
+    """An earlier run's annotations.json, to merge this run's records into (``None``: none yet)."""
     if not path.is_file():
-        return {}
+        return None
     try:
-        return records_from_document(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        document = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(document, dict):
+            raise TypeError(f"it holds a JSON {type(document).__name__}, not an object")
+        records_from_document(document)
+        return document
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         if overwrite:
-            return {}
+            return None
         raise UsageError(
             f"{path}: existing file is not an insid3 COCO document ({err}); move it away or pass --overwrite"
-        ) from err
+        ) from None
 
 
 def reference_classes(arguments: argparse.Namespace) -> dict[str, list[tuple[Path, Path | np.ndarray]]]:
@@ -168,9 +177,11 @@ RECORD_KEY = "insid3-record"
 when a run is killed between writing a mask and the annotations that list it."""
 
 
-def write_output_mask(path: Path, label_map: np.ndarray, classes: int, record: dict) -> None:
+def write_output_mask(path: Path, label_map: np.ndarray, classes: int, record: dict, source: Path) -> None:
     """One class: 0/255 mask. Several: 8-bit label map, ``i + 1`` for the ``i``-th class. The
-    target's record travels in the PNG (see :data:`RECORD_KEY`)."""
+    target's record, with the path and digest of its ``source`` image added, travels in the PNG
+    (see :data:`RECORD_KEY`)."""
+    record["image"].update(source=str(source), source_sha256=file_digest(source))
     text = {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
     if classes == 1:
         write_mask_png(path, label_map > 0, text)
@@ -221,67 +232,106 @@ def run_segment(arguments: argparse.Namespace) -> int:
         raise UsageError(f"output masks would overwrite input files: {', '.join(clobbered)}; choose another --out")
     annotations_path = out / "annotations.json"
     remove_stale_temporaries(out, [annotations_path.name, *(path.name for path in outputs.values())])
-    records = load_records(annotations_path, arguments.overwrite)
+    document = load_document(annotations_path, arguments.overwrite)
+    records = records_from_document(document) if document else {}
+    check_categories(records, list(classes), annotations_path, arguments.overwrite)
     pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
     for target in targets:
         if target not in pending and target.name not in records:
             records[target.name] = written_record(outputs[target], target.name, list(classes))
+    check_sources([t for t in targets if t not in pending], records, outputs)
+    runs = dict(document.get("info", {}).get("runs", {})) if document else {}
+    if not pending:
+        write_json(annotations_path, coco_document(records, list(classes), {**(document or {}).get("info", {}),
+                                                                            "runs": runs}))
+        print(f"insid3: all {len(targets)} target(s) already have their mask in {out}; nothing to segment "
+              "(--overwrite redoes them)", file=sys.stderr)
+        return 0
+    check_references([pair for pairs in classes.values() for pair in pairs] + negatives)
 
     segmenter = build_segmenter(settings)
     encoded = segmenter.encode_classes(classes, negatives)
-    info = {
+    run = {
         "description": "insid3 segment",
         "version": __version__,
         "backbone": segmenter.backbone.name,
         "weights": segmenter.backbone.identity,
         "smoke_test": segmenter.backbone.is_smoke_test,
-        "image_size": segmenter.config.image_size,
-        "svd_components": int(segmenter.basis.shape[1]),
-        "tau": segmenter.config.tau,
-        "merge_threshold": segmenter.config.merge_threshold,
+        "settings": {**settings.describe(), "svd_components": int(segmenter.basis.shape[1])},
         "references": {name: list(references.names) for name, references in encoded.items()},
         "negatives": [str(image) for image, _ in negatives],
         "instances": settings.instance_method if arguments.instances else None,
     }
+    run_id = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    runs[run_id] = run
+    info = {**run, "run": run_id, "runs": runs}
     print(f"insid3: {len(targets)} target(s), {len(targets) - len(pending)} already done, "
           f"{len(pending)} to segment on {segmenter.backbone.device}", file=sys.stderr)
 
     from tqdm import tqdm
 
-    failures: dict[str, str] = {}
+    failures: list[str] = []
     verdicts = collections.Counter()
     workers = default_workers(segmenter.backbone.device) if settings.workers is None else settings.workers
     instance_method = settings.instance_method if arguments.instances else None
-    with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
-            executor(min(workers, 2), "insid3-write") as writer:
-        writes = []
-        stream = segmenter.iter_segment_classes(encoded, pending, settings.batch_size, workers)
-        for done, (target, result) in enumerate(stream, start=1):
-            progress.update(1)
-            if isinstance(result, InputError):
-                failures[str(target)] = str(result)
-                continue
-            record = result_record(target.name, result.classes, instance_method, settings.min_instance_patches)
-            writes.append((writer.submit(write_output_mask, outputs[target], result.label_map, len(classes), record),
-                           target.name, record))
-            verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
-            progress.set_postfix(verdicts, refresh=False)
-            if done % settings.batch_size == 0:
-                writes = settle(writes, records, wait=False)
-                write_json(annotations_path, coco_document(records, list(classes), info))
+    writes = []
+    try:
+        with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
+                executor(min(workers, 2), "insid3-write") as writer:
+            stream = segmenter.iter_segment_classes(encoded, pending, settings.batch_size, workers)
+            for done, (target, result) in enumerate(stream, start=1):
+                progress.update(1)
+                if isinstance(result, InputError):
+                    failures.append(str(result))
+                    continue
+                record = result_record(target.name, result.classes, instance_method, settings.min_instance_patches)
+                record["image"]["run"] = run_id
+                writes.append((writer.submit(write_output_mask, outputs[target], result.label_map, len(classes),
+                                             record, target), target.name, record))
+                verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
+                progress.set_postfix(verdicts, refresh=False)
+                if done % settings.batch_size == 0:
+                    writes = settle(writes, records, wait=False)
+                    write_json(annotations_path, coco_document(records, list(classes), info))
+    finally:  # also on Ctrl-C: every mask written so far is listed, and only those
         settle(writes, records, wait=True)
-    write_json(annotations_path, coco_document(records, list(classes), info))
+        write_json(annotations_path, coco_document(records, list(classes), info))
 
     summary = ", ".join(f"{verdict} {verdicts[verdict]}" for verdict in VERDICTS if verdicts[verdict])
     print(f"insid3: segmented {len(pending) - len(failures)}, skipped {len(targets) - len(pending)}, "
           f"failed {len(failures)} -> {out}", file=sys.stderr)
     if summary:
         print(f"insid3: quality: {summary}", file=sys.stderr)
-    for name, message in failures.items():
-        print(f"insid3: FAILED {name}: {message}", file=sys.stderr)
+    for message in failures:  # each names its file
+        print(f"insid3: FAILED {message}", file=sys.stderr)
     if segmenter.backbone.is_smoke_test:
         print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def check_categories(records: dict[str, dict], categories: list[str], path: Path, overwrite: bool) -> None:
+    """Refuse to mix runs of other classes into ``path`` (single-class and multi-class masks of one
+    folder would disagree); with ``overwrite``, the earlier records are dropped instead."""
+    earlier = list(dict.fromkeys(entry["category"] for record in records.values() for entry in record["annotations"]))
+    if earlier and set(earlier) != set(categories):
+        if overwrite:
+            records.clear()
+            return
+        raise UsageError(f"{path} holds masks of {', '.join(map(repr, earlier))}, this run segments "
+                         f"{', '.join(map(repr, categories))}; use another --out, or --overwrite to start it afresh")
+
+
+def check_sources(skipped: list[Path], records: dict[str, dict], outputs: dict[Path, Path]) -> None:
+    """Refuse to skip a target whose existing mask was made from another file (another folder's
+    image of the same name, or the same file since changed)."""
+    stale = []
+    for target in skipped:
+        made_from = records.get(target.name, {}).get("image", {}).get("source_sha256")
+        if made_from is not None and made_from != file_digest(target):
+            stale.append(f"{outputs[target]} (made from {records[target.name]['image'].get('source')})")
+    if stale:
+        raise UsageError(f"existing masks were made from other content than {len(stale)} target(s): "
+                         f"{'; '.join(stale[:5])}; pass --overwrite to redo them, or use another --out")
 
 
 def written_labels(path: Path, classes: int) -> np.ndarray:

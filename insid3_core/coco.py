@@ -117,7 +117,7 @@ def records_from_document(document: dict) -> dict[str, dict]:
     categories = {category["id"]: category["name"] for category in document.get("categories", [])}
     records = {
         image["file_name"]: {
-            "image": {key: image[key] for key in ("file_name", "height", "width")},
+            "image": {key: value for key, value in image.items() if key != "id"},
             "annotations": [],
         }
         for image in document.get("images", [])

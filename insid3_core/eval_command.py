@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -59,10 +60,9 @@ def run_eval(arguments: argparse.Namespace) -> int:
             raise UsageError(f"--{name} must be >= 1, got {getattr(arguments, name)}")
     if arguments.seed < 0 or arguments.figures < 0:
         raise UsageError("--seed and --figures must be >= 0")
-    try:
-        from .report import markdown
-    except ImportError as err:
-        raise UsageError(f"insid3 eval needs matplotlib ({err}): pip install 'insid3[eval]'") from err
+    if importlib.util.find_spec("matplotlib") is None:  # before any episode runs
+        raise UsageError("insid3 eval needs matplotlib for its figures: pip install 'insid3[eval]'")
+    from .report import markdown
 
     dataset = load_dataset(arguments.layout, arguments.root, arguments.split, arguments.classes)
     episodes, skipped = make_episodes(dataset, arguments.shots, arguments.queries, arguments.episodes,

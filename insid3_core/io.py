@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import secrets
@@ -29,7 +30,8 @@ def _open_oriented(path: str | Path) -> Image.Image:
     except FileNotFoundError as err:
         raise InputError(f"{path}: file not found") from err
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
-        raise InputError(f"{path}: unreadable or truncated image ({type(err).__name__}: {err})") from err
+        detail = str(err).replace(repr(str(path)), "it").replace(str(path), "it")  # PIL repeats the path
+        raise InputError(f"{path}: unreadable or truncated image ({type(err).__name__}: {detail})") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -174,6 +176,29 @@ def write_label_png(path: str | Path, labels: np.ndarray, text: dict[str, str] |
         info.add_text(key, value, zip=True)
     with atomic_write(path) as stream:
         Image.fromarray(labels, mode="L").save(stream, format="PNG", pnginfo=info)
+
+
+def file_digest(path: str | Path, length: int = 16) -> str:
+    """The first ``length`` hex digits of the SHA-256 of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
+
+
+def check_references(pairs) -> None:
+    """Decode ``(image, mask)`` file pairs and check them as the engine will (readable, same size,
+    mask not empty), so a bad reference is reported before a backbone is loaded."""
+    for image, mask in pairs:
+        decoded = load_image(image)
+        array = load_mask(mask, decoded.size) if isinstance(mask, (str, Path)) else mask_array(mask)
+        if array.shape != (decoded.height, decoded.width):
+            raise InputError(f"{image}: mask is {array.shape[1]}x{array.shape[0]} but its image is "
+                             f"{decoded.width}x{decoded.height} (width x height)")
+        if not array.any():
+            raise InputError(f"{mask if isinstance(mask, (str, Path)) else image}: reference mask is empty "
+                             "(no foreground pixel)")
 
 
 def check_writable_folder(folder: str | Path, what: str) -> None:

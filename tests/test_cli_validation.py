@@ -100,3 +100,106 @@ def test_a_checkpoint_missing_its_blocks_is_named(tmp_path, capsys):
     shutil.copy(BUNDLED_CHECKPOINT.with_suffix(".json"), tmp_path / "tiny.json")
     err = refused(capsys, "--out", tmp_path / "o", "--weights", weights, TARGET)
     assert f"{weights}: not a DINOv3 checkpoint" in err and "no transformer blocks" in err
+
+
+@pytest.mark.parametrize("content", [b"[]", b"null", b"\xff\xfe not utf-8", b'{"images": 3}'])
+def test_an_annotations_file_that_is_not_ours_is_named(tmp_path, capsys, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "annotations.json").write_bytes(content)
+    err = refused(capsys, "--out", out, TARGET)
+    assert f"{out / 'annotations.json'}: existing file is not an insid3 COCO document" in err
+    assert (out / "annotations.json").read_bytes() == content
+
+
+def test_ctrl_c_exits_130_with_one_line_and_consistent_outputs(tmp_path, capsys, monkeypatch):
+    import json
+
+    import insid3_core.cli
+
+    targets = tmp_path / "targets"
+    shutil.copytree(EXAMPLES / "targets", targets)
+    record = insid3_core.cli.result_record
+    calls = []
+
+    def interrupted(*arguments, **keywords):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return record(*arguments, **keywords)
+
+    monkeypatch.setattr(insid3_core.cli, "result_record", interrupted)
+    out = tmp_path / "out"
+    assert segment("--out", out, "--batch-size", "1", targets) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("insid3: interrupted") and "Traceback" not in "\n".join(err)
+    listed = sorted(image["file_name"] for image in json.loads((out / "annotations.json").read_text())["images"])
+    assert listed == sorted(path.name for path in out.glob("*.png")) and len(listed) == 3
+    monkeypatch.setattr(insid3_core.cli, "result_record", record)
+    assert segment("--out", out, targets) == 0
+    assert len(json.loads((out / "annotations.json").read_text())["images"]) == 8
+
+
+@pytest.mark.parametrize(("arguments", "words"), [
+    (["--workers", "-1"], "workers (--workers, INSID3_WORKERS) must be >= 0, got -1"),
+    (["--device", "gpu"], "device 'gpu' is none of auto, cpu, cuda, cuda:N, mps"),
+    (["--batch-size", "0"], "must be >= 1, got 0"),
+])
+def test_engine_options_out_of_range(tmp_path, capsys, arguments, words):
+    assert words in refused(capsys, "--out", tmp_path / "out", *arguments, TARGET)
+
+
+def test_weights_that_are_not_a_checkpoint(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my weights are elsewhere\n")
+    assert f"{notes}: not a PyTorch checkpoint" in refused(capsys, "--out", tmp_path / "out", "--weights", notes, TARGET)
+
+
+def test_reference_errors_come_before_the_backbone_loads(tmp_path, capsys, monkeypatch):
+    def no_backbone(*_, **__):
+        raise AssertionError("the backbone was loaded before the references were checked")
+
+    monkeypatch.setattr(insid3_core.backbone, "load_backbone", no_backbone)
+    small = tmp_path / "small_mask.png"
+    from PIL import Image
+
+    Image.new("L", (10, 10), 255).save(small)
+    err = refused(capsys, "--out", tmp_path / "out", "--ref", EXAMPLES / "reference" / "disks.png", small, TARGET)
+    assert "mask is 10x10 but its image is" in err
+
+
+def test_nothing_is_loaded_when_every_target_is_done(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert segment("--out", out, TARGET) == 0
+    monkeypatch.setattr(insid3_core.backbone, "load_backbone",
+                        lambda *_, **__: pytest.fail("a backbone was loaded with nothing to segment"))
+    assert segment("--out", out, TARGET) == 0
+    assert "nothing to segment" in capsys.readouterr().err
+
+
+def test_a_failed_target_is_named_once(tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert segment("--out", tmp_path / "out", broken, TARGET) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("insid3: FAILED")]
+    assert line.count(str(broken)) == 1
+
+
+def test_match_takes_no_option_it_does_not_use(tmp_path, capsys):
+    from insid3_core.cli import main
+
+    with pytest.raises(SystemExit) as refused_exit:
+        main(["match", "--ref", str(TARGET), "points.json", "--out", str(tmp_path / "m.json"), "--tau", "0.7", str(TARGET)])
+    assert refused_exit.value.code == 2 and "unrecognized arguments: --tau" in capsys.readouterr().err
+
+
+def test_eval_without_its_extra_says_so_before_any_episode(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from insid3_core.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "matplotlib" else real(name, *rest))
+    assert main(["eval", "folder", str(tmp_path / "none"), "--out", str(tmp_path / "report")]) == 2
+    assert "pip install 'insid3[eval]'" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()

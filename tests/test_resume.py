@@ -144,3 +144,38 @@ def test_kill_9_then_resume_gives_a_consistent_output(tmp_path, targets):
     assert sorted(image["file_name"] for image in document["images"]) == sorted(p.name for p in targets.iterdir())
     assert all(entry["score"] is not None for entry in document["annotations"])
     assert not list(out.glob(".*.tmp"))
+
+
+def test_each_mask_keeps_the_settings_of_the_run_that_made_it(tmp_path, targets):
+    """A resumed run at --tau 0.8 that skipped everything claimed tau 0.8 for masks made at 0.6."""
+    out = tmp_path / "out"
+    first = targets / "scene_01.png"
+    assert segment("--out", out, "--tau", "0.6", first) == 0
+    assert segment("--out", out, "--tau", "0.8", targets) == 0
+    document = annotations(out)
+    runs = document["info"]["runs"]
+    made = {image["file_name"]: runs[image["run"]]["settings"]["tau"] for image in document["images"]}
+    assert made["scene_01.png"] == 0.6 and {made[name] for name in made if name != "scene_01.png"} == {0.8}
+    assert document["info"]["settings"]["tau"] == 0.8 and len(runs) == 2
+
+
+def test_an_output_from_another_source_is_not_skipped(tmp_path, targets, capsys):
+    out = tmp_path / "out"
+    assert segment("--out", out, targets / "scene_01.png") == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(targets / "scene_02.png", elsewhere / "scene_01.png")
+    assert segment("--out", out, elsewhere / "scene_01.png") == 2
+    assert "made from" in capsys.readouterr().err
+    (targets / "scene_01.png").write_bytes((targets / "scene_03.png").read_bytes())  # same file, changed
+    assert segment("--out", out, targets / "scene_01.png") == 2
+    assert segment("--out", out, "--overwrite", targets / "scene_01.png") == 0
+
+
+def test_single_and_multi_class_runs_do_not_mix_in_one_folder(tmp_path, targets, capsys):
+    out = tmp_path / "out"
+    assert segment("--out", out, targets / "scene_01.png") == 0
+    mask = str(EXAMPLES / "reference" / "disks_mask.png")
+    two_classes = ["--class-ref", "disk", str(EXAMPLES / "reference" / "disks.png"), mask]
+    assert segment("--out", out, *two_classes, targets / "scene_02.png") == 2
+    assert "holds masks of 'object'" in capsys.readouterr().err
