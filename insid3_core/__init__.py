@@ -2,7 +2,8 @@
 
 from .backbone import TEST_CHECKPOINT, Backbone, BackboneError, load_backbone, random_backbone
 from .config import EngineConfig
-from .engine import MultiClassResult, ReferenceSet, SegmentationResult, Segmenter, merge_references
+from .engine import Segmenter, merge_references
+from .results import MultiClassResult, ReferenceSet, SegmentationResult
 from .io import InputError, load_image, load_mask
 from .quality import QualityReport, QualityThresholds, quality_report
 

@@ -1,4 +1,4 @@
-"""Seed cluster and aggregation into the low-resolution mask (ALGORITHM.md step 6)."""
+"""Seed cluster and aggregation into the low-resolution mask (docs/algorithm.md step 6)."""
 
 from __future__ import annotations
 

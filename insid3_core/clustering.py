@@ -1,4 +1,4 @@
-"""Average-linkage clustering of a target's patches (ALGORITHM.md step 5).
+"""Average-linkage clustering of a target's patches (docs/algorithm.md step 5).
 
 Two exact implementations of the same partition: scipy's (CPU) and a reciprocal-nearest-
 neighbour one in torch that runs on the features' device, all targets of a batch together.

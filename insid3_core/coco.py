@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .engine import SegmentationResult
+from .results import SegmentationResult
 from .instances import split_instances
 from .quality import quality_report
 

@@ -15,7 +15,7 @@ REFINEMENTS = ("bilinear", "guided")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Hyper-parameters of the INSID3 pipeline (see ``ALGORITHM.md``).
+    """Hyper-parameters of the INSID3 pipeline (see ``docs/algorithm.md``).
 
     Parameters
     ----------

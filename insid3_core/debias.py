@@ -1,4 +1,4 @@
-"""Positional subspace of a backbone and its removal (ALGORITHM.md step 2)."""
+"""Positional subspace of a backbone and its removal (docs/algorithm.md step 2)."""
 
 from __future__ import annotations
 

@@ -7,9 +7,8 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,100 +24,15 @@ from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
 from .loader import default_workers, executor, load_batches, load_target
 from .matching import backward_match, downsample_mask, forward_candidates, mask_tensor, reference_prototype
-from .quality import QualityReport, QualityThresholds, quality_report
+from .quality import QualityThresholds, quality_report
 from .timing import StageTimer
 from .refine import refine_masks
+from .results import MultiClassResult, ReferenceSet, SegmentationResult
 from .streams import device_threads, ready_marker, worker_stream
 from .upsample import resize_mask, upsample_mask
 
-if TYPE_CHECKING:
-    from .instances import Instance
-
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | Image.Image | np.ndarray
-
-
-@dataclass(frozen=True)
-class ReferenceSet:
-    """References encoded once for any number of targets.
-
-    Attributes
-    ----------
-    features : torch.Tensor
-        ``(S, N, C)`` debiased, L2-normalised reference patch features.
-    masks : torch.Tensor
-        ``(S, N)`` bool reference masks at feature resolution.
-    prototype : torch.Tensor
-        ``(C,)`` L2-normalised reference prototype ``p``.
-    image_size : int
-        Input size the references were encoded at.
-    names : tuple of str
-        Where each reference came from (file path or ``reference <i>``).
-    negatives : torch.Tensor or None
-        ``(R, C)`` debiased features of the patches inside the negative ("not this") masks.
-    """
-
-    features: torch.Tensor
-    masks: torch.Tensor
-    prototype: torch.Tensor
-    image_size: int
-    names: tuple[str, ...]
-    negatives: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.features.shape[0]
-
-
-@dataclass(frozen=True)
-class SegmentationResult:
-    """The prediction for one target.
-
-    Attributes
-    ----------
-    mask : np.ndarray
-        ``(H, W)`` bool at the target's own size and (EXIF-applied) orientation.
-    lowres_mask : np.ndarray
-        ``(h, w)`` bool at feature resolution.
-    score : float
-        Confidence in [0, 1]: mean debiased similarity to the reference prototype over the
-        predicted patches (0 for an empty mask).
-    quality : QualityReport
-    similarity : np.ndarray
-        ``(h, w)`` float32 debiased similarity of each patch to the reference prototype.
-    clusters : np.ndarray
-        ``(h, w)`` int32 cluster label of each patch (-1 everywhere when the target had no
-        candidate patch and was not clustered).
-    """
-
-    mask: np.ndarray
-    lowres_mask: np.ndarray
-    score: float
-    quality: QualityReport
-    similarity: np.ndarray
-    clusters: np.ndarray
-
-    def instances(self, method: str = "necks", min_patches: int = 1) -> list[Instance]:
-        """The mask's instances: :func:`insid3_core.instances.split_instances` of this result."""
-        from .instances import split_instances
-
-        return split_instances(self, method, min_patches)
-
-
-@dataclass(frozen=True)
-class MultiClassResult:
-    """The prediction of several classes for one target, from one backbone pass and one clustering.
-
-    Attributes
-    ----------
-    label_map : np.ndarray
-        ``(H, W)`` uint16: 0 for background, ``i + 1`` where the ``i``-th class (in the order
-        of :attr:`classes`) won the pixel.
-    classes : dict of str to SegmentationResult
-        Each class's mask after overlaps were given to the class most similar to the patch.
-    """
-
-    label_map: np.ndarray
-    classes: dict[str, SegmentationResult]
 
 
 def device_memory(device: torch.device) -> int:

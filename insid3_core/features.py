@@ -1,4 +1,4 @@
-"""Image preprocessing and dense patch features (ALGORITHM.md steps 0 and 1)."""
+"""Image preprocessing and dense patch features (docs/algorithm.md steps 0 and 1)."""
 
 from __future__ import annotations
 

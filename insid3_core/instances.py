@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .engine import SegmentationResult
+from .results import SegmentationResult
 
 INSTANCE_METHODS = ("necks", "components", "clusters")
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)

@@ -1,4 +1,4 @@
-"""Reference prototype and candidate target patches (ALGORITHM.md steps 0, 3 and 4)."""
+"""Reference prototype and candidate target patches (docs/algorithm.md steps 0, 3 and 4)."""
 
 from __future__ import annotations
 

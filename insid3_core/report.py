@@ -21,7 +21,7 @@ def percent(value: float) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The Markdown report of :func:`insid3_core.eval_command.run_eval`'s JSON ``report``."""
+    """The Markdown report of :func:`insid3_core.cli.eval.run_eval`'s JSON ``report``."""
     results, protocol, dataset, engine = report["results"], report["protocol"], report["dataset"], report["engine"]
     lines = [
         f"# insid3 eval: {dataset['layout']} {protocol['shots']}-shot",

@@ -1,4 +1,4 @@
-"""From the feature-resolution mask back to the target's pixels (ALGORITHM.md step 7)."""
+"""From the feature-resolution mask back to the target's pixels (docs/algorithm.md step 7)."""
 
 from __future__ import annotations
 

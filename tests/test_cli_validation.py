@@ -115,11 +115,11 @@ def test_an_annotations_file_that_is_not_ours_is_named(tmp_path, capsys, content
 def test_ctrl_c_exits_130_with_one_line_and_consistent_outputs(tmp_path, capsys, monkeypatch):
     import json
 
-    import insid3_core.cli
+    import insid3_core.cli.segment
 
     targets = tmp_path / "targets"
     shutil.copytree(EXAMPLES / "targets", targets)
-    record = insid3_core.cli.result_record
+    record = insid3_core.cli.segment.result_record
     calls = []
 
     def interrupted(*arguments, **keywords):
@@ -128,14 +128,14 @@ def test_ctrl_c_exits_130_with_one_line_and_consistent_outputs(tmp_path, capsys,
             raise KeyboardInterrupt
         return record(*arguments, **keywords)
 
-    monkeypatch.setattr(insid3_core.cli, "result_record", interrupted)
+    monkeypatch.setattr(insid3_core.cli.segment, "result_record", interrupted)
     out = tmp_path / "out"
     assert segment("--out", out, "--batch-size", "1", targets) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("insid3: interrupted") and "Traceback" not in "\n".join(err)
     listed = sorted(image["file_name"] for image in json.loads((out / "annotations.json").read_text())["images"])
     assert listed == sorted(path.name for path in out.glob("*.png")) and len(listed) == 3
-    monkeypatch.setattr(insid3_core.cli, "result_record", record)
+    monkeypatch.setattr(insid3_core.cli.segment, "result_record", record)
     assert segment("--out", out, targets) == 0
     assert len(json.loads((out / "annotations.json").read_text())["images"]) == 8
 

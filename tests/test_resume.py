@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 
-import insid3_core.cli
+import insid3_core.cli.segment
 from conftest import EXAMPLES
 from insid3_core.cli import main
 from test_cli import FAST, REFERENCE, segment
@@ -63,7 +63,7 @@ def test_a_mask_whose_record_was_lost_is_rebuilt_with_its_score(tmp_path, target
 def test_annotations_never_list_a_mask_not_yet_written(tmp_path, targets, monkeypatch):
     """Masks are written in threads; annotations.json, written every batch, listed masks still queued."""
     out = tmp_path / "out"
-    write_mask, write_json = insid3_core.cli.write_output_mask, insid3_core.cli.write_json
+    write_mask, write_json = insid3_core.cli.segment.write_output_mask, insid3_core.cli.segment.write_json
     checked = []
 
     def slow_write(path, *arguments):
@@ -75,8 +75,8 @@ def test_annotations_never_list_a_mask_not_yet_written(tmp_path, targets, monkey
         checked.append(missing)
         write_json(path, document)
 
-    monkeypatch.setattr(insid3_core.cli, "write_output_mask", slow_write)
-    monkeypatch.setattr(insid3_core.cli, "write_json", checking_write_json)
+    monkeypatch.setattr(insid3_core.cli.segment, "write_output_mask", slow_write)
+    monkeypatch.setattr(insid3_core.cli.segment, "write_json", checking_write_json)
     assert segment("--out", out, targets) == 0
     assert len(checked) >= 3 and all(missing == [] for missing in checked)
     assert len(annotations(out)["images"]) == 8

@@ -1,4 +1,4 @@
-"""Unit tests of each pipeline step (ALGORITHM.md steps 2-7) on planted features.
+"""Unit tests of each pipeline step (docs/algorithm.md steps 2-7) on planted features.
 
 Every test builds small tensors whose correct answer is known by construction, so a
 step that deviates from the specification fails its test. No backbone is run except the

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import number
-from .io import InputError, write_json
-from .keypoints import encode_points, iter_match, load_points
+from ..config import number
+from ..io import InputError, write_json
+from ..keypoints import encode_points, iter_match, load_points
 
 
 # what matching points never uses: the clustering, the mask, its verdicts and instances
@@ -18,7 +18,7 @@ ENGINE_UNUSED = ("tau", "merge_threshold", "clustering", "refinement", "min_area
 
 def register(commands) -> None:
     """Add ``match`` to the ``insid3`` sub-commands (argparse ``add_subparsers()``)."""
-    from .settings import EngineSettings
+    from ..settings import EngineSettings
 
     match = commands.add_parser("match", help="transfer reference keypoints to target images")
     match.add_argument("targets", nargs="+", metavar="TARGET", help="image files, folders or glob patterns")
@@ -38,8 +38,9 @@ def register(commands) -> None:
 
 def run_match(arguments: argparse.Namespace) -> int:
     """Match the points in every target and write one JSON document; exit 1 if a target failed."""
-    from .cli import UsageError, build_segmenter, resolve_targets
-    from .settings import EngineSettings
+    from . import UsageError
+    from .common import build_segmenter, resolve_targets
+    from ..settings import EngineSettings
 
     image, points_file = arguments.ref
     names, points = load_points(points_file)

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .config import SMOKE_TEST_NOTE
-from .datasets import DEFAULT_SPLITS, FOLD_EPISODES, LAYOUTS, Dataset, Episode, load_dataset, make_episodes
-from .engine import Segmenter
-from .evaluation import ratio, run_episodes, summarise
-from .io import atomic_write, write_json, write_mask_png
+from .. import __version__
+from ..config import SMOKE_TEST_NOTE
+from ..datasets import DEFAULT_SPLITS, FOLD_EPISODES, LAYOUTS, Dataset, Episode, load_dataset, make_episodes
+from ..engine import Segmenter
+from ..evaluation import ratio, run_episodes, summarise
+from ..io import atomic_write, write_json, write_mask_png
 
 
 def register(commands) -> None:
     """Add ``eval`` to the ``insid3`` sub-commands (argparse ``add_subparsers()``)."""
-    from .settings import EngineSettings
+    from ..settings import EngineSettings
 
     evaluate = commands.add_parser(
         "eval", help="few-shot evaluation (mIoU, FB-IoU) on COCO-20i, FSS-1000, ISIC, SUIM or a class folder",
@@ -52,8 +52,9 @@ def register(commands) -> None:
 
 def run_eval(arguments: argparse.Namespace) -> int:
     """Run the episodes and write ``report.json``, ``report.md``, ``figures/`` (and ``masks/``)."""
-    from .cli import UsageError, build_segmenter
-    from .settings import EngineSettings
+    from . import UsageError
+    from .common import build_segmenter
+    from ..settings import EngineSettings
 
     for name in ("shots", "queries", "episodes"):
         if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
@@ -62,7 +63,7 @@ def run_eval(arguments: argparse.Namespace) -> int:
         raise UsageError("--seed and --figures must be >= 0")
     if importlib.util.find_spec("matplotlib") is None:  # before any episode runs
         raise UsageError("insid3 eval needs matplotlib for its figures: pip install 'insid3[eval]'")
-    from .report import markdown
+    from ..report import markdown
 
     dataset = load_dataset(arguments.layout, arguments.root, arguments.split, arguments.classes)
     episodes, skipped = make_episodes(dataset, arguments.shots, arguments.queries, arguments.episodes,
@@ -116,7 +117,7 @@ def collect(
     """
     from tqdm import tqdm
 
-    from .report import episode_figure
+    from ..report import episode_figure
 
     out: Path = arguments.out
     count = min(arguments.figures, len(episodes))

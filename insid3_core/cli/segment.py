@@ -1,60 +1,33 @@
-"""The ``insid3`` command line: ``insid3 segment``, ``insid3 info``, and the sub-commands that
-installed integrations register under the entry-point group ``insid3.commands`` (each entry is
-a function taking argparse's sub-parsers)."""
+"""``insid3 segment``: masks and a COCO annotations.json for folders of targets, resumable."""
 
 from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import hashlib
 import json
-import platform
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from . import __version__
-from .backbone import BackboneError, announce_smoke_test, resolve_device
-from .coco import coco_document, mask_record, records_from_document, result_record
-from .config import SMOKE_TEST_NOTE, cache_dir, env_setting
-from .engine import Segmenter
-from .eval_command import register as register_eval
-from .io import (
-    IMAGE_EXTENSIONS, InputError, check_references, check_writable_folder, file_digest, label_masks, load_mask,
+from .. import __version__
+from ..coco import coco_document, mask_record, records_from_document, result_record
+from ..config import SMOKE_TEST_NOTE
+from ..io import (
+    InputError, check_references, check_writable_folder, file_digest, label_masks, load_mask,
     remove_stale_temporaries, write_json, write_label_png, write_mask_png,
 )
-from .loader import default_workers, executor
-from .match_cli import register as register_match
-from .quality import VERDICTS
-from .settings import EngineSettings
-
-class UsageError(Exception):
-    """A problem with the command's arguments or files, reported without a traceback."""
+from ..loader import default_workers, executor
+from ..quality import VERDICTS
+from ..settings import EngineSettings
+from . import UsageError
+from .common import build_segmenter, resolve_targets
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``insid3`` console script; returns the exit code."""
-    try:
-        arguments = build_parser().parse_args(argv)
-        return arguments.handler(arguments)
-    except (UsageError, InputError, BackboneError, ValueError) as err:  # SettingsError is a ValueError
-        print(f"insid3: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("insid3: interrupted; the outputs written so far are complete and listed (run again to resume)",
-              file=sys.stderr)
-        return 130
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="insid3", description="Segment images by example (INSID3, DINOv3).")
-    parser.add_argument("--version", action="version", version=f"insid3 {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def register(commands) -> None:
+    """Add ``segment`` to the ``insid3`` sub-commands (entry point ``insid3.commands``)."""
     segment = commands.add_parser("segment", help="segment target images from (image, mask) references")
     segment.add_argument("targets", nargs="+", metavar="TARGET", help="image files, folders or glob patterns")
     segment.add_argument("--ref", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
@@ -76,51 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--overwrite", action="store_true", help="re-segment targets whose mask already exists")
     EngineSettings.add_arguments(segment)
     segment.set_defaults(handler=run_segment)
-
-    info = commands.add_parser("info", help="print versions, device and cache location")
-    info.add_argument("--device", default=env_setting("device", "auto"))
-    info.set_defaults(handler=run_info)
-    register_match(commands)
-    register_eval(commands)
-    for entry in entry_points(group="insid3.commands"):
-        entry.load()(commands)
-    return parser
-
-
-def build_segmenter(settings: EngineSettings) -> Segmenter:
-    """``settings.build()``, with the smoke-test banner when it runs on the bundled test checkpoint."""
-    segmenter = settings.build()
-    announce_smoke_test(segmenter.backbone)
-    return segmenter
-
-
-def resolve_targets(specs: list[str]) -> list[Path]:
-    """Expand files, folders (their images, sorted) and glob patterns, without duplicates."""
-    found: dict[Path, None] = {}
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not files:
-                raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-        elif path.is_file():
-            files = [path]
-        else:
-            files = sorted(
-                Path(match) for match in glob.glob(str(path), recursive=True)
-                if Path(match).is_file() and Path(match).suffix.lower() in IMAGE_EXTENSIONS
-            )
-            if not files:
-                raise UsageError(f"{spec}: no such file, and no image matches it as a pattern")
-        found.update((f.resolve(), None) for f in files)
-    by_stem = collections.defaultdict(list)
-    for target in found:
-        by_stem[target.stem].append(target)
-    clashes = [paths for paths in by_stem.values() if len(paths) > 1]
-    if clashes:
-        listed = "; ".join(" and ".join(str(p) for p in paths) for paths in clashes)
-        raise UsageError(f"targets share a file stem, so their output masks would collide: {listed}")
-    return list(found)
 
 
 def load_document(path: Path, overwrite: bool) -> dict | None:
@@ -350,34 +278,3 @@ def written_labels(path: Path, classes: int) -> np.ndarray:
             return np.asarray(image)
     except OSError as err:
         raise UsageError(f"{path}: existing output mask is unreadable ({err}); remove it or pass --overwrite") from err
-
-
-def run_info(arguments: argparse.Namespace) -> int:
-    import numpy
-    import PIL
-    import scipy
-    import timm
-    import torch
-
-    lines = {
-        "insid3": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "pillow": PIL.__version__,
-        "cuda available": torch.cuda.is_available(),
-        "device": str(resolve_device(arguments.device)),
-        "cache": str(cache_dir()),
-        "weights": env_setting("weights") or f"(none: the {SMOKE_TEST_NOTE})",
-    }
-    if torch.cuda.is_available():
-        lines["gpu"] = torch.cuda.get_device_name()
-    for key, value in lines.items():
-        print(f"{key:15} {value}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

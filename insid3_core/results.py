@@ -1,0 +1,89 @@
+"""What the engine hands its callers: encoded references and per-target results.
+
+Kept apart from the engine that makes them, so the modules that read results (instances, COCO
+output, the integrations) do not import the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+import torch
+
+from .quality import QualityReport
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """References encoded once for any number of targets.
+
+    Attributes
+    ----------
+    features : torch.Tensor
+        ``(S, N, C)`` debiased, L2-normalised reference patch features.
+    masks : torch.Tensor
+        ``(S, N)`` bool reference masks at feature resolution.
+    prototype : torch.Tensor
+        ``(C,)`` L2-normalised reference prototype ``p``.
+    image_size : int
+        Input size the references were encoded at.
+    names : tuple of str
+        Where each reference came from (file path or ``reference <i>``).
+    negatives : torch.Tensor or None
+        ``(R, C)`` debiased features of the patches inside the negative ("not this") masks.
+    """
+
+    features: torch.Tensor
+    masks: torch.Tensor
+    prototype: torch.Tensor
+    image_size: int
+    names: tuple[str, ...]
+    negatives: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """The prediction for one target.
+
+    Attributes
+    ----------
+    mask : np.ndarray
+        ``(H, W)`` bool at the target's own size and (EXIF-applied) orientation.
+    lowres_mask : np.ndarray
+        ``(h, w)`` bool at feature resolution.
+    score : float
+        Confidence in [0, 1]: mean debiased similarity to the reference prototype over the
+        predicted patches (0 for an empty mask).
+    quality : QualityReport
+    similarity : np.ndarray
+        ``(h, w)`` float32 debiased similarity of each patch to the reference prototype.
+    clusters : np.ndarray
+        ``(h, w)`` int32 cluster label of each patch (-1 everywhere when the target had no
+        candidate patch and was not clustered).
+    """
+
+    mask: np.ndarray
+    lowres_mask: np.ndarray
+    score: float
+    quality: QualityReport
+    similarity: np.ndarray
+    clusters: np.ndarray
+
+
+@dataclass(frozen=True)
+class MultiClassResult:
+    """The prediction of several classes for one target, from one backbone pass and one clustering.
+
+    Attributes
+    ----------
+    label_map : np.ndarray
+        ``(H, W)`` uint16: 0 for background, ``i + 1`` where the ``i``-th class (in the order
+        of :attr:`classes`) won the pixel.
+    classes : dict of str to SegmentationResult
+        Each class's mask after overlaps were given to the class most similar to the patch.
+    """
+
+    label_map: np.ndarray
+    classes: dict[str, SegmentationResult]
