@@ -2,7 +2,7 @@
 
 (a) K separate runs: ``Segmenter.segment`` once per class over the same targets (each run
     pays the backbone and the clustering again);
-(b) one pass: ``Segmenter.segment_classes`` with the K classes (one backbone call per batch,
+(b) one pass: ``Segmenter.segment`` with the K classes (one backbone call per batch,
     one clustering per target, matching and aggregation per class).
 
 The classes are the example reference's disk mask and K - 1 others cut from the example
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.throughput import add_model_arguments, make_backbone, synchronize  # noqa: E402
-from insid3_core import EngineConfig, Segmenter  # noqa: E402
+from insid3_core import EngineConfig, References, Segmenter  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 
@@ -65,15 +65,16 @@ def main(argv=None) -> None:
     segmenter = Segmenter(backbone, EngineConfig(image_size=arguments.image_size), cache=False)
     scenes = sorted((EXAMPLES / "targets").glob("*.png"))
     targets = [scenes[index % len(scenes)] for index in range(arguments.targets)]
-    classes = segmenter.encode_classes(class_references(arguments.classes))
-    segmenter.segment_classes(classes, targets[: arguments.batch_size], arguments.batch_size)
+    classes = segmenter.encode(class_references(arguments.classes))
+    segmenter.segment(classes, targets[: arguments.batch_size], arguments.batch_size)
     print(f"# backbone={backbone.name} device={backbone.device} image_size={arguments.image_size} "
           f"targets={arguments.targets} batch_size={arguments.batch_size} classes={arguments.classes}")
     separate = timed(
-        lambda: [segmenter.segment(references, targets, arguments.batch_size) for references in classes.values()],
+        lambda: [segmenter.segment(References({name: references}), targets, arguments.batch_size)
+                 for name, references in classes.classes.items()],
         backbone.device,
     )
-    one_pass = timed(lambda: segmenter.segment_classes(classes, targets, arguments.batch_size), backbone.device)
+    one_pass = timed(lambda: segmenter.segment(classes, targets, arguments.batch_size), backbone.device)
     print(f"classes={arguments.classes} one_pass_s={one_pass:.3f} separate_runs_s={separate:.3f} "
           f"cost_ratio={one_pass / separate:.3f}")
 

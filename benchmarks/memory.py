@@ -28,8 +28,8 @@ def measure(device: str, backbone_name: str, size: int, precision: str, clusteri
 
     backbone = random_backbone(backbone_name, device, precision)
     segmenter = Segmenter(backbone, EngineConfig(image_size=size, clustering=clustering), cache=False)
-    references = segmenter.encode_references(
-        [(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")]
+    references = segmenter.encode(
+        {"object": [(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")]}
     )
     start = time.perf_counter()
     segmenter.segment(references, [EXAMPLES / "targets" / "scene_01.png"], batch_size=1)

@@ -106,10 +106,11 @@ def main(argv=None) -> None:
     images = [load_image(target) for target in targets]
     pixels = torch.stack([resized_pixels(image, s) for image in images]).to(backbone.device)
     sizes = [truth.shape for truth in truths]
-    references = segmenter.encode_references([(EXAMPLES / "reference" / "disks.png",
-                                               EXAMPLES / "reference" / "disks_mask.png")])
+    references = segmenter.encode({"object": [(EXAMPLES / "reference" / "disks.png",
+                                                EXAMPLES / "reference" / "disks_mask.png")]})
+    predictions = segmenter.segment(references, targets)
     sources = {
-        "engine": torch.from_numpy(np.stack([r.lowres_mask for r in segmenter.segment(references, targets)])),
+        "engine": torch.from_numpy(np.stack([p.classes["object"].lowres_mask for p in predictions])),
         "truth at feature resolution": torch.stack([truth_at_grid(t, s, segmenter.grid) for t in truths]),
     }
     options = {"radius": arguments.radius, "eps": arguments.eps, "subsample": arguments.subsample}

@@ -34,7 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from insid3_core import EngineConfig, Segmenter, load_backbone, random_backbone  # noqa: E402
+from insid3_core import EngineConfig, References, Segmenter, load_backbone, random_backbone  # noqa: E402
 from insid3_core.config import CLUSTERING_METHODS  # noqa: E402
 from insid3_core.features import patch_features, resized_pixels  # noqa: E402
 from insid3_core.io import load_image, write_mask_png  # noqa: E402
@@ -102,21 +102,22 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_per_pair(segmenter: Segmenter, references, targets, out: Path) -> tuple[float, dict]:
-    """The released behaviour: each target alone, references re-encoded with it, CPU clustering."""
+    """The released behaviour: each target alone, references re-encoded with it in one backbone call,
+    CPU clustering (the engine's private steps, since no public call batches references with a target)."""
     device = segmenter.backbone.device
     masks = {}
     synchronize(device)
     start = time.perf_counter()
     for target in targets:
         with segmenter.stage("load", device=False):
-            pixels, reference_masks, names = segmenter.prepare_references(references)
+            pixels, reference_masks, names = segmenter._prepare_references(references)
             image = load_image(target)
             batch = torch.cat([pixels, resized_pixels(image, segmenter.config.image_size)[None]])
         with segmenter.stage("backbone"):
             features = patch_features(segmenter.backbone, batch)
         with segmenter.stage("matching"):
-            reference_set = segmenter.reference_set(features[:-1], reference_masks, names)
-        result = segmenter.segment_features(reference_set, features[-1:], [(image.height, image.width)])[0]
+            encoded = References({"object": segmenter._reference_set(features[:-1], reference_masks, names)})
+        result = segmenter.segment_features(encoded, features[-1:], [(image.height, image.width)])[0]
         with segmenter.stage("write", device=False):
             write_mask_png(out / f"{target.stem}.png", result.mask)
         masks[target.name] = result.mask
@@ -130,7 +131,7 @@ def run_engine(segmenter: Segmenter, references, targets, out: Path, batch_size:
     masks = {}
     synchronize(device)
     start = time.perf_counter()
-    encoded = segmenter.encode_references(references)
+    encoded = segmenter.encode({"object": references})
     with executor(min(workers, 2), "write") as writer:
         writes = []
         for target, result in segmenter.iter_segment(encoded, targets, batch_size, workers):

@@ -67,7 +67,7 @@ def sample_labels(result, outputs: Outputs, sample_id: str, thresholds) -> tuple
 
     Parameters
     ----------
-    result : insid3_core.engine.MultiClassResult
+    result : insid3_core.Prediction
     outputs : Outputs
     sample_id : str
         Names the target's mask files.

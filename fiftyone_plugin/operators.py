@@ -101,7 +101,7 @@ def start_run(ctx):
                                   mask_dir=plugin_settings.plugin_setting("mask_dir", ctx.params, ctx.dataset))
     segmenter = cached_segmenter(engine)
     try:
-        classes = segmenter.encode_classes(plan.references, plan.negatives)
+        classes = segmenter.encode(plan.references, plan.negatives)
     except InputError as err:
         raise ValueError(f"reference unusable: {err}") from err
     counts = collections.Counter()

@@ -32,7 +32,7 @@ class Plan:
     ----------
     references : dict
         ``{class key: [(image path, (H, W) bool mask), ...]}`` for
-        :meth:`insid3_core.Segmenter.encode_classes`, in the order of ``outputs.classes``.
+        :meth:`insid3_core.Segmenter.encode`, in the order of ``outputs.classes``.
     negatives : list of (str, np.ndarray)
         ``(image path, (H, W) bool mask)`` of the "not this" regions.
     outputs : Outputs

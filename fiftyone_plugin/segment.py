@@ -65,7 +65,7 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     Parameters
     ----------
     segmenter : insid3_core.Segmenter
-    classes : dict of str to insid3_core.ReferenceSet
+    classes : insid3_core.References
         The encoded references of each class, in the order of ``outputs.classes``.
     dataset : fiftyone.core.dataset.Dataset
     targets : fiftyone.core.collections.SampleCollection
@@ -93,7 +93,7 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     for sample_id, path in zip(ids, paths):
         samples_of[path].append(sample_id)
     pending: list[tuple[str, object]] = []
-    results = segmenter.iter_segment_classes(classes, paths, batch_size)
+    results = segmenter.iter_segment(classes, paths, batch_size)
     for done, (path, result) in enumerate(results, start=1):
         pending.append((samples_of[path].popleft(), result))
         if len(pending) == WRITE_EVERY or done == len(ids):

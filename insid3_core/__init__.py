@@ -3,7 +3,7 @@
 from .backbone import TEST_CHECKPOINT, Backbone, BackboneError, load_backbone, random_backbone
 from .config import EngineConfig
 from .engine import Segmenter, merge_references
-from .results import MultiClassResult, ReferenceSet, SegmentationResult
+from .results import Prediction, References, ReferenceSet, SegmentationResult
 from .io import InputError, load_image, load_mask
 from .quality import QualityReport, QualityThresholds, quality_report
 
@@ -15,10 +15,11 @@ __all__ = [
     "BackboneError",
     "EngineConfig",
     "InputError",
-    "MultiClassResult",
+    "Prediction",
     "QualityReport",
     "QualityThresholds",
     "ReferenceSet",
+    "References",
     "SegmentationResult",
     "Segmenter",
     "load_backbone",

@@ -22,12 +22,12 @@ from .config import EngineConfig, cache_dir, clustering_bytes
 from .debias import debias, positional_basis
 from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
-from .loader import default_workers, executor, load_batches, load_target
+from .loader import default_workers, executor, load_batches
 from .matching import backward_match, downsample_mask, forward_candidates, mask_tensor, reference_prototype
 from .quality import QualityThresholds, quality_report
 from .timing import StageTimer
 from .refine import refine_masks
-from .results import MultiClassResult, ReferenceSet, SegmentationResult
+from .results import Prediction, References, ReferenceSet, SegmentationResult
 from .streams import device_threads, ready_marker, worker_stream
 from .upsample import resize_mask, upsample_mask
 
@@ -77,8 +77,9 @@ class Segmenter:
     Examples
     --------
     >>> segmenter = Segmenter(load_backbone("dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"))
-    >>> references = segmenter.encode_references([("cat.jpg", "cat_mask.png")])
-    >>> results = segmenter.segment(references, ["a.jpg", "b.jpg"], batch_size=8)
+    >>> references = segmenter.encode({"cat": [("cat.jpg", "cat_mask.png")]})
+    >>> predictions = segmenter.segment(references, ["a.jpg", "b.jpg"], batch_size=8)
+    >>> predictions[0].mask, predictions[0].classes["cat"].score, predictions[0].quality.verdict
     """
 
     def __init__(
@@ -103,34 +104,22 @@ class Segmenter:
             backbone, config.image_size, config.svd_components, cache_dir() if cache is None else cache or None, basis_file
         )
 
-    def encode_references(
-        self,
-        references: Sequence[tuple[ImageLike, MaskLike]],
-        negatives: Sequence[tuple[ImageLike, MaskLike]] = (),
-        batch_size: int = 16,
-    ) -> ReferenceSet:
-        """Encode ``(image, mask)`` pairs, and optional negative pairs, ``batch_size`` images per backbone call.
-
-        A negative pair marks a region as "not this": target patches closer to a negative
-        patch than to any reference-mask patch are neither candidates nor part of the mask,
-        even when their cluster is.
-
-        Raises :class:`InputError` naming the reference when an image is unreadable, a mask's
-        size differs from its image's, or a mask is empty.
-        """
-        return self.encode_classes({"": references}, negatives, batch_size)[""]
-
-    def encode_classes(
+    def encode(
         self,
         classes: Mapping[str, Sequence[tuple[ImageLike, MaskLike]]],
         negatives: Sequence[tuple[ImageLike, MaskLike]] = (),
         batch_size: int = 16,
-    ) -> dict[str, ReferenceSet]:
-        """Encode the references of several classes (and negatives shared by all), ``batch_size``
-        images per backbone call.
+    ) -> References:
+        """Encode each class's ``(image, mask)`` references, and negatives shared by all classes,
+        ``batch_size`` images per backbone call.
 
-        An image given by path in several pairs (e.g. one per class of a multi-class mask)
-        goes through the backbone once.
+        A negative pair marks a region as "not this": target patches closer to a negative patch
+        than to any reference-mask patch are neither candidates nor part of a mask, even when
+        their cluster is. An image given by path in several pairs (e.g. one per class of a
+        multi-class mask) goes through the backbone once.
+
+        Raises :class:`InputError` naming the reference when an image is unreadable, a mask's
+        size differs from its image's, or a mask is empty.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -140,7 +129,7 @@ class Segmenter:
             if not pairs:
                 raise InputError(f"class {name!r}: at least one (image, mask) reference is needed")
         pairs = [pair for class_pairs in classes.values() for pair in class_pairs] + list(negatives)
-        pixels, masks, names = self.prepare_references(pairs)
+        pixels, masks, names = self._prepare_references(pairs)
         first: dict[str, int] = {}
         for index, name in enumerate(names):
             first.setdefault(name, index)
@@ -155,11 +144,11 @@ class Segmenter:
         encoded_classes, start = {}, 0
         for name, class_pairs in classes.items():
             part = slice(start, start + len(class_pairs))
-            encoded_classes[name] = self.reference_set(features[part], masks[part], names[part], negative_parts)
+            encoded_classes[name] = self._reference_set(features[part], masks[part], names[part], negative_parts)
             start += len(class_pairs)
-        return encoded_classes
+        return References(encoded_classes)
 
-    def prepare_references(
+    def _prepare_references(
         self, references: Sequence[tuple[ImageLike, MaskLike]]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
         """Load and check ``(image, mask)`` pairs.
@@ -188,7 +177,7 @@ class Segmenter:
             masks.append(mask_tensor(self._reference_mask(name, decoded, mask), self.config.image_size))
         return torch.stack(images), torch.stack(masks), tuple(names)
 
-    def reference_set(
+    def _reference_set(
         self,
         features: torch.Tensor,
         masks: torch.Tensor,
@@ -227,62 +216,31 @@ class Segmenter:
         return array
 
     def segment(
-        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
-    ) -> list[SegmentationResult]:
+        self, references: References, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
+    ) -> list[Prediction]:
         """Segment targets (paths or PIL images) in batches; an unreadable one raises :class:`InputError`
         once the batches already in flight are done (no thread works on after the call)."""
         with contextlib.closing(self.iter_segment(references, targets, batch_size, workers)) as results:
             return [_raised(result) for _, result in results]
 
-    def segment_classes(
-        self,
-        classes: Mapping[str, ReferenceSet],
-        targets: Iterable[ImageLike],
-        batch_size: int = 8,
-        workers: int | None = None,
-    ) -> list[MultiClassResult]:
-        """:meth:`segment` for several classes at once; an unreadable target raises :class:`InputError`."""
-        with contextlib.closing(self.iter_segment_classes(classes, targets, batch_size, workers)) as results:
-            return [_raised(result) for _, result in results]
-
     def iter_segment(
-        self, references: ReferenceSet, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
-    ) -> Iterator[tuple[ImageLike, SegmentationResult | InputError]]:
-        """Yield ``(target, result)`` in input order, or ``(target, InputError)`` for an unreadable one.
+        self, references: References, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
+    ) -> Iterator[tuple[ImageLike, Prediction | InputError]]:
+        """Yield ``(target, prediction)`` in input order, or ``(target, InputError)`` for an unreadable one.
 
-        Targets are decoded and resized in ``workers`` threads ahead of the device and travel
-        through pinned memory to a GPU. A device thread matches, clusters and aggregates a
-        batch (on its own high-priority CUDA stream on a GPU, where a second one takes the next
-        batch, see :func:`insid3_core.streams.device_threads`) while the caller's thread sends
-        the next batch through the backbone, and masks are brought to full resolution and judged in
-        ``workers`` threads again. ``None`` picks :func:`insid3_core.loader.default_workers`;
-        0 runs everything in the caller's thread.
+        Every class shares each target's features and clustering; a patch claimed by several
+        classes goes to the class whose prototype it is most similar to, so the classes' masks
+        never overlap. Targets are decoded and resized in ``workers`` threads ahead of the
+        device and travel through pinned memory to a GPU. A device thread matches, clusters and
+        aggregates a batch (on its own high-priority CUDA stream on a GPU, where a second one
+        takes the next batch, see :func:`insid3_core.streams.device_threads`) while the caller's
+        thread sends the next batch through the backbone, and masks are brought to full
+        resolution and judged in ``workers`` threads again. ``None`` picks
+        :func:`insid3_core.loader.default_workers`; 0 runs everything in the caller's thread.
         """
-        for target, results in self._iter_results((references,), targets, batch_size, workers):
-            yield target, results if isinstance(results, InputError) else results[0]
-
-    def iter_segment_classes(
-        self,
-        classes: Mapping[str, ReferenceSet],
-        targets: Iterable[ImageLike],
-        batch_size: int = 8,
-        workers: int | None = None,
-    ) -> Iterator[tuple[ImageLike, MultiClassResult | InputError]]:
-        """:meth:`iter_segment` for several classes sharing each target's features and clustering.
-
-        A patch claimed by several classes goes to the class whose prototype it is most
-        similar to, so the classes' masks never overlap.
-        """
-        if not classes:
-            raise ValueError("at least one class is needed")
-        for target, results in self._iter_results(tuple(classes.values()), targets, batch_size, workers):
-            yield target, results if isinstance(results, InputError) else _multi_class(tuple(classes), results)
-
-    def _iter_results(
-        self, classes: tuple[ReferenceSet, ...], targets: Iterable[ImageLike], batch_size: int, workers: int | None
-    ) -> Iterator[tuple[ImageLike, tuple[SegmentationResult, ...] | InputError]]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        classes = tuple(references.classes.values())
         workers = default_workers(self.backbone.device) if workers is None else workers
         pin = self.backbone.device.type == "cuda"
         ready: deque[tuple[ImageLike, Future | InputError]] = deque()
@@ -296,65 +254,29 @@ class Segmenter:
                     )
                 readable = iter(range(len(batch.sizes)))
                 for target, error in batch.entries:
-                    ready.append((target, error or finisher.submit(self._finish_target, masks, next(readable))))
+                    pending = error or finisher.submit(self._finish_target, references.names, masks, next(readable))
+                    ready.append((target, pending))
                 while ready and (len(ready) > batch_size or _is_done(ready[0][1])):
                     yield _resolved(ready.popleft())
             while ready:
                 yield _resolved(ready.popleft())
 
-    def segment_batch(self, references: ReferenceSet, images: Sequence[ImageLike]) -> list[SegmentationResult]:
-        """Segment images (paths or PIL images, see :func:`load_image`) with one backbone call."""
-        pixels, sizes = zip(*(load_target(image, self.config.image_size) for image in images))
-        return self.segment_pixels(references, torch.stack(pixels), sizes)
-
-    def segment_class_batch(
-        self, classes: Mapping[str, ReferenceSet], images: Sequence[ImageLike]
-    ) -> list[MultiClassResult]:
-        """:meth:`segment_batch` for several classes sharing the backbone call and the clustering."""
-        pixels, sizes = zip(*(load_target(image, self.config.image_size) for image in images))
-        pixels = torch.stack(pixels)
-        return self.segment_class_features(classes, self._features(tuple(classes.values()), pixels), sizes, pixels)
-
-    def segment_pixels(
-        self, references: ReferenceSet, pixels: torch.Tensor, sizes: Sequence[tuple[int, int]]
-    ) -> list[SegmentationResult]:
-        """Segment a batch of resized images with one backbone call.
-
-        Parameters
-        ----------
-        references : ReferenceSet
-        pixels : torch.Tensor
-            ``(B, 3, s, s)`` uint8 RGB (see :func:`insid3_core.features.resized_pixels`).
-        sizes : sequence of (H, W)
-            Each target's size, which its mask is returned at.
-        """
-        return self.segment_features(references, self._features((references,), pixels), sizes, pixels)
-
     def segment_features(
         self,
-        references: ReferenceSet,
+        references: References,
         features: torch.Tensor,
         sizes: Sequence[tuple[int, int]],
         pixels: torch.Tensor | None = None,
-    ) -> list[SegmentationResult]:
-        """Steps 2-7 on targets' patch features ``(B, N, C)`` (from :func:`patch_features`).
+    ) -> list[Prediction]:
+        """Steps 2-7 on targets' patch features ``(B, N, C)`` (from :func:`patch_features`), in the
+        caller's thread, for callers that already hold the features.
 
         ``pixels`` (``(B, 3, s, s)`` uint8, the images the features came from) is needed by
-        the ``guided`` refinement.
+        the ``guided`` refinement; ``sizes`` holds each target's ``(H, W)``.
         """
-        masks = self._lowres_masks((references,), features, pixels)
-        return [self._finish(*per_target)[0] for per_target in self._per_target(masks, sizes)]
-
-    def segment_class_features(
-        self,
-        classes: Mapping[str, ReferenceSet],
-        features: torch.Tensor,
-        sizes: Sequence[tuple[int, int]],
-        pixels: torch.Tensor | None = None,
-    ) -> list[MultiClassResult]:
-        """:meth:`segment_features` for several classes sharing the features and the clustering."""
-        masks = self._lowres_masks(tuple(classes.values()), features, pixels)
-        return [_multi_class(tuple(classes), self._finish(*per_target)) for per_target in self._per_target(masks, sizes)]
+        masks = self._lowres_masks(tuple(references.classes.values()), features, pixels)
+        return [self._prediction(references.names, self._finish(*per_target))
+                for per_target in self._per_target(masks, sizes)]
 
     def _features(self, classes: Sequence[ReferenceSet], pixels: torch.Tensor) -> torch.Tensor:
         for references in classes:
@@ -454,9 +376,22 @@ class Segmenter:
         with worker_stream(ready, (features, pixels)):
             return list(self._per_target(self._lowres_masks(classes, features, pixels), sizes))
 
-    def _finish_target(self, masks: Future, position: int) -> tuple[SegmentationResult, ...]:
+    def _finish_target(self, names: tuple[str, ...], masks: Future, position: int) -> Prediction:
         """:meth:`_finish` on the ``position``-th target of a batch, once its ``masks`` are ready."""
-        return self._finish(*masks.result()[position])
+        return self._prediction(names, self._finish(*masks.result()[position]))
+
+    def _prediction(self, names: tuple[str, ...], results: tuple[SegmentationResult, ...]) -> Prediction:
+        """One target's per-class results (disjoint masks), their label map and the union's score and verdict."""
+        if len(results) == 1:
+            (result,) = results
+            return Prediction(result.mask.astype(np.uint16), {names[0]: result}, result.score, result.quality)
+        label_map = np.zeros(results[0].mask.shape, dtype=np.uint16)
+        for index, result in enumerate(results, start=1):
+            label_map[result.mask] = index
+        patches = np.array([result.lowres_mask.sum() for result in results], dtype=np.float64)
+        scores = np.array([result.score for result in results])
+        score = float((patches * scores).sum() / patches.sum()) if patches.sum() else 0.0
+        return Prediction(label_map, dict(zip(names, results)), score, quality_report(label_map > 0, self.quality))
 
     @staticmethod
     def _per_target(masks: tuple[np.ndarray, ...], sizes: Sequence[tuple[int, int]]) -> Iterator[tuple]:
@@ -522,14 +457,6 @@ def merge_references(first: ReferenceSet, second: ReferenceSet) -> ReferenceSet:
     )
 
 
-def _multi_class(names: tuple[str, ...], results: tuple[SegmentationResult, ...]) -> MultiClassResult:
-    """Assemble one target's per-class results; their full-resolution masks are disjoint."""
-    label_map = np.zeros(results[0].mask.shape, dtype=np.uint16)
-    for index, result in enumerate(results, start=1):
-        label_map[result.mask] = index
-    return MultiClassResult(label_map, dict(zip(names, results)))
-
-
 def _raised(result):
     if isinstance(result, InputError):
         raise result
@@ -540,6 +467,6 @@ def _is_done(pending: Future | InputError) -> bool:
     return not isinstance(pending, Future) or pending.done()
 
 
-def _resolved(item: tuple[ImageLike, Future | InputError]) -> tuple[ImageLike, SegmentationResult | InputError]:
+def _resolved(item: tuple[ImageLike, Future | InputError]) -> tuple[ImageLike, Prediction | InputError]:
     target, pending = item
     return target, pending.result() if isinstance(pending, Future) else pending

@@ -79,7 +79,7 @@ def run_episodes(
     Raises :class:`InputError` naming the file when a query's truth mask and image differ in size.
     """
     for episode in episodes:
-        references = segmenter.encode_references([(support.image, support.mask()) for support in episode.supports])
+        references = segmenter.encode({episode.label: [(support.image, support.mask()) for support in episode.supports]})
         results = segmenter.segment(references, [query.image for query in episode.queries], batch_size, workers)
         for query, result in zip(episode.queries, results):
             truth = query.mask()

@@ -73,8 +73,38 @@ class SegmentationResult:
 
 
 @dataclass(frozen=True)
-class MultiClassResult:
-    """The prediction of several classes for one target, from one backbone pass and one clustering.
+class References:
+    """The encoded references of one or more classes (one class is a mapping of one), for any
+    number of targets.
+
+    Attributes
+    ----------
+    classes : dict of str to ReferenceSet
+        Each class's references, in the order its masks are numbered in a label map.
+    """
+
+    classes: dict[str, ReferenceSet]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The classes' names, in order."""
+        return tuple(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        """Input size the references were encoded at."""
+        return next(iter(self.classes.values())).image_size
+
+    def __getitem__(self, name: str) -> ReferenceSet:
+        return self.classes[name]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The prediction for one target, every class from one backbone pass and one clustering.
 
     Attributes
     ----------
@@ -82,8 +112,20 @@ class MultiClassResult:
         ``(H, W)`` uint16: 0 for background, ``i + 1`` where the ``i``-th class (in the order
         of :attr:`classes`) won the pixel.
     classes : dict of str to SegmentationResult
-        Each class's mask after overlaps were given to the class most similar to the patch.
+        Each class's result; the classes' masks never overlap.
+    score : float
+        Confidence of the union of the masks in [0, 1]: the classes' scores weighted by their
+        numbers of patches (0 when every mask is empty).
+    quality : QualityReport
+        The verdict on the union of the masks.
     """
 
     label_map: np.ndarray
     classes: dict[str, SegmentationResult]
+    score: float
+    quality: QualityReport
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``(H, W)`` bool union of the classes' masks."""
+        return self.label_map > 0

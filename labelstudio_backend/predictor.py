@@ -74,8 +74,9 @@ class Predictor:
         prefix = "insid3-smoke" if self.segmenter.backbone.is_smoke_test else "insid3"
         return f"{prefix}-{self.engine_id}-{pool}"
 
-    def references(self, pairs: Pairs, key: Hashable) -> dict:
-        """``label -> ReferenceSet`` for ``pairs``, encoded once and cached under ``key``.
+    def references(self, pairs: Pairs, key: Hashable):
+        """The :class:`insid3_core.References` of ``pairs`` (one class per label), encoded once and
+        cached under ``key``.
 
         Raises ``ValueError`` (``insid3_core.io.InputError``) naming a reference that cannot be used.
         """
@@ -87,14 +88,14 @@ class Predictor:
         if not classes:
             raise ValueError(f"only {self.negative_label!r} (negative) regions are annotated yet: "
                              "annotate at least one region of another label")
-        encoded = self.segmenter.encode_classes(classes, negatives)
+        encoded = self.segmenter.encode(classes, negatives)
         with self._cache_lock:
             self._encoded[key] = encoded
             while len(self._encoded) > REFERENCE_CACHE_SIZE:
                 self._encoded.popitem(last=False)
         return encoded
 
-    def cached(self, key: Hashable) -> dict | None:
+    def cached(self, key: Hashable):
         """The references cached under ``key``, or ``None``."""
         with self._cache_lock:
             if key not in self._encoded:
@@ -102,18 +103,15 @@ class Predictor:
             self._encoded.move_to_end(key)
             return self._encoded[key]
 
-    def segment(self, references: dict, images: Sequence[Image.Image]) -> list[dict]:
+    def segment(self, references, images: Sequence[Image.Image]) -> list[dict]:
         """Per image, ``label -> SegmentationResult`` for every label of ``references``.
 
         Each batch takes one backbone pass and one clustering shared by all labels; a patch
         claimed by several labels goes to the label most similar to it, so the masks of one
-        image are disjoint.
+        image are disjoint. Runs in the request's thread (the caller holds the device).
         """
-        results: list[dict] = []
-        for start in range(0, len(images), self.batch_size):
-            found = self.segmenter.segment_class_batch(references, images[start:start + self.batch_size])
-            results.extend(dict(item.classes) for item in found)
-        return results
+        return [dict(prediction.classes)
+                for prediction in self.segmenter.segment(references, images, self.batch_size, workers=0)]
 
     def split(self, result) -> list | None:
         """The instances of a label's ``SegmentationResult`` (``insid3_core.instances.Instance`` list,

@@ -116,7 +116,7 @@ class Backend:
         with self.fetcher.lease() as lease:
             return self._segment_tasks(tasks, target, references, version, lease), version
 
-    def _segment_tasks(self, tasks: Sequence[dict], target: BrushTarget, references: dict, version: str,
+    def _segment_tasks(self, tasks: Sequence[dict], target: BrushTarget, references, version: str,
                        lease) -> list:
         """Predictions of ``tasks`` (a task's :class:`BackendError` in its place); the decoded images
         are freed on return, before ``lease`` gives their pixels back."""
@@ -129,8 +129,8 @@ class Backend:
             for image in images
         ]
 
-    def references(self, project: int | None, target: BrushTarget, wait: float | None) -> tuple[dict, str]:
-        """``(label -> ReferenceSet, model version)`` of the current pool, from the encoded cache or
+    def references(self, project: int | None, target: BrushTarget, wait: float | None) -> tuple:
+        """``(insid3_core.References, model version)`` of the current pool, from the encoded cache or
         background jobs waited on at most ``wait`` seconds in all (``None``: until done).
 
         A job that finishes on a pool changed meanwhile is followed by another (a few at most).
@@ -168,7 +168,7 @@ class Backend:
 
         Returns
         -------
-        references : dict of str to ReferenceSet, or None
+        references : insid3_core.References or None
             ``None`` when no label of ``target`` has a reference.
         model_version : str
         """

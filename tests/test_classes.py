@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from insid3_core import EngineConfig, Segmenter
+from insid3_core import EngineConfig, References, Segmenter
 from insid3_core import engine as engine_module
 from insid3_core.io import InputError
 from scenes import iou, scene
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 REFERENCE, REFERENCE_MASKS = scene(disks=[(100, 120, 60)], squares=[(200, 40, 90)], seed=1)
 TARGETS = [
@@ -27,24 +31,18 @@ def segmenter(tiny_backbone):
 
 @pytest.fixture(scope="module")
 def classes(segmenter):
-    return segmenter.encode_classes(
-        {
-            "disk": [(REFERENCE, REFERENCE_MASKS["disks"])],
-            "square": [(REFERENCE, REFERENCE_MASKS["squares"])],
-        }
-    )
+    return segmenter.encode({"disk": [(REFERENCE, REFERENCE_MASKS["disks"])],
+                             "square": [(REFERENCE, REFERENCE_MASKS["squares"])]})
 
 
-def test_encode_classes_encodes_a_shared_image_once(segmenter):
+def test_encode_encodes_an_image_shared_by_classes_once(segmenter):
     seen = []
     hook = segmenter.backbone.model.patch_embed.register_forward_hook(
         lambda module, args, output: seen.append(args[0].shape[0])
     )
     try:
-        reference = "examples/reference/disks.png"
-        segmenter.encode_classes(
-            {"a": [(reference, "examples/reference/disks_mask.png")], "b": [(reference, "examples/reference/disks_mask.png")]}
-        )
+        reference, mask = EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png"
+        segmenter.encode({"a": [(reference, mask)], "b": [(reference, mask)]})
     finally:
         hook.remove()
     assert seen == [1]
@@ -54,7 +52,7 @@ def test_classes_in_one_pass_share_backbone_and_clustering(segmenter, classes, m
     clusterings = []
     real = engine_module.cluster_patches
     monkeypatch.setattr(engine_module, "cluster_patches", lambda *a: clusterings.append(len(a[0])) or real(*a))
-    results = segmenter.segment_classes(classes, [image for image, _ in TARGETS], batch_size=3)
+    results = segmenter.segment(classes, [image for image, _ in TARGETS], batch_size=3)
     assert clusterings == [3], "one clustering call for the whole batch and both classes"
     for result, (_, truth) in zip(results, TARGETS):
         disk, square = result.classes["disk"], result.classes["square"]
@@ -68,19 +66,19 @@ def test_classes_in_one_pass_share_backbone_and_clustering(segmenter, classes, m
             assert square.mask.sum() < 0.05 * truth["disks"].sum()
 
 
-def test_one_class_through_classes_equals_plain_segment(segmenter, classes):
+def test_a_class_encoded_beside_others_equals_it_encoded_alone(segmenter, classes):
     images = [image for image, _ in TARGETS]
-    plain = segmenter.segment(classes["disk"], images)
-    through = segmenter.segment_classes({"disk": classes["disk"]}, images)
-    for one, other in zip(plain, through):
-        np.testing.assert_array_equal(one.mask, other.classes["disk"].mask)
-        assert one.score == other.classes["disk"].score
+    alone = segmenter.segment(segmenter.encode({"disk": [(REFERENCE, REFERENCE_MASKS["disks"])]}), images)
+    beside = segmenter.segment(References({"disk": classes["disk"]}), images)
+    for one, other in zip(alone, beside):
+        np.testing.assert_array_equal(one.mask, other.mask)
+        assert one.score == other.score and one.quality == other.quality
 
 
 def test_overlaps_go_to_the_more_similar_class(segmenter, classes):
     """The same references under two names claim the same patches: the tie keeps the first class only."""
-    twice = {"first": classes["disk"], "second": classes["disk"]}
-    result = segmenter.segment_classes(twice, [TARGETS[0][0]])[0]
+    twice = References({"first": classes["disk"], "second": classes["disk"]})
+    result = segmenter.segment(twice, [TARGETS[0][0]])[0]
     assert result.classes["first"].mask.any()
     assert not result.classes["second"].mask.any()
     assert result.classes["second"].quality.verdict == "empty"
@@ -90,10 +88,8 @@ def test_negative_reference_removes_a_lookalike_that_leaks(segmenter):
     """Red/orange striped look-alikes leak into the positive-only prediction; a negative removes them."""
     negative, negative_masks = scene(lookalikes=[(160, 128, 70)], seed=2)
     target, truth = scene(disks=[(80, 90, 45)], lookalikes=[(230, 170, 50)], squares=[(200, 20, 40)], seed=3)
-    positive_only = segmenter.encode_references([(REFERENCE, REFERENCE_MASKS["disks"])])
-    with_negative = segmenter.encode_references(
-        [(REFERENCE, REFERENCE_MASKS["disks"])], negatives=[(negative, negative_masks["lookalikes"])]
-    )
+    positive_only = segmenter.encode({"object": [(REFERENCE, REFERENCE_MASKS["disks"])]})
+    with_negative = segmenter.encode({"object": [(REFERENCE, REFERENCE_MASKS["disks"])]}, negatives=[(negative, negative_masks["lookalikes"])])
     before = segmenter.segment(positive_only, [target])[0].mask
     after = segmenter.segment(with_negative, [target])[0].mask
     leak_before = (before & truth["lookalikes"]).sum() / truth["lookalikes"].sum()
@@ -107,21 +103,19 @@ def test_negative_reference_removes_a_lookalike_that_leaks(segmenter):
 
 def test_empty_negative_mask_is_refused(segmenter):
     with pytest.raises(InputError, match="empty"):
-        segmenter.encode_references(
-            [(REFERENCE, REFERENCE_MASKS["disks"])], negatives=[(REFERENCE, np.zeros_like(REFERENCE_MASKS["disks"]))]
-        )
+        segmenter.encode({"object": [(REFERENCE, REFERENCE_MASKS["disks"])]}, negatives=[(REFERENCE, np.zeros_like(REFERENCE_MASKS["disks"]))])
 
 
 def test_class_without_references_is_refused(segmenter):
     with pytest.raises(InputError, match="'cat'"):
-        segmenter.encode_classes({"cat": []})
+        segmenter.encode({"cat": []})
 
 
 def test_part_reference_segments_the_part_only(segmenter):
     """Recipe of the README: the reference mask covers one part of a two-part object."""
     reference, reference_masks = scene(disks=[(110, 100, 50)], squares=[(70, 140, 80)], seed=6)
     target, truth = scene(disks=[(200, 90, 45)], squares=[(165, 125, 72)], seed=7)
-    part = segmenter.encode_references([(reference, reference_masks["disks"])])
+    part = segmenter.encode({"object": [(reference, reference_masks["disks"])]})
     part_mask = segmenter.segment(part, [target])[0].mask
     other_part = (part_mask & truth["squares"]).sum() / truth["squares"].sum()
     print(f"\npart: IoU with the part {iou(part_mask, truth['disks']):.3f}, other part covered {other_part:.3f}")
@@ -131,7 +125,6 @@ def test_part_reference_segments_the_part_only(segmenter):
 
 def test_guided_refinement_in_the_engine_sharpens_edges(tiny_backbone):
     """The engine's ``guided`` refinement against bilinear upsampling, on the example scenes."""
-    from conftest import EXAMPLES
     from insid3_core.metrics import boundary_f_score
 
     targets = sorted((EXAMPLES / "targets").glob("*.png"))[:4]
@@ -141,9 +134,9 @@ def test_guided_refinement_in_the_engine_sharpens_edges(tiny_backbone):
     for refinement in ("bilinear", "guided"):
         config = EngineConfig(image_size=256, svd_components=16, refinement=refinement)
         segmenter = Segmenter(tiny_backbone, config, cache=False)
-        results = segmenter.segment(segmenter.encode_references(reference), targets, batch_size=2)
+        results = segmenter.segment(segmenter.encode({"object": reference}), targets, batch_size=2)
         scores[refinement] = float(np.mean([boundary_f_score(r.mask, t).f for r, t in zip(results, truths)]))
-        single = segmenter.segment_batch(segmenter.encode_references(reference), targets[:1])[0]
+        single = segmenter.segment(segmenter.encode({"object": reference}), targets[:1], workers=0)[0]
         np.testing.assert_array_equal(single.mask, results[0].mask)
     print(f"\nboundary F on 4 example scenes: {scores}")
     assert scores["guided"] > scores["bilinear"] + 0.03
@@ -151,13 +144,13 @@ def test_guided_refinement_in_the_engine_sharpens_edges(tiny_backbone):
 
 def test_guided_refinement_keeps_classes_disjoint(tiny_backbone, classes):
     segmenter = Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16, refinement="guided"), cache=False)
-    for result in segmenter.segment_classes(classes, [image for image, _ in TARGETS]):
+    for result in segmenter.segment(classes, [image for image, _ in TARGETS]):
         assert not (result.classes["disk"].mask & result.classes["square"].mask).any()
     with pytest.raises(ValueError, match="pixels"):
-        segmenter.segment_features(classes["disk"], torch.zeros(1, 256, 96), [(10, 10)])
+        segmenter.segment_features(classes, torch.zeros(1, 256, 96), [(10, 10)])
 
 
-def test_class_batch_equals_segment_classes(segmenter, classes):
+def test_segmenting_in_the_callers_thread_equals_the_threaded_engine(segmenter, classes):
     images = [image for image, _ in TARGETS]
-    for one, other in zip(segmenter.segment_class_batch(classes, images), segmenter.segment_classes(classes, images)):
+    for one, other in zip(segmenter.segment(classes, images, workers=0), segmenter.segment(classes, images)):
         np.testing.assert_array_equal(one.label_map, other.label_map)

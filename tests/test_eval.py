@@ -189,7 +189,8 @@ class PlantedSegmenter:
         self.truth, self.label_of, self.shift = truth, label_of, shift
         self.encoded, self.segmented = [], []
 
-    def encode_references(self, references):
+    def encode(self, classes):
+        (references,) = classes.values()
         self.encoded.append([str(image) for image, _ in references])
         return self.encoded[-1]
 

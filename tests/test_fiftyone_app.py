@@ -17,10 +17,10 @@ from conftest_fiftyone import PLUGIN_URI, free_port, isolated_fiftyone
 
 CHROMIUM = os.environ.get("INSID3_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.live, pytest.mark.skipif(
     find_spec("fiftyone") is None or find_spec("playwright") is None or not os.path.exists(CHROMIUM),
     reason="needs the fiftyone extra, playwright and a Chromium",
-)
+)]
 
 
 @pytest.fixture(scope="session")

@@ -92,8 +92,8 @@ def test_instances_as_detections_beside_the_mask(fo, dataset, segmenter, tmp_pat
     import fiftyone.operators as foo
     from insid3_core.instances import split_instances
 
-    references = segmenter.encode_references([(dataset.match_tags("reference").first().filepath,
-                                               REFERENCE[1]["disks"])])
+    references = segmenter.encode({"object": [(dataset.match_tags("reference").first().filepath,
+                                               REFERENCE[1]["disks"])]})
     segment(dataset, {"reference_class": "3", "output": "both", "output_field": "pred"})
     segment(dataset, {"reference_class": "3", "output": "instances", "output_field": "objects",
                       "instance_label": "round", "mask_dir": str(tmp_path / "masks")})
@@ -101,7 +101,7 @@ def test_instances_as_detections_beside_the_mask(fo, dataset, segmenter, tmp_pat
     dataset.reload()
     counts = []
     for sample in targets_of(dataset):
-        result = segmenter.segment(references, [sample.filepath])[0]
+        result = segmenter.segment(references, [sample.filepath])[0].classes["object"]
         instances = split_instances(result)
         np.testing.assert_array_equal(sample.pred.get_mask() > 0, result.mask)
         assert_detections_match(sample.pred_instances.detections, instances, "disk")
@@ -134,13 +134,13 @@ def test_several_classes_in_one_pass(dataset, segmenter):
     segment(dataset, {"all_classes": True, "output_field": "every"})
 
     reference = dataset.match_tags("reference").first().filepath
-    classes = segmenter.encode_classes({"disk": [(reference, REFERENCE[1]["disks"])],
+    classes = segmenter.encode({"disk": [(reference, REFERENCE[1]["disks"])],
                                         "square": [(reference, REFERENCE[1]["squares"])]})
     dataset.reload()
     assert dataset.mask_targets["pred"] == CLASSES
     found, class_failures = set(), set()
     for sample, (_, truth) in zip(targets_of(dataset), TARGETS):
-        result = segmenter.segment_classes(classes, [sample.filepath])[0]
+        result = segmenter.segment(classes, [sample.filepath])[0]
         mask = sample.pred.get_mask()
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 3, 7}
         np.testing.assert_array_equal(mask, np.array([0, 3, 7])[result.label_map])

@@ -32,7 +32,7 @@ def expected():
     from insid3_core import TEST_CHECKPOINT, EngineConfig, Segmenter, load_backbone
 
     segmenter = Segmenter(load_backbone(TEST_CHECKPOINT, device="cpu"), EngineConfig(image_size=128, svd_components=16))
-    references = segmenter.encode_references([REFERENCE])
+    references = segmenter.encode({"object": [REFERENCE]})
     return {target.name: result for target, result in zip(TARGETS, segmenter.segment(references, TARGETS, 4))}
 
 

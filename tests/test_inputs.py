@@ -70,12 +70,12 @@ def test_reference_mask_of_an_exif_rotated_jpeg_is_in_displayed_orientation(segm
     save(upright, tmp_path / "upright_mask.png")
     save(disk_mask(64, 96), tmp_path / "stored_mask.png")
 
-    references = segmenter.encode_references([(tmp_path / "photo.jpg", tmp_path / "upright_mask.png")])
+    references = segmenter.encode({"object": [(tmp_path / "photo.jpg", tmp_path / "upright_mask.png")]})
 
-    assert len(references) == 1
-    assert references.masks.any()
+    assert len(references["object"]) == 1
+    assert references["object"].masks.any()
     with pytest.raises(InputError, match="96x64.*64x96") as error:
-        segmenter.encode_references([(tmp_path / "photo.jpg", tmp_path / "stored_mask.png")])
+        segmenter.encode({"object": [(tmp_path / "photo.jpg", tmp_path / "stored_mask.png")]})
     assert "stored_mask.png" in str(error.value)
 
 
@@ -85,14 +85,14 @@ def test_segmenting_an_exif_rotated_jpeg_equals_segmenting_its_upright_pixels(se
     stored = exif_jpeg(tmp_path / "photo.jpg", scene(64, 96), orientation)
     save(np.rot90(stored, turns), tmp_path / "upright.png")
     save(np.rot90(disk_mask(64, 96), turns), tmp_path / "mask.png")
-    references = segmenter.encode_references([(tmp_path / "photo.jpg", tmp_path / "mask.png")])
+    references = segmenter.encode({"object": [(tmp_path / "photo.jpg", tmp_path / "mask.png")]})
 
     rotated, upright = segmenter.segment(references, [tmp_path / "photo.jpg", tmp_path / "upright.png"])
 
     assert rotated.mask.shape == (96, 64)  # (H, W) as displayed
     assert rotated.mask.any()
     np.testing.assert_array_equal(rotated.mask, upright.mask)
-    np.testing.assert_array_equal(rotated.lowres_mask, upright.lowres_mask)
+    np.testing.assert_array_equal(rotated.classes["object"].lowres_mask, upright.classes["object"].lowres_mask)
     assert rotated.score == upright.score
 
 
@@ -208,7 +208,7 @@ def test_mask_of_another_size_names_both_sizes_and_the_file(segmenter, tmp_path)
     save(np.full((30, 50), 255, np.uint8), tmp_path / "wrong_size_mask.png")
 
     with pytest.raises(InputError) as error:
-        segmenter.encode_references([(tmp_path / "image.png", tmp_path / "wrong_size_mask.png")])
+        segmenter.encode({"object": [(tmp_path / "image.png", tmp_path / "wrong_size_mask.png")]})
 
     message = str(error.value)
     assert "50x30" in message and "48x40" in message
@@ -220,7 +220,7 @@ def test_empty_reference_mask_is_an_input_error(segmenter, tmp_path):
     save(np.zeros((40, 48), np.uint8), tmp_path / "blank_mask.png")
 
     with pytest.raises(InputError, match="empty") as error:
-        segmenter.encode_references([(tmp_path / "image.png", tmp_path / "blank_mask.png")])
+        segmenter.encode({"object": [(tmp_path / "image.png", tmp_path / "blank_mask.png")]})
 
     assert "blank_mask.png" in str(error.value)
 
@@ -233,11 +233,11 @@ def test_tiny_reference_object_in_a_large_image_is_not_a_crash(segmenter, tmp_pa
     save(mask, tmp_path / "speck_mask.png")
 
     try:
-        references = segmenter.encode_references([(tmp_path / "large.png", tmp_path / "speck_mask.png")])
+        references = segmenter.encode({"object": [(tmp_path / "large.png", tmp_path / "speck_mask.png")]})
     except InputError as error:
         assert "speck_mask.png" in str(error)
     else:
-        assert int(references.masks.sum()) == 1
+        assert int(references["object"].masks.sum()) == 1
 
 
 # --- broken files ----------------------------------------------------------------------

@@ -84,10 +84,10 @@ def matched_instances(instances, truths, threshold=0.5):
 def scene_results(tiny_backbone):
     segmenter = Segmenter(tiny_backbone, EngineConfig(image_size=512, svd_components=16), cache=False)
     reference, masks = scene(SIZE, disks=[(150, 160, 80)], squares=[(280, 20, 80)], seed=9)
-    references = segmenter.encode_references([(reference, masks["disks"])])
+    references = segmenter.encode({"object": [(reference, masks["disks"])]})
     scenes = instance_scenes()
-    results = segmenter.segment(references, [image for image, _ in scenes], batch_size=2)
-    return results, [truth["disk_instances"] for _, truth in scenes]
+    predictions = segmenter.segment(references, [image for image, _ in scenes], batch_size=2)
+    return [prediction.classes["object"] for prediction in predictions], [truth["disk_instances"] for _, truth in scenes]
 
 
 def test_instances_of_engine_results_partition_the_mask(scene_results):

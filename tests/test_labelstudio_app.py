@@ -110,7 +110,7 @@ def test_predictions_match_the_engine(segmenter, settings):
     answer = predict(client, tasks_for(TARGETS))
     assert answer.status_code == 200, answer.get_json()
     body = answer.get_json()
-    references = segmenter.encode_references([(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")])
+    references = segmenter.encode({"object": [(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")]})
     expected = segmenter.segment(references, TARGETS)
     assert len(body["results"]) == len(TARGETS)
     for prediction, truth in zip(body["results"], expected):
@@ -282,7 +282,7 @@ def test_every_verdict_reaches_the_reviewer(tiny_backbone, settings, tmp_path):
     tasks = [{"id": i, "data": {"image": f"/verdicts/{path.name}"}} for i, path in enumerate(images)]
     answer = predict(make_client(segmenter, dataclasses.replace(settings, max_tasks_per_request=16)), tasks)
     assert answer.status_code == 200, answer.get_json()
-    references = segmenter.encode_references([(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")])
+    references = segmenter.encode({"object": [(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")]})
     seen = set()
     for path, result, truth in zip(images, answer.get_json()["results"], segmenter.segment(references, images)):
         (region,) = result["result"]
@@ -407,10 +407,10 @@ def scene_client(segmenter, tmp_path, server, **changes):
 
 
 def engine_classes(segmenter, folder, images):
-    """The engine's ``MultiClassResult`` of ``images`` for the labels of a reference ``folder``."""
-    classes = {label: segmenter.encode_references([(folder / label / "scene.png", folder / label / "scene_mask.png")])
-               for label in (LABEL, "Other")}
-    return segmenter.segment_classes(classes, images)
+    """The engine's ``Prediction`` of ``images`` for the labels of a reference ``folder``."""
+    classes = segmenter.encode({label: [(folder / label / "scene.png", folder / label / "scene_mask.png")]
+                                for label in (LABEL, "Other")})
+    return segmenter.segment(classes, images)
 
 
 def regions_of(prediction, label):

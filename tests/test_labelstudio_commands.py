@@ -70,6 +70,7 @@ def test_preannotate_without_label_studio_is_a_clear_error(monkeypatch, tmp_path
     assert "insid3: error: preannotate needs LABEL_STUDIO_URL" in capsys.readouterr().err
 
 
+@pytest.mark.live
 def test_serve_answers_health(tmp_path):
     """``serve`` runs waitress (threads in one process), not Flask's development server."""
     port = free_port()

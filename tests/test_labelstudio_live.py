@@ -32,7 +32,7 @@ from labelstudio_backend.settings import Settings  # noqa: E402
 
 BASIC_AUTH = ("insid3-lead", "s3cret-pass")
 
-pytestmark = pytest.mark.skipif(label_studio_executable() is None, reason="label-studio is not installed")
+pytestmark = [pytest.mark.live, pytest.mark.skipif(label_studio_executable() is None, reason="label-studio is not installed")]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def check_connection(label_studio, project_id, backend_url, basic_auth=None):
 
 
 def expected_masks(segmenter, reference_names):
-    references = segmenter.encode_references([(EXAMPLES / "targets" / n, EXAMPLES / "masks" / n) for n in reference_names])
+    references = segmenter.encode({"object": [(EXAMPLES / "targets" / n, EXAMPLES / "masks" / n) for n in reference_names]})
     return dict(zip((p.name for p in TARGETS), segmenter.segment(references, TARGETS)))
 
 
@@ -197,7 +197,7 @@ def test_local_files_storage_and_reference_folder(label_studio, tiny_backbone, t
     assert all(task["data"]["image"].startswith("/data/local-files/?d=") for task in tasks)
     broken = [task for task in tasks if task["data"]["image"].endswith("zz_broken.png")]
     assert len(tasks) == len(TARGETS) + 1 and broken[0]["predictions"] == []
-    references = segmenter.encode_references([(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")])
+    references = segmenter.encode({"object": [(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")]})
     expected = dict(zip((p.name for p in TARGETS), segmenter.segment(references, TARGETS)))
     check_predictions({name: next(t for t in tasks if t["data"]["image"].endswith(name)) for name in expected},
                       expected, backend.model_version(created["id"]), "local-files storage, INSID3_REFERENCE_DIR")
@@ -233,7 +233,7 @@ def test_verdicts_are_filterable_in_the_data_manager(label_studio, tiny_backbone
         while backend.warmups.running() and time.monotonic() < deadline:
             time.sleep(0.2)
         label_studio.api("POST", retrieve, json={"selectedItems": {"all": True, "excluded": []}})
-    references = segmenter.encode_references([(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")])
+    references = segmenter.encode({"object": [(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")]})
     expected = dict(zip((path.name for path in images), segmenter.segment(references, images)))
     tasks = label_studio.api("GET", f"/api/tasks?project={created['id']}&fields=all&page_size=100")["tasks"]
     by_name = {next(name for name in expected if t["data"]["image"].endswith(name)): t for t in tasks}
@@ -269,9 +269,9 @@ def test_instances_project(label_studio, tiny_backbone, tmp_path):
         label_studio.api("POST", "/api/ml", json={"url": server.url, "project": created["id"], "title": "insid3"})
         label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={created['id']}",
                          json={"selectedItems": {"all": True, "excluded": []}})
-    classes = {label: segmenter.encode_references([(folder / label / "scene.png", folder / label / "scene_mask.png")])
-               for label in (LABEL, "Other")}
-    expected = dict(zip((path.name for path in images), segmenter.segment_classes(classes, images)))
+    classes = segmenter.encode({label: [(folder / label / "scene.png", folder / label / "scene_mask.png")]
+                                for label in (LABEL, "Other")})
+    expected = dict(zip((path.name for path in images), segmenter.segment(classes, images)))
     version = backend.model_version(created["id"])
     tasks = label_studio.api("GET", f"/api/tasks?project={created['id']}&fields=all&page_size=100")["tasks"]
     print(f"instances project: model version {version}")

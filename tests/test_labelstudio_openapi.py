@@ -42,6 +42,7 @@ def test_the_description_lists_exactly_the_routes(tiny_backbone, tmp_path):
     assert routes == described
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("basic_auth", [None, (USER, PASSWORD)], ids=["open", "basic-auth"])
 def test_schemathesis_finds_no_failure_against_the_live_server(tiny_backbone, tmp_path, basic_auth):
     label_studio = Listener("127.0.0.1")  # serves an image at any address

@@ -21,7 +21,7 @@ SPEEDUPS = [
     pytest.param("cpu", "scipy", id="cpu-scipy"),
     pytest.param("cpu", "torch", id="cpu-torch"),
     pytest.param(
-        "cuda", "auto", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+        "cuda", "auto", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
     ),
 ]
 
@@ -62,9 +62,7 @@ def test_mask_matches_release(tiny_backbone, episode, device, clustering):
     folder = PARITY / episode["id"]
     backbone = tiny_backbone if device == "cpu" else load_backbone(TEST_CHECKPOINT, device=device)
     segmenter = episode_segmenter(backbone, episode, clustering)
-    references = segmenter.encode_references(
-        [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]
-    )
+    references = segmenter.encode({"object": [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]})
     result = segmenter.segment(references, [folder / episode["target"]])[0]
     expected = np.array(Image.open(folder / episode["expected_mask"])) > 0
     assert result.mask.shape == expected.shape
@@ -81,9 +79,7 @@ def test_positional_basis_from_release_file(tiny_backbone):
     config = EngineConfig(image_size=episode["image_size"], tau=episode["tau"])
     segmenter = Segmenter(tiny_backbone, config, basis_file=folder / "positional_basis.npy", cache=False)
     assert torch.equal(segmenter.basis, torch.from_numpy(np.load(folder / "positional_basis.npy")))
-    references = segmenter.encode_references(
-        [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]
-    )
+    references = segmenter.encode({"object": [(folder / r["image"], folder / r["mask"]) for r in episode["references"]]})
     mask = segmenter.segment(references, [folder / episode["target"]])[0].mask
     expected = np.array(Image.open(folder / episode["expected_mask"])) > 0
     assert (mask & expected).sum() / (mask | expected).sum() >= 0.99

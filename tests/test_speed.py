@@ -24,7 +24,7 @@ from insid3_core.io import load_image
 REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")
 TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])]
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -108,6 +108,7 @@ def test_torch_clustering_matches_scipy_on_many_small_random_targets(device):
     assert not _RoundGraph.unavailable  # on CUDA the rounds ran from captured graphs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slot_limits, rounds_per_check", [((1, 1), None), ((1, 3), 3), ((2, 2), None), ((4, 16), 4), (None, 4)])
 def test_torch_clustering_matches_scipy_when_rounds_leave_work_for_later(slot_limits, rounds_per_check):
     """Rounds that take only some of the mutual pairs and search only some of the rows (the
@@ -240,7 +241,7 @@ def test_threaded_stream_equals_direct_batches_and_keeps_order(segmenter, tmp_pa
     broken = tmp_path / "broken.png"
     broken.write_bytes(TARGETS[0].read_bytes()[:300])
     targets = [TARGETS[0], TARGETS[1], broken, TARGETS[2], TARGETS[3], broken, TARGETS[4]]
-    references = segmenter.encode_references([REFERENCE])
+    references = segmenter.encode({"object": [REFERENCE]})
     streamed = list(segmenter.iter_segment(references, targets, batch_size=2, workers=3))
     inline = list(segmenter.iter_segment(references, targets, batch_size=2, workers=0))
     assert [target for target, _ in streamed] == targets == [target for target, _ in inline]
@@ -251,7 +252,7 @@ def test_threaded_stream_equals_direct_batches_and_keeps_order(segmenter, tmp_pa
     assert isinstance(streamed[2][1], InputError) and "broken.png" in str(streamed[2][1])
     first_failing = list(segmenter.iter_segment(references, [broken, TARGETS[0], TARGETS[1]], batch_size=2))
     assert [target for target, _ in first_failing] == [broken, TARGETS[0], TARGETS[1]]
-    direct = segmenter.segment_batch(references, [t for t in targets if t != broken])
+    direct = segmenter.segment(references, [t for t in targets if t != broken], batch_size=len(targets), workers=0)
     for (_, result), expected in zip([s for s in streamed if s[0] != broken], direct):
         np.testing.assert_array_equal(result.mask, expected.mask)
     with pytest.raises(InputError, match="broken.png"):
@@ -263,7 +264,7 @@ def test_segment_leaves_no_thread_working_after_an_unreadable_target(segmenter, 
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(TARGETS[0].read_bytes()[:300])
-    references = segmenter.encode_references([REFERENCE])
+    references = segmenter.encode({"object": [REFERENCE]})
     before = set(threading.enumerate())
     with pytest.raises(InputError, match="broken.png") as raised:
         segmenter.segment(references, [TARGETS[0], broken, *TARGETS[1:6]], batch_size=1, workers=2)
@@ -291,7 +292,7 @@ def test_next_batch_goes_through_the_backbone_while_the_device_stage_clusters(se
 
     monkeypatch.setattr(segmenter, "_features", recorded_features)
     monkeypatch.setattr(segmenter, "_lowres_masks", slow_lowres)
-    references = segmenter.encode_references([REFERENCE])
+    references = segmenter.encode({"object": [REFERENCE]})
     pipelined = [result.mask for _, result in segmenter.iter_segment(references, TARGETS[:6], batch_size=2, workers=2)]
 
     backbone_starts = [event[1] for event in events if event[0] == "backbone"]
@@ -324,7 +325,7 @@ def test_two_device_threads_take_consecutive_batches_and_keep_the_masks(segmente
 
     monkeypatch.setattr(insid3_core.engine, "device_threads", lambda device: 2)
     monkeypatch.setattr(segmenter, "_lowres_masks", slow_lowres)
-    references = segmenter.encode_references([REFERENCE])
+    references = segmenter.encode({"object": [REFERENCE]})
     pipelined = list(segmenter.iter_segment(references, TARGETS[:6], batch_size=2, workers=2))
     monkeypatch.undo()
     inline = segmenter.segment(references, TARGETS[:6], batch_size=2, workers=0)
@@ -335,18 +336,20 @@ def test_two_device_threads_take_consecutive_batches_and_keep_the_masks(segmente
     assert any(b[0] < a[1] and a[0] < b[1] for a, b in zip(stages, stages[1:]))  # two batches at once
 
 
+@pytest.mark.gpu
 @NEEDS_CUDA
 def test_pipelined_cuda_stream_gives_the_inline_masks():
     from insid3_core import TEST_CHECKPOINT, load_backbone
 
     cuda = Segmenter(load_backbone(TEST_CHECKPOINT, device="cuda"), EngineConfig(image_size=256, svd_components=16), cache=False)
-    references = cuda.encode_references([REFERENCE])
+    references = cuda.encode({"object": [REFERENCE]})
     targets = TARGETS * 3
     pipelined = [result.mask for _, result in cuda.iter_segment(references, targets, batch_size=4, workers=2)]
     inline = [result.mask for _, result in cuda.iter_segment(references, targets, batch_size=4, workers=0)]
     assert all(np.array_equal(a, b) for a, b in zip(pipelined, inline))
 
 
+@pytest.mark.gpu
 @NEEDS_CUDA
 def test_worker_cuda_stream_outranks_the_backbone_stream():
     from insid3_core.streams import ready_marker, worker_stream
@@ -359,7 +362,7 @@ def test_worker_cuda_stream_outranks_the_backbone_stream():
 
 def test_each_reference_passes_the_backbone_once_per_job(segmenter):
     before = segmenter.backbone.images_seen
-    references = segmenter.encode_references([REFERENCE, (TARGETS[1], EXAMPLES / "masks" / TARGETS[1].name)])
+    references = segmenter.encode({"object": [REFERENCE, (TARGETS[1], EXAMPLES / "masks" / TARGETS[1].name)]})
     segmenter.segment(references, TARGETS, batch_size=3)
     assert segmenter.backbone.images_seen - before == 2 + len(TARGETS)
 
@@ -378,7 +381,7 @@ def test_stage_timer_accounts_every_stage_and_synchronises_around_device_stages_
 
     timer = RecordingTimer(tiny_backbone.device)
     segmenter = Segmenter(tiny_backbone, EngineConfig(image_size=256, svd_components=16), cache=False, timer=timer)
-    segmenter.segment(segmenter.encode_references([REFERENCE]), TARGETS[:2])
+    segmenter.segment(segmenter.encode({"object": [REFERENCE]}), TARGETS[:2])
     assert set(timer.seconds) == {"backbone", "matching", "clustering", "aggregation", "output"}
     assert all(seconds > 0 for seconds in timer.seconds.values())
     assert [name for name, device in timer.synchronised.items() if not device] == ["output"]  # host work only

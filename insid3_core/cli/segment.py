@@ -178,7 +178,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
     check_references([pair for pairs in classes.values() for pair in pairs] + negatives)
 
     segmenter = build_segmenter(settings)
-    encoded = segmenter.encode_classes(classes, negatives)
+    encoded = segmenter.encode(classes, negatives)
     run = {
         "description": "insid3 segment",
         "version": __version__,
@@ -186,7 +186,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
         "weights": segmenter.backbone.identity,
         "smoke_test": segmenter.backbone.is_smoke_test,
         "settings": {**settings.describe(), "svd_components": int(segmenter.basis.shape[1])},
-        "references": {name: list(references.names) for name, references in encoded.items()},
+        "references": {name: list(references.names) for name, references in encoded.classes.items()},
         "negatives": [str(image) for image, _ in negatives],
         "instances": settings.instance_method if arguments.instances else None,
     }
@@ -206,7 +206,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
     try:
         with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
                 executor(min(workers, 2), "insid3-write") as writer:
-            stream = segmenter.iter_segment_classes(encoded, pending, settings.batch_size, workers)
+            stream = segmenter.iter_segment(encoded, pending, settings.batch_size, workers)
             for done, (target, result) in enumerate(stream, start=1):
                 progress.update(1)
                 if isinstance(result, InputError):
