@@ -34,6 +34,7 @@ from insid3_core.clustering import (  # noqa: E402
     cluster_patches,
 )
 from insid3_core.features import patch_features, resized_pixels  # noqa: E402
+from insid3_core.metrics import same_partition  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
 
@@ -63,9 +64,6 @@ def target_features(arguments, backbone) -> torch.Tensor:
     return torch.cat([patch_features(backbone, batch) for batch in pixels.split(arguments.batch_size)])
 
 
-def same_partition(first: torch.Tensor, second: torch.Tensor) -> bool:
-    pairs = set(zip(first.tolist(), second.tolist()))
-    return len(pairs) == len(set(first.tolist())) == len(set(second.tolist()))
 
 
 def count_rounds(run) -> dict[str, int]:

@@ -12,21 +12,18 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .aggregation import cluster_scores
 from .backbone import Backbone
-from .clustering import cluster_patches
 from .config import EngineConfig, cache_dir, clustering_bytes
 from .debias import debias, positional_basis
 from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
 from .loader import default_workers, executor, load_batches
-from .matching import backward_match, downsample_mask, forward_candidates, mask_tensor, reference_prototype
+from .matching import downsample_mask, mask_tensor, reference_prototype
 from .quality import QualityThresholds, quality_report
 from .timing import StageTimer
-from .refine import refine_masks
+from .pipeline import TargetMasks, lowres_masks
 from .results import Prediction, References, ReferenceSet, SegmentationResult
 from .streams import device_threads, ready_marker, worker_stream
 from .upsample import resize_mask, upsample_mask
@@ -274,9 +271,9 @@ class Segmenter:
         ``pixels`` (``(B, 3, s, s)`` uint8, the images the features came from) is needed by
         the ``guided`` refinement; ``sizes`` holds each target's ``(H, W)``.
         """
-        masks = self._lowres_masks(tuple(references.classes.values()), features, pixels)
-        return [self._prediction(references.names, self._finish(*per_target))
-                for per_target in self._per_target(masks, sizes)]
+        masks = lowres_masks(tuple(references.classes.values()), features, self.basis, self.config, pixels, self.timer)
+        return [self._prediction(references.names, self._finish(target, size))
+                for target, size in zip(masks.per_target(), sizes)]
 
     def _features(self, classes: Sequence[ReferenceSet], pixels: torch.Tensor) -> torch.Tensor:
         for references in classes:
@@ -288,82 +285,6 @@ class Segmenter:
         with self.stage("backbone"):
             return patch_features(self.backbone, pixels)
 
-    def _lowres_masks(
-        self, classes: Sequence[ReferenceSet], features: torch.Tensor, pixels: torch.Tensor | None = None
-    ) -> tuple[np.ndarray | None, ...]:
-        """Steps 2-6 (and a guided refinement) for ``B`` targets and ``K`` classes sharing features and clustering.
-
-        Returns
-        -------
-        lowres : np.ndarray
-            ``(K, B, h, w)`` bool; a patch belongs to one class at most.
-        confidence : np.ndarray
-            ``(K, B)`` float32.
-        similarity : np.ndarray
-            ``(K, B, h, w)`` float32 debiased similarity to each class's prototype.
-        clusters : np.ndarray
-            ``(B, h, w)`` int32 cluster labels, -1 for a target that was not clustered.
-        refined : np.ndarray or None
-            ``(K, B, s, s)`` bool guided-filter masks at input resolution, disjoint across
-            classes, when the configuration asks for the ``guided`` refinement.
-        """
-        with self.stage("matching"):
-            debiased = debias(features, self.basis)
-            prototypes = torch.stack([references.prototype for references in classes])
-            similarity = torch.einsum("bnc,kc->kbn", debiased, prototypes)
-            backward, allowed = map(
-                torch.stack, zip(*(backward_match(debiased, r.features, r.masks, r.negatives) for r in classes))
-            )
-            candidates = allowed & backward & torch.stack([forward_candidates(sim) for sim in similarity])
-            has_candidates = candidates.any(dim=2)
-            matched = torch.nonzero(has_candidates.any(dim=0).cpu()).flatten().tolist()
-        lowres = torch.zeros(candidates.shape, dtype=torch.bool, device=features.device)
-        clusters = torch.full(features.shape[:2], -1, dtype=torch.int64, device=features.device)
-        if matched:
-            with self.stage("clustering"):
-                labels = cluster_patches(features[matched], self.config.tau, self.config.clustering)
-            with self.stage("aggregation"):
-                scores = cluster_scores(
-                    labels, candidates[:, matched], features[matched], debiased[matched], similarity[:, matched], prototypes
-                )
-                chosen = scores.gather(2, labels.expand(len(classes), -1, -1)) > self.config.merge_threshold
-                lowres[:, matched] = chosen & has_candidates[:, matched, None]
-                clusters[matched] = labels
-        lowres &= allowed
-        if len(classes) > 1:
-            winner = torch.where(lowres, similarity, -torch.inf).argmax(dim=0)
-            lowres &= torch.arange(len(classes), device=lowres.device)[:, None, None] == winner
-        selected = lowres.float()
-        confidence = ((similarity * selected).sum(dim=2) / selected.sum(dim=2).clamp(min=1.0)).clamp(0.0, 1.0)
-        grid = (len(classes), -1, *self.grid)
-        refined = None
-        if self.config.refinement == "guided":
-            refined = self._refined(lowres.view(grid), similarity.view(grid), pixels).cpu().numpy()
-        return (
-            lowres.view(grid).cpu().numpy(),
-            confidence.float().cpu().numpy(),
-            similarity.view(grid).float().cpu().numpy(),
-            clusters.view(-1, *self.grid).to(torch.int32).cpu().numpy(),
-            refined,
-        )
-
-    def _refined(self, lowres: torch.Tensor, similarity: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
-        """Guided-filter masks ``(K, B, s, s)`` bool; a pixel claimed by several classes goes to
-        the class with the highest bilinearly upsampled similarity."""
-        if pixels is None:
-            raise ValueError("the guided refinement needs the target pixels (pass pixels=...)")
-        with self.stage("refinement"):
-            classes = lowres.shape[0]
-            pixels = pixels.to(lowres.device, non_blocking=True)
-            square = refine_masks(pixels, lowres.transpose(0, 1)).transpose(0, 1)
-            if classes > 1:
-                upsampled = F.interpolate(
-                    similarity.float().flatten(0, 1)[:, None], size=square.shape[-2:], mode="bilinear", align_corners=False
-                ).view(square.shape)
-                winner = torch.where(square, upsampled, -torch.inf).argmax(dim=0)
-                square &= torch.arange(classes, device=square.device)[:, None, None, None] == winner
-            return square
-
     def _target_masks(
         self,
         classes: tuple[ReferenceSet, ...],
@@ -371,10 +292,12 @@ class Segmenter:
         pixels: torch.Tensor,
         sizes: Sequence[tuple[int, int]],
         ready: torch.cuda.Event | None,
-    ) -> list[tuple]:
-        """:meth:`_lowres_masks` split target by target, on this thread's own stream after ``ready``."""
+    ) -> list[tuple[TargetMasks, tuple[int, int]]]:
+        """:func:`~insid3_core.pipeline.lowres_masks` of a batch, target by target with its size, on
+        this thread's own stream after ``ready``."""
         with worker_stream(ready, (features, pixels)):
-            return list(self._per_target(self._lowres_masks(classes, features, pixels), sizes))
+            masks = lowres_masks(classes, features, self.basis, self.config, pixels, self.timer)
+            return list(zip(masks.per_target(), sizes))
 
     def _finish_target(self, names: tuple[str, ...], masks: Future, position: int) -> Prediction:
         """:meth:`_finish` on the ``position``-th target of a batch, once its ``masks`` are ready."""
@@ -393,47 +316,29 @@ class Segmenter:
         score = float((patches * scores).sum() / patches.sum()) if patches.sum() else 0.0
         return Prediction(label_map, dict(zip(names, results)), score, quality_report(label_map > 0, self.quality))
 
-    @staticmethod
-    def _per_target(masks: tuple[np.ndarray, ...], sizes: Sequence[tuple[int, int]]) -> Iterator[tuple]:
-        """Split :meth:`_lowres_masks`' batch arrays into :meth:`_finish`'s arguments, target by target."""
-        lowres, confidence, similarity, clusters, refined = masks
-        squares = refined.swapaxes(0, 1) if refined is not None else [None] * len(sizes)
-        return iter(zip(lowres.swapaxes(0, 1), confidence.T, similarity.swapaxes(0, 1), clusters, squares, sizes))
-
     def stage(self, name: str, device: bool = True):
         """Context timing a named stage with :attr:`timer`, when one is set (see
         :meth:`StageTimer.stage` for ``device``)."""
         return self.timer.stage(name, device) if self.timer is not None else contextlib.nullcontext()
 
-    def _finish(
-        self,
-        lowres: np.ndarray,
-        confidence: np.ndarray,
-        similarity: np.ndarray,
-        clusters: np.ndarray,
-        refined: np.ndarray | None,
-        size: tuple[int, int],
-    ) -> tuple[SegmentationResult, ...]:
-        """Step 7 on the host for one target's ``K`` classes: full-resolution masks and quality reports.
-
-        ``refined`` holds the classes' ``(K, s, s)`` guided-filter masks, resized instead of
-        upsampling the feature-resolution masks.
-        """
+    def _finish(self, target: TargetMasks, size: tuple[int, int]) -> tuple[SegmentationResult, ...]:
+        """Step 7 on the host for one target's ``K`` classes: full-resolution masks (the guided
+        masks resized when there are, else the feature-resolution ones upsampled) and verdicts."""
         with self.stage("output", device=False):
             results = []
-            for index, (class_lowres, class_confidence, class_similarity) in enumerate(zip(lowres, confidence, similarity)):
-                if refined is None:
+            for index, class_lowres in enumerate(target.masks):
+                if target.refined is None:
                     mask = upsample_mask(torch.from_numpy(class_lowres), self.config.image_size, size).numpy()
                 else:
-                    mask = resize_mask(torch.from_numpy(refined[index]), size).numpy()
+                    mask = resize_mask(torch.from_numpy(target.refined[index]), size).numpy()
                 results.append(
                     SegmentationResult(
                         mask=mask,
                         lowres_mask=class_lowres,
-                        score=float(class_confidence),
+                        score=float(target.confidence[index]),
                         quality=quality_report(mask, self.quality),
-                        similarity=class_similarity,
-                        clusters=clusters,
+                        similarity=target.similarity[index],
+                        clusters=target.clusters,
                     )
                 )
             return tuple(results)

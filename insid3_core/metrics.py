@@ -24,6 +24,14 @@ def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(predicted, truth).sum() / union) if union else 1.0
 
 
+def same_partition(first, second) -> bool:
+    """Whether two labellings of the same items (``(N,)`` integer labels: arrays, tensors or lists)
+    group them identically, whatever the label numbers."""
+    first, second = np.asarray(first).ravel().tolist(), np.asarray(second).ravel().tolist()
+    pairs = set(zip(first, second))
+    return len(first) == len(second) and len(pairs) == len(set(first)) == len(set(second))
+
+
 def mask_boundary(mask: np.ndarray) -> np.ndarray:
     """Foreground pixels with a 4-connected background neighbour, ``(H, W)`` bool.
 

@@ -148,9 +148,3 @@ class StaticServer:
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *_) -> None:
         pass
-
-
-def iou(first: np.ndarray, second: np.ndarray) -> float:
-    """Intersection over union of two bool masks (1 when both are empty)."""
-    union = np.logical_or(first, second).sum()
-    return 1.0 if union == 0 else float(np.logical_and(first, second).sum() / union)

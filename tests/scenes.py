@@ -93,9 +93,3 @@ def scene(
         masks["disks"] |= shape
         masks["disk_instances"].append(shape)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), masks
-
-
-def iou(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union of two ``(H, W)`` bool masks (1.0 when both are empty)."""
-    union = (prediction | truth).sum()
-    return float((prediction & truth).sum() / union) if union else 1.0

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from insid3_core import EngineConfig, References, Segmenter
-from insid3_core import engine as engine_module
+from insid3_core import pipeline as pipeline_module
 from insid3_core.io import InputError
-from scenes import iou, scene
+from scenes import scene
+from insid3_core.metrics import mask_iou
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -50,8 +51,8 @@ def test_encode_encodes_an_image_shared_by_classes_once(segmenter):
 
 def test_classes_in_one_pass_share_backbone_and_clustering(segmenter, classes, monkeypatch):
     clusterings = []
-    real = engine_module.cluster_patches
-    monkeypatch.setattr(engine_module, "cluster_patches", lambda *a: clusterings.append(len(a[0])) or real(*a))
+    real = pipeline_module.cluster_patches
+    monkeypatch.setattr(pipeline_module, "cluster_patches", lambda *a: clusterings.append(len(a[0])) or real(*a))
     results = segmenter.segment(classes, [image for image, _ in TARGETS], batch_size=3)
     assert clusterings == [3], "one clustering call for the whole batch and both classes"
     for result, (_, truth) in zip(results, TARGETS):
@@ -59,9 +60,9 @@ def test_classes_in_one_pass_share_backbone_and_clustering(segmenter, classes, m
         assert not (disk.mask & square.mask).any()
         np.testing.assert_array_equal(result.label_map == 1, disk.mask)
         np.testing.assert_array_equal(result.label_map == 2, square.mask)
-        assert iou(disk.mask, truth["disks"]) > 0.6
+        assert mask_iou(disk.mask, truth["disks"]) > 0.6
         if truth["squares"].any():
-            assert iou(square.mask, truth["squares"]) > 0.6
+            assert mask_iou(square.mask, truth["squares"]) > 0.6
         else:
             assert square.mask.sum() < 0.05 * truth["disks"].sum()
 
@@ -95,10 +96,10 @@ def test_negative_reference_removes_a_lookalike_that_leaks(segmenter):
     leak_before = (before & truth["lookalikes"]).sum() / truth["lookalikes"].sum()
     leak_after = (after & truth["lookalikes"]).sum() / truth["lookalikes"].sum()
     print(f"\nnegative reference: look-alike covered {leak_before:.3f} -> {leak_after:.3f}, "
-          f"disk IoU {iou(before, truth['disks']):.3f} -> {iou(after, truth['disks']):.3f}")
+          f"disk IoU {mask_iou(before, truth['disks']):.3f} -> {mask_iou(after, truth['disks']):.3f}")
     assert leak_before > 0.5
     assert leak_after < 0.1
-    assert iou(after, truth["disks"]) > iou(before, truth["disks"])
+    assert mask_iou(after, truth["disks"]) > mask_iou(before, truth["disks"])
 
 
 def test_empty_negative_mask_is_refused(segmenter):
@@ -118,8 +119,8 @@ def test_part_reference_segments_the_part_only(segmenter):
     part = segmenter.encode({"object": [(reference, reference_masks["disks"])]})
     part_mask = segmenter.segment(part, [target])[0].mask
     other_part = (part_mask & truth["squares"]).sum() / truth["squares"].sum()
-    print(f"\npart: IoU with the part {iou(part_mask, truth['disks']):.3f}, other part covered {other_part:.3f}")
-    assert iou(part_mask, truth["disks"]) > 0.6
+    print(f"\npart: IoU with the part {mask_iou(part_mask, truth['disks']):.3f}, other part covered {other_part:.3f}")
+    assert mask_iou(part_mask, truth["disks"]) > 0.6
     assert other_part < 0.1
 
 

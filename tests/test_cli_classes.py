@@ -9,7 +9,8 @@ from PIL import Image
 
 from insid3_core.cli import main
 from insid3_core.coco import rle_decode
-from scenes import iou, scene
+from scenes import scene
+from insid3_core.metrics import mask_iou
 
 FAST = ["--image-size", "256", "--svd-components", "16", "--device", "cpu", "--batch-size", "2"]
 
@@ -34,7 +35,7 @@ def test_two_classes_in_one_pass_write_a_label_map_and_coco_categories(tmp_path)
     assert code == 0
     labels = np.asarray(Image.open(out / "a.png"))
     assert set(np.unique(labels)) <= {0, 1, 2}
-    assert iou(labels == 1, truth["disks"]) > 0.6 and iou(labels == 2, truth["squares"]) > 0.6
+    assert mask_iou(labels == 1, truth["disks"]) > 0.6 and mask_iou(labels == 2, truth["squares"]) > 0.6
     document = json.loads((out / "annotations.json").read_text())
     assert [c["name"] for c in document["categories"]] == ["disk", "square"]
     by_category = {a["category_id"]: a for a in document["annotations"]}
@@ -84,7 +85,7 @@ def test_instances_give_one_coco_annotation_per_object(tmp_path):
     masks = [rle_decode(a["segmentation"]) for a in annotations]
     assert not (masks[0] & masks[1]).any()
     np.testing.assert_array_equal(masks[0] | masks[1], np.asarray(Image.open(out / "t.png")) > 0)
-    assert sorted(iou(m, t) > 0.5 for m in masks for t in truth["disk_instances"]).count(True) == 2
+    assert sorted(mask_iou(m, t) > 0.5 for m in masks for t in truth["disk_instances"]).count(True) == 2
     for entry, mask in zip(annotations, masks):
         ys, xs = np.nonzero(mask)
         assert entry["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]

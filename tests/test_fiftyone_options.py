@@ -12,7 +12,8 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 from conftest_fiftyone import PLUGIN_URI, isolated_fiftyone
-from scenes import iou, scene
+from scenes import scene
+from insid3_core.metrics import mask_iou
 
 pytestmark = pytest.mark.skipif(find_spec("fiftyone") is None, reason="needs the fiftyone extra")
 
@@ -154,7 +155,7 @@ def test_several_classes_in_one_pass(dataset, segmenter):
             detections = [d for d in sample.pred_instances.detections if d.label == name]
             assert_detections_match(detections, split_instances(class_result), name)
         found.update(int(value) for value in np.unique(mask))
-        assert iou(mask == 3, truth["disks"]) > 0.6
+        assert mask_iou(mask == 3, truth["disks"]) > 0.6
     assert found == {0, 3, 7}
     assert "insid3:square:empty" in class_failures, "the disk-only target's square class is judged on its own"
 
@@ -180,9 +181,9 @@ def test_negative_reference_removes_a_lookalike_that_leaks(fo, dataset, tmp_path
     leak_before = (before & truth["lookalikes"]).sum() / truth["lookalikes"].sum()
     leak_after = (after & truth["lookalikes"]).sum() / truth["lookalikes"].sum()
     print(f"\nplugin negative reference: look-alike covered {leak_before:.3f} -> {leak_after:.3f}, "
-          f"disk IoU {iou(before, truth['disks']):.3f} -> {iou(after, truth['disks']):.3f}")
+          f"disk IoU {mask_iou(before, truth['disks']):.3f} -> {mask_iou(after, truth['disks']):.3f}")
     assert leak_before > 0.5 and leak_after < 0.1
-    assert iou(after, truth["disks"]) > iou(before, truth["disks"])
+    assert mask_iou(after, truth["disks"]) > mask_iou(before, truth["disks"])
     negative_sample.reload()
     assert negative_sample.excluded is None and target_sample.excluded is not None
 

@@ -16,7 +16,7 @@ pytest.importorskip("label_studio_sdk")
 
 from PIL import Image  # noqa: E402
 from labelstudio_fixtures import (  # noqa: E402
-    BRUSH_CONFIG, EXAMPLES, LABEL, TARGETS, brush_region, insid3_parser, iou, reference_folder,
+    BRUSH_CONFIG, EXAMPLES, LABEL, TARGETS, brush_region, insid3_parser, reference_folder,
     scene_reference_folder, small_segmenter, two_disk_scenes, verdict_images, verdict_segmenter,
 )
 from labelstudio_live import BackendServer, LabelStudio, label_studio_executable  # noqa: E402
@@ -24,6 +24,7 @@ from labelstudio_live import BackendServer, LabelStudio, label_studio_executable
 from insid3_core.instances import split_instances  # noqa: E402
 from insid3_core.io import load_mask  # noqa: E402
 from insid3_core.quality import VERDICTS  # noqa: E402
+from insid3_core.metrics import mask_iou  # noqa: E402
 from labelstudio_backend.build import build_backend  # noqa: E402
 from labelstudio_backend.connect import WEBHOOK_ACTIONS, basic_auth_header  # noqa: E402
 from labelstudio_backend.preannotate import Report, preannotate  # noqa: E402
@@ -101,7 +102,7 @@ def check_predictions(tasks, expected, model_version, step):
         (region,) = predictions[0]["result"]
         truth = expected[name]
         decoded = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
-        overlap = iou(decoded, truth.mask)
+        overlap = mask_iou(decoded, truth.mask)
         print(f"label studio task {task['id']} {name}: prediction stored, score {predictions[0]['score']:.3f}, "
               f"verdict {truth.quality.verdict}, IoU {overlap:.4f}")
         assert overlap >= 0.99, name
@@ -285,5 +286,5 @@ def test_instances_project(label_studio, tiny_backbone, tmp_path):
         assert len(disks) == len(instances) == 2
         for region, instance in zip(disks, instances):
             mask = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
-            assert iou(mask, instance.mask) >= 0.99 and region["score"] == pytest.approx(instance.score, abs=1e-4)
+            assert mask_iou(mask, instance.mask) >= 0.99 and region["score"] == pytest.approx(instance.score, abs=1e-4)
             assert region["meta"]["text"][0].startswith("insid3 quality: ")

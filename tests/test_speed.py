@@ -20,6 +20,7 @@ from insid3_core.clustering import (
 )
 from insid3_core.features import patch_features, resized_pixels
 from insid3_core.io import load_image
+from insid3_core.metrics import same_partition
 
 REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")
 TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
@@ -27,9 +28,6 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])]
 
 
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    pairs = set(zip(a.tolist(), b.tolist()))
-    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
 
 
 @pytest.mark.parametrize("tau", [0.5, 0.6, 0.7])
@@ -266,40 +264,40 @@ def test_segment_leaves_no_thread_working_after_an_unreadable_target(segmenter, 
     broken.write_bytes(TARGETS[0].read_bytes()[:300])
     references = segmenter.encode({"object": [REFERENCE]})
     before = set(threading.enumerate())
-    with pytest.raises(InputError, match="broken.png") as raised:
+    with pytest.raises(InputError, match="broken.png"):
         segmenter.segment(references, [TARGETS[0], broken, *TARGETS[1:6]], batch_size=1, workers=2)
     left = [thread.name for thread in set(threading.enumerate()) - before if thread.name.startswith("insid3-")]
-    assert raised.value and left == []
+    assert left == []
 
 
 def test_next_batch_goes_through_the_backbone_while_the_device_stage_clusters(segmenter, monkeypatch):
+    """The device stage of a batch holds until the next batch has entered the backbone: it can end only
+    if the two overlap (a sequential engine would leave it waiting)."""
     import threading
-    import time
 
-    events = []
-    features, lowres = segmenter._features, segmenter._lowres_masks
+    import insid3_core.engine
+
+    entered, overlapped, stages = [threading.Event() for _ in range(3)], [], []
+    features, lowres = segmenter._features, insid3_core.engine.lowres_masks
 
     def recorded_features(*arguments):
-        events.append(("backbone", time.perf_counter(), threading.current_thread().name))
+        entered[len([e for e in entered if e.is_set()])].set()
         return features(*arguments)
 
-    def slow_lowres(*arguments):
-        start = time.perf_counter()
-        time.sleep(0.3)
-        result = lowres(*arguments)
-        events.append(("device stage", start, time.perf_counter(), threading.current_thread().name))
-        return result
+    def waiting_lowres(*arguments, **keywords):
+        batch = len(stages)
+        stages.append(threading.current_thread().name)
+        if batch + 1 < len(entered):
+            overlapped.append(entered[batch + 1].wait(timeout=30))
+        return lowres(*arguments, **keywords)
 
     monkeypatch.setattr(segmenter, "_features", recorded_features)
-    monkeypatch.setattr(segmenter, "_lowres_masks", slow_lowres)
+    monkeypatch.setattr(insid3_core.engine, "lowres_masks", waiting_lowres)
     references = segmenter.encode({"object": [REFERENCE]})
     pipelined = [result.mask for _, result in segmenter.iter_segment(references, TARGETS[:6], batch_size=2, workers=2)]
 
-    backbone_starts = [event[1] for event in events if event[0] == "backbone"]
-    stages = [event for event in events if event[0] == "device stage"]
-    assert len(backbone_starts) == len(stages) == 3
-    assert all(name.startswith("insid3-device") for *_, name in stages)
-    assert backbone_starts[1] < stages[0][2] and backbone_starts[2] < stages[1][2]  # overlapped
+    assert overlapped == [True, True] and len(stages) == 3
+    assert all(name.startswith("insid3-device") for name in stages)
     monkeypatch.undo()
     inline = [result.mask for _, result in segmenter.iter_segment(references, TARGETS[:6], batch_size=2, workers=0)]
     assert all(np.array_equal(a, b) for a, b in zip(pipelined, inline))
@@ -307,24 +305,26 @@ def test_next_batch_goes_through_the_backbone_while_the_device_stage_clusters(se
 
 def test_two_device_threads_take_consecutive_batches_and_keep_the_masks(segmenter, monkeypatch):
     """On a GPU two device threads match and cluster consecutive batches at once (forced here on
-    the CPU); results come out in input order and equal the inline ones."""
+    the CPU): the first batch's stage holds until the second's has started in another thread;
+    results come out in input order and equal the inline ones."""
     import threading
-    import time
 
     import insid3_core.engine
 
-    stages = []
-    lowres = segmenter._lowres_masks
+    started, stages = [threading.Event(), threading.Event()], []
+    lowres = insid3_core.engine.lowres_masks
 
-    def slow_lowres(*arguments):
-        start = time.perf_counter()
-        time.sleep(0.3)
-        result = lowres(*arguments)
-        stages.append((start, time.perf_counter(), threading.current_thread().name))
-        return result
+    def waiting_lowres(*arguments, **keywords):
+        batch = len(stages)
+        stages.append(threading.current_thread().name)
+        if batch < 2:
+            started[batch].set()
+            if batch == 0:
+                assert started[1].wait(timeout=30), "the second batch never ran beside the first"
+        return lowres(*arguments, **keywords)
 
     monkeypatch.setattr(insid3_core.engine, "device_threads", lambda device: 2)
-    monkeypatch.setattr(segmenter, "_lowres_masks", slow_lowres)
+    monkeypatch.setattr(insid3_core.engine, "lowres_masks", waiting_lowres)
     references = segmenter.encode({"object": [REFERENCE]})
     pipelined = list(segmenter.iter_segment(references, TARGETS[:6], batch_size=2, workers=2))
     monkeypatch.undo()
@@ -332,8 +332,7 @@ def test_two_device_threads_take_consecutive_batches_and_keep_the_masks(segmente
 
     assert [target for target, _ in pipelined] == TARGETS[:6]
     assert all(np.array_equal(result.mask, expected.mask) for (_, result), expected in zip(pipelined, inline))
-    assert len({name for *_, name in stages}) == 2
-    assert any(b[0] < a[1] and a[0] < b[1] for a, b in zip(stages, stages[1:]))  # two batches at once
+    assert len(set(stages[:2])) == 2 and started[1].is_set()
 
 
 @pytest.mark.gpu

@@ -21,6 +21,7 @@ from insid3_core.clustering import cluster_patches
 from insid3_core.debias import debias, positional_basis, positional_directions
 from insid3_core.matching import backward_candidates, downsample_mask, forward_candidates, reference_prototype
 from insid3_core.upsample import upsample_mask
+from insid3_core.metrics import same_partition
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,6 @@ def unit(*components: float) -> torch.Tensor:
     return F.normalize(torch.tensor(components, dtype=torch.float32), dim=0)
 
 
-def same_partition(labels: np.ndarray, groups: list[int]) -> bool:
-    """True when ``labels`` and ``groups`` put exactly the same items together."""
-    labels = np.asarray(labels)
-    groups = np.asarray(groups)
-    return bool(np.array_equal(labels[:, None] == labels[None, :], groups[:, None] == groups[None, :]))
 
 
 # --- step 2: positional basis and debiasing --------------------------------------------
