@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .backbone import Backbone
-from .config import EngineConfig, cache_dir, clustering_bytes
+from .config import BATCH_SIZE, EngineConfig, cache_dir, clustering_bytes
 from .debias import debias, positional_basis
 from .features import patch_features, resized_pixels
 from .io import InputError, load_image, load_mask, mask_array
@@ -213,7 +213,7 @@ class Segmenter:
         return array
 
     def segment(
-        self, references: References, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
+        self, references: References, targets: Iterable[ImageLike], batch_size: int = BATCH_SIZE, workers: int | None = None
     ) -> list[Prediction]:
         """Segment targets (paths or PIL images) in batches; an unreadable one raises :class:`InputError`
         once the batches already in flight are done (no thread works on after the call)."""
@@ -221,7 +221,7 @@ class Segmenter:
             return [_raised(result) for _, result in results]
 
     def iter_segment(
-        self, references: References, targets: Iterable[ImageLike], batch_size: int = 8, workers: int | None = None
+        self, references: References, targets: Iterable[ImageLike], batch_size: int = BATCH_SIZE, workers: int | None = None
     ) -> Iterator[tuple[ImageLike, Prediction | InputError]]:
         """Yield ``(target, prediction)`` in input order, or ``(target, InputError)`` for an unreadable one.
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import BATCH_SIZE
 from .datasets import Episode, Sample
 from .engine import Segmenter
 from .io import InputError
@@ -72,7 +73,7 @@ def ratio(intersection: int, union: int) -> float:
 
 
 def run_episodes(
-    segmenter: Segmenter, episodes: Iterable[Episode], batch_size: int = 8, workers: int | None = None
+    segmenter: Segmenter, episodes: Iterable[Episode], batch_size: int = BATCH_SIZE, workers: int | None = None
 ) -> Iterator[QueryOutcome]:
     """Encode each episode's references once and segment its queries in batches of ``batch_size``.
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import BATCH_SIZE
 from .debias import debias
 from .engine import ImageLike, Segmenter
 from .features import patch_features, resized_pixels
@@ -327,7 +328,7 @@ def iter_match(
     segmenter: Segmenter,
     reference: ReferencePoints,
     targets: Iterable[ImageLike],
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     workers: int | None = None,
     window: int = 3,
     temperature: float = 0.05,
@@ -386,7 +387,7 @@ def match_points(
     segmenter: Segmenter,
     reference: ReferencePoints,
     targets: Iterable[ImageLike],
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     **options,
 ) -> list[PointMatches]:
     """Match reference points in targets (paths or PIL images); an unreadable one raises :class:`InputError`.

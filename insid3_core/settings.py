@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import CLUSTERING_METHODS, ENV_PREFIX, REFINEMENTS, EngineConfig
+from .config import BATCH_SIZE, CLUSTERING_METHODS, ENV_PREFIX, REFINEMENTS, EngineConfig
 from .instances import INSTANCE_METHODS
 
 PRECISIONS = ("float32", "float16", "bfloat16")
@@ -79,7 +79,7 @@ class EngineSettings:
     max_components: int = _option(4, "a mask of more connected regions is fragmented", int, minimum=1)
     instance_method: str = _option("necks", "how a mask is split into instances", choices=INSTANCE_METHODS)
     min_instance_patches: int = _option(1, "instances of fewer feature patches are dropped", int, minimum=1)
-    batch_size: int = _option(4, "targets per backbone call", int, minimum=1)
+    batch_size: int = _option(BATCH_SIZE, "targets per backbone call", int, minimum=1)
     workers: int | None = _option(None, "threads decoding targets ahead of the device and finishing masks "
                                         "(none: 4 beside a GPU, 2 on the CPU; 0 runs everything in one thread)",
                                   int, minimum=0)

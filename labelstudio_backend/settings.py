@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from insid3_core.config import env_setting, number
+from insid3_core.config import BATCH_SIZE, env_setting, number
 from insid3_core.instances import INSTANCE_METHODS
 
 INSTANCE_CHOICES = ("off", *INSTANCE_METHODS)
@@ -84,7 +84,7 @@ class Settings:
     max_queued_requests: int = 256
     queue_wait: float = 90.0
     max_tasks_per_request: int = 8
-    batch_size: int = 4
+    batch_size: int = BATCH_SIZE
     warmup_wait: float = 30.0
     instances: str = "off"
     min_instance_patches: int = 1
