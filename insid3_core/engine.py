@@ -16,9 +16,9 @@ from PIL import Image
 
 from .backbone import Backbone
 from .config import BATCH_SIZE, EngineConfig, cache_dir, clustering_bytes
-from .debias import debias, positional_basis
-from .features import patch_features, resized_pixels
-from .io import InputError, load_image, load_mask, mask_array
+from .encoder import Encoder
+from .features import resized_pixels
+from .io import ImageLike, InputError, MaskLike, load_image, load_mask, mask_array
 from .loader import default_workers, executor, load_batches
 from .matching import downsample_mask, mask_tensor, reference_prototype
 from .quality import QualityThresholds, quality_report
@@ -28,8 +28,6 @@ from .results import Prediction, References, ReferenceSet, SegmentationResult
 from .streams import device_threads, ready_marker, worker_stream
 from .upsample import resize_mask, upsample_mask
 
-ImageLike = str | Path | Image.Image
-MaskLike = str | Path | Image.Image | np.ndarray
 
 
 def device_memory(device: torch.device) -> int:
@@ -88,18 +86,27 @@ class Segmenter:
         cache: Path | None | Literal[False] = None,
         timer: StageTimer | None = None,
     ) -> None:
-        if config.image_size % backbone.patch_size:
-            raise ValueError(f"image_size {config.image_size} is not a multiple of the patch size {backbone.patch_size}")
         check_image_size_fits(config.image_size, backbone.patch_size, backbone.device)
-        self.backbone = backbone
+        self.encoder = Encoder.build(backbone, config.image_size, config.svd_components,
+                                     cache_dir() if cache is None else cache or None, basis_file)
         self.config = config
         self.quality = quality
         self.timer = timer
-        side = config.image_size // backbone.patch_size
-        self.grid = (side, side)
-        self.basis = positional_basis(
-            backbone, config.image_size, config.svd_components, cache_dir() if cache is None else cache or None, basis_file
-        )
+
+    @property
+    def backbone(self) -> Backbone:
+        """The encoder's backbone."""
+        return self.encoder.backbone
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The encoder's ``(C, k)`` positional basis."""
+        return self.encoder.basis
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(h, w)`` of the patch grid."""
+        return self.encoder.grid
 
     def encode(
         self,
@@ -132,7 +139,7 @@ class Segmenter:
             first.setdefault(name, index)
         with self.stage("backbone"):
             encoded = torch.cat(
-                [patch_features(self.backbone, chunk) for chunk in pixels[list(first.values())].split(batch_size)]
+                [self.encoder.features(chunk) for chunk in pixels[list(first.values())].split(batch_size)]
             )
         position = {name: index for index, name in enumerate(first)}
         features = encoded[[position[name] for name in names]]
@@ -185,13 +192,13 @@ class Segmenter:
 
         ``negatives`` holds the negative pairs' patch features ``(R, N, C)`` and masks ``(R, s, s)``.
         """
-        debiased = debias(features, self.basis)
+        debiased = self.encoder.debiased(features)
         low = downsample_mask(masks.to(features.device), self.grid).flatten(1)
         negative_patches = None
         if negatives is not None:
             negative_features, negative_masks = negatives
             negative_low = downsample_mask(negative_masks.to(features.device), self.grid).flatten(1)
-            negative_patches = debias(negative_features, self.basis)[negative_low]
+            negative_patches = self.encoder.debiased(negative_features)[negative_low]
         return ReferenceSet(
             debiased, low, reference_prototype(debiased, low), self.config.image_size, tuple(names), negative_patches
         )
@@ -265,7 +272,7 @@ class Segmenter:
         sizes: Sequence[tuple[int, int]],
         pixels: torch.Tensor | None = None,
     ) -> list[Prediction]:
-        """Steps 2-7 on targets' patch features ``(B, N, C)`` (from :func:`patch_features`), in the
+        """Steps 2-7 on targets' patch features ``(B, N, C)`` (from :meth:`Encoder.features`), in the
         caller's thread, for callers that already hold the features.
 
         ``pixels`` (``(B, 3, s, s)`` uint8, the images the features came from) is needed by
@@ -283,7 +290,7 @@ class Segmenter:
                     f"this segmenter runs at {self.config.image_size}px"
                 )
         with self.stage("backbone"):
-            return patch_features(self.backbone, pixels)
+            return self.encoder.features(pixels)
 
     def _target_masks(
         self,

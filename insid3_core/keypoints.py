@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import BATCH_SIZE
-from .debias import debias
-from .engine import ImageLike, Segmenter
-from .features import patch_features, resized_pixels
-from .io import InputError, load_image
+from .encoder import Encoder
+from .features import resized_pixels
+from .io import ImageLike, InputError, load_image
 from .loader import default_workers, load_batches
 
 
@@ -190,7 +189,7 @@ def sample_grid(features: torch.Tensor, grid_points: torch.Tensor, grid: tuple[i
 
 @torch.inference_mode()
 def encode_points(
-    segmenter: Segmenter,
+    encoder: Encoder,
     image: ImageLike,
     points: np.ndarray,
     names: Sequence[str] | None = None,
@@ -201,8 +200,8 @@ def encode_points(
 
     Parameters
     ----------
-    segmenter : Segmenter
-        Provides the backbone, input size, feature grid and positional basis.
+    encoder : Encoder
+        The backbone, input size and positional basis (a segmenter's ``encoder`` shares its own).
     image : path or PIL image
     points : np.ndarray
         ``(P, 2)`` ``(x, y)`` in the reference's pixels (EXIF-applied orientation).
@@ -222,25 +221,24 @@ def encode_points(
         )
     loaded = load_image(image)
     check_inside(points, (loaded.height, loaded.width), names, source or str(image))
-    pixels = resized_pixels(loaded, segmenter.config.image_size)[None]
-    with segmenter.stage("backbone"):
-        patches = _matching_features(segmenter, patch_features(segmenter.backbone, pixels), debiased)[0]
+    pixels = resized_pixels(loaded, encoder.image_size)[None]
+    patches = _matching_features(encoder, encoder.features(pixels), debiased)[0]
     grid_points = to_grid(torch.as_tensor(points, dtype=torch.float32, device=patches.device),
-                          (loaded.height, loaded.width), segmenter.grid)
+                          (loaded.height, loaded.width), encoder.grid)
     return ReferencePoints(
-        features=sample_grid(patches, grid_points, segmenter.grid),
+        features=sample_grid(patches, grid_points, encoder.grid),
         patches=patches,
         grid_points=grid_points,
         names=names,
         points=points,
         size=(loaded.height, loaded.width),
         debiased=debiased,
-        image_size=segmenter.config.image_size,
+        image_size=encoder.image_size,
     )
 
 
-def _matching_features(segmenter: Segmenter, features: torch.Tensor, debiased: bool) -> torch.Tensor:
-    return debias(features, segmenter.basis) if debiased else features
+def _matching_features(encoder: Encoder, features: torch.Tensor, debiased: bool) -> torch.Tensor:
+    return encoder.debiased(features) if debiased else features
 
 
 def best_matches(
@@ -325,7 +323,7 @@ def mutual_check(
 
 
 def iter_match(
-    segmenter: Segmenter,
+    encoder: Encoder,
     reference: ReferencePoints,
     targets: Iterable[ImageLike],
     batch_size: int = BATCH_SIZE,
@@ -342,14 +340,14 @@ def iter_match(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if reference.image_size != segmenter.config.image_size:
+    if reference.image_size != encoder.image_size:
         raise ValueError(
-            f"points were encoded at {reference.image_size}px, this segmenter runs at {segmenter.config.image_size}px"
+            f"points were encoded at {reference.image_size}px, this encoder runs at {encoder.image_size}px"
         )
-    workers = default_workers(segmenter.backbone.device) if workers is None else workers
-    pin = segmenter.backbone.device.type == "cuda"
-    for batch in load_batches(targets, segmenter.config.image_size, batch_size, workers, pin):
-        matches = iter(_match_batch(segmenter, reference, batch.pixels, batch.sizes, window, temperature, mutual)
+    workers = default_workers(encoder.backbone.device) if workers is None else workers
+    pin = encoder.backbone.device.type == "cuda"
+    for batch in load_batches(targets, encoder.image_size, batch_size, workers, pin):
+        matches = iter(_match_batch(encoder, reference, batch.pixels, batch.sizes, window, temperature, mutual)
                        if batch.pixels is not None else ())
         for target, error in batch.entries:
             yield target, error or next(matches)
@@ -357,7 +355,7 @@ def iter_match(
 
 @torch.inference_mode()
 def _match_batch(
-    segmenter: Segmenter,
+    encoder: Encoder,
     reference: ReferencePoints,
     pixels: torch.Tensor,
     sizes: Sequence[tuple[int, int]],
@@ -365,16 +363,13 @@ def _match_batch(
     temperature: float,
     mutual: bool,
 ) -> list[PointMatches]:
-    with segmenter.stage("backbone"):
-        features = patch_features(segmenter.backbone, pixels)
-    with segmenter.stage("matching"):
-        features = _matching_features(segmenter, features, reference.debiased)
-        grid_points, scores, best = best_matches(reference.features, features, segmenter.grid, window, temperature)
-        agrees = mutual_check(best, features, reference, segmenter.grid).cpu().numpy() if mutual else None
-        grid_points, scores = grid_points.double().cpu(), scores.cpu().numpy()
+    features = _matching_features(encoder, encoder.features(pixels), reference.debiased)
+    grid_points, scores, best = best_matches(reference.features, features, encoder.grid, window, temperature)
+    agrees = mutual_check(best, features, reference, encoder.grid).cpu().numpy() if mutual else None
+    grid_points, scores = grid_points.double().cpu(), scores.cpu().numpy()
     return [
         PointMatches(
-            from_grid(grid_points[i], size, segmenter.grid).numpy(),
+            from_grid(grid_points[i], size, encoder.grid).numpy(),
             scores[i],
             None if agrees is None else agrees[i],
             tuple(size),
@@ -384,7 +379,7 @@ def _match_batch(
 
 
 def match_points(
-    segmenter: Segmenter,
+    encoder: Encoder,
     reference: ReferencePoints,
     targets: Iterable[ImageLike],
     batch_size: int = BATCH_SIZE,
@@ -396,14 +391,14 @@ def match_points(
 
     Examples
     --------
-    >>> segmenter = Segmenter(load_backbone("dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"))
+    >>> encoder = EngineSettings.from_env(weights="dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth").build().encoder
     >>> names, points = load_points("points.json")
-    >>> reference = encode_points(segmenter, "cat.jpg", points, names)
-    >>> for match in match_points(segmenter, reference, ["a.jpg", "b.jpg"]):
+    >>> reference = encode_points(encoder, "cat.jpg", points, names)
+    >>> for match in match_points(encoder, reference, ["a.jpg", "b.jpg"]):
     ...     match.points, match.scores
     """
     results = []
-    for _, result in iter_match(segmenter, reference, targets, batch_size, **options):
+    for _, result in iter_match(encoder, reference, targets, batch_size, **options):
         if isinstance(result, InputError):
             raise result
         results.append(result)

@@ -48,10 +48,10 @@ def errors(predicted: np.ndarray, expected: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("debiased", [True, False])
 def test_points_follow_a_flip_and_a_shift(segmenter, mosaic, points, debiased):
-    reference = encode_points(segmenter, Image.fromarray(mosaic), points, debiased=debiased)
+    reference = encode_points(segmenter.encoder, Image.fromarray(mosaic), points, debiased=debiased)
     flipped = Image.fromarray(np.ascontiguousarray(mosaic[:, ::-1]))
     shifted = Image.fromarray(np.roll(mosaic, (2 * PATCH, 3 * PATCH), axis=(0, 1)))
-    flip, shift = match_points(segmenter, reference, [flipped, shifted], mutual=True)
+    flip, shift = match_points(segmenter.encoder, reference, [flipped, shifted], mutual=True)
 
     assert errors(flip.points, np.c_[SIDE - 1 - points[:, 0], points[:, 1]]).max() < PATCH
     assert errors(shift.points, (points + [3 * PATCH, 2 * PATCH]) % SIDE).max() < PATCH
@@ -61,13 +61,13 @@ def test_points_follow_a_flip_and_a_shift(segmenter, mosaic, points, debiased):
 
 
 def test_points_map_back_to_the_targets_own_size_and_orientation(segmenter, mosaic, points, tmp_path):
-    reference = encode_points(segmenter, Image.fromarray(mosaic), points)
+    reference = encode_points(segmenter.encoder, Image.fromarray(mosaic), points)
     wide = Image.fromarray(mosaic).resize((2 * SIDE, 3 * SIDE // 2), Image.NEAREST)
     rotated = tmp_path / "rotated.png"
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed after a 90 degree clockwise turn
     Image.fromarray(np.ascontiguousarray(np.rot90(mosaic))).save(rotated, exif=exif)
-    plain, stretched, oriented = match_points(segmenter, reference, [Image.fromarray(mosaic), wide, rotated])
+    plain, stretched, oriented = match_points(segmenter.encoder, reference, [Image.fromarray(mosaic), wide, rotated])
 
     np.testing.assert_allclose(oriented.points, plain.points, atol=1e-4)
     assert oriented.size == (SIDE, SIDE) and stretched.size == (3 * SIDE // 2, 2 * SIDE)
@@ -82,8 +82,8 @@ def test_one_backbone_call_per_batch(segmenter, mosaic, points):
     hook = segmenter.backbone.model.patch_embed.register_forward_hook(
         lambda module, args, output: calls.append(args[0].shape[0]))
     try:
-        reference = encode_points(segmenter, Image.fromarray(mosaic), points)
-        results = match_points(segmenter, reference, [Image.fromarray(mosaic)] * 5, batch_size=2, workers=0)
+        reference = encode_points(segmenter.encoder, Image.fromarray(mosaic), points)
+        results = match_points(segmenter.encoder, reference, [Image.fromarray(mosaic)] * 5, batch_size=2, workers=0)
     finally:
         hook.remove()
     assert calls == [1, 2, 2, 1] and len(results) == 5
@@ -143,12 +143,12 @@ def test_points_file_formats(tmp_path):
 
 def test_points_outside_the_reference_name_the_file(segmenter, mosaic):
     with pytest.raises(InputError, match=r"pts\.json: .*outside the reference image \(160x160.*nose \(160, 3\)"):
-        encode_points(segmenter, Image.fromarray(mosaic), np.array([[3.0, 3.0], [160.0, 3.0]]), ["eye", "nose"],
+        encode_points(segmenter.encoder, Image.fromarray(mosaic), np.array([[3.0, 3.0], [160.0, 3.0]]), ["eye", "nose"],
                       source="pts.json")
     with pytest.raises(InputError, match=r"-0\.5, 3"):
-        encode_points(segmenter, Image.fromarray(mosaic), np.array([[-0.5, 3.0]]))
+        encode_points(segmenter.encoder, Image.fromarray(mosaic), np.array([[-0.5, 3.0]]))
     with pytest.raises(InputError, match="non-empty"):
-        encode_points(segmenter, Image.fromarray(mosaic), np.zeros((0, 2)))
+        encode_points(segmenter.encoder, Image.fromarray(mosaic), np.zeros((0, 2)))
 
 
 def test_match_command(tmp_path, mosaic, points, capsys):

@@ -50,12 +50,12 @@ def run_match(arguments: argparse.Namespace) -> int:
     settings = EngineSettings.from_arguments(arguments)
     segmenter = build_segmenter(settings)
     reference = encode_points(
-        segmenter, Path(image), points, names, debiased=not arguments.original_features, source=points_file
+        segmenter.encoder, Path(image), points, names, debiased=not arguments.original_features, source=points_file
     )
     print(f"insid3: {len(reference)} point(s), {len(targets)} target(s) on {segmenter.backbone.device}",
           file=sys.stderr)
     matched, failures = [], []
-    stream = iter_match(segmenter, reference, targets, settings.batch_size, settings.workers,
+    stream = iter_match(segmenter.encoder, reference, targets, settings.batch_size, settings.workers,
                         arguments.window, arguments.temperature, arguments.mutual)
     for target, result in stream:
         if isinstance(result, InputError):
