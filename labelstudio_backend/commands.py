@@ -8,6 +8,7 @@ import logging
 import sys
 
 SERVER_THREADS = 8
+SERVED_SETTINGS = "served-engine-settings.json"  # in MODEL_DIR: the engine flags of ``serve``, for ``preannotate``
 ENGINE_UNUSED = ("instance_method",)  # the backend's INSID3_INSTANCES says whether and how to split
 CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
 
@@ -42,18 +43,42 @@ def register(subparsers) -> None:
     preannotate.set_defaults(handler=run_preannotate)
 
 
-def backend_from_arguments(arguments: argparse.Namespace, settings):
-    """The backend for ``settings`` and the parsed engine options (flags, else ``INSID3_*``; loads the backbone)."""
+def backend_from_arguments(arguments: argparse.Namespace, settings, serving: bool = False):
+    """The backend for ``settings`` and the parsed engine options (loads the backbone).
+
+    Each engine option comes from its flag, else from the settings the backend serving
+    ``MODEL_DIR`` was started with (:data:`SERVED_SETTINGS`, which ``serving`` writes), else from
+    ``INSID3_*``: ``preannotate`` then makes the predictions ``serve`` would, under the same
+    model version, without repeating its flags.
+    """
     from insid3_core.backbone import announce_smoke_test
+    from insid3_core.io import write_json
     from insid3_core.settings import EngineSettings
 
     from .build import build_backend
 
-    engine = EngineSettings.from_arguments(arguments)
+    given = {name: getattr(arguments, name) for name in EngineSettings.names() if getattr(arguments, name, None) is not None}
+    served = {} if serving else served_settings(settings.model_dir / SERVED_SETTINGS)
+    engine = EngineSettings.from_env(**{**served, **given})
+    if serving:
+        write_json(settings.model_dir / SERVED_SETTINGS, {name: value for name, value in given.items()})
     segmenter = engine.build()
     announce_smoke_test(segmenter.backbone)
     settings = dataclasses.replace(settings, batch_size=engine.batch_size, min_instance_patches=engine.min_instance_patches)
     return build_backend(settings, segmenter)
+
+
+def served_settings(path) -> dict:
+    """The engine flags a serving backend was started with (``{}`` when none was, or unreadable)."""
+    import json
+
+    from insid3_core.settings import EngineSettings
+
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {name: value for name, value in stored.items() if name in EngineSettings.names()} if isinstance(stored, dict) else {}
 
 
 def run_serve(arguments: argparse.Namespace) -> int:
@@ -67,7 +92,8 @@ def run_serve(arguments: argparse.Namespace) -> int:
     if arguments.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {arguments.threads}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    app, options = served_app(backend_from_arguments(arguments, Settings.from_environment()), arguments.threads)
+    app, options = served_app(backend_from_arguments(arguments, Settings.from_environment(), serving=True),
+                              arguments.threads)
     print(f"insid3: Label Studio ML backend on http://{arguments.host}:{arguments.port}", file=sys.stderr)
     waitress.serve(app, host=arguments.host, port=arguments.port, **options)
     return 0

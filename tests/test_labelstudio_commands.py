@@ -102,3 +102,22 @@ def process_output(process) -> str:
     """What ``process`` wrote to stderr, after stopping it."""
     process.terminate()
     return process.communicate(timeout=20)[1].decode()
+
+
+def test_preannotate_predicts_with_the_settings_serve_was_started_with(tmp_path, monkeypatch):
+    """``preannotate`` without flags gets the model version of the backend ``serve`` started with flags."""
+    from labelstudio_backend.commands import backend_from_arguments
+    from labelstudio_backend.settings import Settings
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    flags = ["--image-size", "128", "--svd-components", "16", "--tau", "0.7", "--device", "cpu"]
+    served = backend_from_arguments(insid3_parser().parse_args(["labelstudio", "serve", *flags]),
+                                    Settings.from_environment(), serving=True)
+    plain = backend_from_arguments(insid3_parser().parse_args(["labelstudio", "preannotate", "--project", "1"]),
+                                   Settings.from_environment())
+    assert plain.model_version(None) == served.model_version(None)
+    assert plain.predictor.segmenter.config.tau == 0.7
+    changed = backend_from_arguments(
+        insid3_parser().parse_args(["labelstudio", "preannotate", "--project", "1", "--tau", "0.6"]),
+        Settings.from_environment())
+    assert changed.model_version(None) != served.model_version(None)
