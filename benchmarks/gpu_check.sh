@@ -25,7 +25,7 @@ step() {
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$python" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-    step -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_parity.py -k "cuda or clustering"
+    step -m pytest -q -p no:cacheprovider tests/engine/test_speed.py tests/engine/test_parity.py -k "cuda or clustering"
     step benchmarks/clustering.py --device cuda --random-weights --backbone vit_small_patch16_dinov3 \
         --image-size 1024 --targets 32 --batch-size 16
     step benchmarks/clustering.py --device cuda --random-weights --backbone vit_small_patch16_dinov3 \

@@ -1,18 +1,8 @@
-"""Shared fixtures: the bundled tiny DINOv3 checkpoint, the parity episodes, example images."""
+"""Fixtures of every test: a cache of positional bases of its own, and the bundled tiny DINOv3 checkpoint."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-PARITY = FIXTURES / "parity"
-EXAMPLES = ROOT / "examples"
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-EPISODES = json.loads((PARITY / "manifest.json").read_text())
 
 
 @pytest.fixture(autouse=True, scope="session")

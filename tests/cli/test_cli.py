@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES
+from data import EXAMPLES
 from insid3_core.cli import main
 from insid3_core.coco import rle_decode
 

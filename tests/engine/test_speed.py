@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import EXAMPLES
+from data import EXAMPLES
 from insid3_core import EngineConfig, InputError, Segmenter, clustering
 from insid3_core.clustering import (
     _cosine_distances,

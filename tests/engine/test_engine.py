@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXAMPLES
+from data import EXAMPLES
 from insid3_core import EngineConfig, Segmenter
 
 REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ARTIFACTS, EPISODES, PARITY
+from data import ARTIFACTS, EPISODES, PARITY
 from insid3_core import TEST_CHECKPOINT, EngineConfig, Segmenter, load_backbone
 from insid3_core.features import patch_features, resized_pixels
 from insid3_core.io import load_image

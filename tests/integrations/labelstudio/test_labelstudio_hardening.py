@@ -15,9 +15,8 @@ import requests
 pytest.importorskip("flask")
 pytest.importorskip("waitress")
 
-from labelstudio_fixtures import BRUSH_CONFIG, LABEL, reference_folder, small_segmenter  # noqa: E402
+from labelstudio_fixtures import BRUSH_CONFIG, LABEL, Listener, reference_folder, small_segmenter  # noqa: E402
 from labelstudio_live import BackendServer  # noqa: E402
-from test_labelstudio_ssrf import Listener  # noqa: E402
 
 from labelstudio_backend.app import create_app  # noqa: E402
 from labelstudio_backend.budget import Lease, PixelBudget  # noqa: E402

@@ -10,8 +10,8 @@ from importlib.util import find_spec
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES
-from conftest_fiftyone import PLUGIN_URI, isolated_fiftyone
+from data import EXAMPLES
+from fiftyone_setup import PLUGIN_URI
 
 pytestmark = pytest.mark.skipif(find_spec("fiftyone") is None, reason="needs the fiftyone extra")
 
@@ -19,11 +19,6 @@ SEGMENT = f"{PLUGIN_URI}/segment_by_example"
 ENGINE = {"image_size": 128, "svd_components": 16, "device": "cpu", "batch_size": 3}
 REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")
 TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
-
-
-@pytest.fixture(scope="session")
-def fo(tmp_path_factory):
-    yield from isolated_fiftyone(tmp_path_factory.mktemp("fiftyone"))
 
 
 @pytest.fixture(scope="session")

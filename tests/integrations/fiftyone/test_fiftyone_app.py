@@ -12,8 +12,8 @@ import shutil
 from importlib.util import find_spec
 
 import pytest
-from conftest import ARTIFACTS, EXAMPLES
-from conftest_fiftyone import PLUGIN_URI, free_port, isolated_fiftyone
+from data import ARTIFACTS, EXAMPLES
+from fiftyone_setup import PLUGIN_URI, free_port
 
 CHROMIUM = os.environ.get("INSID3_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -21,11 +21,6 @@ pytestmark = [pytest.mark.live, pytest.mark.skipif(
     find_spec("fiftyone") is None or find_spec("playwright") is None or not os.path.exists(CHROMIUM),
     reason="needs the fiftyone extra, playwright and a Chromium",
 )]
-
-
-@pytest.fixture(scope="session")
-def fo(tmp_path_factory):
-    yield from isolated_fiftyone(tmp_path_factory.mktemp("fiftyone"))
 
 
 @pytest.fixture

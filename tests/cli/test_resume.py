@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import insid3_core.cli.segment
-from conftest import EXAMPLES
+from data import EXAMPLES
 from insid3_core.cli import main
 from test_cli import FAST, REFERENCE, segment
 

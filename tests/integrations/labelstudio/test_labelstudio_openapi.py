@@ -16,9 +16,8 @@ import requests
 pytest.importorskip("flask")
 pytest.importorskip("schemathesis")
 
-from labelstudio_fixtures import reference_folder, small_segmenter  # noqa: E402
+from labelstudio_fixtures import Listener, reference_folder, small_segmenter  # noqa: E402
 from labelstudio_live import BackendServer  # noqa: E402
-from test_labelstudio_ssrf import Listener  # noqa: E402
 
 from labelstudio_backend.app import OPENAPI, create_app  # noqa: E402
 from labelstudio_backend.build import build_backend  # noqa: E402

@@ -13,14 +13,13 @@ pytest.importorskip("flask")
 pytest.importorskip("label_studio_sdk")
 
 import requests  # noqa: E402
+from data import ROOT  # noqa: E402
 from labelstudio_fixtures import insid3_parser  # noqa: E402
 
 from insid3_core.cli import main  # noqa: E402
 from labelstudio_live import free_port  # noqa: E402
 
 from labelstudio_backend.commands import run_connect, run_preannotate, run_serve  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_serve_arguments():

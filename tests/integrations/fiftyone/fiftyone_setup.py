@@ -1,5 +1,6 @@
-"""A private FiftyOne for the plugin's tests: its own MongoDB, database, config and plugins
-directory, set up before ``fiftyone`` is first imported and torn down afterwards."""
+"""A private FiftyOne for the tests: its own MongoDB, database, config and plugins directory, set
+up before ``fiftyone`` is first imported (it reads its configuration once, on import) and torn
+down afterwards; the session fixture ``fo`` of ``tests/integrations/conftest.py`` runs it."""
 
 from __future__ import annotations
 
@@ -40,31 +41,6 @@ def start_mongod(folder: Path) -> tuple[subprocess.Popen, int]:
         time.sleep(0.2)
     process.terminate()
     raise RuntimeError("mongod did not start listening within 60 s")
-
-
-_SHARED: dict = {}  # one FiftyOne per test process: it reads its configuration once, on import
-
-
-def isolated_fiftyone(root: Path):
-    """Generator for a session fixture: yields the imported ``fiftyone`` module.
-
-    The first user sets ``FIFTYONE_*`` variables (database dir and URI, config files, plugins
-    and dataset dirs, no tracking) under ``root``, starts a MongoDB and installs the plugin
-    with ``insid3 fiftyone install``; later users (fixtures of other test modules) share it,
-    and the last one to finish stops the MongoDB and restores the environment.
-    """
-    if not _SHARED:
-        _SHARED.update(start_fiftyone(root), users=0)
-    _SHARED["users"] += 1
-    try:
-        import fiftyone
-
-        yield fiftyone
-    finally:
-        _SHARED["users"] -= 1
-        if not _SHARED["users"]:
-            stop_fiftyone(**_SHARED)
-            _SHARED.clear()
 
 
 def start_fiftyone(root: Path) -> dict:

@@ -11,7 +11,7 @@ from importlib.util import find_spec
 
 import numpy as np
 import pytest
-from conftest_fiftyone import PLUGIN_URI, isolated_fiftyone
+from fiftyone_setup import PLUGIN_URI
 from scenes import scene
 from insid3_core.metrics import mask_iou
 
@@ -26,11 +26,6 @@ TARGETS = [
     scene(disks=[(70, 70, 40), (240, 180, 45)], seed=4),
     scene(disks=[(120, 128, 70)], squares=[(230, 20, 64)], seed=5),
 ]
-
-
-@pytest.fixture(scope="session")
-def fo(tmp_path_factory):
-    yield from isolated_fiftyone(tmp_path_factory.mktemp("fiftyone"))
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,13 @@ key must never reach anything but Label Studio's exact origin.
 
 from __future__ import annotations
 
-import io
-import threading
-import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from PIL import Image
 
 pytest.importorskip("flask")
 
-from labelstudio_fixtures import BRUSH_CONFIG, brush_region, reference_folder, small_segmenter  # noqa: E402
+from labelstudio_fixtures import BRUSH_CONFIG, Listener, brush_region, reference_folder, small_segmenter  # noqa: E402
 
 from labelstudio_backend.credentials import Credentials  # noqa: E402
 from labelstudio_backend.errors import BackendError  # noqa: E402
@@ -27,68 +22,6 @@ from labelstudio_backend.images import ImageFetcher  # noqa: E402
 from labelstudio_backend.urls import UnsafeURL, canonical_host, parse_url  # noqa: E402
 
 API_KEY = "secret-api-key"
-
-
-def png_bytes() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 6), (200, 10, 10)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-class Listener:
-    """An HTTP server on ``host`` recording every request: ``/x.png`` an image, ``/to?<location>`` a
-    302 to that location (sent as is), ``/drip`` 1000 bytes one every 50 ms, ``/slow-headers`` its
-    headers one byte every 50 ms."""
-
-    def __init__(self, host: str) -> None:
-        self.requests: list[tuple[str, str | None]] = []
-        self.dripped = 0
-        listener = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                listener.requests.append((self.path, self.headers.get("Authorization")))
-                if self.path.startswith("/to?"):
-                    self.send_response(302)
-                    self.send_header("Location", urllib.parse.unquote(self.path[4:]))
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                elif self.path == "/drip":
-                    self.send_response(200)
-                    self.send_header("Content-Length", "1000")
-                    self.end_headers()
-                    self.drip(b"x" * 1000)
-                elif self.path == "/slow-headers":
-                    self.drip(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"p" * 1000 + b"\r\n\r\n")
-                else:
-                    body = png_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-
-            def drip(self, data: bytes) -> None:
-                try:
-                    for byte in data:
-                        self.wfile.write(bytes([byte]))
-                        self.wfile.flush()
-                        listener.dripped += 1
-                        time.sleep(0.05)
-                except OSError:
-                    pass
-
-            def log_message(self, *_):
-                pass
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        self.authority = f"{host}:{self.server.server_address[1]}"
-        self.url = f"http://{self.authority}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import insid3_core.backbone
-from conftest import EXAMPLES
+from data import EXAMPLES
 from insid3_core.backbone import BUNDLED_CHECKPOINT
 from test_cli import segment
 

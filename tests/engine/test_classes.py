@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,10 +10,10 @@ from PIL import Image
 from insid3_core import EngineConfig, References, Segmenter
 from insid3_core import pipeline as pipeline_module
 from insid3_core.io import InputError
+from data import EXAMPLES
 from scenes import scene
 from insid3_core.metrics import mask_iou
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 REFERENCE, REFERENCE_MASKS = scene(disks=[(100, 120, 60)], squares=[(200, 40, 90)], seed=1)
 TARGETS = [

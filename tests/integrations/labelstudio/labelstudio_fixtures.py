@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import functools
+import io
+import time
+import urllib.parse
 import shutil
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
+from data import EXAMPLES
+
 TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
 IMAGE_SIZE = 128
 SVD_COMPONENTS = 16
@@ -148,3 +151,65 @@ class StaticServer:
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *_) -> None:
         pass
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class Listener:
+    """An HTTP server on ``host`` recording every request: ``/x.png`` an image, ``/to?<location>`` a
+    302 to that location (sent as is), ``/drip`` 1000 bytes one every 50 ms, ``/slow-headers`` its
+    headers one byte every 50 ms."""
+
+    def __init__(self, host: str) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        self.dripped = 0
+        listener = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                listener.requests.append((self.path, self.headers.get("Authorization")))
+                if self.path.startswith("/to?"):
+                    self.send_response(302)
+                    self.send_header("Location", urllib.parse.unquote(self.path[4:]))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif self.path == "/drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.drip(b"x" * 1000)
+                elif self.path == "/slow-headers":
+                    self.drip(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"p" * 1000 + b"\r\n\r\n")
+                else:
+                    body = png_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def drip(self, data: bytes) -> None:
+                try:
+                    for byte in data:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        listener.dripped += 1
+                        time.sleep(0.05)
+                except OSError:
+                    pass
+
+            def log_message(self, *_):
+                pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.authority = f"{host}:{self.server.server_address[1]}"
+        self.url = f"http://{self.authority}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES
+from data import EXAMPLES
 from insid3_core.cli import main
 from insid3_core.metrics import mask_iou
 
@@ -41,15 +41,12 @@ def from_the_command_line(target, tmp_path_factory):
     return mask, entry["quality"]["verdict"]
 
 
-def test_the_fiftyone_operator_agrees(target, from_the_command_line, tmp_path_factory):
-    from conftest_fiftyone import PLUGIN_URI, isolated_fiftyone
+def test_the_fiftyone_operator_agrees(fo, target, from_the_command_line):
+    import fiftyone.operators as foo
+    from fiftyone_setup import PLUGIN_URI
 
-    session = isolated_fiftyone(tmp_path_factory.mktemp("fiftyone"))  # before fiftyone is first imported
-    fo = next(session)
+    dataset = fo.Dataset()
     try:
-        import fiftyone.operators as foo
-
-        dataset = fo.Dataset()
         dataset.add_samples([fo.Sample(filepath=str(REFERENCE[0]), tags=["reference"],
                                        ground_truth=fo.Segmentation(mask_path=str(REFERENCE[1]))),
                              fo.Sample(filepath=str(target))])
@@ -59,9 +56,8 @@ def test_the_fiftyone_operator_agrees(target, from_the_command_line, tmp_path_fa
         mask, verdict = from_the_command_line
         assert mask_iou(sample.pred.mask > 0, mask) == 1.0
         assert sample.pred.verdict == verdict == "fragmented"
-        dataset.delete()
     finally:
-        session.close()
+        dataset.delete()
 
 
 def test_the_label_studio_backend_agrees(target, from_the_command_line, tmp_path, monkeypatch):
