@@ -58,7 +58,7 @@ def test_schemathesis_finds_no_failure_against_the_live_server(tiny_backbone, tm
                 [*schemathesis_command(), "run", server.url + "/openapi.json", *auth, "--checks", "all",
                  "--exclude-checks", "positive_data_acceptance", "--max-examples", str(EXAMPLES_PER_OPERATION),
                  "--workers", "1", "--request-timeout", "60", "--no-color"],
-                capture_output=True, text=True, timeout=600)
+                capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays out of the checkout
     finally:
         label_studio.close()
     summary = run.stdout[-3000:]
