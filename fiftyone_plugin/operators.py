@@ -104,6 +104,7 @@ def start_run(ctx):
         classes = segmenter.encode(plan.references, plan.negatives)
     except InputError as err:
         raise ValueError(f"reference unusable: {err}") from err
+    record_provenance(ctx.dataset, outputs.fields, engine, segmenter, classes)
     counts = collections.Counter()
     job = segment_collection(segmenter, classes, ctx.dataset, target_samples(ctx, chosen), outputs,
                              engine.batch_size, counts)
@@ -112,6 +113,21 @@ def start_run(ctx):
         return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test)
 
     return job, engine.batch_size, counts, outputs, report
+
+
+def record_provenance(dataset, fields, engine, segmenter, references) -> None:
+    """``dataset.info["insid3"][field]``: the settings, weights and references each field was made
+    with (``EngineSettings.describe()``, as ``insid3 segment`` writes beside its masks)."""
+    from insid3_core import __version__
+
+    made_with = {"version": __version__, "backbone": segmenter.backbone.name, "weights_id": segmenter.backbone.identity,
+                 "smoke_test": segmenter.backbone.is_smoke_test,
+                 "settings": {**engine.describe(), "svd_components": int(segmenter.basis.shape[1])},
+                 "references": {name: list(encoded.names) for name, encoded in references.classes.items()}}
+    info = dict(dataset.info or {})
+    info["insid3"] = {**info.get("insid3", {}), **{field: made_with for field in fields}}
+    dataset.info = info
+    dataset.save()
 
 
 def engine_inputs(inputs, dataset) -> None:

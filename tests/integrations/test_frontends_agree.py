@@ -56,6 +56,8 @@ def test_the_fiftyone_operator_agrees(fo, target, from_the_command_line):
         mask, verdict = from_the_command_line
         assert mask_iou(sample.pred.mask > 0, mask) == 1.0
         assert sample.pred.verdict == verdict == "fragmented"
+        made_with = dataset.info["insid3"]["pred"]["settings"]
+        assert {name: made_with[name] for name in SETTINGS} == SETTINGS
     finally:
         dataset.delete()
 
