@@ -9,7 +9,8 @@ import json
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from fuzzing import FUZZ, json_values
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -17,14 +18,6 @@ from insid3_core import BackboneError, load_backbone
 from insid3_core.backbone import BUNDLED_CHECKPOINT
 from insid3_core.io import InputError, label_masks, load_image, load_mask
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                         HealthCheck.too_slow])
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
-    max_leaves=25,
-)
 
 
 def image_bytes(format_name: str, mode: str) -> bytes:
