@@ -18,8 +18,6 @@ from .turns import Turns
 log = logging.getLogger(__name__)
 MODEL_CLASS = "INSID3"
 OPENAPI = Path(__file__).with_name("openapi.json")
-
-
 WORK_ROUTES = frozenset({"/setup", "/predict", "/train", "/webhook"})
 
 

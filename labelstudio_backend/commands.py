@@ -8,7 +8,8 @@ import logging
 import sys
 
 SERVER_THREADS = 8
-SERVED_SETTINGS = "served-engine-settings.json"  # in MODEL_DIR: the engine flags of ``serve``, for ``preannotate``
+SERVED_SETTINGS = "served-engine-settings.json"  # in MODEL_DIR: the engine settings of ``serve``, for ``preannotate``
+MACHINE_OPTIONS = ("device", "precision", "batch_size", "workers")  # where it runs, not what it predicts
 ENGINE_UNUSED = ("instance_method",)  # the backend's INSID3_INSTANCES says whether and how to split
 CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
 
@@ -47,9 +48,9 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
     """The backend for ``settings`` and the parsed engine options (loads the backbone).
 
     Each engine option comes from its flag, else from the settings the backend serving
-    ``MODEL_DIR`` was started with (:data:`SERVED_SETTINGS`, which ``serving`` writes), else from
-    ``INSID3_*``: ``preannotate`` then makes the predictions ``serve`` would, under the same
-    model version, without repeating its flags.
+    ``MODEL_DIR`` runs with (:data:`SERVED_SETTINGS`, which ``serving`` writes; the options of
+    the machine, :data:`MACHINE_OPTIONS`, left out), else from ``INSID3_*``: ``preannotate`` then
+    makes the predictions ``serve`` would, under the same model version, without repeating them.
     """
     from insid3_core.backbone import announce_smoke_test
     from insid3_core.io import write_json
@@ -60,16 +61,17 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
     given = {name: getattr(arguments, name) for name in EngineSettings.names() if getattr(arguments, name, None) is not None}
     served = {} if serving else served_settings(settings.model_dir / SERVED_SETTINGS)
     engine = EngineSettings.from_env(**{**served, **given})
-    if serving:
-        write_json(settings.model_dir / SERVED_SETTINGS, {name: value for name, value in given.items()})
     segmenter = engine.build()
+    if serving:
+        write_json(settings.model_dir / SERVED_SETTINGS, {name: value for name, value in engine.describe().items()
+                                                          if name not in MACHINE_OPTIONS})
     announce_smoke_test(segmenter.backbone)
     settings = dataclasses.replace(settings, batch_size=engine.batch_size, min_instance_patches=engine.min_instance_patches)
     return build_backend(settings, segmenter)
 
 
 def served_settings(path) -> dict:
-    """The engine flags a serving backend was started with (``{}`` when none was, or unreadable)."""
+    """The engine settings a serving backend runs with (``{}`` when none was started, or unreadable)."""
     import json
 
     from insid3_core.settings import EngineSettings
