@@ -23,6 +23,8 @@ ENGINE_LABELS = {"weights": "Weights", "backbone": "timm backbone", "device": "D
                  "batch_size": "Batch size", "workers": "Workers"}
 """The form's engine inputs (every EngineSettings option but the instance ones, which the output
 choice shows), under the option's own name."""
+SCHEDULING_HINT = ("To schedule large runs (Schedule in the Execute menu), start the App with "
+                   "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true and run `fiftyone delegated launch`")
 MASK_DIR_HELP = "write masks as PNG files under <folder>/<output field>/ (mask_path); empty: inline"
 
 
@@ -65,6 +67,8 @@ class SegmentByExample(foo.Operator):
             inputs.view("smoke_test", types.Warning(
                 label="No DINOv3 weights configured",
                 description=f"The {SMOKE_TEST_NOTE}"))
+        if not scheduling_available():
+            inputs.view("scheduling", types.Notice(label=SCHEDULING_HINT))
         return types.Property(inputs, view=types.View(label="Segment by example"))
 
     def resolve_execution_options(self, ctx):
@@ -128,6 +132,14 @@ def record_provenance(dataset, fields, engine, segmenter, references) -> None:
     info["insid3"] = {**info.get("insid3", {}), **{field: made_with for field in fields}}
     dataset.info = info
     dataset.save()
+
+
+def scheduling_available() -> bool:
+    """Whether the App offers delegated ("Schedule") runs: FiftyOne's open-source orchestrator needs
+    ``FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true``."""
+    import fiftyone as fo
+
+    return bool(getattr(fo.config, "allow_legacy_orchestrators", True))
 
 
 def engine_inputs(inputs, dataset) -> None:
@@ -218,11 +230,19 @@ def run_delegated(ctx) -> dict:
 
 
 def run_immediate(ctx):
-    """An immediate run: a progress bar in the App, then a notification and a reload."""
-    job, batch_size, _, _, report = start_run(ctx)
-    for done, total in job:
-        if done % batch_size == 0 or done == total:
-            yield ctx.ops.set_progress(progress=done / total, label=f"Segmented {done}/{total}")
+    """An immediate run: a progress bar in the App, then a notification and a reload.
+
+    A failure is shown as an error notification before it is raised: the App drops an exception
+    raised inside a generator, so the user would otherwise see the form close and nothing else.
+    """
+    try:
+        job, batch_size, _, _, report = start_run(ctx)
+        for done, total in job:
+            if done % batch_size == 0 or done == total:
+                yield ctx.ops.set_progress(progress=done / total, label=f"Segmented {done}/{total}")
+    except Exception as err:
+        yield ctx.ops.notify(f"Segment by example failed: {err}", variant="error")
+        raise
     yield ctx.ops.notify(report(), variant="success")
     yield ctx.ops.reload_dataset()
 

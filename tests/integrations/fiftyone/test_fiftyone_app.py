@@ -81,3 +81,32 @@ def open_form(page) -> None:
     page.keyboard.type("Segment by example")
     page.get_by_text("segment_by_example", exact=True).click()
     page.get_by_text("Reference mask field").first.wait_for(timeout=60_000)
+
+
+def test_a_run_that_fails_after_it_started_shows_its_error_in_the_app(fo, dataset, tmp_path):
+    """Weights that exist but are no checkpoint pass the form's checks and fail when the run loads
+    them: the App showed nothing (it drops exceptions raised in a generator); now it notifies."""
+    from playwright.sync_api import sync_playwright
+
+    notes = tmp_path / "weights.pth"
+    notes.write_text("these are not weights\n")
+    dataset.app_config.plugins = {PLUGIN_URI: {"image_size": 128, "svd_components": 16, "device": "cpu",
+                                               "weights": str(notes)}}
+    dataset.save()
+    port = free_port()
+    session = fo.launch_app(dataset, remote=True, port=port, auto=False)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/datasets/{dataset.name}", timeout=120_000)
+            page.get_by_text("ground_truth").first.wait_for(timeout=120_000)
+            open_form(page)
+            page.get_by_role("button", name="Execute").click()
+            page.get_by_text("not a PyTorch checkpoint").first.wait_for(timeout=120_000)
+            page.screenshot(path=str(ARTIFACTS / "fiftyone_run_error.png"))
+            browser.close()
+    finally:
+        session.close()
+    dataset.reload()
+    assert "insid3" not in dataset.get_field_schema()

@@ -314,3 +314,11 @@ def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, 
     with pytest.raises(ExecutionError, match=re.escape(message)):
         segment(dataset, params)
     assert "pred" not in dataset.get_field_schema()
+
+
+def test_the_form_says_how_to_enable_scheduling(fo, dataset, monkeypatch):
+    monkeypatch.setattr(fo.config, "allow_legacy_orchestrators", False)
+    notice = form(dataset)["scheduling"]
+    assert "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true" in notice.view.label
+    monkeypatch.setattr(fo.config, "allow_legacy_orchestrators", True)
+    assert "scheduling" not in form(dataset)
