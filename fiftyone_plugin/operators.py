@@ -35,7 +35,7 @@ class SegmentByExample(foo.Operator):
     def config(self):
         return foo.OperatorConfig(
             name="segment_by_example",
-            label="Segment by example",
+            label="insid3: segment by example",
             description="Segment targets like the masks of reference samples (INSID3, DINOv3, no training)",
             dynamic=True,
             execute_as_generator=True,
@@ -51,6 +51,10 @@ class SegmentByExample(foo.Operator):
         _, problem = check_run(ctx, chosen)
         if problem:  # first, where the user sees it; it also keeps the run from starting
             inputs.view("problem", types.Error(label=problem), invalid=True, error_message=problem)
+        if not any(ctx.params.get(name) or plugin_settings.default(name, dataset) for name in ("weights", "backbone")):
+            inputs.view("smoke_test", types.Warning(  # at the top: the masks would carry no semantics
+                label="No DINOv3 weights configured",
+                description=f"The {SMOKE_TEST_NOTE}"))
         inputs.str("reference_tag", default=chosen["reference_tag"], label="Reference tag",
                    description="samples carrying this tag are the examples")
         fields = segmentation_fields(dataset)
@@ -63,10 +67,6 @@ class SegmentByExample(foo.Operator):
         inputs.bool("overwrite", default=False, label="Overwrite",
                     description="replace the values of existing output fields")
         engine_inputs(inputs, dataset)
-        if not any(ctx.params.get(name) or plugin_settings.default(name, dataset) for name in ("weights", "backbone")):
-            inputs.view("smoke_test", types.Warning(
-                label="No DINOv3 weights configured",
-                description=f"The {SMOKE_TEST_NOTE}"))
         if not scheduling_available():
             inputs.view("scheduling", types.Notice(label=SCHEDULING_HINT))
         return types.Property(inputs, view=types.View(label="Segment by example"))
