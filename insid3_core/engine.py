@@ -18,7 +18,7 @@ from .backbone import Backbone
 from .config import BATCH_SIZE, EngineConfig, cache_dir, clustering_bytes
 from .encoder import Encoder
 from .features import resized_pixels
-from .io import ImageLike, InputError, MaskLike, load_image, load_mask, mask_array
+from .io import ImageLike, InputError, MaskLike, load_image, reference_mask
 from .loader import default_workers, executor, load_batches
 from .matching import downsample_mask, mask_tensor, reference_prototype
 from .quality import QualityThresholds, quality_report
@@ -178,7 +178,7 @@ class Segmenter:
             decoded, resized = loaded[name]
             names.append(name)
             images.append(resized)
-            masks.append(mask_tensor(self._reference_mask(name, decoded, mask), self.config.image_size))
+            masks.append(mask_tensor(reference_mask(name, decoded, mask), self.config.image_size))
         return torch.stack(images), torch.stack(masks), tuple(names)
 
     def _reference_set(
@@ -202,22 +202,6 @@ class Segmenter:
         return ReferenceSet(
             debiased, low, reference_prototype(debiased, low), self.config.image_size, tuple(names), negative_patches
         )
-
-    @staticmethod
-    def _reference_mask(name: str, image: Image.Image, mask: MaskLike) -> np.ndarray:
-        if isinstance(mask, (str, Path)):
-            array = load_mask(mask, image.size)
-            name = str(mask)
-        else:
-            array = mask_array(mask)
-            if array.shape != (image.height, image.width):
-                raise InputError(
-                    f"{name}: mask is {array.shape[1]}x{array.shape[0]} but its image is "
-                    f"{image.width}x{image.height} (width x height)"
-                )
-        if not array.any():
-            raise InputError(f"{name}: reference mask is empty (no foreground pixel)")
-        return array
 
     def segment(
         self, references: References, targets: Iterable[ImageLike], batch_size: int = BATCH_SIZE, workers: int | None = None

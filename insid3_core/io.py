@@ -189,18 +189,29 @@ def file_digest(path: str | Path, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+def reference_mask(name: str, image: Image.Image, mask: MaskLike) -> np.ndarray:
+    """The ``(H, W)`` bool foreground of a reference ``mask`` for its decoded ``image`` (named
+    ``name`` in errors); :class:`InputError` when the sizes differ or the mask is empty."""
+    if isinstance(mask, (str, Path)):
+        array = load_mask(mask, image.size)
+        name = str(mask)
+    else:
+        array = mask_array(mask)
+        if array.shape != (image.height, image.width):
+            raise InputError(
+                f"{name}: mask is {array.shape[1]}x{array.shape[0]} but its image is "
+                f"{image.width}x{image.height} (width x height)"
+            )
+    if not array.any():
+        raise InputError(f"{name}: reference mask is empty (no foreground pixel)")
+    return array
+
+
 def check_references(pairs) -> None:
-    """Decode ``(image, mask)`` file pairs and check them as the engine will (readable, same size,
-    mask not empty), so a bad reference is reported before a backbone is loaded."""
+    """Decode ``(image, mask)`` file pairs and check them as the engine will (:func:`reference_mask`),
+    so a bad reference is reported before a backbone is loaded."""
     for image, mask in pairs:
-        decoded = load_image(image)
-        array = load_mask(mask, decoded.size) if isinstance(mask, (str, Path)) else mask_array(mask)
-        if array.shape != (decoded.height, decoded.width):
-            raise InputError(f"{image}: mask is {array.shape[1]}x{array.shape[0]} but its image is "
-                             f"{decoded.width}x{decoded.height} (width x height)")
-        if not array.any():
-            raise InputError(f"{mask if isinstance(mask, (str, Path)) else image}: reference mask is empty "
-                             "(no foreground pixel)")
+        reference_mask(str(image), load_image(image), mask)
 
 
 def check_writable_folder(folder: str | Path, what: str) -> None:
