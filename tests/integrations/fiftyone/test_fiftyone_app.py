@@ -7,6 +7,7 @@ database; the form's engine defaults come from the dataset's plugin settings.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from importlib.util import find_spec
@@ -37,11 +38,12 @@ def dataset(fo):
     collection.delete()
 
 
-def test_segment_by_example_from_the_operator_browser(fo, dataset):
-    ARTIFACTS.mkdir(exist_ok=True)
+@contextlib.contextmanager
+def app_page(fo, dataset):
+    """A Chromium page on the App serving ``dataset`` (a server of its own), once the grid shows."""
     from playwright.sync_api import sync_playwright
 
-    reference_id = dataset.match_tags("reference").first().id
+    ARTIFACTS.mkdir(exist_ok=True)
     port = free_port()
     session = fo.launch_app(dataset, remote=True, port=port, auto=False)
     try:
@@ -50,24 +52,29 @@ def test_segment_by_example_from_the_operator_browser(fo, dataset):
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/datasets/{dataset.name}", timeout=120_000)
             page.get_by_text("ground_truth").first.wait_for(timeout=120_000)
-
-            dataset.untag_samples("reference")
-            open_form(page)
-            page.get_by_text("No sample is tagged 'reference'").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "fiftyone_no_reference.png"))
-            page.get_by_role("button", name="Cancel").click()
-
-            dataset.select(reference_id).tag_samples("reference")
-            open_form(page)
-            page.screenshot(path=str(ARTIFACTS / "fiftyone_form.png"))
-            page.get_by_role("button", name="Execute").click()
-            page.get_by_text("masks in 'insid3'").first.wait_for(timeout=300_000)  # the run's notification
-            page.get_by_text("insid3", exact=True).first.wait_for(timeout=60_000)  # the new field in the sidebar
-            page.wait_for_timeout(1500)  # let the sidebar finish its animation before the screenshot
-            page.screenshot(path=str(ARTIFACTS / "fiftyone_done.png"))
+            yield page
             browser.close()
     finally:
         session.close()
+
+
+def test_segment_by_example_from_the_operator_browser(fo, dataset):
+    reference_id = dataset.match_tags("reference").first().id
+    with app_page(fo, dataset) as page:
+        dataset.untag_samples("reference")
+        open_form(page)
+        page.get_by_text("No sample is tagged 'reference'").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_no_reference.png"))
+        page.get_by_role("button", name="Cancel").click()
+
+        dataset.select(reference_id).tag_samples("reference")
+        open_form(page)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_form.png"))
+        page.get_by_role("button", name="Execute").click()
+        page.get_by_text("masks in 'insid3'").first.wait_for(timeout=300_000)  # the run's notification
+        page.get_by_text("insid3", exact=True).first.wait_for(timeout=60_000)  # the new field in the sidebar
+        page.wait_for_timeout(1500)  # let the sidebar finish its animation before the screenshot
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_done.png"))
 
     dataset.reload()
     assert dataset[reference_id].insid3 is None
@@ -86,27 +93,15 @@ def open_form(page) -> None:
 def test_a_run_that_fails_after_it_started_shows_its_error_in_the_app(fo, dataset, tmp_path):
     """Weights that exist but are no checkpoint pass the form's checks and fail when the run loads
     them: the App showed nothing (it drops exceptions raised in a generator); now it notifies."""
-    from playwright.sync_api import sync_playwright
-
     notes = tmp_path / "weights.pth"
     notes.write_text("these are not weights\n")
     dataset.app_config.plugins = {PLUGIN_URI: {"image_size": 128, "svd_components": 16, "device": "cpu",
                                                "weights": str(notes)}}
     dataset.save()
-    port = free_port()
-    session = fo.launch_app(dataset, remote=True, port=port, auto=False)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/datasets/{dataset.name}", timeout=120_000)
-            page.get_by_text("ground_truth").first.wait_for(timeout=120_000)
-            open_form(page)
-            page.get_by_role("button", name="Execute").click()
-            page.get_by_text("not a PyTorch checkpoint").first.wait_for(timeout=120_000)
-            page.screenshot(path=str(ARTIFACTS / "fiftyone_run_error.png"))
-            browser.close()
-    finally:
-        session.close()
+    with app_page(fo, dataset) as page:
+        open_form(page)
+        page.get_by_role("button", name="Execute").click()
+        page.get_by_text("not a PyTorch checkpoint").first.wait_for(timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_run_error.png"))
     dataset.reload()
     assert "insid3" not in dataset.get_field_schema()
