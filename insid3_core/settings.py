@@ -151,10 +151,11 @@ class EngineSettings:
             )
 
     @classmethod
-    def from_arguments(cls, arguments: argparse.Namespace, **overrides) -> "EngineSettings":
-        """Settings from parsed :meth:`add_arguments` flags, then ``INSID3_*``, then the defaults."""
+    def from_arguments(cls, arguments: argparse.Namespace, defaults: dict | None = None) -> "EngineSettings":
+        """Settings from parsed :meth:`add_arguments` flags, then ``defaults`` (option name -> value),
+        then ``INSID3_*``, then the built-in defaults."""
         given = {name: getattr(arguments, name) for name in cls.names() if getattr(arguments, name, None) is not None}
-        return cls.from_env(**{**given, **overrides})
+        return cls.from_env(**{**(defaults or {}), **given})
 
     def config(self) -> EngineConfig:
         """The pipeline's hyper-parameters."""

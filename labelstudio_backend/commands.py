@@ -58,9 +58,8 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
 
     from .build import build_backend
 
-    given = {name: getattr(arguments, name) for name in EngineSettings.names() if getattr(arguments, name, None) is not None}
     served = {} if serving else served_settings(settings.model_dir / SERVED_SETTINGS)
-    engine = EngineSettings.from_env(**{**served, **given})
+    engine = EngineSettings.from_arguments(arguments, defaults=served)
     segmenter = engine.build()
     if serving:
         write_json(settings.model_dir / SERVED_SETTINGS, {name: value for name, value in engine.describe().items()
