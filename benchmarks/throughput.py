@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from insid3_core import EngineConfig, References, Segmenter, load_backbone, random_backbone  # noqa: E402
 from insid3_core.config import CLUSTERING_METHODS  # noqa: E402
 from insid3_core.features import patch_features, resized_pixels  # noqa: E402
+from insid3_core.encoder import load_references  # noqa: E402
 from insid3_core.io import load_image, write_mask_png  # noqa: E402
 from insid3_core.loader import default_workers, executor  # noqa: E402
 from insid3_core.metrics import mask_iou  # noqa: E402
@@ -103,20 +104,20 @@ def synchronize(device: torch.device) -> None:
 
 def run_per_pair(segmenter: Segmenter, references, targets, out: Path) -> tuple[float, dict]:
     """The released behaviour: each target alone, references re-encoded with it in one backbone call,
-    CPU clustering (the engine's private steps, since no public call batches references with a target)."""
+    CPU clustering (the encoder's steps, since no engine call batches references with a target)."""
     device = segmenter.backbone.device
     masks = {}
     synchronize(device)
     start = time.perf_counter()
     for target in targets:
         with segmenter.stage("load", device=False):
-            pixels, reference_masks, names = segmenter._prepare_references(references)
+            loaded = load_references(references, segmenter.config.image_size)
             image = load_image(target)
-            batch = torch.cat([pixels, resized_pixels(image, segmenter.config.image_size)[None]])
+            batch = torch.cat([loaded.pixels, resized_pixels(image, segmenter.config.image_size)[None]])
         with segmenter.stage("backbone"):
             features = patch_features(segmenter.backbone, batch)
         with segmenter.stage("matching"):
-            encoded = References({"object": segmenter._reference_set(features[:-1], reference_masks, names)})
+            encoded = References({"object": segmenter.encoder.reference_set(features[:-1], loaded.masks, loaded.names)})
         result = segmenter.segment_features(encoded, features[-1:], [(image.height, image.width)])[0]
         with segmenter.stage("write", device=False):
             write_mask_png(out / f"{target.stem}.png", result.mask)

@@ -12,21 +12,19 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .backbone import Backbone
 from .config import BATCH_SIZE, EngineConfig, cache_dir, clustering_bytes
-from .encoder import Encoder
-from .features import resized_pixels
-from .io import ImageLike, InputError, MaskLike, load_image, reference_mask
+from .encoder import Encoder, load_references
+from .io import ImageLike, InputError, MaskLike
 from .loader import default_workers, executor, load_batches
-from .matching import downsample_mask, mask_tensor, reference_prototype
+from .matching import reference_prototype
 from .quality import QualityThresholds, quality_report
 from .timing import StageTimer
 from .pipeline import TargetMasks, lowres_masks
 from .results import Prediction, References, ReferenceSet, SegmentationResult
 from .streams import device_threads, ready_marker, worker_stream
-from .upsample import resize_mask, upsample_mask
+from .upsample import full_resolution
 
 
 
@@ -133,75 +131,18 @@ class Segmenter:
             if not pairs:
                 raise InputError(f"class {name!r}: at least one (image, mask) reference is needed")
         pairs = [pair for class_pairs in classes.values() for pair in class_pairs] + list(negatives)
-        pixels, masks, names = self._prepare_references(pairs)
-        first: dict[str, int] = {}
-        for index, name in enumerate(names):
-            first.setdefault(name, index)
+        loaded = load_references(pairs, self.config.image_size)
         with self.stage("backbone"):
-            encoded = torch.cat(
-                [self.encoder.features(chunk) for chunk in pixels[list(first.values())].split(batch_size)]
-            )
-        position = {name: index for index, name in enumerate(first)}
-        features = encoded[[position[name] for name in names]]
+            features = self.encoder.reference_features(loaded, batch_size)
+        masks, names = loaded.masks, loaded.names
         negative = slice(len(pairs) - len(negatives), len(pairs))
         negative_parts = (features[negative], masks[negative]) if negatives else None
         encoded_classes, start = {}, 0
         for name, class_pairs in classes.items():
             part = slice(start, start + len(class_pairs))
-            encoded_classes[name] = self._reference_set(features[part], masks[part], names[part], negative_parts)
+            encoded_classes[name] = self.encoder.reference_set(features[part], masks[part], names[part], negative_parts)
             start += len(class_pairs)
         return References(encoded_classes)
-
-    def _prepare_references(
-        self, references: Sequence[tuple[ImageLike, MaskLike]]
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-        """Load and check ``(image, mask)`` pairs.
-
-        Returns
-        -------
-        pixels : torch.Tensor
-            ``(S, 3, s, s)`` uint8.
-        masks : torch.Tensor
-            ``(S, s, s)`` bool.
-        names : tuple of str
-            The image's path, or ``reference <i>`` for an in-memory image.
-        """
-        if not references:
-            raise InputError("at least one (image, mask) reference is needed")
-        names, images, masks = [], [], []
-        loaded: dict[str, tuple[Image.Image, torch.Tensor]] = {}
-        for index, (image, mask) in enumerate(references):
-            name = str(image) if isinstance(image, (str, Path)) else f"reference {index}"
-            if name not in loaded:
-                decoded = load_image(image)
-                loaded[name] = decoded, resized_pixels(decoded, self.config.image_size)
-            decoded, resized = loaded[name]
-            names.append(name)
-            images.append(resized)
-            masks.append(mask_tensor(reference_mask(name, decoded, mask), self.config.image_size))
-        return torch.stack(images), torch.stack(masks), tuple(names)
-
-    def _reference_set(
-        self,
-        features: torch.Tensor,
-        masks: torch.Tensor,
-        names: Sequence[str],
-        negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> ReferenceSet:
-        """Build a :class:`ReferenceSet` from patch features ``(S, N, C)`` and masks ``(S, s, s)``.
-
-        ``negatives`` holds the negative pairs' patch features ``(R, N, C)`` and masks ``(R, s, s)``.
-        """
-        debiased = self.encoder.debiased(features)
-        low = downsample_mask(masks.to(features.device), self.grid).flatten(1)
-        negative_patches = None
-        if negatives is not None:
-            negative_features, negative_masks = negatives
-            negative_low = downsample_mask(negative_masks.to(features.device), self.grid).flatten(1)
-            negative_patches = self.encoder.debiased(negative_features)[negative_low]
-        return ReferenceSet(
-            debiased, low, reference_prototype(debiased, low), self.config.image_size, tuple(names), negative_patches
-        )
 
     def segment(
         self, references: References, targets: Iterable[ImageLike], batch_size: int = BATCH_SIZE, workers: int | None = None
@@ -318,10 +259,8 @@ class Segmenter:
         with self.stage("output", device=False):
             results = []
             for index, class_lowres in enumerate(target.masks):
-                if target.refined is None:
-                    mask = upsample_mask(torch.from_numpy(class_lowres), self.config.image_size, size).numpy()
-                else:
-                    mask = resize_mask(torch.from_numpy(target.refined[index]), size).numpy()
+                refined = None if target.refined is None else target.refined[index]
+                mask = full_resolution(class_lowres, refined, self.config.image_size, size)
                 results.append(
                     SegmentationResult(
                         mask=mask,
