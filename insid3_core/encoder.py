@@ -30,8 +30,8 @@ class LoadedReferences:
     masks : torch.Tensor
         ``(S, s, s)`` bool.
     names : tuple of str
-        Each image's path, or ``reference <i>`` for an in-memory image; pairs sharing an image
-        share its name.
+        Each image's path, or ``reference <i>`` for an in-memory image (``i``: the first pair
+        holding that object); pairs sharing an image share its name.
     truths : tuple of np.ndarray
         Each ``(H, W)`` bool mask at its image's own size.
     """
@@ -52,8 +52,12 @@ def load_references(references: Sequence[tuple[ImageLike, MaskLike]], image_size
         raise InputError("at least one (image, mask) reference is needed")
     names, images, masks, truths = [], [], [], []
     loaded: dict[str, tuple[Image.Image, torch.Tensor]] = {}
+    in_memory: dict[int, str] = {}
     for index, (image, mask) in enumerate(references):
-        name = str(image) if isinstance(image, (str, Path)) else f"reference {index}"
+        if isinstance(image, (str, Path)):
+            name = str(image)
+        else:
+            name = in_memory.setdefault(id(image), f"reference {index}")
         if name not in loaded:
             decoded = load_image(image)
             loaded[name] = decoded, resized_pixels(decoded, image_size)

@@ -118,7 +118,7 @@ class Segmenter:
         A negative pair marks a region as "not this": target patches closer to a negative patch
         than to any reference-mask patch are neither candidates nor part of a mask, even when
         their cluster is. An image given by path in several pairs (e.g. one per class of a
-        multi-class mask) goes through the backbone once.
+        multi-class mask), by the same path or the same in-memory object, goes through the backbone once.
 
         Raises :class:`InputError` naming the reference when an image is unreadable, a mask's
         size differs from its image's, or a mask is empty.

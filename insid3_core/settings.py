@@ -7,12 +7,19 @@ Studio backend and ``preannotate`` (:meth:`EngineSettings.from_env`) all build i
 :meth:`EngineSettings.build` makes the :class:`~insid3_core.engine.Segmenter` (the backbone
 stays loaded across builds in one process). A bad value is a :class:`SettingsError` naming the
 option and its variable.
+
+Options may also come from a JSON file (:func:`settings_file`: ``insid3 calibrate``'s
+``calibration.json``, or an object of options): ``--settings FILE`` on the command line,
+``INSID3_SETTINGS`` in the environment. Each option takes the first of: its flag (or the value a
+front end passes), the ``--settings`` file, its ``INSID3_<NAME>`` variable, the ``INSID3_SETTINGS``
+file, the built-in default.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import threading
@@ -121,7 +128,8 @@ class EngineSettings:
         unknown = set(overrides) - set(cls.names())
         if unknown:
             raise SettingsError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        values = {}
+        shared = environ.get(variable("settings"), "")
+        values = settings_file(shared, variable("settings")) if shared else {}
         for option in dataclasses.fields(cls):
             given = overrides.get(option.name)
             if given is not None:
@@ -139,6 +147,9 @@ class EngineSettings:
         reported by name when the command runs, not while its parser is built)."""
         group = parser.add_argument_group("engine (each also set by its INSID3_<NAME> environment variable)")
         sources = group.add_mutually_exclusive_group() if "weights" not in exclude else group
+        group.add_argument("--settings", metavar="FILE", help="engine options from a JSON file, e.g. insid3 "
+                           "calibrate's calibration.json; flags override it (INSID3_SETTINGS: a file below the "
+                           "INSID3_<NAME> variables)")
         for option in dataclasses.fields(cls):
             if option.name in exclude:
                 continue
@@ -152,10 +163,12 @@ class EngineSettings:
 
     @classmethod
     def from_arguments(cls, arguments: argparse.Namespace, defaults: dict | None = None) -> "EngineSettings":
-        """Settings from parsed :meth:`add_arguments` flags, then ``defaults`` (option name -> value),
-        then ``INSID3_*``, then the built-in defaults."""
+        """Settings from parsed :meth:`add_arguments` flags, then the ``--settings`` file, then
+        ``defaults`` (option name -> value), then ``INSID3_*``, then the built-in defaults."""
         given = {name: getattr(arguments, name) for name in cls.names() if getattr(arguments, name, None) is not None}
-        return cls.from_env(**{**(defaults or {}), **given})
+        path = getattr(arguments, "settings", None)
+        from_file = settings_file(path, "--settings") if path else {}
+        return cls.from_env(**{**(defaults or {}), **from_file, **given})
 
     def config(self) -> EngineConfig:
         """The pipeline's hyper-parameters."""
@@ -198,6 +211,32 @@ class EngineSettings:
 
 _BACKBONES: dict = {}
 _BACKBONES_LOCK = threading.Lock()
+
+
+def settings_file(path: str | Path, where: str) -> dict:
+    """Engine options from the JSON file ``path`` (given by ``where``, e.g. ``--settings``): the
+    ``settings`` object of a ``calibration.json``, else the document itself, an object of option
+    name -> value; a :class:`SettingsError` naming the file when it is unreadable, not such an
+    object, or holds an unknown option or a bad value."""
+    try:
+        document = json.loads(Path(path).expanduser().read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise SettingsError(f"{where} {path}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:
+        raise SettingsError(f"{where} {path}: not a JSON document ({err})") from None
+    if isinstance(document, dict) and isinstance(document.get("settings"), dict):
+        document = document["settings"]
+    if not isinstance(document, dict):
+        raise SettingsError(f"{where} {path}: expected a JSON object of engine options, got {type(document).__name__}")
+    unknown = sorted(set(document) - set(EngineSettings.names()))
+    if unknown:
+        raise SettingsError(f"{where} {path}: unknown engine option(s) {', '.join(unknown)}")
+    options = {name: value for name, value in document.items() if value is not None}
+    try:
+        EngineSettings(**options)
+    except SettingsError as err:
+        raise SettingsError(f"{where} {path}: {err}") from None
+    return options
 
 
 def variable(name: str) -> str:

@@ -93,3 +93,33 @@ def scene(
         masks["disks"] |= shape
         masks["disk_instances"].append(shape)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), masks
+
+
+FIELD_STRIPES = ((200, 60, 40), (230, 150, 60))
+
+
+def ringed_scene(seed: int, size: tuple[int, int] = (320, 256)) -> tuple[Image.Image, np.ndarray]:
+    """One or two objects made of two textures (a striped core in a checkered ring) on the green
+    background, and the ``(H, W)`` bool mask of the whole objects: at the default tau the two
+    textures fall into different clusters and the masks keep a part."""
+    rng = np.random.default_rng(seed)
+    image = background(size, seed)
+    mask = np.zeros((size[1], size[0]), dtype=bool)
+    for _ in range(rng.integers(1, 3)):
+        centre, radius = (rng.integers(70, 250), rng.integers(70, 190)), rng.integers(35, 55)
+        outer, inner = disk(size, centre, radius), disk(size, centre, radius * 0.55)
+        paint_checker(image, outer & ~inner)
+        paint_stripes(image, inner)
+        mask |= outer
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), mask
+
+
+def field_scene(seed: int, size: tuple[int, int] = (320, 256)) -> tuple[Image.Image, np.ndarray]:
+    """A red/yellow striped disk on a field of red/orange stripes, and the disk's ``(H, W)`` bool
+    mask: at the default tau the disk's clusters merge with the field's."""
+    rng = np.random.default_rng(seed)
+    image = background(size, seed)
+    paint_stripes(image, np.ones((size[1], size[0]), dtype=bool), FIELD_STRIPES, period=10)
+    shape = disk(size, (rng.integers(80, 240), rng.integers(70, 180)), rng.integers(35, 55))
+    paint_stripes(image, shape)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), shape

@@ -1,5 +1,5 @@
 """The ``insid3`` command line: ``main`` and the parser; each command is a module of this package
-(``segment``, ``info``, ``eval``, ``match``) or of an integration, registered through the
+(``segment``, ``calibrate``, ``info``, ``eval``, ``match``) or of an integration, registered through the
 ``insid3.commands`` entry points (a function adding its sub-parser to ``insid3``'s)."""
 
 from __future__ import annotations
@@ -41,4 +41,4 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ORDER = {"segment": 0, "match": 1, "eval": 2, "info": 3}  # built-in commands first in the help
+ORDER = {"segment": 0, "calibrate": 1, "match": 2, "eval": 3, "info": 4}  # built-in commands first in the help

@@ -1,15 +1,20 @@
-"""What several commands share: their targets on the command line, and the segmenter they build."""
+"""What several commands share: their references and targets on the command line, and the
+segmenter they build."""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import glob
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..backbone import announce_smoke_test
 from ..engine import Segmenter
-from ..io import IMAGE_EXTENSIONS
+from ..io import IMAGE_EXTENSIONS, label_masks
 from ..settings import EngineSettings
 from . import UsageError
 
@@ -48,3 +53,74 @@ def resolve_targets(specs: list[str]) -> list[Path]:
         listed = "; ".join(" and ".join(str(p) for p in paths) for paths in clashes)
         raise UsageError(f"targets share a file stem, so their output masks would collide: {listed}")
     return list(found)
+
+
+def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ref``, ``--class-ref``, ``--label-ref`` (with ``--class-name``), ``--negative`` and ``--category``."""
+    parser.add_argument("--ref", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                        help="a reference image and its mask (repeat for several shots), class --category")
+    parser.add_argument("--class-ref", nargs=3, action="append", default=[], metavar=("NAME", "IMAGE", "MASK"),
+                        help="a reference of class NAME (repeat; several classes are segmented in one pass)")
+    parser.add_argument("--label-ref", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                        help="a reference whose greyscale or palette MASK holds several classes: each value "
+                             "but 0 and 255 (void) is a class, named by --class-name or by its value")
+    parser.add_argument("--class-name", action="append", default=[], metavar="VALUE=NAME",
+                        help="name of a --label-ref class value (repeat)")
+    parser.add_argument("--negative", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
+                        help="a negative reference: MASK marks a region that is NOT the concept (repeat)")
+    parser.add_argument("--category", default="object", help="category name of --ref references")
+
+
+@dataclass(frozen=True)
+class ReferenceClasses:
+    """The references of the command line.
+
+    Attributes
+    ----------
+    classes : dict
+        Class name -> ``(image path, mask path or (H, W) bool array)`` pairs.
+    mask_names : list of str
+        Each pair's mask as the user named it (``MASK`` or ``MASK value V``), in the order of ``classes``.
+    """
+
+    classes: dict[str, list[tuple[Path, Path | np.ndarray]]]
+    mask_names: list[str]
+
+
+def reference_classes(arguments: argparse.Namespace) -> ReferenceClasses:
+    """Reference pairs by class name: ``--ref`` under ``--category``, each ``--class-ref``, then the
+    classes of each ``--label-ref`` mask (as ``(H, W)`` bool arrays)."""
+    classes: dict[str, list[tuple[Path, Path | np.ndarray, str]]] = {}
+    if arguments.ref:
+        classes[arguments.category] = [(Path(image), Path(mask), mask) for image, mask in arguments.ref]
+    for name, image, mask in arguments.class_ref:
+        classes.setdefault(name, []).append((Path(image), Path(mask), mask))
+    names = class_names(arguments.class_name)
+    for image, mask in arguments.label_ref:
+        for value, class_mask in label_masks(mask).items():
+            classes.setdefault(names.get(value, str(value)), []).append((Path(image), class_mask, f"{mask} value {value}"))
+    if not classes:
+        raise UsageError("give at least one reference: --ref IMAGE MASK, --class-ref NAME IMAGE MASK "
+                         "or --label-ref IMAGE MASK")
+    if len(classes) > 255:
+        raise UsageError(f"{len(classes)} classes do not fit an 8-bit label map (255 at most)")
+    return ReferenceClasses({name: [(image, mask) for image, mask, _ in pairs] for name, pairs in classes.items()},
+                            [shown for pairs in classes.values() for _, _, shown in pairs])
+
+
+def class_names(specs: list[str]) -> dict[int, str]:
+    """``VALUE=NAME`` options as ``{value: name}``."""
+    names = {}
+    for spec in specs:
+        value, separator, name = spec.partition("=")
+        if not separator or not value.strip().isdigit() or not name:
+            raise UsageError(f"--class-name {spec!r}: expected VALUE=NAME, e.g. 3=car")
+        names[int(value)] = name
+    return names
+
+
+def reference_files(arguments: argparse.Namespace) -> list[Path]:
+    """Every image and mask file the reference options name, resolved."""
+    given = [*(p for pair in arguments.ref + arguments.label_ref + arguments.negative for p in pair),
+             *(p for _, image, mask in arguments.class_ref for p in (image, mask))]
+    return [Path(p).expanduser().resolve() for p in given]

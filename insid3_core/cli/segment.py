@@ -16,33 +16,22 @@ from .. import __version__
 from ..coco import coco_document, mask_record, records_from_document, result_record
 from ..config import SMOKE_TEST_NOTE
 from ..io import (
-    InputError, check_references, check_writable_folder, file_digest, label_masks, load_mask,
+    InputError, check_references, check_writable_folder, file_digest, load_mask,
     remove_stale_temporaries, write_json, write_label_png, write_mask_png,
 )
 from ..loader import default_workers, executor
 from ..quality import VERDICTS
 from ..settings import EngineSettings
 from . import UsageError
-from .common import build_segmenter, resolve_targets
+from .common import add_reference_arguments, build_segmenter, reference_classes, reference_files, resolve_targets
 
 
 def register(commands) -> None:
     """Add ``segment`` to the ``insid3`` sub-commands (entry point ``insid3.commands``)."""
     segment = commands.add_parser("segment", help="segment target images from (image, mask) references")
     segment.add_argument("targets", nargs="+", metavar="TARGET", help="image files, folders or glob patterns")
-    segment.add_argument("--ref", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
-                         help="a reference image and its mask (repeat for several shots), class --category")
-    segment.add_argument("--class-ref", nargs=3, action="append", default=[], metavar=("NAME", "IMAGE", "MASK"),
-                         help="a reference of class NAME (repeat; several classes are segmented in one pass)")
-    segment.add_argument("--label-ref", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
-                         help="a reference whose greyscale or palette MASK holds several classes: each value "
-                              "but 0 and 255 (void) is a class, named by --class-name or by its value")
-    segment.add_argument("--class-name", action="append", default=[], metavar="VALUE=NAME",
-                         help="name of a --label-ref class value (repeat)")
-    segment.add_argument("--negative", nargs=2, action="append", default=[], metavar=("IMAGE", "MASK"),
-                         help="a negative reference: MASK marks a region that is NOT the concept (repeat)")
+    add_reference_arguments(segment)
     segment.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    segment.add_argument("--category", default="object", help="category name of --ref references")
     segment.add_argument("--instances", action="store_true",
                          help="one annotation per instance (COCO instance JSON, split by --instance-method) "
                               "instead of one per class")
@@ -67,37 +56,6 @@ def load_document(path: Path, overwrite: bool) -> dict | None:
         raise UsageError(
             f"{path}: existing file is not an insid3 COCO document ({err}); move it away or pass --overwrite"
         ) from None
-
-
-def reference_classes(arguments: argparse.Namespace) -> dict[str, list[tuple[Path, Path | np.ndarray]]]:
-    """Reference pairs by class name: ``--ref`` under ``--category``, each ``--class-ref``, then the
-    classes of each ``--label-ref`` mask (as ``(H, W)`` bool arrays)."""
-    classes: dict[str, list[tuple[Path, Path | np.ndarray]]] = {}
-    if arguments.ref:
-        classes[arguments.category] = [(Path(image), Path(mask)) for image, mask in arguments.ref]
-    for name, image, mask in arguments.class_ref:
-        classes.setdefault(name, []).append((Path(image), Path(mask)))
-    names = class_names(arguments.class_name)
-    for image, mask in arguments.label_ref:
-        for value, class_mask in label_masks(mask).items():
-            classes.setdefault(names.get(value, str(value)), []).append((Path(image), class_mask))
-    if not classes:
-        raise UsageError("give at least one reference: --ref IMAGE MASK, --class-ref NAME IMAGE MASK "
-                         "or --label-ref IMAGE MASK")
-    if len(classes) > 255:
-        raise UsageError(f"{len(classes)} classes do not fit an 8-bit label map (255 at most)")
-    return classes
-
-
-def class_names(specs: list[str]) -> dict[int, str]:
-    """``VALUE=NAME`` options as ``{value: name}``."""
-    names = {}
-    for spec in specs:
-        value, separator, name = spec.partition("=")
-        if not separator or not value.strip().isdigit() or not name:
-            raise UsageError(f"--class-name {spec!r}: expected VALUE=NAME, e.g. 3=car")
-        names[int(value)] = name
-    return names
 
 
 RECORD_KEY = "insid3-record"
@@ -148,12 +106,10 @@ def run_segment(arguments: argparse.Namespace) -> int:
     settings = EngineSettings.from_arguments(arguments)
     out: Path = arguments.out
     check_writable_folder(out, "--out")  # before any work
-    classes = reference_classes(arguments)
+    classes = reference_classes(arguments).classes
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
-    given = [*(p for pair in arguments.ref + arguments.label_ref + arguments.negative for p in pair),
-             *(p for _, image, mask in arguments.class_ref for p in (image, mask))]
-    inputs = {Path(p).expanduser().resolve() for p in given} | set(targets)
+    inputs = set(reference_files(arguments)) | set(targets)
     outputs = {target: out.resolve() / f"{target.stem}.png" for target in targets}
     clobbered = sorted(str(p) for p in inputs & set(outputs.values()))
     if clobbered:

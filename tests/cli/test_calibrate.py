@@ -1,0 +1,136 @@
+"""``insid3 calibrate`` end to end, and ``--settings`` / ``INSID3_SETTINGS`` applying its choice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from insid3_core.cli import main
+from insid3_core.io import load_mask
+from insid3_core.metrics import mask_iou
+from insid3_core.settings import EngineSettings, SettingsError
+from scenes import ringed_scene
+
+FAST = ["--image-size", "256", "--svd-components", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> list[tuple[str, str]]:
+    """Four two-texture scenes as image and mask files."""
+    folder = tmp_path_factory.mktemp("ringed")
+    pairs = []
+    for seed in range(4):
+        image, mask = ringed_scene(seed)
+        image.save(folder / f"ringed_{seed}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"ringed_{seed}_mask.png")
+        pairs.append((str(folder / f"ringed_{seed}.png"), str(folder / f"ringed_{seed}_mask.png")))
+    return pairs
+
+
+def ref_flags(pairs) -> list[str]:
+    return [part for image, mask in pairs for part in ("--ref", image, mask)]
+
+
+@pytest.fixture(scope="module")
+def calibrated(references, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibration")
+    assert main(["calibrate", *ref_flags(references), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_calibrate_writes_the_chosen_settings_a_report_and_a_plot(calibrated, references):
+    document = json.loads((calibrated / "calibration.json").read_text())
+    assert set(document) >= {"settings", "default_score", "best_score", "grid", "references"}
+    assert document["defaults"] == {"image_size": 256, "tau": 0.6, "merge_threshold": 0.2, "svd_components": 16,
+                                    "refinement": "bilinear"}
+    assert document["best_score"] > document["default_score"]
+    assert document["settings"] != document["defaults"]
+    assert len(document["grid"]) == 48 and all(set(p) == {"settings", "score"} for p in document["grid"])
+    assert [(r["image"], r["mask"]) for r in document["references"]] == references
+    assert all(set(r) == {"image", "mask", "class", "iou_default", "iou_best", "flag"} for r in document["references"])
+    report = (calibrated / "calibration.md").read_text()
+    assert "| tau | 0.6 |" in report and "![score against tau and merge threshold](calibration.png)" in report
+    with Image.open(calibrated / "calibration.png") as plot:
+        assert plot.format == "PNG" and plot.width > 600
+
+
+def test_the_reported_ious_are_reproduced_by_insid3_segment(calibrated, references, tmp_path):
+    """Each left-out reference, segmented by ``insid3 segment`` from the others with the chosen
+    settings file, has the IoU the calibration reported."""
+    document = json.loads((calibrated / "calibration.json").read_text())
+    for index, (image, mask) in enumerate(references[:2]):
+        out = tmp_path / f"episode_{index}"
+        others = references[:index] + references[index + 1:]
+        assert main(["segment", image, *ref_flags(others), "--out", str(out), "--device", "cpu",
+                     "--settings", str(calibrated / "calibration.json")]) == 0
+        predicted = load_mask(out / f"ringed_{index}.png")
+        assert mask_iou(predicted, load_mask(mask)) == document["references"][index]["iou_best"]
+        run = json.loads((out / "annotations.json").read_text())["info"]["settings"]
+        assert {name: run[name] for name in document["settings"]} == document["settings"]
+
+
+def test_an_earlier_calibration_is_kept_unless_overwrite(calibrated, references, capsys):
+    before = (calibrated / "calibration.json").read_bytes()
+    assert main(["calibrate", *ref_flags(references), "--out", str(calibrated), *FAST]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (calibrated / "calibration.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--grid", "gamma=1"], "--grid 'gamma=1': expected NAME=V1,V2,..."),
+    (["--grid", "tau=2"], "tau must lie in (-1, 1)"),
+    (["--settings", "missing.json"], "--settings missing.json: cannot read it"),
+])
+def test_bad_options_exit_2_with_a_message(references, tmp_path, capsys, extra, message):
+    assert main(["calibrate", *ref_flags(references), "--out", str(tmp_path / "out"), *FAST, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_reference_image_exits_2(references, tmp_path, capsys):
+    assert main(["calibrate", *ref_flags(references[:1]), "--out", str(tmp_path / "out"), *FAST]) == 2
+    assert "at least two images" in capsys.readouterr().err
+
+
+def test_a_bad_reference_mask_is_refused_before_the_backbone_loads(references, tmp_path, capsys):
+    blank = tmp_path / "blank.png"
+    Image.new("L", Image.open(references[0][0]).size).save(blank)
+    pairs = references[:2] + [(references[2][0], str(blank))]
+    assert main(["calibrate", *ref_flags(pairs), "--out", str(tmp_path / "out"), *FAST]) == 2
+    error = capsys.readouterr().err
+    assert f"{blank}: reference mask is empty" in error and "SMOKE TEST" not in error
+
+
+def test_flags_and_variables_win_over_settings_files(tmp_path, monkeypatch):
+    """flag > --settings file > INSID3_<NAME> > INSID3_SETTINGS file > default."""
+    import argparse
+
+    chosen = tmp_path / "calibration.json"
+    chosen.write_text(json.dumps({"settings": {"tau": 0.8, "merge_threshold": 0.1, "svd_components": 24}}))
+    shared = tmp_path / "shared.json"
+    shared.write_text(json.dumps({"tau": 0.7, "merge_threshold": 0.3, "refinement": "guided"}))
+    parser = argparse.ArgumentParser()
+    EngineSettings.add_arguments(parser)
+    monkeypatch.setenv("INSID3_SETTINGS", str(shared))
+    monkeypatch.setenv("INSID3_MERGE_THRESHOLD", "0.25")
+    assert (EngineSettings.from_env().tau, EngineSettings.from_env().merge_threshold) == (0.7, 0.25)
+    assert EngineSettings.from_env().refinement == "guided"
+    settings = EngineSettings.from_arguments(parser.parse_args(["--settings", str(chosen), "--svd-components", "8"]))
+    assert (settings.tau, settings.merge_threshold, settings.svd_components, settings.refinement) == (0.8, 0.1, 8, "guided")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a JSON document"),
+    ("[1, 2]", "expected a JSON object of engine options, got list"),
+    ('{"tau": 0.7, "gamma": 1}', "unknown engine option(s) gamma"),
+    ('{"settings": {"tau": "high"}}', "tau (--tau, INSID3_TAU) must be a finite number"),
+])
+def test_a_bad_settings_file_is_named_in_the_error(tmp_path, monkeypatch, content, message):
+    path = tmp_path / "settings.json"
+    path.write_text(content)
+    monkeypatch.setenv("INSID3_SETTINGS", str(path))
+    with pytest.raises(SettingsError) as raised:
+        EngineSettings.from_env()
+    assert str(raised.value).startswith(f"INSID3_SETTINGS {path}: ") and message in str(raised.value)
