@@ -9,8 +9,9 @@ FiftyOne imports load only when FiftyOne registers them.
 
 def register(plugin):
     """Register the plugin's operators on FiftyOne's plugin context."""
+    from .calibrate import CalibrateReferences
     from .operators import SegmentByExample
     from .review import QualityReport, SaveFailureViews, TagReferences
 
-    for operator in (SegmentByExample, QualityReport, SaveFailureViews, TagReferences):
+    for operator in (SegmentByExample, CalibrateReferences, QualityReport, SaveFailureViews, TagReferences):
         plugin.register(operator)

@@ -142,7 +142,7 @@ def scheduling_available() -> bool:
     return bool(getattr(fo.config, "allow_legacy_orchestrators", True))
 
 
-def engine_inputs(inputs, dataset) -> None:
+def engine_inputs(inputs, dataset, mask_dir: bool = True) -> None:
     """An input per engine option (its default for ``dataset``), and the mask folder."""
     from insid3_core.settings import EngineSettings
 
@@ -157,8 +157,9 @@ def engine_inputs(inputs, dataset) -> None:
             continue
         field = {int: inputs.int, float: inputs.float}.get(option["kind"], inputs.str)
         field(name, default=default, label=label, description=option["help"])
-    inputs.str("mask_dir", default=plugin_settings.default("mask_dir", dataset), label="Mask folder",
-               description=MASK_DIR_HELP)
+    if mask_dir:
+        inputs.str("mask_dir", default=plugin_settings.default("mask_dir", dataset), label="Mask folder",
+                   description=MASK_DIR_HELP)
 
 
 def class_inputs(inputs, dataset, chosen: dict) -> None:

@@ -103,6 +103,41 @@ def plan_run(dataset, chosen: dict) -> Plan:
     ------
     ReferenceProblem, OutputProblem
     """
+    found = plan_references(dataset, chosen)
+    segmentation_field, instances_field = output_fields(dataset, chosen)
+    outputs = Outputs(found.classes, is_multiclass(chosen), segmentation_field, instances_field,
+                      mask_targets=found.mask_targets if segmentation_field else None)
+    return Plan(found.references, found.negatives, outputs)
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """The references of a run, their files checked.
+
+    Attributes
+    ----------
+    references : dict
+        ``{class key: [(image path, (H, W) bool mask), ...]}``.
+    negatives : list of (str, np.ndarray)
+    classes : tuple of (str, int or str)
+        Each class's label and mask value, in the order of ``references``.
+    mask_targets : dict or None
+        The multi-class mask targets (``None`` for one class).
+    """
+
+    references: dict
+    negatives: list
+    classes: tuple
+    mask_targets: dict | None
+
+
+def plan_references(dataset, chosen: dict) -> ReferencePlan:
+    """The chosen references and negatives of ``dataset``.
+
+    Raises
+    ------
+    ReferenceProblem
+    """
     field = chosen["reference_field"]
     if is_multiclass(chosen):
         wanted = chosen_classes(dataset, field, chosen["reference_classes"], chosen["all_classes"])
@@ -116,13 +151,10 @@ def plan_run(dataset, chosen: dict) -> Plan:
         label = chosen["instance_label"] or single_label(dataset, field, value)
         references = {label: reference_pairs(dataset, chosen["reference_tag"], field, value)}
         classes, mask_targets = ((label, SINGLE_VALUE),), None
-    segmentation_field, instances_field = output_fields(dataset, chosen)
     negatives = negative_pairs(dataset, chosen["negative_tag"], field, chosen["reference_tag"])
     for role, pairs in (("reference", [pair for pairs in references.values() for pair in pairs]), ("negative", negatives)):
         check_files(pairs, role)
-    outputs = Outputs(classes, is_multiclass(chosen), segmentation_field, instances_field,
-                      mask_targets=mask_targets if segmentation_field else None)
-    return Plan(references, negatives, outputs)
+    return ReferencePlan(references, negatives, classes, mask_targets)
 
 
 def output_fields(dataset, chosen: dict) -> tuple[str | None, str | None]:

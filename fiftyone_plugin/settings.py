@@ -4,15 +4,17 @@ name (``image_size``, ``refinement``, ``min_area_ratio``, ...), and the plugin's
 Each setting takes, in order, the value given to the operator, the dataset's plugin settings
 (``dataset.app_config.plugins["@insid3/fiftyone"]``), FiftyOne's App config plugin settings
 (``fo.app_config.plugins["@insid3/fiftyone"]``, i.e. ``plugins`` in ``app_config.json``), the
-``INSID3_<NAME>`` environment variable, and finally the built-in default.
+``INSID3_<NAME>`` environment variable, and finally the built-in default. The plugin setting
+``settings`` names a JSON file of engine options (``insid3 calibrate``'s ``calibration.json``): its
+options come after the per-option plugin settings and before the environment.
 """
 
 from __future__ import annotations
 
-from insid3_core.settings import EngineSettings, SettingsError, parse
+from insid3_core.settings import EngineSettings, SettingsError, parse, settings_file
 
 PLUGIN_NAME = "@insid3/fiftyone"
-PLUGIN_DEFAULTS = {"mask_dir": None, "delegation_threshold": 100}
+PLUGIN_DEFAULTS = {"mask_dir": None, "delegation_threshold": 100, "settings": None}
 PLUGIN_CASTS = {"delegation_threshold": int}
 
 
@@ -42,6 +44,8 @@ def engine_settings(params: dict, dataset=None) -> EngineSettings:
             overrides[name] = _typed(name, params[name], f"'{name}'")
         elif configured.get(name) not in (None, ""):
             overrides[name] = _typed(name, configured[name], f"plugin setting '{name}'")
+    if configured.get("settings"):
+        overrides = {**settings_file(configured["settings"], "plugin setting 'settings'"), **overrides}
     return EngineSettings.from_env(**overrides)
 
 
@@ -85,3 +89,11 @@ def _typed(name: str, value, where: str):
         return float(value)
     return value
 
+
+
+def store(dataset, values: dict) -> None:
+    """Write engine option values into ``dataset``'s plugin settings (saved with the dataset by
+    the caller), where every later run and form of the dataset reads them."""
+    plugins = dict(dataset.app_config.plugins or {})
+    plugins[PLUGIN_NAME] = {**(plugins.get(PLUGIN_NAME) or {}), **values}
+    dataset.app_config.plugins = plugins
