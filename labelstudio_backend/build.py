@@ -10,11 +10,15 @@ from .service import Backend
 from .settings import Settings
 
 
-def build_backend(settings: Settings, segmenter) -> Backend:
+def build_backend(settings: Settings, segmenter, engine=None) -> Backend:
     """The backend for ``settings``, predicting with ``segmenter`` (an ``insid3_core.Segmenter``).
 
     The Label Studio API is used when ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY`` are set.
+    ``engine`` (the :class:`~insid3_core.settings.EngineSettings` ``segmenter`` was built from)
+    is needed when ``settings.calibrate`` is on.
     """
+    if settings.calibrate and engine is None:
+        raise ValueError("INSID3_CALIBRATE=on needs the engine settings the segmenter was built from")
     api = None
     if settings.label_studio_url and settings.api_key:
         from .api import LabelStudioApi
@@ -29,6 +33,7 @@ def build_backend(settings: Settings, segmenter) -> Backend:
         PixelBudget(settings.max_pixels_in_flight, settings.decode_wait),
     )
     predictor = Predictor(
-        segmenter, settings.batch_size, settings.instances, settings.min_instance_patches, settings.negative_label
+        segmenter, settings.batch_size, settings.instances, settings.min_instance_patches, settings.negative_label,
+        engine if settings.calibrate else None,
     )
     return Backend(settings, predictor, api, fetcher)

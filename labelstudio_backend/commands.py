@@ -66,7 +66,7 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
                                                           if name not in MACHINE_OPTIONS})
     announce_smoke_test(segmenter.backbone)
     settings = dataclasses.replace(settings, batch_size=engine.batch_size, min_instance_patches=engine.min_instance_patches)
-    return build_backend(settings, segmenter)
+    return build_backend(settings, segmenter, engine)
 
 
 def served_settings(path) -> dict:

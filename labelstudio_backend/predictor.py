@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -14,6 +17,27 @@ from insid3_core import __version__ as insid3_version
 from .references import Pairs
 
 REFERENCE_CACHE_SIZE = 8
+CALIBRATION_IMAGES = 3
+"""Reference images a label needs before its pool is calibrated (each is a target for the others)."""
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodedPool:
+    """A reference pool encoded by the segmenter that predicts with it.
+
+    Attributes
+    ----------
+    references : insid3_core.References
+    segmenter : insid3_core.Segmenter
+        The backend's, or one with the pool's calibrated settings.
+    calibration : insid3_core.calibration.Calibration or None
+        The pool's calibration, when one ran.
+    """
+
+    references: object
+    segmenter: object
+    calibration: object | None = None
 
 
 class Predictor:
@@ -33,6 +57,11 @@ class Predictor:
     negative_label : str
         A reserved label whose references are negatives ("not this") of every other label and
         which is never predicted; empty for none.
+    calibration : insid3_core.settings.EngineSettings or None
+        The engine settings ``segmenter`` was built from, to calibrate each pool in which a label
+        has references on :data:`CALIBRATION_IMAGES` images (``None``: no calibration). The
+        chosen settings follow from the engine and the pool, so the model version (engine id
+        and pool digest) names them.
     """
 
     def __init__(
@@ -42,8 +71,11 @@ class Predictor:
         instances: str = "off",
         min_instance_patches: int = 1,
         negative_label: str = "",
+        calibration=None,
     ) -> None:
         self.segmenter = segmenter
+        self.calibration = calibration
+        self._calibrated: OrderedDict[tuple, object] = OrderedDict()
         self.batch_size = batch_size
         self.instances = instances
         self.min_instance_patches = min_instance_patches
@@ -64,6 +96,8 @@ class Predictor:
             settings += f"|instances {self.instances} {self.min_instance_patches}"
         if self.negative_label:
             settings += f"|negative {self.negative_label}"
+        if self.calibration is not None:
+            settings += "|calibrated"
         return hashlib.sha256(settings.encode()).hexdigest()[:8]
 
     def model_version(self, pool: str) -> str:
@@ -74,9 +108,9 @@ class Predictor:
         prefix = "insid3-smoke" if self.segmenter.backbone.is_smoke_test else "insid3"
         return f"{prefix}-{self.engine_id}-{pool}"
 
-    def references(self, pairs: Pairs, key: Hashable):
-        """The :class:`insid3_core.References` of ``pairs`` (one class per label), encoded once and
-        cached under ``key``.
+    def references(self, pairs: Pairs, key: Hashable) -> EncodedPool:
+        """The :class:`EncodedPool` of ``pairs`` (one class per label), calibrated when that is on
+        and the pool allows it, encoded once and cached under ``key``.
 
         Raises ``ValueError`` (``insid3_core.io.InputError``) naming a reference that cannot be used.
         """
@@ -88,12 +122,32 @@ class Predictor:
         if not classes:
             raise ValueError(f"only {self.negative_label!r} (negative) regions are annotated yet: "
                              "annotate at least one region of another label")
-        encoded = self.segmenter.encode(classes, negatives)
+        segmenter, calibration = self.segmenter, None
+        if self.calibration is not None and max(len({image for image, _ in found}) for found in classes.values()) \
+                >= CALIBRATION_IMAGES:
+            from insid3_core.calibration import calibrate
+
+            calibration = calibrate(self.calibration, classes, negatives, segmenter=self.segmenter)
+            segmenter = self.calibrated_segmenter(calibration.settings)
+            log.info("calibrated the pool %s: leave-one-out IoU %.3f -> %.3f with %s", key[0],
+                     calibration.default_score, calibration.best_score, calibration.settings)
+        encoded = EncodedPool(segmenter.encode(classes, negatives), segmenter, calibration)
         with self._cache_lock:
             self._encoded[key] = encoded
             while len(self._encoded) > REFERENCE_CACHE_SIZE:
                 self._encoded.popitem(last=False)
         return encoded
+
+    def calibrated_segmenter(self, settings: dict):
+        """A segmenter with the engine's settings and the calibrated ``settings`` (the backbone
+        shared), kept for later pools that choose the same."""
+        key = tuple(sorted(settings.items()))
+        with self._cache_lock:
+            if key not in self._calibrated:
+                self._calibrated[key] = dataclasses.replace(self.calibration, **settings).build()
+                while len(self._calibrated) > REFERENCE_CACHE_SIZE:
+                    self._calibrated.popitem(last=False)
+            return self._calibrated[key]
 
     def cached(self, key: Hashable):
         """The references cached under ``key``, or ``None``."""
@@ -103,15 +157,15 @@ class Predictor:
             self._encoded.move_to_end(key)
             return self._encoded[key]
 
-    def segment(self, references, images: Sequence[Image.Image]) -> list[dict]:
-        """Per image, ``label -> SegmentationResult`` for every label of ``references``.
+    def segment(self, pool: EncodedPool, images: Sequence[Image.Image]) -> list[dict]:
+        """Per image, ``label -> SegmentationResult`` for every label of the ``pool``.
 
         Each batch takes one backbone pass and one clustering shared by all labels; a patch
         claimed by several labels goes to the label most similar to it, so the masks of one
         image are disjoint. Runs in the request's thread (the caller holds the device).
         """
         return [dict(prediction.classes)
-                for prediction in self.segmenter.segment(references, images, self.batch_size, workers=0)]
+                for prediction in pool.segmenter.segment(pool.references, images, self.batch_size, workers=0)]
 
     def split(self, result) -> list | None:
         """The instances of a label's ``SegmentationResult`` (``insid3_core.instances.Instance`` list,

@@ -13,6 +13,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
+from insid3_core.io import write_json
+
 from .errors import BackendError
 from .images import ImageFetcher
 from .labelconfig import BrushTarget, brush_target
@@ -28,6 +30,7 @@ REFERENCE_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_EVENTS = ("ANNOTATION_DELETED", "ANNOTATIONS_DELETED")
 SYNC_EVENTS = ("ANNOTATIONS_CREATED", "START_TRAINING", "PROJECT_UPDATED")
 RETRY_AFTER = 30
+CALIBRATION_FILE = "calibration.json"  # in MODEL_DIR/projects/<id>/: the last pool's calibration and its version
 PREPARE_ROUNDS = 3
 
 
@@ -112,17 +115,16 @@ class Backend:
         or references still being prepared after ``wait`` seconds (503; ``None`` waits).
         """
         target = brush_target(label_config)
-        references, version = self.references(project, target, wait)
+        pool, version = self.references(project, target, wait)
         with self.fetcher.lease() as lease:
-            return self._segment_tasks(tasks, target, references, version, lease), version
+            return self._segment_tasks(tasks, target, pool, version, lease), version
 
-    def _segment_tasks(self, tasks: Sequence[dict], target: BrushTarget, references, version: str,
-                       lease) -> list:
+    def _segment_tasks(self, tasks: Sequence[dict], target: BrushTarget, pool, version: str, lease) -> list:
         """Predictions of ``tasks`` (a task's :class:`BackendError` in its place); the decoded images
         are freed on return, before ``lease`` gives their pixels back."""
         images = self._task_images(tasks, target, lease)
         with self._device_lock:
-            segmented = iter(self.predictor.segment(references, [i for i in images if not isinstance(i, BackendError)]))
+            segmented = iter(self.predictor.segment(pool, [i for i in images if not isinstance(i, BackendError)]))
         split = self.predictor.split
         return [
             image if isinstance(image, BackendError) else prediction(target, next(segmented), version, split)
@@ -130,7 +132,7 @@ class Backend:
         ]
 
     def references(self, project: int | None, target: BrushTarget, wait: float | None) -> tuple:
-        """``(insid3_core.References, model version)`` of the current pool, from the encoded cache or
+        """``(EncodedPool, model version)`` of the current pool, from the encoded cache or
         background jobs waited on at most ``wait`` seconds in all (``None``: until done).
 
         A job that finishes on a pool changed meanwhile is followed by another (a few at most).
@@ -143,19 +145,19 @@ class Backend:
                 if cached is not None:
                     return cached, version
             try:
-                references, version = self.warm(project, target).result(
+                pool, version = self.warm(project, target).result(
                     timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 raise BackendError(
                     f"insid3 is still preparing the references of project {project} (reading its annotations and "
                     f"encoding them in the background); retry in {RETRY_AFTER} s", 503, retry_after=RETRY_AFTER,
                 ) from None
-            if references is None:
+            if pool is None:
                 raise BackendError(
                     "no references yet: annotate a task with a brush mask (labels "
                     f"{', '.join(target.labels)}) or put reference pairs in INSID3_REFERENCE_DIR", 422
                 )
-        return references, version
+        return pool, version
 
     def warm(self, project: int | None, target: BrushTarget, tasks: list | None = None, force: bool = False) -> Future:
         """Start (or join) the background job preparing ``project``'s references; see :meth:`prepare`."""
@@ -168,7 +170,7 @@ class Backend:
 
         Returns
         -------
-        references : insid3_core.References or None
+        pool : labelstudio_backend.predictor.EncodedPool or None
             ``None`` when no label of ``target`` has a reference.
         model_version : str
         """
@@ -184,9 +186,13 @@ class Backend:
             return None, version
         try:
             with self._device_lock:
-                return self.predictor.references(pairs, key), version
+                pool = self.predictor.references(pairs, key)
         except ValueError as err:
             raise BackendError(f"a reference cannot be used: {err}", 422) from err
+        if pool.calibration is not None:
+            where = self.settings.model_dir / "projects" / str(project if project is not None else "folder")
+            write_json(where / CALIBRATION_FILE, {**pool.calibration.document(), "model_version": version})
+        return pool, version
 
     def _target_pool(self, project: int | None, target: BrushTarget) -> tuple[Pairs, tuple, str]:
         """The pool's pairs of ``target``'s labels, their cache key and the model version."""

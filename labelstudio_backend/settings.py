@@ -67,6 +67,10 @@ class Settings:
         ``INSID3_NEGATIVE_LABEL``: a reserved BrushLabels label whose brushed regions mean "not
         this": they are negative references for every other label and are never predicted
         (empty: no reserved label).
+    calibrate : bool
+        ``INSID3_CALIBRATE`` (``on``/``off``): once a label has references on three images, each
+        pool is calibrated (:func:`insid3_core.calibration.calibrate`) before it is encoded, and
+        predicted with the chosen settings.
     """
 
     label_studio_url: str = ""
@@ -89,6 +93,7 @@ class Settings:
     instances: str = "off"
     min_instance_patches: int = 1
     negative_label: str = ""
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         if self.instances not in INSTANCE_CHOICES:
@@ -136,4 +141,16 @@ class Settings:
             instances=env_setting("instances", cls.instances).strip().lower(),
             min_instance_patches=env_setting("min_instance_patches", cls.min_instance_patches, int),
             negative_label=env_setting("negative_label", cls.negative_label).strip(),
+            calibrate=switch("calibrate"),
         )
+
+
+def switch(name: str) -> bool:
+    """``INSID3_<NAME>`` as on (``on``, ``true``, ``1``, ``yes``) or off (unset, ``off``, ``false``, ``0``, ``no``)."""
+    value = env_setting(name, "off").strip().lower()
+    if value not in ON + OFF:
+        raise ValueError(f"INSID3_{name.upper()} must be on or off, got {value!r}")
+    return value in ON
+
+
+ON, OFF = ("on", "true", "1", "yes"), ("off", "false", "0", "no", "")
