@@ -247,9 +247,9 @@ def calibrate(
 
     default_point = {name: defaults[name] for name in axes}
     default_score, default_ious = next((score, ious) for point, score, ious in scored if point == default_point)
-    best_point, best_score, best_ious = max(scored, key=lambda item: (item[1], item[0] == default_point))
-    if best_score <= default_score:
-        best_point, best_score, best_ious = default_point, default_score, default_ious
+    # the best score; among equal ones the point changing the fewest options (the run's own first)
+    best_point, best_score, best_ious = max(
+        scored, key=lambda item: (item[1], -sum(item[0][name] != default_point[name] for name in item[0])))
     names = list(mask_names) if mask_names is not None else [
         str(mask) if not isinstance(mask, np.ndarray) else "array" for _, _, mask in entries]
     references = _checks(entries, names, loaded, default_ious, best_ious, settings.min_area_ratio)

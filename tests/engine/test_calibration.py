@@ -82,6 +82,12 @@ def test_each_reported_iou_is_the_segment_run_of_its_episode():
     scores = {tuple(sorted(point.items())): score for point, score in calibration.grid}
     chosen = {name: value for name, value in calibration.settings.items() if name != "image_size"}
     assert scores[tuple(sorted(chosen.items()))] == calibration.best_score == max(scores.values())
+
+    def changes(point) -> int:
+        return sum(value != calibration.defaults[name] for name, value in point)
+
+    tied = [changes(point) for point, score in scores.items() if score == calibration.best_score]
+    assert changes(chosen.items()) == min(tied), "among equal scores, the fewest changed options"
     assert calibration.best_score == pytest.approx(np.mean([r.iou_best for r in calibration.references]))
 
 

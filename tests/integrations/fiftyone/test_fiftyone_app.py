@@ -105,3 +105,28 @@ def test_a_run_that_fails_after_it_started_shows_its_error_in_the_app(fo, datase
         page.screenshot(path=str(ARTIFACTS / "fiftyone_run_error.png"))
     dataset.reload()
     assert "insid3" not in dataset.get_field_schema()
+
+
+def test_calibration_from_the_app_shows_its_tables_and_stores_the_choice(fo, dataset):
+    """Three tagged references (the example's and two targets with their true masks) calibrate
+    in the App; its result shows as tables and the choice lands in the dataset's plugin settings."""
+    for sample in dataset.match_tags("reference", bool=False).limit(2):
+        sample.ground_truth = fo.Segmentation(mask_path=str(EXAMPLES / "masks" / sample.filename))
+        sample.tags.append("reference")
+        sample.save()
+    with app_page(fo, dataset) as page:
+        page.keyboard.press("Backquote")
+        page.keyboard.type("calibrate from references")
+        page.get_by_text("calibrate_references", exact=True).click()
+        page.get_by_text("Use the chosen settings on this dataset").first.wait_for(timeout=60_000)
+        page.get_by_role("button", name="Execute").click()
+        page.get_by_text("Calibrated: leave-one-out IoU").first.wait_for(timeout=300_000)
+        page.get_by_text("IoU (chosen)").first.wait_for(timeout=60_000)  # the references' table
+        page.get_by_text("svd_components", exact=True).first.wait_for(timeout=60_000)  # the settings' table
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_calibration.png"))
+    dataset.reload()
+    stored = dataset.app_config.plugins[PLUGIN_URI]
+    chosen = dataset.info["insid3_calibration"]["settings"]
+    assert {name: stored[name] for name in chosen} == chosen
+    assert stored["device"] == "cpu", "the other plugin settings stay"
