@@ -68,7 +68,7 @@ class CalibrateReferences(foo.Operator):
 
         def progress(done: int, total: int) -> None:
             if ctx.delegated:
-                ctx.set_progress(progress=done / total, label=f"Scored {done}/{total} settings")
+                ctx.set_progress(progress=done / total, label=f"Calibrating: episode {done}/{total}")
 
         calibration = calibrate(engine, classes, found.negatives, mask_names=mask_names, progress=progress,
                                 segmenter=cached_segmenter(engine))

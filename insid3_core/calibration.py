@@ -181,7 +181,7 @@ def calibrate(
         How to name each class pair's mask in the result, in the order of ``classes`` (default:
         the mask's path, or ``array``).
     progress : callable, optional
-        Called with ``(done, total)`` grid points.
+        Called with ``(done, total)`` episodes (each episode once per ``svd_components`` value).
     segmenter : Segmenter, optional
         ``settings.build()``, when the caller holds it already.
 
@@ -206,44 +206,29 @@ def calibrate(
     negative_rows = list(range(len(entries), len(loaded.names)))
     negative_parts = (features[negative_rows], loaded.masks[negative_rows]) if negatives else None
 
-    matches: dict[int, list[Matches]] = {}
+    targets = features[[episode.target for episode in episodes]]
+    labels = {tau: cluster_patches(targets, tau, settings.clustering) for tau in axes["tau"]}  # (E, N) each
+    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    ious: dict[tuple, dict[tuple[str, int], float]] = {tuple(point.values()): {} for point in points}
+    steps, done = len(axes["svd_components"]) * len(episodes), 0
     for components in axes["svd_components"]:
         basis = encoder.basis if components == defaults["svd_components"] else positional_basis(
             segmenter.backbone, settings.image_size, components, cache_dir())
         episode_encoder = Encoder(encoder.backbone, basis, encoder.image_size)
-        matches[components] = [
-            match_targets([episode_encoder.reference_set(features[list(rows)], loaded.masks[list(rows)],
-                                                         [loaded.names[r] for r in rows], negative_parts)
-                           for _, rows in episode.classes], features[episode.target][None], basis)
-            for episode in episodes
-        ]
-    clustered = sorted({index for per_episode in matches.values()
-                        for index, episode_matches in enumerate(per_episode) if episode_matches.matched})
-    labels: dict[float, dict[int, torch.Tensor]] = {}
-    for tau in axes["tau"]:
-        targets = features[[episodes[index].target for index in clustered]]
-        computed = cluster_patches(targets, tau, settings.clustering) if clustered else []
-        labels[tau] = dict(zip(clustered, computed))
-
-    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
-    scored: list[tuple[dict, float, dict[tuple[str, int], float]]] = []
-    for done, point in enumerate(points, start=1):
-        ious = {}
-        for index, episode in enumerate(episodes):
-            episode_matches = matches[point["svd_components"]][index]
-            target_labels = labels[point["tau"]][index][None] if episode_matches.matched else None
-            lowres = select_masks(episode_matches, features[episode.target][None], target_labels,
-                                  point["merge_threshold"], point["refinement"], loaded.pixels[episode.target][None])
-            positions = {name: position for position, (name, _) in enumerate(episode.classes)}
-            for name, truth_rows in episode.scored:
-                position = positions[name]
-                truth = np.logical_or.reduce([loaded.truths[row] for row in truth_rows])
-                refined = None if lowres.refined is None else lowres.refined[position, 0]
-                mask = full_resolution(lowres.masks[position, 0], refined, settings.image_size, truth.shape)
-                ious[(name, episode.target)] = mask_iou(mask, truth)
-        scored.append((point, float(np.mean(list(ious.values()))), ious))
-        if progress is not None:
-            progress(done, len(points))
+        for index, episode in enumerate(episodes):  # one episode's matches at a time: they are large
+            references = [episode_encoder.reference_set(features[list(rows)], loaded.masks[list(rows)],
+                                                        [loaded.names[row] for row in rows], negative_parts)
+                          for _, rows in episode.classes]
+            matches = match_targets(references, features[episode.target][None], basis)
+            for point in points:
+                if point["svd_components"] == components:
+                    _score_episode(ious[tuple(point.values())], episode, matches, labels[point["tau"]][index],
+                                   point, features, loaded, settings.image_size)
+            done += 1
+            if progress is not None:
+                progress(done, steps)
+    scored = [(point, float(np.mean(list(ious[tuple(point.values())].values()))), ious[tuple(point.values())])
+              for point in points]
 
     default_point = {name: defaults[name] for name in axes}
     default_score, default_ious = next((score, ious) for point, score, ious in scored if point == default_point)
@@ -264,6 +249,22 @@ def calibrate(
                 "smoke_test": segmenter.backbone.is_smoke_test, "image_size": settings.image_size,
                 "device": str(segmenter.backbone.device)},
     )
+
+
+def _score_episode(ious: dict, episode: _Episode, matches: Matches, labels: torch.Tensor, point: dict,
+                   features: torch.Tensor, loaded, image_size: int) -> None:
+    """Select one episode's masks at ``point`` and put the IoU of each scored class in ``ious``
+    (keyed ``(class, target row)``); ``labels``: the target's ``(N,)`` clusters at the point's tau."""
+    target = episode.target
+    lowres = select_masks(matches, features[target][None], labels[None] if matches.matched else None,
+                          point["merge_threshold"], point["refinement"], loaded.pixels[target][None])
+    positions = {name: position for position, (name, _) in enumerate(episode.classes)}
+    for name, truth_rows in episode.scored:
+        position = positions[name]
+        truth = np.logical_or.reduce([loaded.truths[row] for row in truth_rows])
+        refined = None if lowres.refined is None else lowres.refined[position, 0]
+        mask = full_resolution(lowres.masks[position, 0], refined, image_size, truth.shape)
+        ious[(name, target)] = mask_iou(mask, truth)
 
 
 def _axes(grid: Mapping[str, Sequence], defaults: dict, settings: EngineSettings) -> dict[str, tuple]:

@@ -196,12 +196,8 @@ def lowres_masks(
 
     Parameters
     ----------
-    classes : sequence of ReferenceSet
-        The ``K`` classes' encoded references.
-    features : torch.Tensor
-        ``(B, N, C)`` L2-normalised original patch features of the targets.
-    basis : torch.Tensor
-        ``(C, k)`` positional basis (see :func:`insid3_core.debias.positional_basis`).
+    classes, features, basis
+        As for :func:`match_targets`.
     config : EngineConfig
         ``tau``, ``merge_threshold``, ``clustering``, ``refinement`` and ``image_size``.
     pixels : torch.Tensor or None

@@ -65,7 +65,7 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
     segmenter = build_segmenter(settings)  # the smoke-test banner, if any, before the progress bar
 
     started = time.perf_counter()
-    with tqdm(desc="calibrate", unit="setting", file=sys.stderr) as progress:
+    with tqdm(desc="calibrate", unit="episode", file=sys.stderr) as progress:
         def advance(done: int, total: int) -> None:
             progress.total = total
             progress.update(done - progress.n)

@@ -134,3 +134,25 @@ def test_a_bad_settings_file_is_named_in_the_error(tmp_path, monkeypatch, conten
     with pytest.raises(SettingsError) as raised:
         EngineSettings.from_env()
     assert str(raised.value).startswith(f"INSID3_SETTINGS {path}: ") and message in str(raised.value)
+
+
+def test_label_references_are_calibrated_per_class(tmp_path):
+    """--label-ref masks of two classes on three images: each image is scored on both classes."""
+    from scenes import scene
+
+    refs = []
+    for index in range(3):
+        image, masks = scene(disks=[(80 + 30 * index, 90, 40)], squares=[(200, 120 + 20 * index, 60)], seed=20 + index)
+        labels = np.where(masks["disks"], 1, np.where(masks["squares"], 2, 0)).astype(np.uint8)
+        image.save(tmp_path / f"scene_{index}.png")
+        Image.fromarray(labels).save(tmp_path / f"scene_{index}_labels.png")
+        refs += ["--label-ref", str(tmp_path / f"scene_{index}.png"), str(tmp_path / f"scene_{index}_labels.png")]
+    out = tmp_path / "out"
+    assert main(["calibrate", *refs, "--class-name", "1=disk", "--class-name", "2=square", "--out", str(out),
+                 *FAST, "--grid", "svd_components=16"]) == 0
+    document = json.loads((out / "calibration.json").read_text())
+    assert [(r["class"], r["mask"]) for r in document["references"]] == [
+        ("disk", str(tmp_path / f"scene_{i}_labels.png value 1")) for i in range(3)] + [
+        ("square", str(tmp_path / f"scene_{i}_labels.png value 2")) for i in range(3)]
+    assert all(r["iou_best"] is not None for r in document["references"])
+    assert len(document["grid"]) == 16

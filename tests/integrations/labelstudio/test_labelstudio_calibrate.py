@@ -13,7 +13,7 @@ from PIL import Image
 
 pytest.importorskip("flask")
 
-from labelstudio_fixtures import BRUSH_CONFIG, LABEL, StaticServer, insid3_parser  # noqa: E402
+from labelstudio_fixtures import BRUSH_CONFIG, LABEL, StaticServer, brush_region, insid3_parser  # noqa: E402
 from scenes import ringed_scene  # noqa: E402
 
 from insid3_core.calibration import calibrate  # noqa: E402
@@ -64,28 +64,49 @@ def expected_mask(settings: dict, references: list[int], target: int) -> np.ndar
     return segmenter.segment(encoded, [SCENES[target][0]])[0].mask
 
 
-def test_three_reference_images_calibrate_and_a_new_one_recalibrates(served):
+def annotate(client, index: int) -> None:
+    """Label Studio's webhook for an annotation of task ``index`` painting its scene's mask."""
+    answer = client.post("/webhook", json={
+        "action": "ANNOTATION_CREATED", "project": {"id": 7, "label_config": BRUSH_CONFIG},
+        "task": {"id": 100 + index, "data": {"image": f"/ringed_{index}.png"}},
+        "annotation": {"id": 40 + index, "result": [brush_region(SCENES[index][1])]},
+    })
+    assert answer.status_code == 200, answer.get_json()
+
+
+def test_three_annotated_tasks_calibrate_and_a_new_one_recalibrates(served):
     client = create_app(build_backend(served, ENGINE.build(), ENGINE)).test_client()
+    stored_at = served.model_dir / "projects" / "7" / "calibration.json"
     for index in (0, 1):
-        add_reference(served.reference_dir, index)
+        annotate(client, index)
     two = predict(client, 5)
-    assert not (served.model_dir / "projects" / "7" / "calibration.json").exists()
+    assert not stored_at.exists()
     np.testing.assert_array_equal(predicted_mask(two), expected_mask({}, [0, 1], 5))
 
-    add_reference(served.reference_dir, 2)
+    annotate(client, 2)
     three = predict(client, 5)
-    stored = json.loads((served.model_dir / "projects" / "7" / "calibration.json").read_text())
+    stored = json.loads(stored_at.read_text())
     expected = calibrate(ENGINE, {LABEL: SCENES[:3]})
     assert stored["settings"] == expected.settings != expected.defaults
+    assert stored["best_score"] == expected.best_score
     assert stored["model_version"] == three["model_version"] != two["model_version"]
     np.testing.assert_array_equal(predicted_mask(three), expected_mask(expected.settings, [0, 1, 2], 5))
 
-    add_reference(served.reference_dir, 3)
+    annotate(client, 3)
     four = predict(client, 5)
-    stored = json.loads((served.model_dir / "projects" / "7" / "calibration.json").read_text())
+    stored = json.loads(stored_at.read_text())
     assert stored["model_version"] == four["model_version"] != three["model_version"]
     assert len(stored["references"]) == 4
     assert stored["settings"] == calibrate(ENGINE, {LABEL: SCENES[:4]}).settings
+
+
+def test_reference_folder_pools_calibrate_too(served):
+    for index in (0, 1, 2):
+        add_reference(served.reference_dir, index)
+    client = create_app(build_backend(served, ENGINE.build(), ENGINE)).test_client()
+    predict(client, 5)
+    stored = json.loads((served.model_dir / "projects" / "7" / "calibration.json").read_text())
+    assert stored["settings"] == calibrate(ENGINE, {LABEL: SCENES[:3]}).settings
 
 
 def test_calibrated_versions_differ_from_uncalibrated_ones(served):
