@@ -1,11 +1,14 @@
-"""Clustering alone: the torch clustering of whole batches against scipy one target at a time.
+"""Clustering alone: the Triton and torch clusterings of whole batches against scipy one target at a time.
 
 Features are the backbone's patch features of the example scenes (flipped copies beyond the
 eight scenes), so the clustering sees the structure a real job gives it. Partitions are
 compared target by target. The torch clustering's rounds, host reads of its state (checks)
 and distinct round shapes (on a GPU: CUDA graph captures) are counted on one more run. The
-last line is
-``torch_ms_per_target=<a> scipy_ms_per_target=<b> scipy_over_torch=<b/a> same_partitions=<n>/<total>``.
+Triton clustering (one launch per batch) runs on CUDA, or in Triton's CPU interpreter with
+``TRITON_INTERPRET=1`` (exactness only: the interpreter is slow). The last lines are
+``torch_ms_per_target=<a> scipy_ms_per_target=<b> scipy_over_torch=<b/a> same_partitions=<n>/<total>``
+and, where Triton ran,
+``triton_ms_per_target=<c> torch_over_triton=<a/c> scipy_over_triton=<b/c> same_partitions=<n>/<total>``.
 
 Example::
 
@@ -16,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -142,6 +146,22 @@ def main(argv=None) -> None:
     print(", ".join(f"{name} {value}" for name, value in counts.items()) + f", all batches{failed}")
     print(f"torch_ms_per_target={torch_ms:.1f} scipy_ms_per_target={scipy_ms:.1f} "
           f"scipy_over_torch={scipy_ms / torch_ms:.2f} same_partitions={same}/{count}")
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        def triton_run() -> torch.Tensor:
+            return torch.cat([cluster_patches(batch, arguments.tau, "triton")
+                              for batch in features.split(arguments.batch_size)])
+
+        triton_run()  # compiles the kernel
+        runs = []
+        for _ in range(arguments.repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            triton_labels = triton_run().cpu()
+            runs.append(time.perf_counter() - start)
+        triton_ms = 1000 * min(runs) / count
+        same = sum(same_partition(a, b) for a, b in zip(triton_labels, scipy_labels))
+        print(f"triton_ms_per_target={triton_ms:.1f} torch_over_triton={torch_ms / triton_ms:.2f} "
+              f"scipy_over_triton={scipy_ms / triton_ms:.2f} same_partitions={same}/{count}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Average-linkage clustering of a target's patches (docs/algorithm.md step 5).
 
-Two exact implementations of the same partition: scipy's (CPU) and a reciprocal-nearest-
-neighbour one in torch that runs on the features' device, all targets of a batch together.
-Average linkage is reducible, so merging every pair of mutual nearest clusters at once builds
-the same dendrogram as merging one pair at a time; cutting it below ``1 - tau`` gives the same
-partition.
+Three exact implementations of the same partition: scipy's (CPU); the nearest-neighbour chain
+in one Triton program per target, every target of a batch in one launch
+(:mod:`insid3_core.triton_clustering`, CUDA); and a reciprocal-nearest-neighbour one in torch
+that runs on the features' device, all targets of a batch together. Average linkage is
+reducible, so merging every pair of mutual nearest clusters at once builds the same dendrogram
+as merging one pair at a time; cutting it below ``1 - tau`` gives the same partition.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import threading
 import warnings
 
@@ -51,9 +54,11 @@ def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") ->
         ``(N, C)`` or ``(B, N, C)`` L2-normalised ORIGINAL (not debiased) features, one
         target per leading index.
     tau : float
-    method : {"auto", "scipy", "torch"}
-        ``auto`` runs torch on an accelerator (all targets of a batch together) and scipy
-        on the CPU (one target at a time).
+    method : {"auto", "scipy", "torch", "triton"}
+        ``auto`` runs triton on a CUDA device when triton imports (torch there otherwise, and
+        on other accelerators; all targets of a batch together) and scipy on the CPU (one
+        target at a time). ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (Triton's
+        interpreter: for tests).
 
     Returns
     -------
@@ -65,12 +70,44 @@ def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") ->
         raise ValueError(f"clustering method must be one of {CLUSTERING_METHODS}, got {method!r}")
     if features.ndim == 2:
         return cluster_patches(features[None], tau, method)[0]
+    if method == "triton" or (method == "auto" and features.device.type == "cuda" and triton_usable()):
+        return _triton_clustering(features, tau, required=method == "triton")
     if method == "torch" or (method == "auto" and features.device.type != "cpu"):
         per_target = 32 * features.shape[1] ** 2  # float64 sums, their float32/float64 build and shrink copies
         chunk = max(1, _memory_budget(features.device) // per_target)
         return torch.cat([_torch_average_linkage(part, 1.0 - tau) for part in features.split(chunk)])
     labels = [torch.from_numpy(_scipy_average_linkage(target, tau)) for target in features]
     return torch.stack(labels).to(features.device)
+
+
+def triton_usable() -> bool:
+    """Whether triton imports (it ships with CUDA builds of torch) and no earlier launch failed."""
+    return not _TRITON_FAILED and importlib.util.find_spec("triton") is not None
+
+
+def _triton_clustering(features: torch.Tensor, tau: float, required: bool) -> torch.Tensor:
+    """:func:`~insid3_core.triton_clustering.triton_average_linkage` in chunks that fit the memory
+    budget; when the launch fails and triton was not asked for by name, a warning and torch's
+    clustering instead (for the rest of the process)."""
+    from .triton_clustering import triton_average_linkage
+
+    if features.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("clustering='triton' needs a CUDA device (or TRITON_INTERPRET=1: Triton's CPU interpreter)")
+    per_target = 20 * features.shape[1] ** 2  # float32 similarities, their float64 copy and the distances
+    chunk = max(1, _memory_budget(features.device) // per_target)
+    try:
+        return torch.cat([triton_average_linkage(_cosine_distances(part).contiguous(), 1.0 - tau)
+                          for part in features.split(chunk)])
+    except Exception as err:  # a compiler or driver failure on a GPU the kernel never met
+        if required:
+            raise
+        _TRITON_FAILED.append(err)
+        warnings.warn(f"the Triton clustering failed on {features.device} ({err}); using the torch clustering",
+                      stacklevel=3)
+        return cluster_patches(features, tau, "torch")
+
+
+_TRITON_FAILED: list[Exception] = []
 
 
 def _memory_budget(device: torch.device) -> int:

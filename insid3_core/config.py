@@ -10,7 +10,7 @@ from pathlib import Path
 ENV_PREFIX = "INSID3_"
 BATCH_SIZE = 4  # targets per backbone call, the default of the API and of every front end
 SMOKE_TEST_NOTE = "random-weight TEST checkpoint: smoke-test masks, not DINOv3 quality"
-CLUSTERING_METHODS = ("auto", "scipy", "torch")
+CLUSTERING_METHODS = ("auto", "scipy", "torch", "triton")
 REFINEMENTS = ("bilinear", "guided")
 
 

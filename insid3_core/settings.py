@@ -77,8 +77,8 @@ class EngineSettings:
     basis: str | None = _option(None, "(C, k) .npy positional basis to use instead of computing it", flag="NPY")
     tau: float = _option(0.6, "clusters merge while their average cosine distance is below 1 - tau", float)
     merge_threshold: float = _option(0.2, "clusters scoring above it form the mask", float)
-    clustering: str = _option("auto", "clustering implementation (same partition): auto = torch on GPU, scipy "
-                                      "on CPU", choices=CLUSTERING_METHODS)
+    clustering: str = _option("auto", "clustering implementation (same partition): auto = triton on a CUDA GPU "
+                                      "(torch without triton), scipy on CPU", choices=CLUSTERING_METHODS)
     refinement: str = _option("bilinear", "mask edges: bilinear upsampling (the release) or a guided filter "
                                           "on the image", choices=REFINEMENTS)
     min_area_ratio: float = _option(0.001, "a mask covering less of the image is too_small", float)
