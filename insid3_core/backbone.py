@@ -1,17 +1,22 @@
 """Loading a frozen DINOv3 ViT through timm.
 
-Three sources are accepted by :func:`load_backbone`:
+The sources :func:`load_backbone` accepts:
 
 * a Meta ``.pth`` checkpoint (``dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth`` …), whose keys
   are converted by timm's DINOv3 converter; the architecture is read from the weights, and a
   JSON sidecar (``X.json`` beside ``X.pth``) holding the keyword arguments of Meta's
   ``DinoVisionTransformer`` overrides what the weights cannot tell (heads, norm, RoPE base);
+* a Hugging Face transformers snapshot folder (``config.json`` + ``model.safetensors``), or its
+  repo id (``facebook/dinov3-vitl16-pretrain-lvd1689m``) when it is in the Hugging Face cache;
+  renamed into Meta's layout by :mod:`insid3_core.hf_weights`;
+* a ``.safetensors`` file in timm's own layout;
 * a timm model name such as ``vit_large_patch16_dinov3_qkvb.lvd1689m`` (downloads when online);
-* nothing: the small random-weight test checkpoint bundled with the package, for smoke tests.
+* :data:`TEST_CHECKPOINT`: the small random-weight checkpoint bundled with the package, for smoke tests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -166,27 +171,51 @@ def load_backbone(
     if source is None or str(source) == "":
         raise BackboneError(f"no backbone given: a checkpoint path, a timm DINOv3 model name, or {TEST_CHECKPOINT!r} "
                             "for the bundled random-weight test checkpoint")
+    path = Path(source).expanduser()
+    smoke = False
     if str(source) == TEST_CHECKPOINT:
         model, name, identity = _from_meta_checkpoint(BUNDLED_CHECKPOINT)
         smoke = True
-    elif Path(source).expanduser().is_file():
-        model, name, identity = _from_meta_checkpoint(Path(source).expanduser())
-        smoke = Path(source).expanduser().resolve() == BUNDLED_CHECKPOINT.resolve()
+    elif path.is_file() and path.suffix == ".safetensors":
+        model, name, identity = _from_timm_safetensors(path)
+    elif path.is_file():
+        model, name, identity = _from_meta_checkpoint(path)
+        smoke = path.resolve() == BUNDLED_CHECKPOINT.resolve()
+    elif (snapshot := _snapshot(str(source))) is not None:
+        model, name, identity = _from_transformers(snapshot)
     else:
         model, name, identity = _from_timm_name(str(source))
-        smoke = False
     model = model.to(device=torch_device, dtype=dtype).eval().requires_grad_(False)
     return Backbone(model, name, identity, torch_device, dtype, is_smoke_test=smoke)
 
 
 def check_source(source: str | Path) -> None:
-    """:class:`BackboneError` unless ``source`` is an existing file or a timm DINOv3 model name,
-    without loading anything (for forms that check their settings before a run)."""
-    if not Path(source).expanduser().is_file():
-        try:
-            _check_dinov3_name(str(source))
-        except BackboneError:
-            raise BackboneError(f"weights {str(source)!r}: no such file, and not a timm DINOv3 model name") from None
+    """:class:`BackboneError` unless ``source`` is an existing file, a Hugging Face snapshot (folder
+    or cached repo id) or a timm DINOv3 model name, without loading anything (for forms that
+    check their settings before a run)."""
+    if Path(source).expanduser().is_file() or _snapshot(str(source)) is not None:
+        return
+    try:
+        _check_dinov3_name(str(source))
+    except BackboneError:
+        raise BackboneError(f"weights {str(source)!r}: no such file or Hugging Face snapshot, and not a timm "
+                            "DINOv3 model name") from None
+
+
+def _snapshot(source: str) -> Path | None:
+    """The transformers snapshot ``source`` names (see :func:`insid3_core.hf_weights.snapshot_folder`);
+    :class:`BackboneError` for a folder that is none, or a repo id missing from the cache."""
+    from .hf_weights import hub_cache, snapshot_folder
+
+    folder = snapshot_folder(source)
+    path = Path(source).expanduser()
+    if folder is None and path.is_dir():
+        raise BackboneError(f"{path}: a folder without config.json, not a Hugging Face snapshot")
+    if folder is None and source.count("/") == 1 and not path.exists() and not source.startswith((".", "/", "~")):
+        raise BackboneError(f"{source!r}: no such file, and not in the Hugging Face cache {hub_cache()} (this "
+                            f"machine may be offline: download it where the hub is reachable, e.g. `hf download "
+                            f"{source}`, and copy the snapshot folder or set HF_HOME)")
+    return folder
 
 
 def random_backbone(
@@ -230,11 +259,45 @@ def _from_timm_name(name: str) -> tuple[nn.Module, str, str]:
     return model, name.split(".")[0], f"timm-{name.split('.')[0]}.{tag}"
 
 
-def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
+def _from_transformers(folder: Path) -> tuple[nn.Module, str, str]:
+    """A transformers DINOv3 snapshot, renamed into Meta's layout and built like a Meta checkpoint."""
+    from .hf_weights import transformers_state, weight_files
+
+    try:
+        state, arguments = transformers_state(folder)
+    except ValueError as err:
+        raise BackboneError(str(err)) from None
+    model, name = _meta_model(state, {**_META_DEFAULTS, **arguments}, folder, folder / "config.json")
+    repository = folder.parent.parent.name if folder.parent.name == "snapshots" else folder.name
+    digest = hashlib.sha256("".join(file_digest(path) for path in weight_files(folder)).encode()).hexdigest()[:16]
+    return model, name, f"hf-{repository.removeprefix('models--')}-{digest}"
+
+
+def _from_timm_safetensors(path: Path) -> tuple[nn.Module, str, str]:
+    """DINOv3 weights in timm's own layout, the architecture read from their shapes."""
     import timm
-    from timm.layers import LayerNorm
     from timm.models.eva import checkpoint_filter_fn
 
+    from .hf_weights import read_safetensors, timm_layout_arguments
+
+    try:
+        weights = read_safetensors(path)
+        arguments = timm_layout_arguments(weights, path)
+    except ValueError as err:
+        raise BackboneError(str(err)) from None
+    gated = arguments.pop("gated")
+    name = DINOV3_MODELS.get((arguments["embed_dim"], gated), DINOV3_MODELS[(384, gated)])
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **arguments)
+        missing, unexpected = model.load_state_dict(checkpoint_filter_fn(weights, model), strict=False)
+    except (AssertionError, RuntimeError, TypeError, ValueError) as err:
+        raise BackboneError(f"{path}: weights do not fit {name} ({_first_line(err)})") from None
+    if missing or unexpected:
+        raise BackboneError(f"{path}: weights do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, name, f"{path.stem}-{file_digest(path)}"
+
+
+def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
     state = _unwrap_state_dict(_load_tensors(path), path)
     from_weights = _arguments_from_weights(state, path)
     arguments = {**_META_DEFAULTS, **from_weights}
@@ -250,6 +313,17 @@ def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
             f"{path}: width {arguments['embed_dim']} is not a standard DINOv3 size; put Meta's "
             f"constructor arguments (num_heads, ...) in {sidecar}"
         )
+    model, name = _meta_model(state, arguments, path, sidecar)
+    return model, name, f"{path.stem}-{file_digest(path)}"
+
+
+def _meta_model(state: dict, arguments: dict, path: Path, sidecar: Path) -> tuple[nn.Module, str]:
+    """The timm model of Meta-layout weights ``state`` and Meta constructor ``arguments`` (from
+    ``path``; ``sidecar``: where the user gives what the weights cannot tell)."""
+    import timm
+    from timm.layers import LayerNorm
+    from timm.models.eva import checkpoint_filter_fn
+
     name, timm_arguments = _timm_arguments(arguments, path)
     try:
         model = timm.create_model(
@@ -277,7 +351,7 @@ def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
             f"{path}: weights do not fit {name} ({arguments['embed_dim']} wide, depth "
             f"{arguments['depth']}): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return model, name, f"{path.stem}-{file_digest(path)}"
+    return model, name
 
 
 def _load_tensors(path: Path):

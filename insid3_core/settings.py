@@ -49,7 +49,9 @@ class EngineSettings:
     ----------
     weights : str or None
         Meta DINOv3 ``.pth`` checkpoint (Meta's constructor arguments from ``PATH.json`` beside
-        it); ``None`` with no ``backbone``: the bundled random-weight test checkpoint.
+        it), a Hugging Face transformers snapshot folder (or its repo id, found in the Hugging
+        Face cache) or a timm-layout ``.safetensors`` file; ``None`` with no ``backbone``: the
+        bundled random-weight test checkpoint.
     backbone : str or None
         A timm DINOv3 model name (downloads its weights; needs the network).
     device, precision : str
@@ -66,7 +68,8 @@ class EngineSettings:
     """
 
     weights: str | None = _option(None, "Meta DINOv3 .pth checkpoint (constructor arguments from PATH.json when "
-                                        "present); none: the random-weight TEST checkpoint", flag="PATH")
+                                        "present), Hugging Face snapshot folder or cached repo id, or timm-layout "
+                                        ".safetensors; none: the random-weight TEST checkpoint", flag="PATH")
     backbone: str | None = _option(None, "timm DINOv3 model name, e.g. vit_large_patch16_dinov3_qkvb.lvd1689m "
                                          "(needs network)", flag="NAME")
     device: str = _option("auto", "auto|cpu|cuda|cuda:N|mps")
@@ -195,8 +198,8 @@ class EngineSettings:
         """The backbone these settings name (kept loaded for later calls in the process)."""
         from .backbone import TEST_CHECKPOINT, load_backbone
 
-        if self.weights is not None and not Path(self.weights).expanduser().is_file():
-            raise SettingsError(f"--weights (INSID3_WEIGHTS) {self.weights}: no such file")
+        if self.weights is not None and not Path(self.weights).expanduser().exists() and self.weights.count("/") != 1:
+            raise SettingsError(f"--weights (INSID3_WEIGHTS) {self.weights}: no such file or folder")
         key = (self.weights or self.backbone or TEST_CHECKPOINT, self.device, self.precision)
         with _BACKBONES_LOCK:
             if key not in _BACKBONES:
