@@ -1,4 +1,5 @@
-"""``insid3 fiftyone install``: put the plugin into FiftyOne's plugins directory.
+"""``insid3 fiftyone install``: put the plugin into FiftyOne's plugins directory, and the zoo
+model source ``insid3`` (model ``insid3-dinov3-torch``) into FiftyOne's model zoo directory.
 
 Registered on the ``insid3`` command line through the entry point
 ``fiftyone = "fiftyone_plugin.commands:register"`` of the group ``insid3.commands``.
@@ -16,6 +17,7 @@ from insid3_core.cli import UsageError
 
 SOURCE = Path(__file__).resolve().parent
 INSTALL_NAME = "insid3-fiftyone"
+ZOO_NAME = "insid3"  # the zoo manifest's name: FiftyOne finds the model in <model zoo dir>/insid3/
 IGNORED = ("__pycache__", "*.pyc")
 
 
@@ -31,17 +33,58 @@ def register(subparsers) -> None:
                          help="FiftyOne plugins directory (default: fo.config.plugins_dir, FIFTYONE_PLUGINS_DIR)")
     install.add_argument("--copy", action="store_true", help="copy the plugin's files instead of linking them")
     install.add_argument("--force", action="store_true",
-                         help=f"replace whatever else is installed as <plugins dir>/{INSTALL_NAME}")
+                         help=f"replace whatever else is installed as <plugins dir>/{INSTALL_NAME} or "
+                              f"<model zoo dir>/{ZOO_NAME}")
+    install.add_argument("--model-zoo-dir", type=Path, metavar="DIR",
+                         help="FiftyOne model zoo directory for the zoo model insid3-dinov3-torch (default: "
+                              "fo.config.model_zoo_dir, FIFTYONE_MODEL_ZOO_DIR)")
     install.set_defaults(handler=run_install)
 
 
 def run_install(arguments: argparse.Namespace) -> int:
-    """Install the plugin; refuse to replace a different one unless ``--force``."""
+    """Install the plugin and the zoo model source; refuse to replace others unless ``--force``."""
+    install_plugin(arguments)
+    install_zoo_source(Path(arguments.model_zoo_dir or default_model_zoo_dir()).expanduser(), arguments.force)
+    return 0
+
+
+def install_zoo_source(zoo_dir: Path, force: bool) -> None:
+    """Copy the zoo source's files into ``zoo_dir/insid3`` (FiftyOne looks a model up in the folder
+    its manifest's ``name`` gives) and mark the model downloaded; again is a no-op."""
+    import json
+
+    from .zoo import MODEL_NAME, SOURCE
+
+    destination = zoo_dir / ZOO_NAME
+    manifest = destination / "manifest.json"
+    if manifest.is_file() and not force:
+        try:
+            name = json.loads(manifest.read_text(encoding="utf-8")).get("name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if name != ZOO_NAME:
+            raise UsageError(f"{destination} holds another zoo model source ({manifest}); pass --force to replace it")
+    files = [path for path in SOURCE.iterdir() if path.is_file() and path.suffix in (".json", ".py")]
+    if destination.is_dir() and all((destination / path.name).is_file() and
+                                    filecmp.cmp(path, destination / path.name, shallow=False) for path in files):
+        print(f"insid3: zoo model {MODEL_NAME} already installed at {destination}", file=sys.stderr)
+        return
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, destination / path.name)
+    (destination / f"{MODEL_NAME}.txt").write_text(  # FiftyOne's "downloaded": the weights come with load_zoo_model
+        f"{MODEL_NAME} takes its DINOv3 weights from load_zoo_model(..., weights=PATH)\n", encoding="utf-8")
+    print(f"insid3: installed zoo model {MODEL_NAME} at {destination} (foz.load_zoo_model({MODEL_NAME!r}, "
+          "references=[...], weights=...))", file=sys.stderr)
+
+
+def install_plugin(arguments: argparse.Namespace) -> None:
+    """Link or copy the plugin into the plugins directory."""
     plugins_dir = arguments.plugins_dir or default_plugins_dir()
     destination = Path(plugins_dir).expanduser() / INSTALL_NAME
     if is_installed(destination, arguments.copy):
         print(f"insid3: @insid3/fiftyone already installed at {destination}", file=sys.stderr)
-        return 0
+        return
     if destination.exists() or destination.is_symlink():
         if not arguments.force:
             raise UsageError(f"{destination} already holds a different plugin or version; pass --force to replace it")
@@ -53,7 +96,13 @@ def run_install(arguments: argparse.Namespace) -> int:
         destination.symlink_to(SOURCE, target_is_directory=True)
     print(f"insid3: installed @insid3/fiftyone at {destination} ({'copy' if arguments.copy else 'link'})",
           file=sys.stderr)
-    return 0
+
+
+def default_model_zoo_dir() -> Path:
+    """FiftyOne's configured model zoo directory (``FIFTYONE_MODEL_ZOO_DIR``)."""
+    import fiftyone as fo
+
+    return Path(fo.config.model_zoo_dir)
 
 
 def default_plugins_dir() -> Path:

@@ -54,6 +54,7 @@ def start_fiftyone(root: Path) -> dict:
         "FIFTYONE_ANNOTATION_CONFIG_PATH": str(root / "annotation_config.json"),
         "FIFTYONE_EVALUATION_CONFIG_PATH": str(root / "evaluation_config.json"),
         "FIFTYONE_PLUGINS_DIR": str(root / "plugins"),
+        "FIFTYONE_MODEL_ZOO_DIR": str(root / "models"),
         "FIFTYONE_DEFAULT_DATASET_DIR": str(root / "datasets"),
         "FIFTYONE_DO_NOT_TRACK": "true",
     }

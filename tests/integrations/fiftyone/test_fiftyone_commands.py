@@ -10,10 +10,12 @@ from fiftyone_plugin.commands import INSTALL_NAME, SOURCE, register
 from insid3_core.cli import UsageError
 
 
-def install(plugins_dir, *options) -> int:
+def install(plugins_dir, *options, zoo_dir=None) -> int:
     parser = argparse.ArgumentParser(prog="insid3")
     register(parser.add_subparsers(dest="command", required=True))
-    arguments = parser.parse_args(["fiftyone", "install", "--plugins-dir", str(plugins_dir), *options])
+    zoo_dir = zoo_dir or plugins_dir / "models"
+    arguments = parser.parse_args(["fiftyone", "install", "--plugins-dir", str(plugins_dir),
+                                   "--model-zoo-dir", str(zoo_dir), *options])
     return arguments.handler(arguments)
 
 
@@ -71,5 +73,27 @@ def test_insid3_command_line_finds_the_entry_point(tmp_path, monkeypatch):
         (metadata / "entry_points.txt").write_text(
             "[insid3.commands]\nfiftyone = fiftyone_plugin.commands:register\n")
         monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    assert main(["fiftyone", "install", "--plugins-dir", str(tmp_path / "plugins")]) == 0
+    assert main(["fiftyone", "install", "--plugins-dir", str(tmp_path / "plugins"),
+                 "--model-zoo-dir", str(tmp_path / "models")]) == 0
     assert (tmp_path / "plugins" / INSTALL_NAME).resolve() == SOURCE
+
+
+def test_the_zoo_model_source_is_installed_once_and_others_are_kept(tmp_path, capsys):
+    from fiftyone_plugin.zoo import SOURCE as ZOO_SOURCE
+
+    zoo = tmp_path / "models"
+    assert install(tmp_path / "plugins", zoo_dir=zoo) == 0
+    for name in ("manifest.json", "__init__.py"):
+        assert (zoo / "insid3" / name).read_bytes() == (ZOO_SOURCE / name).read_bytes()
+    assert (zoo / "insid3" / "insid3-dinov3-torch.txt").is_file(), "counted as downloaded: weights come with load_zoo_model"
+    capsys.readouterr()
+    assert install(tmp_path / "plugins", zoo_dir=zoo) == 0
+    assert "zoo model insid3-dinov3-torch already installed" in capsys.readouterr().err
+
+    other = tmp_path / "other-zoo" / "insid3"
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text('{"name": "someone-else", "models": []}')
+    with pytest.raises(UsageError, match="holds another zoo model source"):
+        install(tmp_path / "plugins", zoo_dir=tmp_path / "other-zoo")
+    assert (other / "manifest.json").read_text().startswith('{"name": "someone-else"')
+    assert install(tmp_path / "plugins", "--force", zoo_dir=tmp_path / "other-zoo") == 0

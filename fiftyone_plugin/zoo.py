@@ -1,0 +1,207 @@
+"""The FiftyOne zoo model ``insid3-dinov3-torch``: segment by example through ``apply_model``.
+
+FiftyOne reads every ``manifest.json`` under ``fo.config.model_zoo_dir`` as a remotely-sourced
+zoo model source; ``insid3 fiftyone install`` copies :data:`SOURCE` (a manifest and an
+``__init__.py`` calling this module) there. Then::
+
+    model = foz.load_zoo_model("insid3-dinov3-torch", references=[("cat.jpg", "cat_mask.png")],
+                               weights="dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth")
+    dataset.apply_model(model, "insid3", batch_size=8, num_workers=4)
+
+The model follows FiftyOne's torch conventions (``TorchModelMixin``, ``SupportsGetItem``): the
+DataLoader workers decode and resize each target (:class:`TargetItem`), the model sends the batch
+through the backbone once and segments it with the references encoded when it was loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fiftyone.core.models as fom
+import fiftyone.utils.torch as fout
+
+from .labels import Outputs, sample_labels
+
+MODEL_NAME = "insid3-dinov3-torch"
+SOURCE = Path(__file__).resolve().parent / "zoo_source"
+"""The zoo source folder: ``manifest.json`` (top-level ``name`` ``insid3``) and ``__init__.py``."""
+OUTPUTS = ("segmentation", "instances", "both")
+SINGLE_VALUE = 255
+
+
+class TargetItem(fout.GetItem):
+    """What a DataLoader worker makes of one sample: its image decoded (EXIF orientation applied)
+    and resized to the model's input, and its size."""
+
+    def __init__(self, image_size: int, field_mapping=None):
+        self.image_size = image_size
+        super().__init__(field_mapping=field_mapping)
+
+    @property
+    def required_keys(self) -> list[str]:
+        return ["filepath"]
+
+    def __call__(self, d: dict) -> dict:
+        from insid3_core.features import resized_pixels
+        from insid3_core.io import load_image
+
+        image = load_image(d["filepath"])
+        return {"pixels": resized_pixels(image, self.image_size), "size": (image.height, image.width)}
+
+
+def collate_targets(items: list[dict]) -> dict:
+    """A batch of :class:`TargetItem` outputs: ``pixels`` ``(B, 3, s, s)`` uint8 and ``sizes``."""
+    import torch
+
+    return {"pixels": torch.stack([item["pixels"] for item in items]), "sizes": [item["size"] for item in items]}
+
+
+class SegmentByExample(fom.Model, fom.TorchModelMixin, fom.SupportsGetItem):
+    """Segment each image like the references (INSID3 on DINOv3), one batch per backbone call.
+
+    Parameters
+    ----------
+    engine : insid3_core.settings.EngineSettings
+    classes : dict
+        ``{class label: [(image, mask), ...]}``; class ``i`` fills its pixels with ``i + 1`` in
+        a multi-class ``Segmentation`` (255 for a single class).
+    negatives : sequence of (image, mask)
+        "Not this" regions shared by the classes.
+    output : {"segmentation", "instances", "both"}
+        A ``Segmentation``, ``Detections`` (one instance mask per object), or both (stored by
+        ``apply_model(model, "F")`` as ``F_segmentation`` and ``F_instances``).
+    """
+
+    def __init__(self, engine, classes: dict, negatives=(), output: str = "segmentation") -> None:
+        from .models import segmenter
+
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        self.engine = engine
+        self.segmenter = segmenter(engine)
+        self.references = self.segmenter.encode(classes, list(negatives))
+        values = [SINGLE_VALUE] if len(classes) == 1 else range(1, len(classes) + 1)
+        self.outputs = Outputs(
+            tuple(zip(classes, values)), len(classes) > 1,
+            "segmentation" if output != "instances" else None, "instances" if output != "segmentation" else None,
+            engine.instance_method, engine.min_instance_patches,
+        )
+        self._preprocess = True
+
+    @property
+    def media_type(self) -> str:
+        return "image"
+
+    @property
+    def ragged_batches(self) -> bool:
+        return False
+
+    @property
+    def transforms(self):
+        return None  # the DataLoader items come from :class:`TargetItem`
+
+    @property
+    def preprocess(self) -> bool:
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, value: bool) -> None:
+        self._preprocess = value
+
+    @property
+    def has_collate_fn(self) -> bool:
+        return True
+
+    @staticmethod
+    def collate_fn(batch):
+        return collate_targets(batch)
+
+    @property
+    def _using_gpu(self) -> bool:
+        return self.segmenter.backbone.device.type == "cuda"
+
+    def build_get_item(self, field_mapping=None) -> TargetItem:
+        return TargetItem(self.engine.image_size, field_mapping=field_mapping)
+
+    def predict(self, arg):
+        return self.predict_all([arg])[0]
+
+    def predict_all(self, args):
+        """Labels of a batch: a collated :class:`TargetItem` batch, or ``(H, W, 3)`` uint8 images."""
+        if not isinstance(args, dict):
+            args = collate_targets([_array_item(array, self.engine.image_size) for array in args])
+        pixels = args["pixels"].to(self.segmenter.backbone.device, non_blocking=True)
+        features = self.segmenter.encoder.features(pixels)
+        predictions = self.segmenter.segment_features(self.references, features, args["sizes"], pixels)
+        labels = [sample_labels(prediction, self.outputs, "", self.segmenter.quality)[0] for prediction in predictions]
+        if len(self.outputs.fields) == 1:
+            return [found[self.outputs.fields[0]] for found in labels]
+        return labels
+
+
+def _array_item(array, image_size: int) -> dict:
+    from PIL import Image
+
+    from insid3_core.features import resized_pixels
+
+    image = Image.fromarray(array)
+    return {"pixels": resized_pixels(image, image_size), "size": (image.height, image.width)}
+
+
+def load_model(references=None, classes=None, negatives=(), output: str = "segmentation", **options):
+    """The zoo model of ``references`` (one class, ``object``) and/or ``classes``; ``options``:
+    any :class:`~insid3_core.settings.EngineSettings` option by name (the rest from the plugin's
+    App config settings and ``INSID3_*``, as the operators read them)."""
+    from .settings import engine_settings
+
+    unknown = set(options) - set(_engine_names())
+    if unknown:
+        raise ValueError(f"{MODEL_NAME}: unknown option(s) {', '.join(sorted(unknown))}; options are references, "
+                         f"classes, negatives, output and the engine settings {', '.join(_engine_names())}")
+    chosen = dict(classes or {})
+    if references:
+        chosen = {"object": list(references), **chosen}
+    if not chosen:
+        raise ValueError(f"{MODEL_NAME} needs references=[(image, mask), ...] or classes={{name: [(image, mask), ...]}}")
+    return SegmentByExample(engine_settings(options), chosen, negatives, output)
+
+
+def _engine_names() -> tuple[str, ...]:
+    from insid3_core.settings import EngineSettings
+
+    return EngineSettings.names()
+
+
+def resolve_input(ctx):
+    """The App form of the zoo model: which tagged samples are the references, the output, and
+    every engine option (defaults from the dataset's plugin settings)."""
+    import fiftyone.operators.types as types
+
+    from .operators import engine_inputs
+    from .references import segmentation_fields
+
+    inputs = types.Object()
+    inputs.str("reference_tag", default="reference", label="Reference tag",
+               description="samples carrying this tag are the examples")
+    fields = segmentation_fields(ctx.dataset)
+    inputs.enum("reference_field", fields, default="ground_truth" if "ground_truth" in fields else next(iter(fields), None),
+                label="Reference mask field", view=types.Dropdown(label="Reference mask field"))
+    kinds = types.RadioGroup(label="Output")
+    for kind in OUTPUTS:
+        kinds.add_choice(kind, label=kind)
+    inputs.enum("output", kinds.values(), default="segmentation", view=kinds)
+    engine_inputs(inputs, ctx.dataset, mask_dir=False)
+    return types.Property(inputs)
+
+
+def parse_parameters(ctx, params: dict) -> None:
+    """Turn the App form's ``reference_tag`` and ``reference_field`` into ``references`` (the
+    tagged samples' image paths and masks) for :func:`load_model`."""
+    from .references import reference_pairs
+
+    tag = params.pop("reference_tag", None) or "reference"
+    field = params.pop("reference_field", None)
+    params["references"] = reference_pairs(ctx.dataset, tag, field)
+    for name in list(params):
+        if params[name] in (None, ""):
+            del params[name]
