@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 
 from .errors import BackendError
-from .payload import json_object, objects, project_id, text
+from .interactive import context_regions
+from .payload import json_object, objects, optional_object, project_id, text
 from .turns import Turns
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,12 @@ def create_app(backend, turns: Turns | None = None):
         payload = json_body()
         tasks = objects(payload, "tasks")
         project, label_config = project_id(payload.get("project")), text(payload, "label_config")
+        drawn = context_regions((optional_object(payload, "params") or {}).get("context"))
+        if drawn:  # interactive pre-annotation: the annotator drew on this task
+            if len(tasks) != 1:
+                raise BackendError(f"an interactive request (params.context) is for one task, got {len(tasks)}")
+            found, version = backend.predict_interactive(tasks[0], project, label_config, drawn)
+            return jsonify(results=[found], model_version=version)
         if len(tasks) > backend.settings.max_tasks_per_request:
             return one_by_one(backend.setup(project, label_config))
         predictions, version = backend.predict(tasks, project, label_config, backend.settings.warmup_wait)

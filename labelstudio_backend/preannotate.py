@@ -40,10 +40,10 @@ def preannotate(backend, project: int, batch_size: int = 8, progress: bool = Tru
     """
     from tqdm import tqdm
 
-    from .labelconfig import brush_target
+    from .labelconfig import region_target
 
     label_config = backend.api.label_config(project)
-    target = brush_target(label_config)
+    target = region_target(label_config)
     backend.prepare(project, target, force=True)
     version = backend.model_version(project)
     pending = list(backend.api.tasks_without(project, version))

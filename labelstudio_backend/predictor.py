@@ -167,9 +167,9 @@ class Predictor:
         return [dict(prediction.classes)
                 for prediction in pool.segmenter.segment(pool.references, images, self.batch_size, workers=0)]
 
-    def split(self, result) -> list | None:
-        """The instances of a label's ``SegmentationResult`` (``insid3_core.instances.Instance`` list,
-        empty when none), or ``None`` when instances are off."""
+    def split(self, label: str, result) -> list | None:
+        """The instances of ``label``'s ``SegmentationResult`` (``insid3_core.instances.Instance``
+        list, empty when none), or ``None`` when instances are off."""
         from insid3_core.instances import split_instances
 
         if self.instances == "off":

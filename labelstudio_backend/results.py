@@ -1,10 +1,11 @@
-"""Segmentation results as Label Studio prediction JSON (brushlabels RLE regions).
+"""Segmentation results as Label Studio prediction JSON, in the project's region type.
 
-Every label segmented gives a region, an empty mask included (no pixels, score 0), so that each
-quality verdict is stored in the prediction's ``result`` as region meta text
-(``insid3 quality: <verdict> (...)``), which the Data Manager's *Prediction results contains*
-filter searches. With instances on, a label gives one region per instance instead, each with the
-label's verdict.
+Every label segmented gives a region (brush or bitmask: an empty mask too, with no pixels and
+score 0), so that each quality verdict is stored in the prediction's ``result`` as region meta
+text (``insid3 quality: <verdict> (...)``), which the Data Manager's *Prediction results
+contains* filter searches. Polygons give one region per connected part (none for an empty
+mask). With instances on, a label gives one region per instance instead, each with the label's
+verdict.
 """
 
 from __future__ import annotations
@@ -14,36 +15,39 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .labelconfig import BrushTarget
-from .rle import mask_to_rle
+from .labelconfig import RegionTarget
+from .regions import mask_values
 
 QUALITY_PREFIX = "insid3 quality: "
 
 
-def region(target: BrushTarget, label: str, mask: np.ndarray, score: float, quality: dict) -> dict:
-    """One ``brushlabels`` region painting ``mask`` (``(H, W)`` bool) with ``label``, its ``score``
-    and the quality verdict ``quality`` (``QualityReport.as_dict()``) as meta text."""
+def regions(target: RegionTarget, label: str, mask: np.ndarray, score: float, quality: dict,
+            tolerance: float = 1.0) -> list[dict]:
+    """The regions showing ``mask`` (``(H, W)`` bool) as ``label`` in ``target``'s type, with the
+    ``score`` and the quality verdict ``quality`` (``QualityReport.as_dict()``) as meta text;
+    ``tolerance``: polygon simplification in pixels."""
     height, width = mask.shape
-    return {
+    return [{
         "id": uuid.uuid4().hex[:10],
         "from_name": target.from_name,
         "to_name": target.to_name,
-        "type": "brushlabels",
+        "type": target.kind,
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        "value": value,
         "score": score,
         "meta": {"text": [quality_text(quality)]},
-    }
+    } for value in mask_values(target.kind, label, mask, tolerance)]
 
 
-def label_regions(target: BrushTarget, label: str, result, instances: list | None = None) -> list[dict]:
+def label_regions(target: RegionTarget, label: str, result, instances: list | None = None,
+                  tolerance: float = 1.0) -> list[dict]:
     """The regions of one label's ``SegmentationResult``, each carrying the label's verdict.
 
     Parameters
     ----------
-    target : BrushTarget
+    target : RegionTarget
     label : str
     result : insid3_core.SegmentationResult
         ``result.mask`` is ``(H, W)`` bool.
@@ -54,10 +58,11 @@ def label_regions(target: BrushTarget, label: str, result, instances: list | Non
     """
     quality = result.quality.as_dict()
     if instances is None:
-        return [region(target, label, result.mask, region_score(result), quality)]
+        return regions(target, label, result.mask, region_score(result), quality, tolerance)
     if not instances:
-        return [region(target, label, np.zeros_like(result.mask), 0.0, quality)]
-    return [region(target, label, instance.mask, round(float(instance.score), 4), quality) for instance in instances]
+        return regions(target, label, np.zeros_like(result.mask), 0.0, quality, tolerance)
+    return [item for instance in instances
+            for item in regions(target, label, instance.mask, round(float(instance.score), 4), quality, tolerance)]
 
 
 def region_score(result) -> float:
@@ -72,20 +77,21 @@ def quality_text(quality: dict) -> str:
     return f"{QUALITY_PREFIX}{quality['verdict']} ({details})"
 
 
-def prediction(target: BrushTarget, per_label: dict, model_version: str,
-               split: Callable[[object], list | None] | None = None) -> dict:
+def prediction(target: RegionTarget, per_label: dict, model_version: str,
+               split: Callable[[str, object], list | None] | None = None, tolerance: float = 1.0) -> dict:
     """The prediction of one task from its ``label -> SegmentationResult`` map.
 
-    One region per label, or per instance when ``split`` (a ``SegmentationResult`` to its
-    instances, ``None`` for a whole region) is given. The task's ``score`` is the mean of the
+    One region per label, or per instance when ``split`` (a label and its ``SegmentationResult``
+    to the instances, ``None`` for a whole region) is given. The task's ``score`` is the mean of the
     labels' :func:`region_score` (0 when every mask is empty), however many instances each
     label has, so sorting by *Prediction score* puts empty and weak predictions first.
+    ``tolerance``: polygon simplification in pixels.
     """
-    regions = [item for label, result in per_label.items()
-               for item in label_regions(target, label, result, split(result) if split else None)]
+    found = [item for label, result in per_label.items()
+             for item in label_regions(target, label, result, split(label, result) if split else None, tolerance)]
     scores = [region_score(result) for result in per_label.values()]
     return {
-        "result": regions,
+        "result": found,
         "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
         "model_version": model_version,
     }

@@ -11,17 +11,15 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import numpy as np
-
 from insid3_core.io import write_json
 
 from .errors import BackendError
 from .images import ImageFetcher
-from .labelconfig import BrushTarget, brush_target
+from .labelconfig import RegionTarget, region_target
 from .payload import identifier, objects, optional_object, project_id, text
 from .references import AnnotationStore, Pairs, merge, pool_version, scan_folder
 from .results import prediction
-from .rle import rle_to_mask
+from .regions import annotation_masks
 from .settings import Settings
 from .warmup import Warmups
 
@@ -85,7 +83,7 @@ class Backend:
 
     def setup(self, project: int | None, label_config: str) -> str:
         """Check the config, start preparing the references in the background, return the model version."""
-        target = brush_target(label_config)
+        target = region_target(label_config)
         self.warm(project, target)
         return self.model_version(project)
 
@@ -95,7 +93,7 @@ class Backend:
         Runs in the background; waits at most ``wait`` seconds (``None``: until done) and
         returns the model version at that time.
         """
-        target = brush_target(label_config)
+        target = region_target(label_config)
         if project is None:
             raise BackendError("train request has no project id")
         future = self.warm(project, target, tasks=list(tasks))
@@ -114,12 +112,44 @@ class Backend:
         Raises :class:`BackendError` for the whole request: bad config, no references (422),
         or references still being prepared after ``wait`` seconds (503; ``None`` waits).
         """
-        target = brush_target(label_config)
+        target = region_target(label_config)
         pool, version = self.references(project, target, wait)
         with self.fetcher.lease() as lease:
             return self._segment_tasks(tasks, target, pool, version, lease), version
 
-    def _segment_tasks(self, tasks: Sequence[dict], target: BrushTarget, pool, version: str, lease) -> list:
+    def predict_interactive(self, task: dict, project: int | None, label_config: str, regions: list[dict]) -> tuple[dict, str]:
+        """Interactive pre-annotation of one task (see :mod:`labelstudio_backend.interactive`): the
+        drawn ``regions`` are references from the task's own image; the prediction holds every
+        other instance of their labels in it, and the model version.
+
+        Raises :class:`BackendError` (422) when no drawn region is of the project's labels.
+        """
+        from .interactive import drawn_masks, other_instances
+
+        target = region_target(label_config)
+        address = image_address(task, target)
+        if not isinstance(address, str) or not address:
+            raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
+        version = self.model_version(project)
+        with self.fetcher.lease() as lease:
+            image = self.fetcher.fetch(address, lease)
+            drawn = drawn_masks(regions, target, (image.height, image.width), self.settings.max_pixels)
+            if not drawn:
+                raise BackendError(f"the drawn regions hold no {target.kind} region or keypoint of the labels "
+                                   f"{', '.join(target.labels)}", 422)
+            segmenter = self.predictor.segmenter
+            with self._device_lock:
+                references = segmenter.encode({label: [(image, mask)] for label, mask in drawn.items()})
+                (found,) = segmenter.segment(references, [image], workers=0)
+            del image
+        method = self.predictor.instances if self.predictor.instances != "off" else "necks"
+
+        def split(label: str, result) -> list:
+            return other_instances(result, drawn[label], method, self.predictor.min_instance_patches)
+
+        return prediction(target, dict(found.classes), version, split, self.settings.polygon_tolerance), version
+
+    def _segment_tasks(self, tasks: Sequence[dict], target: RegionTarget, pool, version: str, lease) -> list:
         """Predictions of ``tasks`` (a task's :class:`BackendError` in its place); the decoded images
         are freed on return, before ``lease`` gives their pixels back."""
         images = self._task_images(tasks, target, lease)
@@ -127,11 +157,12 @@ class Backend:
             segmented = iter(self.predictor.segment(pool, [i for i in images if not isinstance(i, BackendError)]))
         split = self.predictor.split
         return [
-            image if isinstance(image, BackendError) else prediction(target, next(segmented), version, split)
+            image if isinstance(image, BackendError)
+            else prediction(target, next(segmented), version, split, self.settings.polygon_tolerance)
             for image in images
         ]
 
-    def references(self, project: int | None, target: BrushTarget, wait: float | None) -> tuple:
+    def references(self, project: int | None, target: RegionTarget, wait: float | None) -> tuple:
         """``(EncodedPool, model version)`` of the current pool, from the encoded cache or
         background jobs waited on at most ``wait`` seconds in all (``None``: until done).
 
@@ -154,17 +185,17 @@ class Backend:
                 ) from None
             if pool is None:
                 raise BackendError(
-                    "no references yet: annotate a task with a brush mask (labels "
+                    "no references yet: annotate a task with a mask (labels "
                     f"{', '.join(target.labels)}) or put reference pairs in INSID3_REFERENCE_DIR", 422
                 )
         return pool, version
 
-    def warm(self, project: int | None, target: BrushTarget, tasks: list | None = None, force: bool = False) -> Future:
+    def warm(self, project: int | None, target: RegionTarget, tasks: list | None = None, force: bool = False) -> Future:
         """Start (or join) the background job preparing ``project``'s references; see :meth:`prepare`."""
         return self.warmups.start(project, lambda: self.prepare(project, target, tasks, force),
                                   replace=tasks is not None or force)
 
-    def prepare(self, project: int | None, target: BrushTarget, tasks: list | None = None,
+    def prepare(self, project: int | None, target: RegionTarget, tasks: list | None = None,
                 force: bool = False) -> tuple[dict | None, str]:
         """Bring the cache up to date (from ``tasks``, else from the API once unless ``force``) and encode it.
 
@@ -194,13 +225,13 @@ class Backend:
             write_json(where / CALIBRATION_FILE, {**pool.calibration.document(), "model_version": version})
         return pool, version
 
-    def _target_pool(self, project: int | None, target: BrushTarget) -> tuple[Pairs, tuple, str]:
+    def _target_pool(self, project: int | None, target: RegionTarget) -> tuple[Pairs, tuple, str]:
         """The pool's pairs of ``target``'s labels, their cache key and the model version."""
         pairs, digest = self.pool(project)
         pairs = {label: pairs[label] for label in target.labels if label in pairs}
         return pairs, (digest, *pairs), self.predictor.model_version(digest)
 
-    def _task_images(self, tasks: Sequence[dict], target: BrushTarget, lease) -> list:
+    def _task_images(self, tasks: Sequence[dict], target: RegionTarget, lease) -> list:
         images = []
         for task in tasks:
             address = image_address(task, target)
@@ -242,8 +273,8 @@ class Backend:
             return {"status": "started", "action": action, "model_version": self.model_version(project)}
         return {"status": "ok", "action": action, "model_version": self.model_version(project)}
 
-    def add_annotation(self, project: int, target: BrushTarget, task: dict, annotation: dict) -> bool:
-        """Cache ``annotation``'s brush masks as references; ``True`` when it has any.
+    def add_annotation(self, project: int, target: RegionTarget, task: dict, annotation: dict) -> bool:
+        """Cache ``annotation``'s masks as references; ``True`` when it has any.
 
         An annotation cached from the same content (its stamp) is not downloaded again.
         """
@@ -267,14 +298,14 @@ class Backend:
             image = self.fetcher.fetch(address, lease)
             if shapes != {(image.height, image.width)}:
                 raise BackendError(
-                    f"annotation {identifier}: brush size {sorted(shapes)} differs from its image "
+                    f"annotation {identifier}: region size {sorted(shapes)} differs from its image "
                     f"{image.height}x{image.width}", 422
                 )
             store.put(identifier, image, masks, stamp)
             del image  # freed before the lease gives its pixels (and the memory) back
         return True
 
-    def sync(self, project: int, target: BrushTarget, force: bool = False) -> None:
+    def sync(self, project: int, target: RegionTarget, force: bool = False) -> None:
         """Make the cached references match the project's annotations (once, unless ``force``)."""
         if project in self._synced and not force:
             return
@@ -283,7 +314,7 @@ class Backend:
                 self._replace(project, target, self.api.annotated_tasks(project))
             self._synced.add(project)
 
-    def _replace(self, project: int, target: BrushTarget, tasks: Iterable[dict]) -> None:
+    def _replace(self, project: int, target: RegionTarget, tasks: Iterable[dict]) -> None:
         """Cache every usable annotation of ``tasks`` and drop the others; a bad one is logged and skipped."""
         seen = set()
         for task in tasks:
@@ -299,17 +330,17 @@ class Backend:
         for stale in store.annotation_ids() - seen:
             store.remove(stale)
 
-    def _webhook_target(self, payload: dict, project: int) -> BrushTarget:
+    def _webhook_target(self, payload: dict, project: int) -> RegionTarget:
         project_object = payload.get("project")
         config = text(project_object, "label_config") if isinstance(project_object, dict) else ""
         if config:
-            return brush_target(config)
+            return region_target(config)
         if self.api is None:
             raise BackendError("the webhook payload has no label_config and LABEL_STUDIO_URL/API key are not set")
-        return brush_target(self.api.label_config(project))
+        return region_target(self.api.label_config(project))
 
 
-def image_address(task: dict, target: BrushTarget):
+def image_address(task: dict, target: RegionTarget):
     """The task's image address (``task["data"][target.data_key]``), ``None`` when it has none."""
     data = task.get("data")
     return data.get(target.data_key) if isinstance(data, dict) else None
@@ -331,43 +362,8 @@ def annotation_id(annotation) -> int:
         raise BackendError(f"annotation without an id: {err.message}") from None
 
 
-def annotation_stamp(annotation: dict, target: BrushTarget, address) -> str:
+def annotation_stamp(annotation: dict, target: RegionTarget, address) -> str:
     """Digest of what an annotation's references are made from: its result, the image address and the control."""
     content = {"result": annotation.get("result"), "image": address, "control": target.from_name,
                "labels": target.labels}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def annotation_masks(annotation: dict, target: BrushTarget, max_pixels: int) -> dict[str, np.ndarray]:
-    """``label -> (H, W) bool`` union of an annotation's non-empty brush regions of ``target``'s labels.
-
-    Raises :class:`BackendError` (422, or 413 above ``max_pixels``) for a region that cannot be decoded.
-    """
-    masks: dict[str, np.ndarray] = {}
-    result = annotation.get("result")
-    for item in result if isinstance(result, list) else []:
-        value = item.get("value") if isinstance(item, dict) else None
-        if not isinstance(value, dict) or item.get("type") != "brushlabels" or item.get("from_name") != target.from_name:
-            continue
-        names = value.get("brushlabels")
-        labels = [label for label in names if label in target.labels] if isinstance(names, list) else []
-        if not labels or "rle" not in value:
-            continue
-        try:
-            height, width = int(item["original_height"]), int(item["original_width"])
-        except (KeyError, TypeError, ValueError, OverflowError) as err:
-            raise BackendError(f"annotation {annotation.get('id')}: brush region without its image size ({err})", 422) from err
-        if height <= 0 or width <= 0 or height * width > max_pixels:
-            raise BackendError(
-                f"annotation {annotation.get('id')}: brush region of {width}x{height} pixels "
-                f"(limit INSID3_MAX_PIXELS={max_pixels})", 413
-            )
-        try:
-            mask = rle_to_mask(value["rle"], height, width)
-        except ValueError as err:
-            raise BackendError(f"annotation {annotation.get('id')}: brush region cannot be decoded ({err})", 422) from err
-        for label in labels:
-            if label in masks and masks[label].shape != mask.shape:
-                raise BackendError(f"annotation {annotation.get('id')}: {label!r} regions of different image sizes", 422)
-            masks[label] = masks[label] | mask if label in masks else mask
-    return {label: mask for label, mask in masks.items() if mask.any()}

@@ -67,6 +67,9 @@ class Settings:
         ``INSID3_NEGATIVE_LABEL``: a reserved BrushLabels label whose brushed regions mean "not
         this": they are negative references for every other label and are never predicted
         (empty: no reserved label).
+    polygon_tolerance : float
+        ``INSID3_POLYGON_TOLERANCE``: pixels a ``PolygonLabels`` outline may depart from the mask
+        (Douglas-Peucker simplification; 0 keeps every boundary pixel).
     calibrate : bool
         ``INSID3_CALIBRATE`` (``on``/``off``): once a label has references on three images, each
         pool is calibrated (:func:`insid3_core.calibration.calibrate`) before it is encoded, and
@@ -93,6 +96,7 @@ class Settings:
     instances: str = "off"
     min_instance_patches: int = 1
     negative_label: str = ""
+    polygon_tolerance: float = 1.0
     calibrate: bool = False
 
     def __post_init__(self) -> None:
@@ -109,6 +113,8 @@ class Settings:
         for name in ("download_seconds", "warmup_wait", "decode_wait", "queue_wait"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"INSID3_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")
+        if not 0 <= self.polygon_tolerance < float("inf"):
+            raise ValueError(f"INSID3_POLYGON_TOLERANCE must be a number of pixels >= 0, got {self.polygon_tolerance}")
         if self.min_instance_patches < 1:
             raise ValueError(f"INSID3_MIN_INSTANCE_PATCHES must be >= 1, got {self.min_instance_patches}")
 
@@ -141,6 +147,7 @@ class Settings:
             instances=env_setting("instances", cls.instances).strip().lower(),
             min_instance_patches=env_setting("min_instance_patches", cls.min_instance_patches, int),
             negative_label=env_setting("negative_label", cls.negative_label).strip(),
+            polygon_tolerance=env_setting("polygon_tolerance", cls.polygon_tolerance, number),
             calibrate=switch("calibrate"),
         )
 
