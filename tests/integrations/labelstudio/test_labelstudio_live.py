@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flask")
@@ -288,3 +289,85 @@ def test_instances_project(label_studio, tiny_backbone, tmp_path):
             mask = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
             assert mask_iou(mask, instance.mask) >= 0.99 and region["score"] == pytest.approx(instance.score, abs=1e-4)
             assert region["meta"]["text"][0].startswith("insid3 quality: ")
+
+
+def region_config(control: str) -> str:
+    return (f'<View><Image name="image" value="$image" smoothing="false"/><{control} name="tag" toName="image">'
+            f'<Label value="{LABEL}" background="#ff0000"/></{control}></View>')
+
+
+@pytest.mark.parametrize("control, kind, token", [
+    ("BitmaskLabels", "bitmasklabels", "personal access token"),
+    ("PolygonLabels", "polygonlabels", "legacy token"),
+])
+def test_bitmask_and_polygon_projects(label_studio, tiny_backbone, tmp_path, control, kind, token):
+    """A project of each newer region type: its annotation (stored by Label Studio in that type) is
+    the reference, the backend reads it with either kind of token, and the predictions Label Studio
+    stores are of that type and decode to the engine's masks."""
+    from labelstudio_backend.regions import mask_values, value_mask
+    from labelstudio_live import LEGACY_TOKEN
+
+    created = label_studio.api("POST", "/api/projects/", json={"title": f"insid3 {control}",
+                                                              "label_config": region_config(control)})
+    files = [(f"file{i}", (path.name, path.read_bytes(), "image/png")) for i, path in enumerate(TARGETS[:3])]
+    label_studio.api("POST", f"/api/projects/{created['id']}/import", files=files)
+    tasks = {next(p.name for p in TARGETS if t["data"]["image"].endswith(p.name)): t for t in
+             label_studio.api("GET", f"/api/tasks?project={created['id']}&fields=all&page_size=100")["tasks"]}
+    truth = load_mask(EXAMPLES / "masks" / TARGETS[0].name)
+    (value,) = mask_values(kind, LABEL, truth)[:1]
+    region = {"from_name": "tag", "to_name": "image", "type": kind, "original_width": truth.shape[1],
+              "original_height": truth.shape[0], "image_rotation": 0, "value": value}
+    label_studio.api("POST", f"/api/tasks/{tasks[TARGETS[0].name]['id']}/annotations/", json={"result": [region]})
+    api_key = label_studio.personal_access_token if token == "personal access token" else LEGACY_TOKEN
+    segmenter = small_segmenter(tiny_backbone)
+    settings = Settings(label_studio_url=label_studio.url, api_key=api_key, model_dir=tmp_path / "model")
+    backend = build_backend(settings, segmenter)
+    with BackendServer(backend) as server:
+        label_studio.api("POST", "/api/ml", json={"url": server.url, "project": created["id"], "title": "insid3"})
+        label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={created['id']}",
+                         json={"selectedItems": {"all": True, "excluded": []}})
+    reference = value_mask(kind, value, *truth.shape)
+    expected = segmenter.segment(segmenter.encode({LABEL: [(TARGETS[0], reference)]}), TARGETS[:3])
+    version = backend.model_version(created["id"])
+    stored = label_studio.api("GET", f"/api/tasks?project={created['id']}&fields=all&page_size=100")["tasks"]
+    for task in stored:
+        name = next(p.name for p in TARGETS if task["data"]["image"].endswith(p.name))
+        (prediction,) = [p for p in task["predictions"] if p["model_version"] == version]
+        assert {r["type"] for r in prediction["result"]} == {kind}
+        masks = [value_mask(kind, r["value"], r["original_height"], r["original_width"]) for r in prediction["result"]]
+        overlap = mask_iou(np.logical_or.reduce(masks), expected[[p.name for p in TARGETS].index(name)].mask)
+        print(f"{control} ({token}): task {task['id']} {name}: {len(masks)} region(s) stored, IoU {overlap:.4f}")
+        assert overlap >= (0.99 if kind == "bitmasklabels" else 0.9)
+
+
+def test_interactive_pre_annotation_through_label_studio(label_studio, tiny_backbone, tmp_path):
+    """Label Studio's interactive-annotating call (what its editor sends when an annotator brushes a
+    region with auto-annotation on) reaches the backend as /predict with params.context; the
+    answer Label Studio relays holds the other disk of the image."""
+    from labelstudio_backend.regions import mask_values, value_mask
+    from scenes import disk
+
+    images = two_disk_scenes(tmp_path / "scenes", count=1)
+    created = label_studio.api("POST", "/api/projects/", json={"title": "insid3 interactive", "label_config": BRUSH_CONFIG})
+    label_studio.api("POST", f"/api/projects/{created['id']}/import",
+                     files=[("file0", (images[0].name, images[0].read_bytes(), "image/png"))])
+    (task,) = label_studio.api("GET", f"/api/tasks?project={created['id']}&fields=all")["tasks"]
+    settings = Settings(label_studio_url=label_studio.url, api_key=label_studio.personal_access_token,
+                        model_dir=tmp_path / "model")
+    backend = build_backend(settings, small_segmenter(tiny_backbone))
+    drawn = disk((384, 320), (100, 160), 60)
+    (value,) = mask_values("brushlabels", LABEL, drawn)
+    context = {"result": [{"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 384,
+                           "original_height": 320, "value": value}]}
+    with BackendServer(backend) as server:
+        ml = label_studio.api("POST", "/api/ml", json={"url": server.url, "project": created["id"], "title": "insid3",
+                                                      "is_interactive": True})
+        answer = label_studio.api("POST", f"/api/ml/{ml['id']}/interactive-annotating",
+                                  json={"task": task["id"], "context": context})
+    assert "errors" not in answer, answer
+    regions = [value_mask("brushlabels", r["value"], 320, 384) for r in answer["data"]["result"]]
+    other = disk((384, 320), (290, 170), 60)
+    best = max((mask_iou(region, other) for region in regions), default=0.0)
+    print(f"interactive through Label Studio: {len(regions)} region(s), IoU with the other disk {best:.3f}")
+    assert best > 0.5
+    assert not any((region & drawn).sum() > 0.5 * region.sum() for region in regions)
