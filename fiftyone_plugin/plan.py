@@ -70,9 +70,29 @@ def is_multiclass(chosen: dict) -> bool:
     return chosen["all_classes"] or bool(chosen["reference_classes"])
 
 
-def target_samples(ctx, chosen: dict):
-    """The chosen target view (dataset, current view or selection) without references and negatives."""
-    return ctx.target_view().match_tags([chosen["reference_tag"], chosen["negative_tag"]], bool=False)
+def run_collection(ctx, chosen: dict):
+    """What a run reads references from and writes to: ``ctx.dataset``, or the frames view of a
+    video dataset (:func:`fiftyone_plugin.video.frames_collection`)."""
+    from .video import frames_collection, is_video
+
+    if not is_video(ctx.dataset):
+        return ctx.dataset
+    try:
+        return frames_collection(ctx.dataset, chosen)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ReferenceProblem(f"The frames of the videos cannot be extracted ({err}); FiftyOne needs ffmpeg for "
+                               "video") from None
+
+
+def target_samples(ctx, chosen: dict, collection=None):
+    """The chosen target view (dataset, current view or selection) without references and
+    negatives; for videos, their frames in ``collection`` (the run's frames view)."""
+    from .video import is_video, target_frames
+
+    targets = ctx.target_view().match_tags([chosen["reference_tag"], chosen["negative_tag"]], bool=False)
+    if not is_video(ctx.dataset):
+        return targets
+    return target_frames(targets, collection if collection is not None else run_collection(ctx, chosen), chosen)
 
 
 def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
@@ -83,14 +103,15 @@ def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
     from .models import engine_problem
 
     try:
-        plan = plan_run(ctx.dataset, chosen)
+        collection = run_collection(ctx, chosen)
+        plan = plan_run(collection, chosen)
         engine = settings.engine_settings(ctx.params, ctx.dataset)
         mask_dir = settings.plugin_setting("mask_dir", ctx.params, ctx.dataset)
         if mask_dir:
             check_writable_folder(mask_dir, "Mask folder")
     except (ReferenceProblem, OutputProblem, ValueError) as problem:  # SettingsError, InputError too
         return None, str(problem)
-    if not len(target_samples(ctx, chosen)):
+    if not len(target_samples(ctx, chosen, collection)):
         return None, "No target sample: the chosen target holds only references and negatives"
     problem = engine_problem(engine)
     return (None, problem) if problem else (plan, None)

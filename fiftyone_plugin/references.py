@@ -18,11 +18,12 @@ class ReferenceProblem(ValueError):
 
 
 def segmentation_fields(collection) -> list[str]:
-    """Top-level ``Segmentation`` fields of a collection's samples, sorted."""
+    """Top-level ``Segmentation`` fields of a collection's samples (of its frames for videos), sorted."""
     import fiftyone as fo
 
-    schema = collection.get_field_schema(embedded_doc_type=fo.Segmentation)
-    return sorted(schema)
+    from .video import label_schema
+
+    return sorted(label_schema(collection, embedded_doc_type=fo.Segmentation))
 
 
 def mask_classes(dataset, field: str) -> dict:

@@ -26,8 +26,11 @@ def _is_failure_tag(tag: str) -> bool:
 
 
 def default_output_field(dataset, base: str = "insid3") -> str:
-    """``base``, or ``base_2``, ``base_3``... whichever is the first new field of ``dataset``."""
-    schema = dataset.get_field_schema()
+    """``base``, or ``base_2``, ``base_3``... whichever is the first new field of ``dataset`` (a
+    frame field of a video dataset)."""
+    from .video import label_schema
+
+    schema = label_schema(dataset)
     name, number = base, 1
     while name in schema:
         number += 1
@@ -67,9 +70,10 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     segmenter : insid3_core.Segmenter
     classes : insid3_core.References
         The encoded references of each class, in the order of ``outputs.classes``.
-    dataset : fiftyone.core.dataset.Dataset
+    dataset : fiftyone.core.collections.SampleCollection
+        The dataset, or the frames view of a video dataset (see :mod:`fiftyone_plugin.video`).
     targets : fiftyone.core.collections.SampleCollection
-        Samples of ``dataset`` to segment.
+        Samples (frames) of ``dataset`` to segment.
     outputs : fiftyone_plugin.labels.Outputs
         Fields and labels to write: a ``Segmentation`` and/or ``Detections`` per target, with
         ``score``, ``verdict``, ``area_ratio``, ``components`` and ``largest_component_ratio``
@@ -100,9 +104,14 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
             _write(dataset, outputs, pending, segmenter.quality, counts)
             pending = []
         yield done, len(ids)
-    dataset.add_dynamic_sample_fields(fields=outputs.fields)
+    root = dataset._root_dataset  # a frames view writes through to its video dataset's frames
+    prefix = "frames." if root.media_type == "video" else ""
+    if prefix:
+        root.add_dynamic_frame_fields(fields=outputs.fields)
+    else:
+        root.add_dynamic_sample_fields(fields=outputs.fields)
     if outputs.mask_targets:
-        dataset.mask_targets = {**dataset.mask_targets, outputs.segmentation_field: outputs.mask_targets}
+        root.mask_targets = {**root.mask_targets, prefix + outputs.segmentation_field: outputs.mask_targets}
 
 
 def _write(dataset, outputs, results, thresholds, counts) -> None:

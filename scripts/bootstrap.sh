@@ -12,7 +12,13 @@ esac
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "${torch_pair[@]}"
 .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
-# the FiftyOne App browser test drives Debian's chromium (never a browser download)
-if [[ ",$extras," == *",test,"* ]] && ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# the FiftyOne App browser test drives Debian's chromium (never a browser download); the video
+# tests need Debian's ffmpeg, as FiftyOne does to read and sample videos
+if [[ ",$extras," == *",test,"* ]] && [ "$(id -u)" = 0 ]; then
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v ffmpeg >/dev/null || missing+=(ffmpeg)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
 fi

@@ -1,0 +1,143 @@
+"""Video datasets on a real FiftyOne: the frames are the targets (``frames.<field>``), references
+come from a tagged video's masked frames or a tagged frame label, progress counts frames.
+
+The test writes two small H.264 videos of the example scenes with Debian's ffmpeg (which
+FiftyOne itself needs to read and sample videos)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+from data import EXAMPLES
+from fiftyone_setup import PLUGIN_URI
+
+pytestmark = pytest.mark.skipif(find_spec("fiftyone") is None or shutil.which("ffmpeg") is None,
+                                reason="needs the fiftyone extra and ffmpeg")
+
+SEGMENT = f"{PLUGIN_URI}/segment_by_example"
+ENGINE = {"image_size": 128, "svd_components": 16, "device": "cpu", "batch_size": 3}
+SCENES = sorted((EXAMPLES / "targets").glob("*.png"))
+
+
+SIZE = (320, 256)
+
+
+def write_video(path, scenes) -> list:
+    """A 2 fps H.264 video of ``scenes`` resized to 320 x 256, one frame each; returns the paths
+    of their true masks at that size."""
+    from PIL import Image
+
+    frames = path.parent / f"{path.stem}_frames"
+    frames.mkdir()
+    masks = []
+    for index, scene in enumerate(scenes, start=1):
+        Image.open(scene).convert("RGB").resize(SIZE, Image.BILINEAR).save(frames / f"{index:03d}.png")
+        masks.append(frames / f"{index:03d}_mask.png")
+        Image.open(EXAMPLES / "masks" / scene.name).convert("L").resize(SIZE, Image.NEAREST).save(masks[-1])
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-framerate", "2", "-i", str(frames / "%03d.png"),
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)], check=True)
+    return masks
+
+
+@pytest.fixture
+def dataset(fo, tmp_path):
+    """A reference video (tagged ``reference``; its frames hold the scenes' true masks) and a target video."""
+    masks = write_video(tmp_path / "reference.mp4", SCENES[:2])
+    write_video(tmp_path / "target.mp4", SCENES[2:6])
+    collection = fo.Dataset()
+    collection.add_samples([fo.Sample(filepath=str(tmp_path / "reference.mp4"), tags=["reference"]),
+                            fo.Sample(filepath=str(tmp_path / "target.mp4"))])
+    reference = collection.match_tags("reference").first()
+    for number, mask in enumerate(masks, start=1):
+        reference.frames[number]["ground_truth"] = fo.Segmentation(mask_path=str(mask))
+    reference.save()
+    yield collection
+    collection.delete()
+
+
+def run(dataset, request_delegation: bool = False, **params):
+    import fiftyone.operators as foo
+
+    return foo.execute_operator(SEGMENT, {"dataset": dataset, "view_target": "DATASET",
+                                          "request_delegation": request_delegation},
+                                params={"reference_field": "ground_truth", **ENGINE, **params})
+
+
+def expected_masks(dataset, reference_frames: list[int]):
+    """The engine on the frames FiftyOne extracted: the reference video's frames as references."""
+    from insid3_core import TEST_CHECKPOINT, EngineConfig, Segmenter, load_backbone
+    from insid3_core.io import load_mask
+
+    frames = dataset.to_frames(sample_frames=True)
+    paths = dict(zip(zip(frames.values("sample_id"), frames.values("frame_number")), frames.values("filepath")))
+    reference, target = dataset.first(), dataset.skip(1).first()
+    pairs = [(paths[(reference.id, n)], load_mask(reference.frames[n]["ground_truth"].mask_path)) for n in reference_frames]
+    segmenter = Segmenter(load_backbone(TEST_CHECKPOINT, device="cpu"), EngineConfig(image_size=128, svd_components=16))
+    targets = [paths[(target.id, n)] for n in range(1, 5)]
+    return segmenter.segment(segmenter.encode({"object": pairs}), targets)
+
+
+def test_the_frames_of_target_videos_are_segmented(fo, dataset):
+    run(dataset, output_field="pred")
+    dataset.reload()
+    assert "pred" in dataset.get_frame_field_schema()
+    reference, target = dataset.first(), dataset.skip(1).first()
+    assert all(frame["pred"] is None for frame in reference.frames.values()), "reference frames are not targets"
+    expected = expected_masks(dataset, [1, 2])
+    for number, prediction in zip(range(1, 5), expected):
+        label = target.frames[number]["pred"]
+        assert isinstance(label, fo.Segmentation)
+        np.testing.assert_array_equal(label.get_mask() > 0, prediction.mask)
+        assert label.verdict == prediction.quality.verdict
+    assert dataset.info["insid3"]["pred"]["references"]
+
+
+def test_a_tagged_frame_label_is_a_reference_and_the_form_lists_frame_fields(fo, dataset):
+    """Untag the reference video; tag only its second frame's mask label: that frame alone is the reference."""
+    import asyncio
+    import json
+
+    from fiftyone.operators import OperatorRegistry
+    from fiftyone.operators.executor import resolve_type
+
+    reference = dataset.match_tags("reference").first()
+    reference.tags.remove("reference")
+    reference.frames[2]["ground_truth"].tags.append("reference")
+    reference.save()
+    request = {"dataset_name": dataset.name, "params": {}, "target": "inputs"}
+    properties = asyncio.run(resolve_type(OperatorRegistry(), SEGMENT, request)).type.properties
+    json.dumps({name: prop.to_json() for name, prop in properties.items()})
+    assert properties["reference_field"].default == "ground_truth"
+    assert "problem" not in properties
+    run(dataset, output_field="pred")
+    dataset.reload()
+    target = dataset.skip(1).first()
+    expected = expected_masks(dataset, [2])
+    np.testing.assert_array_equal(target.frames[1]["pred"].get_mask() > 0, expected[0].mask)
+    assert dataset.first().frames[1]["pred"] is not None, "the untagged video's other frame is a target now"
+
+
+def test_a_delegated_run_counts_frames(fo, dataset):
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    queued = run(dataset, output_field="pred", request_delegation=True)
+    service = DelegatedOperationService()
+    service.execute_queued_operations(dataset_name=dataset.name)
+    operation = service.get(queued.result["id"])
+    assert operation.run_state == ExecutionRunState.COMPLETED, operation.result
+    output = operation.result.result
+    assert output["targets"] == output["masks_written"] == 4, "the target video's four frames"
+    assert operation.status.label == "Segmented 4/4"
+
+
+def test_no_tagged_reference_is_a_form_problem(fo, dataset):
+    from fiftyone.operators.executor import ExecutionError
+
+    dataset.untag_samples("reference")
+    with pytest.raises(ExecutionError, match="No sample is tagged 'reference'"):
+        run(dataset, output_field="pred")
