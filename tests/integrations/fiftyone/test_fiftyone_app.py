@@ -130,3 +130,62 @@ def test_calibration_from_the_app_shows_its_tables_and_stores_the_choice(fo, dat
     chosen = dataset.info["insid3_calibration"]["settings"]
     assert {name: stored[name] for name in chosen} == chosen
     assert stored["device"] == "cpu", "the other plugin settings stay"
+
+
+APPLY_ZOO_MODEL_PLUGIN = '''
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+import fiftyone.zoo as foz
+
+MODEL = "insid3-dinov3-torch"
+
+
+class ApplyZooModel(foo.Operator):
+    """What FiftyOne's "Apply model" operator (@voxel51/zoo) does with a zoo model's form."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(name="apply_zoo_model_form", label="Apply zoo model (form test)", dynamic=True)
+
+    def resolve_input(self, ctx):
+        return foz.get_zoo_model(MODEL).resolve_input(ctx)
+
+    def execute(self, ctx):
+        params = dict(ctx.params)
+        zoo_model = foz.get_zoo_model(MODEL)
+        zoo_model.parse_parameters(ctx, params)
+        model = foz.load_zoo_model(MODEL, cache=False, **params)
+        ctx.dataset.match_tags("reference", bool=False).apply_model(model, "zoo_pred", batch_size=4)
+        ctx.ops.reload_dataset()
+
+
+def register(plugin):
+    plugin.register(ApplyZooModel)
+'''
+
+
+def test_the_zoo_models_form_in_the_app(fo, dataset, tmp_path):
+    """The zoo model's ``resolve_input`` form rendered by the App (through a stand-in of FiftyOne's
+    "Apply model" operator, whose @voxel51/zoo plugin cannot be installed offline), run from it."""
+    plugin = os.path.join(fo.config.plugins_dir, "apply-zoo-model-form-test")
+    os.makedirs(plugin)
+    with open(os.path.join(plugin, "fiftyone.yml"), "w") as manifest:
+        manifest.write('name: "@insid3-tests/apply-zoo-model"\noperators:\n  - apply_zoo_model_form\n')
+    with open(os.path.join(plugin, "__init__.py"), "w") as source:
+        source.write(APPLY_ZOO_MODEL_PLUGIN)
+    try:
+        with app_page(fo, dataset) as page:
+            page.keyboard.press("Backquote")
+            page.keyboard.type("Apply zoo model")
+            page.get_by_text("apply_zoo_model_form", exact=True).click()
+            page.get_by_text("Reference mask field").first.wait_for(timeout=60_000)
+            for label in ("Reference tag", "Output", "Tau", "Image size"):
+                page.get_by_text(label, exact=True).first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "fiftyone_zoo_model_form.png"))
+            page.get_by_role("button", name="Execute").click()
+            page.get_by_text("zoo_pred", exact=True).first.wait_for(timeout=300_000)  # the new field in the sidebar
+    finally:
+        shutil.rmtree(plugin)
+    dataset.reload()
+    targets = dataset.match_tags("reference", bool=False)
+    assert len(targets.exists("zoo_pred")) == len(targets) == 8
