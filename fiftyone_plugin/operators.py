@@ -100,6 +100,7 @@ def start_run(ctx):
     if problem:
         raise ValueError(problem)
     engine = plugin_settings.engine_settings(ctx.params, ctx.dataset)
+    remember_form_values(ctx)
     outputs = dataclasses.replace(plan.outputs, instance_method=engine.instance_method,
                                   min_instance_patches=engine.min_instance_patches,
                                   mask_dir=plugin_settings.plugin_setting("mask_dir", ctx.params, ctx.dataset))
@@ -118,6 +119,19 @@ def start_run(ctx):
         return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test)
 
     return job, engine.batch_size, counts, outputs, report
+
+
+def remember_form_values(ctx) -> None:
+    """Write the engine options and the mask folder given to a run into the dataset's plugin
+    settings, so the next form on this dataset starts from them."""
+    from insid3_core.settings import EngineSettings
+
+    names = (*EngineSettings.names(), "mask_dir")
+    given = {name: ctx.params[name] for name in names if ctx.params.get(name) not in (None, "")}
+    stored = (ctx.dataset.app_config.plugins or {}).get(plugin_settings.PLUGIN_NAME) or {}
+    if any(stored.get(name) != value for name, value in given.items()):
+        plugin_settings.store(ctx.dataset, given)
+        ctx.dataset.save()
 
 
 def record_provenance(dataset, fields, engine, segmenter, references) -> None:
@@ -252,7 +266,7 @@ def run_immediate(ctx):
 def summary(counts: collections.Counter, fields: list[str], smoke_test: bool) -> str:
     """One line on a run: samples per category and the tags that mark the failures."""
     parts = ", ".join(f"{category} {count}" for category, count in sorted(counts.items()))
-    failures = sorted(failure_tag(category) for category in counts if category != "ok")
+    failures = sorted(failure_tag(fields[0], category) for category in counts if category != "ok")
     tagged = f"; review tags {', '.join(failures)}" if failures else ""
     warning = f" ({SMOKE_TEST_NOTE})" if smoke_test else ""
     where = " and ".join(f"'{field}'" for field in fields)

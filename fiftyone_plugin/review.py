@@ -8,18 +8,20 @@ import numpy as np
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from .segment import FAILURES, failure_tag
+from .segment import FAILURES, failure_tags
 
 CATEGORIES = ("ok",) + FAILURES
 BINS = 10
 
 
 def predicted_field_input(ctx, inputs) -> str | None:
-    """Add the ``field`` choice (Segmentation and Detections fields); return the chosen or default one."""
+    """Add the ``field`` choice (Segmentation and Detections fields; by default the one insid3
+    wrote last); return the chosen or default one."""
     import fiftyone as fo
 
     fields = sorted(ctx.dataset.get_field_schema(embedded_doc_type=(fo.Segmentation, fo.Detections)))
-    default = "insid3" if "insid3" in fields else next(iter(fields), None)
+    made = [field for field in ((ctx.dataset.info or {}).get("insid3") or {}) if field in fields]
+    default = made[-1] if made else "insid3" if "insid3" in fields else next(iter(fields), None)
     inputs.enum("field", fields, default=default, required=True, label="Predicted mask field",
                 view=types.Dropdown(label="Predicted mask field"))
     return ctx.params.get("field") or default
@@ -29,7 +31,7 @@ def quality_counts(collection, field: str) -> dict:
     """Samples per category of ``field`` in ``collection`` (unreadable ones by their tag)."""
     verdicts = collection.count_values(f"{field}.verdict")
     counts = {category: int(verdicts.get(category, 0)) for category in CATEGORIES}
-    counts["unreadable"] = len(collection.match_tags(failure_tag("unreadable")))
+    counts["unreadable"] = len(collection.match_tags(failure_tags(field, "unreadable")))
     return counts
 
 
@@ -100,13 +102,18 @@ class SaveFailureViews(foo.Operator):
         saved = []
         for category in FAILURES:
             if category == "unreadable":
-                view = dataset.match_tags(failure_tag(category))
+                view = dataset.match_tags(failure_tags(field, category))
             else:
                 view = dataset.match(F(f"{field}.verdict") == category)
             if len(view):
                 name = failure_view_name(field, category)
                 dataset.save_view(name, view, description=f"{field}: masks judged {category}", overwrite=True)
                 saved.append(name)
+        if saved:
+            ctx.ops.notify(f"Saved {len(saved)} view(s) of '{field}': {', '.join(saved)}", variant="success")
+            ctx.ops.reload_dataset()  # the saved views list shows them without a page reload
+        else:
+            ctx.ops.notify(f"No failure in '{field}': no view saved", variant="info")
         return {"views": saved}
 
 
@@ -135,8 +142,10 @@ class TagReferences(foo.Operator):
         return types.Property(inputs, view=types.View(label="Tag references"))
 
     def execute(self, ctx):
+        tag = ctx.params.get("reference_tag") or "reference"
         samples = ctx.dataset.select(ctx.selected)
-        samples.tag_samples(ctx.params.get("reference_tag") or "reference")
-        ctx.ops.reload_samples()
+        samples.tag_samples(tag)
+        ctx.ops.notify(f"Tagged {len(samples)} sample(s) '{tag}'", variant="success")
+        ctx.ops.reload_dataset()  # the tag shows in the grid and the sidebar without a page reload
         return {"tagged": len(samples)}
 

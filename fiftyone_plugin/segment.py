@@ -14,15 +14,21 @@ class OutputProblem(ValueError):
     """The output field cannot be written; the message is meant for the App user."""
 
 
-def failure_tag(category: str, label: str | None = None) -> str:
-    """Sample tag of a failure category, e.g. ``insid3:too_small``, or of one class's,
-    e.g. ``insid3:car:empty``."""
-    return TAG_PREFIX + (category if label is None else f"{label}:{category}")
+def failure_tag(field: str, category: str, label: str | None = None) -> str:
+    """Sample tag of a failure category of the masks in ``field``, e.g. ``insid3:pred:too_small``,
+    or of one class's, e.g. ``insid3:pred:car:empty``."""
+    return f"{TAG_PREFIX}{field}:" + (category if label is None else f"{label}:{category}")
 
 
-def _is_failure_tag(tag: str) -> bool:
-    """Whether ``tag`` is a :func:`failure_tag`, of the whole mask or of one class."""
-    return tag.startswith(TAG_PREFIX) and tag.rsplit(":", 1)[-1] in FAILURES
+def failure_tags(field: str, category: str) -> list[str]:
+    """The tags marking ``category`` for ``field``: :func:`failure_tag`'s, and the
+    ``insid3:<category>`` of earlier versions (which named no field), so old tags stay readable."""
+    return [failure_tag(field, category), TAG_PREFIX + category]
+
+
+def is_failure_tag(tag: str, field: str) -> bool:
+    """Whether ``tag`` is a :func:`failure_tag` of ``field``, of the whole mask or of one class."""
+    return tag.startswith(f"{TAG_PREFIX}{field}:") and tag.rsplit(":", 1)[-1] in FAILURES
 
 
 def default_output_field(dataset, base: str = "insid3") -> str:
@@ -87,8 +93,9 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     (int, int)
         Targets done, targets in all.
 
-    Each target also loses its earlier failure tags and gets ``insid3:<category>`` when its
-    mask is not ``ok`` and, with several classes, ``insid3:<label>:<category>`` for each class
+    Each target also loses its earlier failure tags of the run's first field ``F`` and gets
+    ``insid3:F:<category>`` when its mask is not ``ok`` and, with several classes,
+    ``insid3:F:<label>:<category>`` for each class
     whose own mask is not ``ok``. The ``Segmentation`` field gets ``outputs.mask_targets`` at
     the end.
     """
@@ -119,25 +126,26 @@ def _write(dataset, outputs, results, thresholds, counts) -> None:
 
     from .labels import sample_labels
 
-    labels = {field: {} for field in outputs.fields}
+    labels = {name: {} for name in outputs.fields}
+    field = outputs.fields[0]  # the one the failure tags name
     failed = collections.defaultdict(list)
     for sample_id, result in results:
         if isinstance(result, InputError):
             written, category = dict.fromkeys(outputs.fields), "unreadable"
         else:
             written, category = sample_labels(result, outputs, sample_id, thresholds)
-        for field, label in written.items():
-            labels[field][sample_id] = label
+        for name, label in written.items():
+            labels[name][sample_id] = label
         counts[category] += 1
         if category != "ok":
-            failed[failure_tag(category)].append(sample_id)
+            failed[failure_tag(field, category)].append(sample_id)
         if outputs.multiclass and not isinstance(result, InputError):
             for (label, _), class_result in zip(outputs.classes, result.classes.values()):
                 if class_result.quality.verdict != "ok":
-                    failed[failure_tag(class_result.quality.verdict, label)].append(sample_id)
-    for field, values in labels.items():
-        dataset.set_values(field, values, key_field="id")
+                    failed[failure_tag(field, class_result.quality.verdict, label)].append(sample_id)
+    for name, values in labels.items():
+        dataset.set_values(name, values, key_field="id")
     written = dataset.select([sample_id for sample_id, _ in results])
-    written.untag_samples([tag for tag in written.distinct("tags") if _is_failure_tag(tag)])
+    written.untag_samples([tag for tag in written.distinct("tags") if is_failure_tag(tag, field)])
     for tag, sample_ids in failed.items():
         dataset.select(sample_ids).tag_samples(tag)

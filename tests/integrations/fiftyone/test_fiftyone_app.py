@@ -189,3 +189,28 @@ def test_the_zoo_models_form_in_the_app(fo, dataset, tmp_path):
     dataset.reload()
     targets = dataset.match_tags("reference", bool=False)
     assert len(targets.exists("zoo_pred")) == len(targets) == 8
+
+
+def test_saved_failure_views_show_without_a_reload(fo, dataset):
+    """Saving failure views (of the field insid3 wrote last, the form's default) notifies what was
+    saved and lists the views at once in the open App page, with no browser reload."""
+    import fiftyone.operators as foo
+
+    foo.execute_operator(f"{PLUGIN_URI}/segment_by_example", {"dataset": dataset, "view_target": "DATASET"},
+                         params={"reference_field": "ground_truth", "output_field": "pred", "min_area_ratio": 0.5,
+                                 "image_size": 128, "svd_components": 16, "device": "cpu"})
+    with app_page(fo, dataset) as page:
+        page.keyboard.press("Backquote")
+        page.keyboard.type("save failure views")
+        page.get_by_text("save_failure_views", exact=True).click()
+        page.get_by_text("Predicted mask field").first.wait_for(timeout=60_000)
+        page.get_by_role("button", name="Execute").click()
+        page.get_by_text("Saved 1 view(s) of 'pred': pred too_small").first.wait_for(timeout=60_000)
+        page.keyboard.press("Escape")  # close what the operator left open
+        page.wait_for_timeout(500)
+        page.get_by_text("Unsaved view").first.click()
+        page.get_by_text("pred too_small").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)  # the list's opening animation
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_saved_views.png"))
+    dataset.reload()
+    assert "pred too_small" in dataset.list_saved_views()

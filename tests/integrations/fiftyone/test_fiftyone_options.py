@@ -144,7 +144,7 @@ def test_several_classes_in_one_pass(dataset, segmenter):
         for name, class_result in result.classes.items():
             assert sample.pred.classes[name]["score"] == pytest.approx(class_result.score)
             assert sample.pred.classes[name]["verdict"] == class_result.quality.verdict
-            class_tag = f"insid3:{name}:{class_result.quality.verdict}"
+            class_tag = f"insid3:pred:{name}:{class_result.quality.verdict}"
             assert (class_tag in sample.tags) == (class_result.quality.verdict != "ok"), (class_tag, sample.tags)
             class_failures.update([class_tag] if class_result.quality.verdict != "ok" else [])
             detections = [d for d in sample.pred_instances.detections if d.label == name]
@@ -152,7 +152,7 @@ def test_several_classes_in_one_pass(dataset, segmenter):
         found.update(int(value) for value in np.unique(mask))
         assert mask_iou(mask == 3, truth["disks"]) > 0.6
     assert found == {0, 3, 7}
-    assert "insid3:square:empty" in class_failures, "the disk-only target's square class is judged on its own"
+    assert "insid3:pred:square:empty" in class_failures, "the disk-only target's square class is judged on its own"
 
 
 def test_negative_reference_removes_a_lookalike_that_leaks(fo, dataset, tmp_path):

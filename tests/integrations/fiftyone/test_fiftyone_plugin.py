@@ -60,7 +60,7 @@ def assert_matches_engine(sample, field, expected):
     assert label.score == pytest.approx(result.score)
     assert label.verdict == result.quality.verdict
     assert label.area_ratio == pytest.approx(result.quality.area_ratio)
-    failure = f"insid3:{result.quality.verdict}"
+    failure = f"insid3:{field}:{result.quality.verdict}"
     assert (failure in sample.tags) == (result.quality.verdict != "ok")
 
 
@@ -234,7 +234,7 @@ def test_unreadable_target_is_tagged_and_the_others_go_on(fo, dataset, expected,
     segment(dataset, {"output_field": "pred"}, view_target="SELECTED_SAMPLES", selected=chosen)
 
     missing.reload()
-    assert missing.pred is None and "insid3:unreadable" in missing.tags
+    assert missing.pred is None and "insid3:pred:unreadable" in missing.tags
     assert_matches_engine(dataset[chosen[1]], "pred", expected)
 
 
@@ -322,3 +322,40 @@ def test_the_form_says_how_to_enable_scheduling(fo, dataset, monkeypatch):
     assert "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true" in notice.view.label
     monkeypatch.setattr(fo.config, "allow_legacy_orchestrators", True)
     assert "scheduling" not in form(dataset)
+
+
+def test_failure_tags_name_their_field_and_old_tags_stay_readable(fo, dataset, expected):
+    """Two runs into two fields keep their own failure tags; re-running one leaves the other's;
+    an ``insid3:unreadable`` tag of an earlier version still counts."""
+    import fiftyone.operators as foo
+
+    segment(dataset, {"output_field": "first", "min_area_ratio": 0.5}, view_target="DATASET")  # all too small
+    segment(dataset, {"output_field": "second", "min_area_ratio": 0.001, "max_area_ratio": 0.01},  # all too large
+            view_target="DATASET")
+    tags = set(dataset.distinct("tags"))
+    first = {tag for tag in tags if tag.startswith("insid3:first:")}
+    second = {tag for tag in tags if tag.startswith("insid3:second:")}
+    print(f"\nfailure tags: {sorted(first)} and {sorted(second)}")
+    assert first == {"insid3:first:too_small"} and second == {"insid3:second:too_large"}
+    assert not {tag for tag in tags if tag.count(":") == 1}, "no tag without its field"
+    segment(dataset, {"output_field": "second", "overwrite": True, "max_area_ratio": 0.9}, view_target="DATASET")
+    assert not {tag for tag in dataset.distinct("tags") if tag.startswith("insid3:second:too_large")}
+    assert first <= set(dataset.distinct("tags")), "re-running 'second' keeps the tags of 'first'"
+
+    legacy = target_samples(dataset)[0]
+    legacy.tags.append("insid3:unreadable")
+    legacy.save()
+    report = foo.execute_operator(f"{PLUGIN_URI}/quality_report", {"dataset": dataset},
+                                  params={"field": "first", "view_target": "DATASET"}).result
+    assert report["counts"]["unreadable"] == 1
+
+
+def test_the_form_remembers_the_last_values_on_its_dataset(fo, dataset):
+    from test_fiftyone_options import form
+
+    assert form(dataset)["image_size"].default == 1024
+    segment(dataset, {"output_field": "pred", "refinement": "guided"}, view_target="DATASET")
+    dataset.reload()
+    properties = form(dataset)
+    assert properties["image_size"].default == 128 and properties["refinement"].default == "guided"
+    assert properties["svd_components"].default == 16
