@@ -12,6 +12,13 @@ from .segment import FAILURES, failure_tags
 
 CATEGORIES = ("ok",) + FAILURES
 BINS = 10
+HISTOGRAM_LAYOUT = {  # readable in the operator's output: tall enough, titled axes, room for their ticks
+    "height": 320, "margin": {"l": 60, "r": 20, "t": 20, "b": 50},
+    "xaxis": {"title": {"text": "score"}, "range": [0, 1], "dtick": 0.1},
+    "yaxis": {"title": {"text": "masks"}, "rangemode": "tozero"},
+    "bargap": 0.05,
+}
+HISTOGRAM_CONFIG = {"displayModeBar": False, "responsive": True}  # no toolbar over the bars
 
 
 def predicted_field_input(ctx, inputs) -> str | None:
@@ -73,8 +80,9 @@ class QualityReport(foo.Operator):
         histogram = results.get("histogram")
         if histogram:
             centres = [(a + b) / 2 for a, b in zip(histogram["edges"][:-1], histogram["edges"][1:])]
-            outputs.plot("score_histogram", label="Scores", config={}, layout={"xaxis": {"title": "score"}},
-                         data=[{"type": "bar", "x": centres, "y": histogram["counts"]}])
+            outputs.plot("score_histogram", label="Scores", config=HISTOGRAM_CONFIG, layout=HISTOGRAM_LAYOUT,
+                         data=[{"type": "bar", "x": centres, "y": histogram["counts"], "width": 1.0 / BINS,
+                                "marker": {"color": "#ff6d04"}, "hovertemplate": "score %{x:.2f}: %{y} masks<extra></extra>"}])
         return types.Property(outputs, view=types.View(label="Quality report"))
 
 

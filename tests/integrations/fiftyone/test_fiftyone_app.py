@@ -214,3 +214,47 @@ def test_saved_failure_views_show_without_a_reload(fo, dataset):
         page.screenshot(path=str(ARTIFACTS / "fiftyone_saved_views.png"))
     dataset.reload()
     assert "pred too_small" in dataset.list_saved_views()
+
+
+def test_a_calibration_that_fails_shows_its_error_in_the_app(fo, dataset, tmp_path):
+    """A non-generator operator (calibrate) failing after its form's checks: the App shows the message."""
+    notes = tmp_path / "weights.pth"
+    notes.write_text("these are not weights\n")
+    for sample in dataset.match_tags("reference", bool=False).limit(1):
+        sample.ground_truth = fo.Segmentation(mask_path=str(EXAMPLES / "masks" / sample.filename))
+        sample.tags.append("reference")
+        sample.save()
+    dataset.app_config.plugins = {PLUGIN_URI: {"image_size": 128, "svd_components": 16, "device": "cpu",
+                                               "weights": str(notes)}}
+    dataset.save()
+    with app_page(fo, dataset) as page:
+        page.keyboard.press("Backquote")
+        page.keyboard.type("calibrate from references")
+        page.get_by_text("calibrate_references", exact=True).click()
+        page.get_by_text("Use the chosen settings on this dataset").first.wait_for(timeout=60_000)
+        page.get_by_role("button", name="Execute").click()
+        page.get_by_text("not a PyTorch checkpoint").first.wait_for(timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_calibration_error.png"))
+
+
+def test_the_quality_reports_histogram_is_readable(fo, dataset):
+    """The score histogram in the App: 300 px or taller, titled axes, no toolbar over the bars."""
+    import fiftyone.operators as foo
+
+    foo.execute_operator(f"{PLUGIN_URI}/segment_by_example", {"dataset": dataset, "view_target": "DATASET"},
+                         params={"reference_field": "ground_truth", "output_field": "pred",
+                                 "image_size": 128, "svd_components": 16, "device": "cpu"})
+    with app_page(fo, dataset) as page:
+        page.keyboard.press("Backquote")
+        page.keyboard.type("quality report")
+        page.get_by_text("quality_report", exact=True).click()
+        page.get_by_text("Predicted mask field").first.wait_for(timeout=60_000)
+        page.get_by_role("button", name="Execute").click()
+        plot = page.locator(".js-plotly-plot").first
+        plot.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_quality_report.png"))
+        assert plot.bounding_box()["height"] >= 300
+        assert page.locator(".js-plotly-plot .modebar").count() == 0
+        for title in ("score", "masks"):
+            assert page.locator(".js-plotly-plot text", has_text=title).count() >= 1
