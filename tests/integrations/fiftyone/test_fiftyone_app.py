@@ -82,12 +82,21 @@ def test_segment_by_example_from_the_operator_browser(fo, dataset):
     assert len(targets.exists("insid3")) == len(targets) == 8
 
 
+CALIBRATE_FORM = ("calibrate from references", "calibrate_references", "Use the chosen settings on this dataset")
+
+
+def open_operator(page, search: str, name: str, ready: str) -> None:
+    """Find operator ``name`` in the operator browser by ``search``, open it, and wait for the
+    form text ``ready``."""
+    page.keyboard.press("Backquote")
+    page.keyboard.type(search)
+    page.get_by_text(name, exact=True).click()
+    page.get_by_text(ready).first.wait_for(timeout=60_000)
+
+
 def open_form(page) -> None:
     """Open ``segment_by_example`` from the operator browser and wait for its form."""
-    page.keyboard.press("Backquote")
-    page.keyboard.type("Segment by example")
-    page.get_by_text("segment_by_example", exact=True).click()
-    page.get_by_text("Reference mask field").first.wait_for(timeout=60_000)
+    open_operator(page, "Segment by example", "segment_by_example", "Reference mask field")
 
 
 def test_a_run_that_fails_after_it_started_shows_its_error_in_the_app(fo, dataset, tmp_path):
@@ -115,10 +124,7 @@ def test_calibration_from_the_app_shows_its_tables_and_stores_the_choice(fo, dat
         sample.tags.append("reference")
         sample.save()
     with app_page(fo, dataset) as page:
-        page.keyboard.press("Backquote")
-        page.keyboard.type("calibrate from references")
-        page.get_by_text("calibrate_references", exact=True).click()
-        page.get_by_text("Use the chosen settings on this dataset").first.wait_for(timeout=60_000)
+        open_operator(page, *CALIBRATE_FORM)
         page.get_by_role("button", name="Execute").click()
         page.get_by_text("Calibrated: leave-one-out IoU").first.wait_for(timeout=300_000)
         page.get_by_text("IoU (chosen)").first.wait_for(timeout=60_000)  # the references' table
@@ -175,10 +181,7 @@ def test_the_zoo_models_form_in_the_app(fo, dataset, tmp_path):
         source.write(APPLY_ZOO_MODEL_PLUGIN)
     try:
         with app_page(fo, dataset) as page:
-            page.keyboard.press("Backquote")
-            page.keyboard.type("Apply zoo model")
-            page.get_by_text("apply_zoo_model_form", exact=True).click()
-            page.get_by_text("Reference mask field").first.wait_for(timeout=60_000)
+            open_operator(page, "Apply zoo model", "apply_zoo_model_form", "Reference mask field")
             for label in ("Reference tag", "Output", "Tau", "Image size"):
                 page.get_by_text(label, exact=True).first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "fiftyone_zoo_model_form.png"))
@@ -200,10 +203,7 @@ def test_saved_failure_views_show_without_a_reload(fo, dataset):
                          params={"reference_field": "ground_truth", "output_field": "pred", "min_area_ratio": 0.5,
                                  "image_size": 128, "svd_components": 16, "device": "cpu"})
     with app_page(fo, dataset) as page:
-        page.keyboard.press("Backquote")
-        page.keyboard.type("save failure views")
-        page.get_by_text("save_failure_views", exact=True).click()
-        page.get_by_text("Predicted mask field").first.wait_for(timeout=60_000)
+        open_operator(page, "save failure views", "save_failure_views", "Predicted mask field")
         page.get_by_role("button", name="Execute").click()
         page.get_by_text("Saved 1 view(s) of 'pred': pred too_small").first.wait_for(timeout=60_000)
         page.keyboard.press("Escape")  # close what the operator left open
@@ -228,10 +228,7 @@ def test_a_calibration_that_fails_shows_its_error_in_the_app(fo, dataset, tmp_pa
                                                "weights": str(notes)}}
     dataset.save()
     with app_page(fo, dataset) as page:
-        page.keyboard.press("Backquote")
-        page.keyboard.type("calibrate from references")
-        page.get_by_text("calibrate_references", exact=True).click()
-        page.get_by_text("Use the chosen settings on this dataset").first.wait_for(timeout=60_000)
+        open_operator(page, *CALIBRATE_FORM)
         page.get_by_role("button", name="Execute").click()
         page.get_by_text("not a PyTorch checkpoint").first.wait_for(timeout=120_000)
         page.screenshot(path=str(ARTIFACTS / "fiftyone_calibration_error.png"))
@@ -245,10 +242,7 @@ def test_the_quality_reports_histogram_is_readable(fo, dataset):
                          params={"reference_field": "ground_truth", "output_field": "pred",
                                  "image_size": 128, "svd_components": 16, "device": "cpu"})
     with app_page(fo, dataset) as page:
-        page.keyboard.press("Backquote")
-        page.keyboard.type("quality report")
-        page.get_by_text("quality_report", exact=True).click()
-        page.get_by_text("Predicted mask field").first.wait_for(timeout=60_000)
+        open_operator(page, "quality report", "quality_report", "Predicted mask field")
         page.get_by_role("button", name="Execute").click()
         plot = page.locator(".js-plotly-plot").first
         plot.wait_for(timeout=60_000)
