@@ -15,6 +15,7 @@ through the backbone once and segments it with the references encoded when it wa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import fiftyone.core.models as fom
@@ -158,6 +159,7 @@ def load_model(references=None, classes=None, negatives=(), output: str = "segme
     if unknown:
         raise ValueError(f"{MODEL_NAME}: unknown option(s) {', '.join(sorted(unknown))}; options are references, "
                          f"classes, negatives, output and the engine settings {', '.join(_engine_names())}")
+    options = {name: os.fspath(value) if isinstance(value, os.PathLike) else value for name, value in options.items()}
     chosen = dict(classes or {})
     if references:
         chosen = {"object": list(references), **chosen}

@@ -46,7 +46,9 @@ def test_the_install_puts_the_model_in_the_zoo(fo):
 def test_apply_model_writes_the_engines_masks(fo, dataset, expected, num_workers):
     import fiftyone.zoo as foz
 
-    model = foz.load_zoo_model(MODEL, references=[REFERENCE], **ENGINE)
+    from insid3_core.backbone import BUNDLED_CHECKPOINT
+
+    model = foz.load_zoo_model(MODEL, references=[REFERENCE], weights=BUNDLED_CHECKPOINT, **ENGINE)  # a Path too
     dataset.apply_model(model, "insid3", batch_size=3, num_workers=num_workers)
     for sample in dataset:
         label, truth = sample["insid3"], expected[sample.filename]
