@@ -12,7 +12,8 @@ T = TypeVar("T")
 
 
 class LabelStudioApi:
-    """Read projects, tasks and annotations, write predictions; every failure a :class:`BackendError`.
+    """Read projects, tasks and annotations, write predictions and task data; every failure a
+    :class:`BackendError`.
 
     Parameters
     ----------
@@ -67,6 +68,10 @@ class LabelStudioApi:
             lambda: self.client.projects.import_predictions(id=project, request=[PredictionRequest(**p) for p in predictions]),
             f"predictions of project {project}",
         )
+
+    def update_task_data(self, task: int, data: dict) -> None:
+        """Replace task ``task``'s data by ``data``."""
+        self.call(lambda: self.client.tasks.update(id=task, data=data), f"task {task}")
 
     def call(self, function: Callable[[], T], what: str) -> T:
         """``function()``, its API or connection failure raised as a :class:`BackendError` (502) naming ``what``."""

@@ -35,7 +35,8 @@ def preannotate(backend, project: int, batch_size: int = 8, progress: bool = Tru
     The references are read from the project's annotations first (unchanged ones are not
     downloaded again). Each batch of ``batch_size`` tasks is segmented in one pass and its
     predictions stored in one API request, so an interrupted run loses at most one batch and
-    the next run skips the tasks already done. Raises :class:`BackendError` when nothing can be
+    the next run skips the tasks already done. Then every task's verdict columns are set from
+    its current prediction (:func:`sync_verdicts`). Raises :class:`BackendError` when nothing can be
     predicted (bad config, no references, Label Studio unreachable).
     """
     from tqdm import tqdm
@@ -63,4 +64,29 @@ def preannotate(backend, project: int, batch_size: int = 8, progress: bool = Tru
                 backend.api.import_predictions(project, stored)
             report.done += len(stored)
             bar.update(len(batch))
+    sync_verdicts(backend.api, project, version)
     return report
+
+
+def sync_verdicts(api, project: int, version: str) -> int:
+    """Set the verdict columns (:data:`~labelstudio_backend.results.VERDICT_FIELDS`) of every task
+    from its prediction of ``version``, so filtering and sorting by them sees the current model
+    version only; a task with none (its image failed) that carries older ones gets
+    ``insid3_verdict`` ``not predicted``. Returns the number of tasks updated."""
+    from .results import VERDICT_FIELDS, verdict_fields
+
+    updated = 0
+    for task in api.tasks(project):
+        current = [p for p in task.get("predictions") or [] if p.get("model_version") == version]
+        data = task.get("data") or {}
+        if current:
+            fields = verdict_fields(current[-1])
+        elif any(name in data for name in VERDICT_FIELDS):
+            fields = {"insid3_verdict": "not predicted", "insid3_verdicts": "", "insid3_score": None,
+                      "insid3_model_version": version}
+        else:
+            continue
+        if any(data.get(name) != value for name, value in fields.items()):
+            api.update_task_data(task["id"], {**data, **fields})
+            updated += 1
+    return updated

@@ -95,3 +95,28 @@ def prediction(target: RegionTarget, per_label: dict, model_version: str,
         "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
         "model_version": model_version,
     }
+
+
+VERDICT_FIELDS = ("insid3_verdict", "insid3_verdicts", "insid3_score", "insid3_model_version")
+"""Task data fields the Data Manager shows as sortable, filterable columns (set by ``preannotate``)."""
+
+
+def verdict_fields(prediction: dict) -> dict:
+    """A prediction's verdicts as task data fields (:data:`VERDICT_FIELDS`): ``insid3_verdict`` is
+    ``ok`` or the failures found (e.g. ``empty, too_small``), ``insid3_verdicts`` each label's, with
+    the prediction's score and model version."""
+    from insid3_core.quality import VERDICTS
+
+    per_label = {}
+    for region in prediction["result"]:
+        text = (region.get("meta") or {}).get("text") or [""]
+        labels = region["value"].get(region["type"]) or []
+        if text[0].startswith(QUALITY_PREFIX) and labels:
+            per_label[labels[0]] = text[0][len(QUALITY_PREFIX):].split(" ", 1)[0]
+    failures = sorted({verdict for verdict in per_label.values() if verdict != "ok"}, key=VERDICTS.index)
+    return {
+        "insid3_verdict": ", ".join(failures) or ("ok" if per_label else "empty"),
+        "insid3_verdicts": ", ".join(f"{label}: {verdict}" for label, verdict in per_label.items()),
+        "insid3_score": prediction["score"],
+        "insid3_model_version": prediction["model_version"],
+    }

@@ -371,3 +371,89 @@ def test_interactive_pre_annotation_through_label_studio(label_studio, tiny_back
     print(f"interactive through Label Studio: {len(regions)} region(s), IoU with the other disk {best:.3f}")
     assert best > 0.5
     assert not any((region & drawn).sum() > 0.5 * region.sum() for region in regions)
+
+
+HIDDEN_COLUMNS = [f"tasks:{name}" for name in (
+    "inner_id", "completed_at", "total_annotations", "cancelled_annotations", "total_predictions", "annotators",
+    "annotations_results", "annotations_ids", "predictions_results", "predictions_model_versions", "file_upload",
+    "storage_filename", "created_at", "updated_at", "updated_by", "avg_lead_time", "draft_exists", "comment_count",
+    "unresolved_comment_count", "comment_authors", "predictions_score")]
+"""Data Manager columns the screenshot's view hides, so the insid3 columns are in sight."""
+
+
+def test_verdict_columns_after_preannotate(label_studio, tiny_backbone, tmp_path):
+    """After ``preannotate`` each task's verdict is a Data Manager column (task data
+    ``insid3_verdict``): filterable and sortable, and always that of the current model version
+    (a new reference makes a new version; the next preannotate moves every task's column to it).
+    The live test takes the README's screenshots of the recipe."""
+    import shutil as shell
+
+    from insid3_core.io import write_mask_png
+    from labelstudio_backend.preannotate import preannotate
+
+    images = verdict_images(tmp_path / "verdicts")
+    created = label_studio.api("POST", "/api/projects/", json={"title": "insid3 verdict columns", "label_config": BRUSH_CONFIG})
+    project = created["id"]
+    files = [(f"file{i}", (path.name, path.read_bytes(), "image/png")) for i, path in enumerate(images)]
+    label_studio.api("POST", f"/api/projects/{project}/import", files=files)
+    folder = reference_folder(tmp_path / "references")
+    segmenter = verdict_segmenter(tiny_backbone)
+    settings = Settings(label_studio_url=label_studio.url, api_key=label_studio.personal_access_token,
+                        model_dir=tmp_path / "model", reference_dir=folder)
+    backend = build_backend(settings, segmenter)
+    references = [(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")]
+    for step in ("one reference", "two references"):
+        report = preannotate(backend, project, batch_size=4, progress=False)
+        version = report.model_version
+        expected = dict(zip((p.name for p in images), segmenter.segment(segmenter.encode({LABEL: references}), images)))
+        tasks = label_studio.api("GET", f"/api/tasks?project={project}&fields=all&page_size=100")["tasks"]
+        by_name = {next(n for n in expected if t["data"]["image"].endswith(n)): t for t in tasks}
+        for name, task in by_name.items():
+            assert task["data"]["insid3_model_version"] == version, (step, name)
+            verdict = expected[name].quality.verdict
+            assert task["data"]["insid3_verdict"] == verdict and task["data"]["insid3_verdicts"] == f"{LABEL}: {verdict}"
+        print(f"{step}: version {version}, verdict column {sorted((t['data']['insid3_verdict'], n) for n, t in by_name.items())}")
+        shell.copy(TARGETS[1], folder / LABEL / "second.png")
+        write_mask_png(folder / LABEL / "second_mask.png", load_mask(EXAMPLES / "masks" / TARGETS[1].name))
+        references = references + [(TARGETS[1], EXAMPLES / "masks" / TARGETS[1].name)]
+    view = label_studio.api("POST", "/api/dm/views", json={"project": project, "data": {"title": "too small, current version",
+        "filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:data.insid3_verdict", "operator": "contains", "type": "String", "value": "too_small"},
+            {"filter": "filter:tasks:data.insid3_model_version", "operator": "equal", "type": "String", "value": version}]},
+        "ordering": ["tasks:data.insid3_score"], "hiddenColumns": {"explore": HIDDEN_COLUMNS, "labeling": HIDDEN_COLUMNS}}})
+    found = label_studio.api("GET", f"/api/tasks?view={view['id']}&page_size=100")["tasks"]
+    assert sorted(t["data"]["image"].rsplit("/", 1)[-1].split("-", 1)[-1] for t in found) == sorted(
+        name for name, truth in expected.items() if truth.quality.verdict == "too_small")
+    ordered = label_studio.api("GET", f"/api/tasks?project={project}&page_size=100&query="
+                               + json.dumps({"ordering": ["tasks:data.insid3_verdict"]}))["tasks"]
+    assert [t["data"]["insid3_verdict"] for t in ordered] == sorted(t["data"]["insid3_verdict"] for t in ordered)
+    data_manager_screenshot(label_studio, f"/projects/{project}/data?tab={view['id']}", "labelstudio_verdict_filter.png")
+
+
+def data_manager_screenshot(label_studio, path: str, name: str) -> None:
+    """Log in to Label Studio's UI in Chromium, open ``path`` and keep a screenshot in tests/artifacts."""
+    import os
+    import shutil as shell
+    from importlib.util import find_spec
+
+    from data import ARTIFACTS
+
+    chromium = os.environ.get("INSID3_CHROMIUM") or shell.which("chromium") or "/usr/bin/chromium"
+    if find_spec("playwright") is None or not os.path.exists(chromium):
+        return
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 800})
+        page.goto(f"{label_studio.url}/user/login/", timeout=120_000)
+        page.fill("input[name=email]", "lead@example.com")
+        page.fill("input[name=password]", "insid3-pass")
+        page.keyboard.press("Enter")
+        page.wait_for_url(lambda url: "/user/login" not in url, timeout=120_000)
+        page.goto(f"{label_studio.url}{path}", timeout=120_000)
+        page.get_by_text("insid3_verdict").first.wait_for(timeout=120_000)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(ARTIFACTS / name))
+        browser.close()
