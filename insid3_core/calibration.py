@@ -137,9 +137,14 @@ def grid_option(spec: str) -> tuple[str, tuple]:
     parsed = tuple(dict.fromkeys(parse(name, value.strip(), f"--grid {name}") for value in values.split(",") if value.strip()))
     if not parsed:
         raise SettingsError(f"--grid {spec!r}: no value given")
-    for value in parsed:
-        EngineSettings(**{name: value})  # each value checked as the option itself would be
+    _check_values(name, parsed)
     return name, parsed
+
+
+def _check_values(name: str, values) -> None:
+    """A :class:`SettingsError` for the first of ``values`` option ``name`` refuses."""
+    for value in values:
+        EngineSettings(**{name: value})
 
 
 def default_grid(settings: EngineSettings, components: int, width: int, grid_patches: int) -> dict[str, tuple]:
@@ -206,6 +211,8 @@ def calibrate(
     negative_rows = list(range(len(entries), len(loaded.names)))
     negative_parts = (features[negative_rows], loaded.masks[negative_rows]) if negatives else None
 
+    truths = [{name: np.logical_or.reduce([loaded.truths[row] for row in rows]) for name, rows in episode.scored}
+              for episode in episodes]  # each scored class's full-resolution truth, once for the whole grid
     targets = features[[episode.target for episode in episodes]]
     labels = {tau: cluster_patches(targets, tau, settings.clustering) for tau in axes["tau"]}  # (E, N) each
     points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
@@ -222,8 +229,8 @@ def calibrate(
             matches = match_targets(references, features[episode.target][None], basis)
             for point in points:
                 if point["svd_components"] == components:
-                    _score_episode(ious[tuple(point.values())], episode, matches, labels[point["tau"]][index],
-                                   point, features, loaded, settings.image_size)
+                    _score_episode(ious[tuple(point.values())], episode, truths[index], matches,
+                                   labels[point["tau"]][index], point, features, loaded.pixels, settings.image_size)
             done += 1
             if progress is not None:
                 progress(done, steps)
@@ -251,17 +258,18 @@ def calibrate(
     )
 
 
-def _score_episode(ious: dict, episode: _Episode, matches: Matches, labels: torch.Tensor, point: dict,
-                   features: torch.Tensor, loaded, image_size: int) -> None:
-    """Select one episode's masks at ``point`` and put the IoU of each scored class in ``ious``
-    (keyed ``(class, target row)``); ``labels``: the target's ``(N,)`` clusters at the point's tau."""
+def _score_episode(ious: dict, episode: _Episode, truths: dict[str, np.ndarray], matches: Matches,
+                   labels: torch.Tensor, point: dict, features: torch.Tensor, pixels: torch.Tensor,
+                   image_size: int) -> None:
+    """Select one episode's masks at ``point`` and put the IoU of each scored class against its
+    ``truths`` mask in ``ious`` (keyed ``(class, target row)``); ``labels``: the target's ``(N,)``
+    clusters at the point's tau; ``pixels``: the loaded references' ``(S, 3, s, s)`` images."""
     target = episode.target
     lowres = select_masks(matches, features[target][None], labels[None] if matches.matched else None,
-                          point["merge_threshold"], point["refinement"], loaded.pixels[target][None])
+                          point["merge_threshold"], point["refinement"], pixels[target][None])
     positions = {name: position for position, (name, _) in enumerate(episode.classes)}
-    for name, truth_rows in episode.scored:
+    for name, truth in truths.items():
         position = positions[name]
-        truth = np.logical_or.reduce([loaded.truths[row] for row in truth_rows])
         refined = None if lowres.refined is None else lowres.refined[position, 0]
         mask = full_resolution(lowres.masks[position, 0], refined, image_size, truth.shape)
         ious[(name, target)] = mask_iou(mask, truth)
@@ -279,8 +287,7 @@ def _axes(grid: Mapping[str, Sequence], defaults: dict, settings: EngineSettings
     axes = {}
     for name in GRID_OPTIONS:
         values = list(dict.fromkeys(grid.get(name, ())))
-        for value in values:
-            EngineSettings(**{name: value})
+        _check_values(name, values)
         if defaults[name] not in values:
             values.append(defaults[name])
         axes[name] = tuple(sorted(values)) if name != "refinement" else tuple(values)
