@@ -36,8 +36,7 @@ def drawn_masks(regions: list[dict], target: RegionTarget, size: tuple[int, int]
         value = item.get("value")
         if item.get("type") != "keypointlabels" or not isinstance(value, dict):
             continue
-        names = value.get("keypointlabels")
-        labels = [label for label in names if label in target.labels] if isinstance(names, list) else []
+        labels = target.own_labels(value.get("keypointlabels"))
         if not labels:
             continue
         disk = keypoint_disk(value, height, width)

@@ -41,6 +41,10 @@ class RegionTarget:
     labels: tuple[str, ...]
     kind: str = "brushlabels"
 
+    def own_labels(self, names) -> list[str]:
+        """Those of a region's label ``names`` (a list, else none) that are the control's."""
+        return [name for name in names if name in self.labels] if isinstance(names, list) else []
+
 
 def region_target(label_config: str) -> RegionTarget:
     """The first region control (:data:`CONTROLS`) of ``label_config`` bound to an ``Image`` tag.

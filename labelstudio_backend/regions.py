@@ -142,8 +142,7 @@ def annotation_masks(annotation: dict, target: RegionTarget, max_pixels: int) ->
         value = item.get("value") if isinstance(item, dict) else None
         if not isinstance(value, dict) or item.get("type") != target.kind or item.get("from_name") != target.from_name:
             continue
-        names = value.get(target.kind)
-        labels = [label for label in names if label in target.labels] if isinstance(names, list) else []
+        labels = target.own_labels(value.get(target.kind))
         if not labels:
             continue
         try:

@@ -127,9 +127,7 @@ class Backend:
         from .interactive import drawn_masks, other_instances
 
         target = region_target(label_config)
-        address = image_address(task, target)
-        if not isinstance(address, str) or not address:
-            raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
+        address = required_image_address(task, target)
         version = self.model_version(project)
         with self.fetcher.lease() as lease:
             image = self.fetcher.fetch(address, lease)
@@ -234,11 +232,8 @@ class Backend:
     def _task_images(self, tasks: Sequence[dict], target: RegionTarget, lease) -> list:
         images = []
         for task in tasks:
-            address = image_address(task, target)
             try:
-                if not isinstance(address, str) or not address:
-                    raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
-                images.append(self.fetcher.fetch(address, lease))
+                images.append(self.fetcher.fetch(required_image_address(task, target), lease))
             except BackendError as err:
                 log.warning("task %s: %s", task.get("id"), err.message)
                 images.append(err)
@@ -291,11 +286,9 @@ class Backend:
         if not masks:
             store.remove(identifier)
             return False
-        if not isinstance(address, str) or not address:
-            raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
         shapes = {mask.shape for mask in masks.values()}
         with self.fetcher.lease() as lease:
-            image = self.fetcher.fetch(address, lease)
+            image = self.fetcher.fetch(required_image_address(task, target), lease)
             if shapes != {(image.height, image.width)}:
                 raise BackendError(
                     f"annotation {identifier}: region size {sorted(shapes)} differs from its image "
@@ -344,6 +337,14 @@ def image_address(task: dict, target: RegionTarget):
     """The task's image address (``task["data"][target.data_key]``), ``None`` when it has none."""
     data = task.get("data")
     return data.get(target.data_key) if isinstance(data, dict) else None
+
+
+def required_image_address(task: dict, target: RegionTarget) -> str:
+    """:func:`image_address`; :class:`BackendError` (422) when the task has none."""
+    address = image_address(task, target)
+    if not isinstance(address, str) or not address:
+        raise BackendError(f"task {task.get('id')} has no image in data field {target.data_key!r}", 422)
+    return address
 
 
 def webhook_project(payload: dict) -> int | None:
