@@ -36,7 +36,7 @@ class CalibrateReferences(foo.Operator):
 
         inputs = types.Object()
         dataset, chosen = ctx.dataset, choices(ctx)
-        problem = calibration_problem(ctx, chosen)
+        _, _, problem = calibration_plan(ctx, chosen)
         if problem:
             inputs.view("problem", types.Error(label=problem), invalid=True, error_message=problem)
         inputs.str("reference_tag", default=chosen["reference_tag"], label="Reference tag",
@@ -56,11 +56,9 @@ class CalibrateReferences(foo.Operator):
         from .models import segmenter as cached_segmenter
 
         chosen = choices(ctx)
-        problem = calibration_problem(ctx, chosen)
+        found, engine, problem = calibration_plan(ctx, chosen)
         if problem:
             raise ValueError(problem)
-        found = plan_references(ctx.dataset, chosen)
-        engine = plugin_settings.engine_settings(ctx.params, ctx.dataset)
         labels = {str(value): str(label) for label, value in found.classes}
         classes = {labels.get(str(key), str(key)): pairs for key, pairs in found.references.items()}
         field = chosen["reference_field"]
@@ -105,20 +103,22 @@ class CalibrateReferences(foo.Operator):
         return types.Property(outputs, view=types.View(label="Calibration"))
 
 
-def calibration_problem(ctx, chosen: dict) -> str | None:
-    """What stops a calibration, for the App user (``None``: nothing)."""
+def calibration_plan(ctx, chosen: dict):
+    """The references and engine settings of a calibration, or what stops it for the App user:
+    ``(ReferencePlan, EngineSettings, None)``, or ``(None, None, problem)``."""
     from .models import engine_problem
 
     try:
         found = plan_references(ctx.dataset, chosen)
         engine = plugin_settings.engine_settings(ctx.params, ctx.dataset)
     except (ReferenceProblem, ValueError) as problem:  # SettingsError too
-        return str(problem)
+        return None, None, str(problem)
     images = {image for pairs in found.references.values() for image, _ in pairs}
     if len(images) < 2:
-        return (f"Calibration needs references on at least two samples (each is segmented from the others); "
-                f"{len(images)} sample carries the tag '{chosen['reference_tag']}'")
-    return engine_problem(engine)
+        return None, None, (f"Calibration needs references on at least two samples (each is segmented from the "
+                            f"others); {len(images)} sample carries the tag '{chosen['reference_tag']}'")
+    problem = engine_problem(engine)
+    return (None, None, problem) if problem else (found, engine, None)
 
 
 def describe(calibration) -> str:

@@ -11,7 +11,7 @@ from insid3_core.config import SMOKE_TEST_NOTE
 import fiftyone.operators.types as types
 
 from . import settings as plugin_settings
-from .plan import check_run, choices, is_multiclass, run_collection, single_label, target_samples
+from .plan import check_run, choices, is_multiclass, single_label, target_samples
 from .references import BACKGROUND, class_value, mask_classes, segmentation_fields
 from .segment import failure_tag, segment_collection
 
@@ -111,9 +111,8 @@ def start_run(ctx):
         raise ValueError(f"reference unusable: {err}") from err
     record_provenance(ctx.dataset, outputs.fields, engine, segmenter, classes)
     counts = collections.Counter()
-    collection = run_collection(ctx, chosen)
-    job = segment_collection(segmenter, classes, collection, target_samples(ctx, chosen, collection), outputs,
-                             engine.batch_size, counts)
+    job = segment_collection(segmenter, classes, plan.collection, target_samples(ctx, chosen, plan.collection),
+                             outputs, engine.batch_size, counts)
 
     def report() -> str:
         return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test)

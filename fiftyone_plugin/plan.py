@@ -37,11 +37,14 @@ class Plan:
         ``(image path, (H, W) bool mask)`` of the "not this" regions.
     outputs : Outputs
         Fields and classes to write (instance options and mask folder left at their defaults).
+    collection : fiftyone.core.collections.SampleCollection
+        What the run reads references from and writes to (:func:`run_collection`).
     """
 
     references: dict
     negatives: list
     outputs: Outputs
+    collection: object
 
 
 def choices(ctx) -> dict:
@@ -118,7 +121,8 @@ def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
 
 
 def plan_run(dataset, chosen: dict) -> Plan:
-    """Read and check the references, negatives and output fields of a run.
+    """Read and check the references, negatives and output fields of a run on ``dataset`` (the
+    dataset, or a video dataset's frames view).
 
     Raises
     ------
@@ -128,7 +132,7 @@ def plan_run(dataset, chosen: dict) -> Plan:
     segmentation_field, instances_field = output_fields(dataset, chosen)
     outputs = Outputs(found.classes, is_multiclass(chosen), segmentation_field, instances_field,
                       mask_targets=found.mask_targets if segmentation_field else None)
-    return Plan(found.references, found.negatives, outputs)
+    return Plan(found.references, found.negatives, outputs, dataset)
 
 
 @dataclass(frozen=True)
