@@ -153,12 +153,14 @@ def load_model(references=None, classes=None, negatives=(), output: str = "segme
     """The zoo model of ``references`` (one class, ``object``) and/or ``classes``; ``options``:
     any :class:`~insid3_core.settings.EngineSettings` option by name (the rest from the plugin's
     App config settings and ``INSID3_*``, as the operators read them)."""
+    from insid3_core.settings import EngineSettings
+
     from .settings import engine_settings
 
-    unknown = set(options) - set(_engine_names())
+    unknown = set(options) - set(EngineSettings.names())
     if unknown:
         raise ValueError(f"{MODEL_NAME}: unknown option(s) {', '.join(sorted(unknown))}; options are references, "
-                         f"classes, negatives, output and the engine settings {', '.join(_engine_names())}")
+                         f"classes, negatives, output and the engine settings {', '.join(EngineSettings.names())}")
     options = {name: os.fspath(value) if isinstance(value, os.PathLike) else value for name, value in options.items()}
     chosen = dict(classes or {})
     if references:
@@ -166,12 +168,6 @@ def load_model(references=None, classes=None, negatives=(), output: str = "segme
     if not chosen:
         raise ValueError(f"{MODEL_NAME} needs references=[(image, mask), ...] or classes={{name: [(image, mask), ...]}}")
     return SegmentByExample(engine_settings(options), chosen, negatives, output)
-
-
-def _engine_names() -> tuple[str, ...]:
-    from insid3_core.settings import EngineSettings
-
-    return EngineSettings.names()
 
 
 def resolve_input(ctx):
