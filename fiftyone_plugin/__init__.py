@@ -8,10 +8,12 @@ FiftyOne imports load only when FiftyOne registers them.
 
 
 def register(plugin):
-    """Register the plugin's operators on FiftyOne's plugin context."""
+    """Register the plugin's operators and its review panel on FiftyOne's plugin context."""
     from .calibrate import CalibrateReferences
     from .operators import SegmentByExample
+    from .panel import ReviewPanel
     from .review import QualityReport, SaveFailureViews, TagReferences
 
-    for operator in (SegmentByExample, CalibrateReferences, QualityReport, SaveFailureViews, TagReferences):
+    for operator in (SegmentByExample, CalibrateReferences, QualityReport, SaveFailureViews, TagReferences,
+                     ReviewPanel):
         plugin.register(operator)

@@ -3,16 +3,14 @@ current selection as references."""
 
 from __future__ import annotations
 
-import numpy as np
-
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from .segment import FAILURES, failure_tags
+from .curation import BINS, default_field, predicted_fields, summarize, verdict_view
+from .segment import FAILURES
 
 CATEGORIES = ("ok",) + FAILURES
-BINS = 10
-HISTOGRAM_LAYOUT = {  # readable in the operator's output: tall enough, titled axes, room for their ticks
+HISTOGRAM_LAYOUT = {  # readable in the operator's output and the panel: tall enough, titled axes, room for ticks
     "height": 320, "margin": {"l": 60, "r": 20, "t": 20, "b": 50},
     "xaxis": {"title": {"text": "score"}, "range": [0, 1], "dtick": 0.1},
     "yaxis": {"title": {"text": "masks"}, "rangemode": "tozero"},
@@ -24,22 +22,25 @@ HISTOGRAM_CONFIG = {"displayModeBar": False, "responsive": True}  # no toolbar o
 def predicted_field_input(ctx, inputs) -> str | None:
     """Add the ``field`` choice (Segmentation and Detections fields; by default the one insid3
     wrote last); return the chosen or default one."""
-    import fiftyone as fo
-
-    fields = sorted(ctx.dataset.get_field_schema(embedded_doc_type=(fo.Segmentation, fo.Detections)))
-    made = [field for field in ((ctx.dataset.info or {}).get("insid3") or {}) if field in fields]
-    default = made[-1] if made else "insid3" if "insid3" in fields else next(iter(fields), None)
-    inputs.enum("field", fields, default=default, required=True, label="Predicted mask field",
-                view=types.Dropdown(label="Predicted mask field"))
+    default = default_field(ctx.dataset)
+    inputs.enum("field", predicted_fields(ctx.dataset), default=default, required=True,
+                label="Predicted mask field", view=types.Dropdown(label="Predicted mask field"))
     return ctx.params.get("field") or default
 
 
-def quality_counts(collection, field: str) -> dict:
-    """Samples per category of ``field`` in ``collection`` (unreadable ones by their tag)."""
-    verdicts = collection.count_values(f"{field}.verdict")
-    counts = {category: int(verdicts.get(category, 0)) for category in CATEGORIES}
-    counts["unreadable"] = len(collection.match_tags(failure_tags(field, "unreadable")))
-    return counts
+def histogram_figure(histogram: dict, threshold: float | None = None) -> tuple[list, dict]:
+    """Plotly ``(data, layout)`` of a :class:`~fiftyone_plugin.curation.FieldSummary` histogram:
+    one bar per bin, whole-number ticks of masks, and a vertical line at ``threshold``."""
+    edges, counts = histogram["edges"], histogram["counts"]
+    centres = [round((a + b) / 2, 3) for a, b in zip(edges[:-1], edges[1:])]
+    bars = {"type": "bar", "x": centres, "y": counts, "width": 1.0 / BINS, "marker": {"color": "#ff6d04"},
+            "hovertemplate": "score %{x:.2f}: %{y} masks<extra></extra>"}
+    whole_ticks = max(1, -(-max(counts, default=0) // 6))  # about six ticks, never a fraction of a mask
+    layout = {**HISTOGRAM_LAYOUT, "yaxis": {**HISTOGRAM_LAYOUT["yaxis"], "dtick": whole_ticks}}
+    if threshold is not None:
+        layout["shapes"] = [{"type": "line", "x0": threshold, "x1": threshold, "y0": 0, "y1": 1, "yref": "paper",
+                             "line": {"color": "#1f77b4", "width": 3}}]
+    return [bars], layout
 
 
 class QualityReport(foo.Operator):
@@ -61,14 +62,8 @@ class QualityReport(foo.Operator):
         return types.Property(inputs, view=types.View(label="Quality report"))
 
     def execute(self, ctx):
-        collection, field = ctx.target_view(), ctx.params["field"]
-        scores = np.array([s for s in collection.values(f"{field}.score") if s is not None], dtype=float)
-        counts, edges = np.histogram(scores, bins=BINS, range=(0.0, 1.0))
-        return {
-            "field": field,
-            "counts": quality_counts(collection, field),
-            "histogram": {"edges": edges.round(3).tolist(), "counts": counts.tolist()},
-        }
+        summary = summarize(ctx.target_view(), ctx.params["field"])
+        return {"field": summary.field, "counts": summary.verdicts, "histogram": summary.histogram}
 
     def resolve_output(self, ctx):
         outputs = types.Object()
@@ -79,10 +74,8 @@ class QualityReport(foo.Operator):
         outputs.define_property("counts", counts, label="Masks per category")
         histogram = results.get("histogram")
         if histogram:
-            centres = [(a + b) / 2 for a, b in zip(histogram["edges"][:-1], histogram["edges"][1:])]
-            outputs.plot("score_histogram", label="Scores", config=HISTOGRAM_CONFIG, layout=HISTOGRAM_LAYOUT,
-                         data=[{"type": "bar", "x": centres, "y": histogram["counts"], "width": 1.0 / BINS,
-                                "marker": {"color": "#ff6d04"}, "hovertemplate": "score %{x:.2f}: %{y} masks<extra></extra>"}])
+            data, layout = histogram_figure(histogram)
+            outputs.plot("score_histogram", label="Scores", config=HISTOGRAM_CONFIG, layout=layout, data=data)
         return types.Property(outputs, view=types.View(label="Quality report"))
 
 
@@ -104,15 +97,10 @@ class SaveFailureViews(foo.Operator):
         return types.Property(inputs, view=types.View(label="Save failure views"))
 
     def execute(self, ctx):
-        from fiftyone import ViewField as F
-
         dataset, field = ctx.dataset, ctx.params["field"]
         saved = []
         for category in FAILURES:
-            if category == "unreadable":
-                view = dataset.match_tags(failure_tags(field, category))
-            else:
-                view = dataset.match(F(f"{field}.verdict") == category)
+            view = verdict_view(dataset, field, category)
             if len(view):
                 name = failure_view_name(field, category)
                 dataset.save_view(name, view, description=f"{field}: masks judged {category}", overwrite=True)

@@ -7,6 +7,7 @@ import re
 
 TAG_PREFIX = "insid3:"
 FAILURES = ("too_small", "too_large", "fragmented", "empty", "unreadable")
+DECISIONS = ("approved", "rejected")  # a curator's review of the masks (fiftyone_plugin.curation)
 WRITE_EVERY = 32  # samples per database write
 
 
@@ -26,9 +27,10 @@ def failure_tags(field: str, category: str) -> list[str]:
     return [failure_tag(field, category), TAG_PREFIX + category]
 
 
-def is_failure_tag(tag: str, field: str) -> bool:
-    """Whether ``tag`` is a :func:`failure_tag` of ``field``, of the whole mask or of one class."""
-    return tag.startswith(f"{TAG_PREFIX}{field}:") and tag.rsplit(":", 1)[-1] in FAILURES
+def is_field_tag(tag: str, field: str) -> bool:
+    """Whether ``tag`` is a :func:`failure_tag` of ``field`` (of the whole mask or of one class)
+    or a review decision on it: a tag about masks that a new run replaces."""
+    return tag.startswith(f"{TAG_PREFIX}{field}:") and tag.rsplit(":", 1)[-1] in FAILURES + DECISIONS
 
 
 def default_output_field(dataset, base: str = "insid3") -> str:
@@ -93,7 +95,8 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     (int, int)
         Targets done, targets in all.
 
-    Each target also loses its earlier failure tags of the run's first field ``F`` and gets
+    Each target also loses its earlier failure tags and review decisions of the run's first
+    field ``F`` and gets
     ``insid3:F:<category>`` when its mask is not ``ok`` and, with several classes,
     ``insid3:F:<label>:<category>`` for each class
     whose own mask is not ``ok``. The ``Segmentation`` field gets ``outputs.mask_targets`` at
@@ -146,6 +149,6 @@ def _write(dataset, outputs, results, thresholds, counts) -> None:
     for name, values in labels.items():
         dataset.set_values(name, values, key_field="id")
     written = dataset.select([sample_id for sample_id, _ in results])
-    written.untag_samples([tag for tag in written.distinct("tags") if is_failure_tag(tag, field)])
+    written.untag_samples([tag for tag in written.distinct("tags") if is_field_tag(tag, field)])
     for tag, sample_ids in failed.items():
         dataset.select(sample_ids).tag_samples(tag)

@@ -252,3 +252,87 @@ def test_the_quality_reports_histogram_is_readable(fo, dataset):
         assert page.locator(".js-plotly-plot .modebar").count() == 0
         for title in ("score", "masks"):
             assert page.locator(".js-plotly-plot text", has_text=title).count() >= 1
+
+
+def open_review_panel(page) -> None:
+    """Open the review panel from the grid's "New panel" menu and wait for its counts."""
+    page.keyboard.press("Escape")  # a popover the App may leave open over the tab bar
+    page.get_by_title("New panel").click()
+    page.get_by_text("insid3: review masks").first.click()
+    page.get_by_text("masks in").first.wait_for(timeout=60_000)
+
+
+def drag_threshold(page, value: float) -> None:
+    """Drag the review panel's threshold slider (the one over [0, 1]) to ``value`` with the mouse."""
+    slider = page.locator('.MuiSlider-root:has(input[type="range"][max="1"])').first
+    slider.scroll_into_view_if_needed()
+    rail, thumb = slider.bounding_box(), slider.locator(".MuiSlider-thumb").bounding_box()
+    y = thumb["y"] + thumb["height"] / 2
+    page.mouse.move(thumb["x"] + thumb["width"] / 2, y)
+    page.mouse.down()
+    page.mouse.move(rail["x"] + rail["width"] * value, y, steps=12)
+    page.mouse.up()
+
+
+def test_the_review_panel_counts_loads_views_and_records_decisions(fo, dataset):
+    """The curator's review in the panel: a histogram bar and a verdict count load their samples,
+    the dragged threshold moves the split and loads the samples below it, approve and reject tag
+    what is in view, the approved masks are copied into the ground truth (the references' own
+    kept), and a copy into an unfit field says why it copied nothing."""
+    import fiftyone.operators as foo
+    from fiftyone_plugin import curation
+
+    foo.execute_operator(f"{PLUGIN_URI}/segment_by_example", {"dataset": dataset, "view_target": "DATASET"},
+                         params={"reference_field": "ground_truth", "output_field": "pred",
+                                 "image_size": 128, "svd_components": 16, "device": "cpu"})
+    scores = sorted(dataset.exists("pred").values("pred.score"))
+    threshold = round((scores[2] + scores[3]) / 2, 2)  # three masks below it
+    assert scores[2] < threshold <= scores[3], "the example's scores leave room for a 0.01 step between them"
+    bins = curation.summarize(dataset, "pred").histogram["counts"]
+    tallest = bins.index(max(bins))
+    verdict, count = max(dataset.count_values("pred.verdict").items(), key=lambda item: item[1])
+    assert len(dataset) != max(bins) != count != 3, "each click below changes the grid's count"
+    with app_page(fo, dataset) as page:
+        page.set_viewport_size({"width": 1400, "height": 1500})  # the whole panel in the screenshots
+        open_review_panel(page)
+        bar = page.locator(".js-plotly-plot .trace.bars .point").nth(tallest).bounding_box()
+        page.mouse.click(bar["x"] + bar["width"] / 2, bar["y"] + bar["height"] / 2)
+        page.get_by_text(f"{max(bins)} samples").first.wait_for(timeout=30_000)  # the grid shows that bin's
+        page.get_by_role("button", name=f"{verdict} · {count}").click()
+        page.get_by_text(f"{count} samples").first.wait_for(timeout=30_000)  # and now that verdict's
+
+        drag_threshold(page, threshold)
+        page.get_by_role("button", name=f"3 below {threshold:.2f}").wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_review_panel.png"))
+        page.get_by_role("button", name=f"3 below {threshold:.2f}").click()
+        page.get_by_text("3 samples").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name="Reject the samples in view").click()
+        page.get_by_text("Rejected 3 sample(s) of 'pred'").first.wait_for(timeout=30_000)
+
+        page.get_by_role("button", name=f"{len(scores) - 3} at or above {threshold:.2f}").click()
+        page.get_by_text(f"{len(scores) - 3} samples").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name="Approve the samples in view").click()
+        page.get_by_text(f"Approved {len(scores) - 3} sample(s) of 'pred'").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name=f"approved · {len(scores) - 3}").wait_for(timeout=30_000)
+
+        page.get_by_role("button", name=f"Copy {len(scores) - 3} approved masks").click()
+        page.get_by_text(f"Copied {len(scores) - 3} approved mask(s) of 'pred' into 'ground_truth'").first.wait_for(
+            timeout=30_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_review_decisions.png"))
+        ground_truth = page.get_by_text("Ground-truth field").first.locator("xpath=following::input[1]")
+        ground_truth.fill("pred")
+        ground_truth.press("Tab")
+        page.get_by_role("button", name=f"Copy {len(scores) - 3} approved masks").click()
+        page.get_by_text("Nothing copied: 'pred' is the predicted field itself").first.wait_for(timeout=30_000)
+
+    dataset.reload()
+    below = curation.score_view(dataset, "pred", high=threshold)
+    assert sorted(curation.decision_view(dataset, "pred", "rejected").values("id")) == sorted(below.values("id"))
+    approved = curation.decision_view(dataset, "pred", "approved")
+    assert len(approved) == len(scores) - 3 and min(approved.values("pred.score")) >= threshold
+    for sample in approved:
+        assert (sample.ground_truth.mask == sample.pred.get_mask()).all()
+    assert dataset.match_tags("reference").first().ground_truth.mask_path.endswith("disks_mask.png")
+    assert not below.exists("ground_truth"), "rejected masks are not copied"

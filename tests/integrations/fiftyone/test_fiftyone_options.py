@@ -154,6 +154,21 @@ def test_several_classes_in_one_pass(dataset, segmenter):
     assert found == {0, 3, 7}
     assert "insid3:pred:square:empty" in class_failures, "the disk-only target's square class is judged on its own"
 
+    from fiftyone_plugin import curation  # the review panel's class buttons
+
+    targets = targets_of(dataset)
+    classes = {summary.label: summary for summary in curation.summarize(dataset, "pred").classes}
+    assert set(classes) == {"disk", "square"}
+    for name, summary in classes.items():
+        found = sorted(sample.id for sample in targets if sample.pred.classes[name]["verdict"] != "empty")
+        failed = sorted(sample.id for sample in targets if sample.pred.classes[name]["verdict"] != "ok")
+        assert (summary.found, summary.failed) == (len(found), len(failed))
+        assert sorted(curation.class_view(dataset, "pred", name).values("id")) == found
+        assert sorted(curation.class_view(dataset, "pred", name, failed=True).values("id")) == failed
+    instances = {summary.label: summary.found for summary in curation.summarize(dataset, "pred_instances").classes}
+    assert instances == {name: sum(any(d.label == name for d in sample.pred_instances.detections)
+                                   for sample in targets) for name in ("disk", "square")}
+
 
 def test_negative_reference_removes_a_lookalike_that_leaks(fo, dataset, tmp_path):
     """The look-alike leaks into the disk mask until a sample tagged ``negative`` marks it "not this"."""
