@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import secrets
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,11 @@ class InputError(ValueError):
     """An input file cannot be used; the message names the file and the problem."""
 
 
-def _open_oriented(path: str | Path) -> Image.Image:
-    """Open, fully decode and apply the EXIF orientation; any failure names the file."""
+def _open_oriented(path: str | Path, source=None) -> Image.Image:
+    """Open, fully decode and apply the EXIF orientation; any failure names the file. ``source``:
+    a binary stream holding the file ``path`` names (read from elsewhere, e.g. an object store)."""
     try:
-        with Image.open(path) as handle:
+        with Image.open(path if source is None else source) as handle:
             handle.load()
             return ImageOps.exif_transpose(handle)
     except FileNotFoundError as err:
@@ -56,6 +58,12 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image))
     return to_rgb(_open_oriented(image))
+
+
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+    """:func:`load_image` of a file's content ``data`` read from ``name`` (a path or URI), which
+    errors name."""
+    return to_rgb(_open_oriented(name, BytesIO(data)))
 
 
 def mask_array(mask: Image.Image | np.ndarray, value: int | None = None) -> np.ndarray:

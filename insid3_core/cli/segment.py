@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -12,14 +11,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .. import __version__
 from ..coco import coco_document, mask_record, records_from_document, result_record
 from ..config import SMOKE_TEST_NOTE
 from ..io import (
-    InputError, check_references, check_writable_folder, file_digest, load_mask,
-    remove_stale_temporaries, write_json, write_label_png, write_mask_png,
+    InputError, check_references, check_writable_folder, file_digest, load_mask, remove_stale_temporaries, write_json,
 )
 from ..loader import default_workers, executor
+from ..outputs import carried_record, run_description, write_output_mask
 from ..quality import VERDICTS
 from ..settings import EngineSettings
 from . import UsageError
@@ -36,6 +34,13 @@ def register(commands) -> None:
                          help="one annotation per instance (COCO instance JSON, split by --instance-method) "
                               "instead of one per class")
     segment.add_argument("--overwrite", action="store_true", help="re-segment targets whose mask already exists")
+    cluster = segment.add_argument_group("Ray cluster (pip install 'insid3[ray]')")
+    cluster.add_argument("--ray", metavar="ADDRESS",
+                         help="run on a Ray cluster through Ray Data: 'local' starts one on this machine; TARGETs "
+                              "may then also be URIs (s3://, gs://, file://)")
+    cluster.add_argument("--actors", type=int, default=1, metavar="N", help="engine actors in the pool (default 1)")
+    cluster.add_argument("--gpus-per-actor", type=float, metavar="G",
+                         help="GPUs per actor (default: 1 when the cluster has a GPU per actor, else 0)")
     EngineSettings.add_arguments(segment)
     segment.set_defaults(handler=run_segment)
 
@@ -58,33 +63,11 @@ def load_document(path: Path, overwrite: bool) -> dict | None:
         ) from None
 
 
-RECORD_KEY = "insid3-record"
-"""PNG text chunk of an output mask holding its annotations.json record, so the pair stays whole
-when a run is killed between writing a mask and the annotations that list it."""
-
-
-def write_output_mask(path: Path, label_map: np.ndarray, classes: int, record: dict, source: Path) -> None:
-    """One class: 0/255 mask. Several: 8-bit label map, ``i + 1`` for the ``i``-th class. The
-    target's record, with the path and digest of its ``source`` image added, travels in the PNG
-    (see :data:`RECORD_KEY`)."""
-    record["image"].update(source=str(source), source_sha256=file_digest(source))
-    text = {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
-    if classes == 1:
-        write_mask_png(path, label_map > 0, text)
-    else:
-        write_label_png(path, label_map.astype(np.uint8), text)
-
-
 def written_record(path: Path, file_name: str, categories: list[str]) -> dict:
     """The record of an output mask already written: the one it carries, else one rebuilt from
     its pixels (a mask written by hand or by an older insid3: no score)."""
-    try:
-        with Image.open(path) as image:
-            carried = json.loads(image.text.get(RECORD_KEY, "null"))
-    except (OSError, ValueError):
-        carried = None
-    if isinstance(carried, dict) and isinstance(carried.get("annotations"), list) and \
-            isinstance(carried.get("image"), dict) and carried["image"].get("file_name") == file_name:
+    carried = carried_record(path)
+    if carried is not None and carried["image"].get("file_name") == file_name:
         return carried
     return mask_record(file_name, written_labels(path, len(categories)), categories)
 
@@ -106,6 +89,8 @@ def run_segment(arguments: argparse.Namespace) -> int:
     settings = EngineSettings.from_arguments(arguments)
     out: Path = arguments.out
     check_writable_folder(out, "--out")  # before any work
+    if arguments.ray:
+        return run_on_ray(arguments, settings)
     classes = reference_classes(arguments).classes
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
@@ -135,18 +120,10 @@ def run_segment(arguments: argparse.Namespace) -> int:
 
     segmenter = build_segmenter(settings)
     encoded = segmenter.encode(classes, negatives)
-    run = {
-        "description": "insid3 segment",
-        "version": __version__,
-        "backbone": segmenter.backbone.name,
-        "weights": segmenter.backbone.identity,
-        "smoke_test": segmenter.backbone.is_smoke_test,
-        "settings": {**settings.describe(), "svd_components": int(segmenter.basis.shape[1])},
-        "references": {name: list(references.names) for name, references in encoded.classes.items()},
-        "negatives": [str(image) for image, _ in negatives],
-        "instances": settings.instance_method if arguments.instances else None,
-    }
-    run_id = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    run_id, run = run_description(
+        settings, segmenter.backbone, segmenter.basis.shape[1],
+        {name: list(references.names) for name, references in encoded.classes.items()},
+        [str(image) for image, _ in negatives], settings.instance_method if arguments.instances else None)
     runs[run_id] = run
     info = {**run, "run": run_id, "runs": runs}
     print(f"insid3: {len(targets)} target(s), {len(targets) - len(pending)} already done, "
@@ -171,7 +148,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
                 record = result_record(target.name, result.classes, instance_method, settings.min_instance_patches)
                 record["image"]["run"] = run_id
                 writes.append((writer.submit(write_output_mask, outputs[target], result.label_map, len(classes),
-                                             record, target), target.name, record))
+                                             record, target, file_digest(target)), target.name, record))
                 verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
                 progress.set_postfix(verdicts, refresh=False)
                 if done % settings.batch_size == 0:
@@ -191,6 +168,38 @@ def run_segment(arguments: argparse.Namespace) -> int:
     if segmenter.backbone.is_smoke_test:
         print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
+    """``insid3 segment --ray``: the same outputs through :mod:`insid3_core.distributed`; the
+    references and the TARGET arguments are checked here, before Ray starts."""
+    from ..distributed import (
+        ClusterOptions, JobSpec, check_target_spec, earlier_fragment, print_summary, reference_payload, run_job,
+        start_parts,
+    )
+
+    try:
+        options = ClusterOptions(arguments.ray, arguments.actors, arguments.gpus_per_actor)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    out: Path = arguments.out
+    classes = reference_classes(arguments).classes
+    for spec in arguments.targets:
+        check_target_spec(spec)
+    payload = reference_payload(classes, [(Path(image), Path(mask)) for image, mask in arguments.negative])
+    annotations_path = out / "annotations.json"
+    document = load_document(annotations_path, arguments.overwrite)
+    records = records_from_document(document) if document else {}
+    check_categories(records, list(classes), annotations_path, arguments.overwrite)
+    earlier_fragment(start_parts(out), records)
+    job = JobSpec(settings, str(out.resolve()), tuple(classes), settings.instance_method if arguments.instances
+                  else None, arguments.overwrite, payload)
+    summary = run_job(job, arguments.targets, options,
+                      dict(document.get("info", {})) if document else {})
+    print_summary(summary, out)
+    if summary.smoke_test:
+        print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def check_categories(records: dict[str, dict], categories: list[str], path: Path, overwrite: bool) -> None:

@@ -1,0 +1,578 @@
+"""``insid3 segment --ray``: a bucket of targets segmented on a Ray cluster through Ray Data.
+
+The job is one Ray Data stream:
+
+1. **listing** (CPU tasks, one per ``TARGET``): a folder, glob, file or URI that any pyarrow
+   filesystem reads (``s3://``, ``gs://``, ``file://``) streams out in chunks of
+   :data:`LISTING_CHUNK` paths; no process holds the whole list.
+2. **prepare** (CPU tasks): a target whose mask exists and was made from the same content is
+   skipped (its record is the one its mask carries); the others are read once, digested, decoded
+   and resized to the input size.
+3. **segment** (an actor pool, ``--actors`` actors of ``--gpus-per-actor`` GPUs): each actor builds
+   the engine from the job's :class:`~insid3_core.settings.EngineSettings`, encodes the references
+   once on its own device, runs batches through it and writes the masks (temporary file, then
+   rename; without ``--overwrite`` a mask never replaces another, see :func:`place_mask`).
+
+Each stage writes what it settles — skipped, failed or segmented, with its record — to a sorted
+fragment under ``<out>/.insid3-parts/``. At the end the driver merges the fragments into
+``annotations.json`` (:func:`merge_fragments`: a k-way merge of sorted files, its memory bounded by
+the fan-in, not by the number of targets). A batch whose actor died is run again by Ray on a
+restarted actor; the fragments it had written are the same records under the same names, and the
+merge keeps each name once.
+
+The references are read and checked on the driver, before Ray starts; their bytes and masks travel
+to the actors with the job (a few images), and each actor encodes them on its device. Encoding on
+the driver would mean loading the backbone there too: a CPU driver spends longer loading the
+weights than an actor spends encoding a few references on its GPU.
+
+Written here rather than taken from Ray: Ray Data's own writers (``write_images``, ``write_json``)
+do not carry insid3's record in each PNG, cannot refuse to replace an existing mask, and leave the
+one COCO document to the caller.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import heapq
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .io import IMAGE_EXTENSIONS, InputError, atomic_write, load_image_bytes
+from .settings import EngineSettings
+
+LISTING_CHUNK = 1024
+"""Paths per block of the listing stage."""
+MERGE_FAN_IN = 64
+"""Fragments merged at once; more are merged in passes."""
+PARTS = ".insid3-parts"
+"""Folder of the fragments under ``--out`` while a job runs."""
+SHOWN_FAILURES = 100
+"""Failures a summary names one by one; the rest are counted."""
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where and how wide the job runs.
+
+    Attributes
+    ----------
+    address : str
+        ``local`` (a Ray runtime started on this machine) or a cluster address for ``ray.init``.
+    actors : int
+        Engine actors in the pool.
+    gpus_per_actor : float or None
+        GPUs per actor; ``None``: 1 when the cluster has GPUs, else 0.
+    cpus_per_actor : float
+        CPUs each actor reserves (logical; the backbone on a CPU uses what torch takes).
+    """
+
+    address: str = "local"
+    actors: int = 1
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ValueError(f"--actors must be >= 1, got {self.actors}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+
+
+@dataclass(frozen=True)
+class ReferencePayload:
+    """The references as they travel to the actors: file contents and decoded masks.
+
+    Attributes
+    ----------
+    images : dict of str to bytes
+        Each reference (and negative) image file's content, by its name on the command line.
+    classes : dict of str to list of (str, np.ndarray)
+        Class name -> ``(image name, (H, W) bool mask)`` pairs, in the engine's class order.
+    negatives : list of (str, np.ndarray)
+    """
+
+    images: dict[str, bytes]
+    classes: dict[str, list[tuple[str, np.ndarray]]]
+    negatives: list[tuple[str, np.ndarray]] = field(default_factory=list)
+
+    def pairs(self) -> tuple[dict, list]:
+        """``(classes, negatives)`` for :meth:`insid3_core.Segmenter.encode`: one decoded image
+        object per file, so an image shared by several classes goes through the backbone once."""
+        decoded = {name: load_image_bytes(data, name) for name, data in self.images.items()}
+        classes = {label: [(decoded[name], mask) for name, mask in pairs] for label, pairs in self.classes.items()}
+        return classes, [(decoded[name], mask) for name, mask in self.negatives]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs: the engine settings, the outputs and the references.
+
+    Attributes
+    ----------
+    settings : EngineSettings
+    out : str
+        Output folder (local, or a disk every node mounts at the same path).
+    categories : tuple of str
+    instance_method : str or None
+        One annotation per instance, split this way; ``None``: one per class.
+    overwrite : bool
+    references : ReferencePayload
+    """
+
+    settings: EngineSettings
+    out: str
+    categories: tuple[str, ...]
+    instance_method: str | None
+    overwrite: bool
+    references: ReferencePayload
+
+    @property
+    def parts(self) -> Path:
+        return Path(self.out) / PARTS
+
+
+@dataclass
+class JobSummary:
+    """What a job did, read back from its fragments and its stream.
+
+    Attributes
+    ----------
+    segmented, skipped, failed : int
+    verdicts : collections.Counter
+        Quality verdicts of the masks segmented now, per class.
+    failures : list of str
+        The first :data:`SHOWN_FAILURES` failure messages, each naming its target.
+    smoke_test : bool
+        Whether the actors ran the bundled test checkpoint.
+    """
+
+    segmented: int = 0
+    skipped: int = 0
+    failed: int = 0
+    verdicts: collections.Counter = field(default_factory=collections.Counter)
+    failures: list[str] = field(default_factory=list)
+    smoke_test: bool = False
+
+
+def reference_payload(classes: dict, negatives: list) -> ReferencePayload:
+    """Read and check the references on the driver (:class:`InputError` naming a bad one).
+
+    ``classes``: class name -> ``(image path, mask path or (H, W) bool array)`` pairs;
+    ``negatives``: ``(image path, mask path)`` pairs.
+    """
+    from .io import reference_mask
+
+    images: dict[str, bytes] = {}
+
+    def checked(image, mask) -> tuple[str, np.ndarray]:
+        name = str(image)
+        if name not in images:
+            try:
+                images[name] = Path(image).read_bytes()
+            except OSError as err:
+                raise InputError(f"{name}: cannot read ({err.strerror or err})") from None
+        return name, reference_mask(name, load_image_bytes(images[name], name), mask)
+
+    return ReferencePayload(images, {label: [checked(*pair) for pair in pairs] for label, pairs in classes.items()},
+                            [checked(*pair) for pair in negatives])
+
+
+def check_target_spec(spec: str) -> None:
+    """Raise :class:`InputError` unless ``spec`` names an image file, a folder, a glob with a
+    match or a URI that exists; reads one entry, not the listing."""
+    if "://" in spec:
+        import pyarrow.fs
+
+        try:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(spec)
+            found = filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+        except (OSError, ValueError, pyarrow.ArrowException) as err:
+            raise InputError(f"{spec}: cannot list it ({err})") from None
+        if not found:
+            raise InputError(f"{spec}: no such file or folder")
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir() or path.is_file():
+        return
+    if next((m for m in glob.iglob(str(path), recursive=True) if _is_image(m) and Path(m).is_file()), None) is None:
+        raise InputError(f"{spec}: no such file, and no image matches it as a pattern")
+
+
+def listed_targets(spec: str) -> Iterator[str]:
+    """The images ``spec`` names, streamed: a folder's files (not its subfolders), a glob's
+    matches, a file; for a URI, the same through its pyarrow filesystem (as URIs)."""
+    if "://" in spec:
+        import pyarrow.fs
+
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(spec)
+        scheme = spec.split("://", 1)[0] + "://"
+        info = filesystem.get_file_info(path)
+        if info.type == pyarrow.fs.FileType.File:
+            yield spec
+            return
+        for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=False)):
+            if entry.type == pyarrow.fs.FileType.File and _is_image(entry.path):
+                yield scheme + entry.path
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_file() and _is_image(entry.name):
+                    yield str(Path(entry.path).resolve())
+    elif path.is_file():
+        yield str(path.resolve())
+    else:
+        for match in glob.iglob(str(path), recursive=True):
+            if _is_image(match) and Path(match).is_file():
+                yield str(Path(match).resolve())
+
+
+def list_batch(batch: dict) -> Iterator[dict]:
+    """Ray Data UDF: a batch of ``spec`` rows out as batches of ``path`` rows."""
+    for spec in batch["spec"]:
+        chunk = []
+        for path in listed_targets(str(spec)):
+            chunk.append(path)
+            if len(chunk) == LISTING_CHUNK:
+                yield {"path": np.array(chunk, dtype=object)}
+                chunk = []
+        if chunk:
+            yield {"path": np.array(chunk, dtype=object)}
+
+
+def read_source(path: str) -> bytes:
+    """A target's bytes, from a local path or a pyarrow filesystem URI."""
+    if "://" in path:
+        import pyarrow.fs
+
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+        with filesystem.open_input_stream(inner) as stream:
+            return stream.read()
+    with open(path, "rb") as stream:
+        return stream.read()
+
+
+def output_path(job: JobSpec, path: str) -> Path:
+    """``<out>/<stem>.png`` of a target path or URI."""
+    return Path(job.out) / f"{PurePosixPath(path).stem}.png"
+
+
+def prepare_batch(batch: dict, job: JobSpec) -> dict:
+    """Ray Data UDF (CPU): settle the targets whose masks exist, decode and resize the others.
+
+    Returns ``path``, ``digest`` (16 hex digits of the source's SHA-256), ``pixels``
+    ``(B, 3, s, s)`` uint8, ``height`` and ``width`` of the targets left to segment.
+    """
+    from .features import resized_pixels
+    from .outputs import carried_record
+
+    size = job.settings.image_size
+    settled, kept = [], {"path": [], "digest": [], "pixels": [], "height": [], "width": []}
+    for path in (str(p) for p in batch["path"]):
+        name, output = PurePosixPath(path).name, output_path(job, path)
+        if "://" not in path and output.resolve() == Path(path).resolve():
+            settled.append(_failed(path, f"{path}: its output mask would overwrite it; choose another --out"))
+            continue
+        try:
+            data = read_source(path)
+        except OSError as err:
+            settled.append(_failed(path, f"{path}: cannot read ({err.strerror or err})"))
+            continue
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        if not job.overwrite and output.exists():
+            record = carried_record(output)
+            made_from = (record or {}).get("image", {})
+            if record is None or made_from.get("file_name") != name:
+                message = f"{output}: exists and is not insid3's mask of {path}; --overwrite redoes it"
+            elif made_from.get("source_sha256") not in (None, digest):
+                message = f"{output}: made from other content ({made_from.get('source')}); --overwrite redoes it"
+            else:
+                settled.append({"name": name, "status": "skipped", "source": path, "record": record})
+                continue
+            settled.append(_failed(path, message))
+            continue
+        try:
+            image = load_image_bytes(data, path)
+        except InputError as err:
+            settled.append(_failed(path, str(err)))
+            continue
+        kept["path"].append(path)
+        kept["digest"].append(digest)
+        kept["pixels"].append(resized_pixels(image, size).numpy())
+        kept["height"].append(image.height)
+        kept["width"].append(image.width)
+    write_fragment(job.parts, settled)
+    pixels = np.stack(kept.pop("pixels")) if kept["path"] else np.zeros((0, 3, size, size), np.uint8)
+    return {"path": np.array(kept["path"], dtype=object), "digest": np.array(kept["digest"], dtype=object),
+            "pixels": pixels, "height": np.array(kept["height"], np.int64), "width": np.array(kept["width"], np.int64)}
+
+
+class SegmentActor:
+    """Ray Data actor: the engine on this actor's device, the references encoded once."""
+
+    def __init__(self, job: JobSpec):
+        from .outputs import run_description
+
+        self.job = job
+        self.segmenter = job.settings.build()
+        classes, negatives = job.references.pairs()
+        self.references = self.segmenter.encode(classes, negatives)
+        self.run_id, self.run = run_description(
+            job.settings, self.segmenter.backbone, self.segmenter.basis.shape[1],
+            {label: [name for name, _ in pairs] for label, pairs in job.references.classes.items()},
+            [name for name, _ in job.references.negatives], job.instance_method)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from .coco import result_record
+
+        paths = [str(p) for p in batch["path"]]
+        verdicts = [""] * len(paths)
+        if paths:
+            if self.run is not None:  # here, not in __init__: an actor may finish starting after the job
+                with atomic_write(self.job.parts / f"run-{self.run_id}.json", "w") as stream:
+                    json.dump({"run": self.run_id, **self.run}, stream)
+                self.run = None
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
+            features = self.segmenter.encoder.features(pixels)
+            sizes = [(int(h), int(w)) for h, w in zip(batch["height"], batch["width"])]
+            predictions = self.segmenter.segment_features(self.references, features, sizes, pixels)
+            settled = []
+            for index, (path, digest, prediction) in enumerate(zip(paths, batch["digest"], predictions)):
+                name = PurePosixPath(path).name
+                record = result_record(name, prediction.classes, self.job.instance_method,
+                                       self.job.settings.min_instance_patches)
+                record["image"]["run"] = self.run_id
+                settled.append(place_mask(self.job, path, str(digest), prediction.label_map, record))
+                verdicts[index] = ",".join(result.quality.verdict for result in prediction.classes.values())
+            write_fragment(self.job.parts, settled)
+        return {"path": np.array(paths, dtype=object), "verdicts": np.array(verdicts, dtype=object)}
+
+
+def place_mask(job: JobSpec, path: str, digest: str, label_map: np.ndarray, record: dict) -> dict:
+    """Write a target's mask (see :func:`insid3_core.outputs.write_output_mask`) and return its
+    fragment entry. Without ``overwrite`` the mask is linked into place only where no file is:
+    a mask found there made from the same content (this batch run again after its actor died)
+    counts as written, any other stays and the target fails."""
+    from .outputs import carried_record, write_output_mask
+
+    output, name = output_path(job, path), PurePosixPath(path).name
+    if job.overwrite:
+        write_output_mask(output, label_map, len(job.categories), record, path, digest)
+        return {"name": name, "status": "segmented", "source": path, "record": record}
+    staged = job.parts / f"{output.stem}.{os.getpid()}.png"  # on the same disk, so it can be linked
+    write_output_mask(staged, label_map, len(job.categories), record, path, digest)
+    try:
+        os.link(staged, output)
+    except FileExistsError:
+        existing = carried_record(output) or {}
+        if existing.get("image", {}).get("source_sha256") != digest:
+            return _failed(path, f"{output}: another target's mask is there (same file stem); "
+                                 "give the targets distinct names or another --out")
+        record = existing
+    finally:
+        staged.unlink(missing_ok=True)
+    return {"name": name, "status": "segmented", "source": path, "record": record}
+
+
+def _failed(path: str, message: str) -> dict:
+    return {"name": PurePosixPath(path).name, "status": "failed", "source": path, "error": message}
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def write_fragment(parts: Path, entries: list[dict]) -> None:
+    """Write settled entries, sorted by name, as one JSON-lines fragment (atomically)."""
+    if not entries:
+        return
+    lines = sorted((json.dumps(entry, separators=(",", ":")) for entry in entries), key=_fragment_name)
+    name = hashlib.sha256("".join(lines).encode()).hexdigest()[:20]
+    with atomic_write(parts / f"{name}-{os.getpid()}.jsonl", "w") as stream:
+        stream.writelines(line + "\n" for line in lines)
+
+
+def _fragment_name(line: str) -> str:
+    return json.loads(line)["name"]
+
+
+def _sorted_lines(path: Path) -> Iterator[tuple[str, str]]:
+    with open(path, encoding="utf-8") as stream:
+        for line in stream:
+            yield _fragment_name(line), line
+
+
+def merge_fragments(parts: Path, destination: Path, categories: list[str], info: dict) -> JobSummary:
+    """Merge the job's sorted fragments into the COCO document ``destination`` in bounded memory.
+
+    Fragments are merged :data:`MERGE_FAN_IN` at a time (in passes when there are more), each
+    name kept once: a segmented entry before a skipped one before an earlier run's; a failure
+    is reported unless the same source also has a record. Image ids follow sorted names and
+    annotation ids their order, as :func:`insid3_core.coco.coco_document` numbers them.
+    """
+    fragments = sorted(parts.glob("*.jsonl"))
+    passes = 0
+    while len(fragments) > MERGE_FAN_IN:
+        passes += 1
+        merged = []
+        for start in range(0, len(fragments), MERGE_FAN_IN):
+            group = fragments[start:start + MERGE_FAN_IN]
+            target = parts / f"pass{passes}-{start:09d}.jsonl"
+            with atomic_write(target, "w") as stream:
+                stream.writelines(line for _, line in heapq.merge(*map(_sorted_lines, group)))
+            for used in group:
+                used.unlink()
+            merged.append(target)
+        fragments = merged
+    names = list(dict.fromkeys(categories))
+    category_ids = {name: index for index, name in enumerate(names, start=1)}
+    summary = JobSummary()
+    images_part, annotations_part = parts / "images.partial", parts / "annotations.partial"
+    with open(images_part, "w", encoding="utf-8") as images, open(annotations_part, "w", encoding="utf-8") as notes:
+        image_id = annotation_id = 0
+        merged = heapq.merge(*map(_sorted_lines, fragments))
+        for _, group in _grouped(merged):
+            record, failures = _chosen(group, summary)
+            summary.failures.extend(failures[:max(SHOWN_FAILURES - len(summary.failures), 0)])
+            summary.failed += len(failures)
+            if record is None:
+                continue
+            image_id += 1
+            images.write(("," if image_id > 1 else "") + json.dumps({"id": image_id, **record["image"]}))
+            for entry in record["annotations"]:
+                category = entry["category"]
+                if category not in category_ids:
+                    category_ids[category] = len(category_ids) + 1
+                annotation_id += 1
+                fields = {key: value for key, value in entry.items() if key != "category"}
+                notes.write(("," if annotation_id > 1 else "") + json.dumps(
+                    {"id": annotation_id, "image_id": image_id, "category_id": category_ids[category], **fields}))
+    with atomic_write(destination, "w") as stream:
+        stream.write('{"info": ' + json.dumps(info) + ', "images": [')
+        with open(images_part, encoding="utf-8") as part:
+            shutil.copyfileobj(part, stream)
+        stream.write('], "annotations": [')
+        with open(annotations_part, encoding="utf-8") as part:
+            shutil.copyfileobj(part, stream)
+        categories_json = [{"id": index, "name": name} for name, index in category_ids.items()]
+        stream.write('], "categories": ' + json.dumps(categories_json) + "}\n")
+    return summary
+
+
+PRIORITY = {"segmented": 0, "skipped": 1, "earlier": 2}
+
+
+def _grouped(lines) -> Iterator[tuple[str, list[dict]]]:
+    """Consecutive lines of one name, decoded."""
+    current, group = None, []
+    for name, line in lines:
+        if name != current and group:
+            yield current, group
+            group = []
+        current = name
+        group.append(json.loads(line))
+    if group:
+        yield current, group
+
+
+def _chosen(group: list[dict], summary: JobSummary) -> tuple[dict | None, list[str]]:
+    """The record to list for one name and the failures to report; counts the record's status."""
+    records = sorted((entry for entry in group if entry["status"] in PRIORITY), key=lambda e: PRIORITY[e["status"]])
+    chosen = records[0] if records else None
+    if chosen is not None and chosen["status"] == "segmented":
+        summary.segmented += 1
+    elif chosen is not None and chosen["status"] == "skipped":
+        summary.skipped += 1
+    listed_source = None if chosen is None else chosen.get("source")
+    failures = list(dict.fromkeys(entry["error"] for entry in group
+                                  if entry["status"] == "failed" and entry["source"] != listed_source))
+    return (None if chosen is None else chosen["record"]), failures
+
+
+def earlier_fragment(parts: Path, records: dict[str, dict]) -> None:
+    """An earlier annotations.json's records as the lowest-priority fragment, so masks listed
+    there that this job does not touch stay listed."""
+    write_fragment(parts, [{"name": name, "status": "earlier", "source": record["image"].get("source"),
+                            "record": record} for name, record in records.items()])
+
+
+def connect(options: ClusterOptions) -> None:
+    """``ray.init`` for ``options.address``; ``local`` starts a runtime on this machine with
+    enough logical CPUs for the actors and the CPU stages beside them."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if options.address == "local":
+        needed = int(np.ceil(options.actors * options.cpus_per_actor)) + 2
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=options.address, log_to_driver=False)
+
+
+def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict) -> JobSummary:
+    """Run the stream (see the module docstring) and merge its fragments into
+    ``<out>/annotations.json``; ``info`` is the document's ``info`` (this run's description is
+    added from the actors' run files). Fragments of an interrupted job are cleared first."""
+    import ray
+
+    connect(options)
+    gpus = options.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= options.actors else 0
+    batch_size = job.settings.batch_size
+    stream = ray.data.from_items([{"spec": spec} for spec in specs])
+    stream = stream.map_batches(list_batch, batch_size=1, batch_format="numpy")
+    stream = stream.map_batches(prepare_batch, fn_kwargs={"job": job}, batch_size=batch_size, batch_format="numpy")
+    stream = stream.map_batches(SegmentActor, fn_constructor_kwargs={"job": job}, batch_size=batch_size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.actors),
+                                num_cpus=options.cpus_per_actor, num_gpus=gpus)  # restarts, retries: Ray's
+    verdicts = collections.Counter()
+    for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
+        for listed in batch["verdicts"]:
+            verdicts.update(v for v in str(listed).split(",") if v)
+    runs = dict(info.get("runs", {}))
+    latest = {}
+    for run_file in sorted(job.parts.glob("run-*.json")):
+        latest = json.loads(run_file.read_text(encoding="utf-8"))
+        runs[latest["run"]] = {key: value for key, value in latest.items() if key != "run"}
+    if latest:
+        info = {**{key: value for key, value in latest.items() if key != "run"}, "run": latest["run"], "runs": runs}
+    summary = merge_fragments(job.parts, Path(job.out) / "annotations.json", list(job.categories), info)
+    summary.verdicts, summary.smoke_test = verdicts, bool(latest.get("smoke_test"))
+    shutil.rmtree(job.parts, ignore_errors=True)
+    return summary
+
+
+def start_parts(out: Path) -> Path:
+    """A fresh fragments folder under ``out`` (an interrupted job's is dropped: its masks carry
+    their records, so the next job finds them as skipped targets)."""
+    parts = out / PARTS
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
+    return parts
+
+
+def print_summary(summary: JobSummary, out: Path) -> None:
+    """The job's counts, quality verdicts and failures on stderr."""
+    print(f"insid3: segmented {summary.segmented}, skipped {summary.skipped}, failed {summary.failed} -> {out}",
+          file=sys.stderr)
+    shown = ", ".join(f"{verdict} {count}" for verdict, count in sorted(summary.verdicts.items()))
+    if shown:
+        print(f"insid3: quality: {shown}", file=sys.stderr)
+    for message in summary.failures:
+        print(f"insid3: FAILED {message}", file=sys.stderr)
+    if summary.failed > len(summary.failures):
+        print(f"insid3: ... and {summary.failed - len(summary.failures)} more failures", file=sys.stderr)

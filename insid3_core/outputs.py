@@ -1,0 +1,80 @@
+"""The output masks of ``insid3 segment``: PNGs that carry their annotations.json record, and the
+description of the run that made them.
+
+Shared by the single-machine command (:mod:`insid3_core.cli.segment`) and the Ray Data job
+(:mod:`insid3_core.distributed`), so both write the same bytes and the same records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .io import write_label_png, write_mask_png
+
+RECORD_KEY = "insid3-record"
+"""PNG text chunk of an output mask holding its annotations.json record, so the pair stays whole
+when a run is killed between writing a mask and the annotations that list it."""
+
+
+def write_output_mask(path: Path, label_map: np.ndarray, classes: int, record: dict, source: str,
+                      source_sha256: str) -> None:
+    """One class: 0/255 mask. Several: 8-bit label map, ``i + 1`` for the ``i``-th class. The
+    target's record, with the ``source`` image and its digest added, travels in the PNG (see
+    :data:`RECORD_KEY`)."""
+    record["image"].update(source=str(source), source_sha256=source_sha256)
+    text = {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
+    if classes == 1:
+        write_mask_png(path, label_map > 0, text)
+    else:
+        write_label_png(path, label_map.astype(np.uint8), text)
+
+
+def carried_record(path: Path) -> dict | None:
+    """The record an output mask carries (:data:`RECORD_KEY`); ``None`` when it has none or the
+    file is unreadable."""
+    try:
+        with Image.open(path) as image:
+            carried = json.loads(image.text.get(RECORD_KEY, "null"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(carried, dict) and isinstance(carried.get("annotations"), list) and \
+            isinstance(carried.get("image"), dict):
+        return carried
+    return None
+
+
+def run_description(settings, backbone, svd_components: int, references: dict[str, list[str]],
+                    negatives: list[str], instances: str | None) -> tuple[str, dict]:
+    """``(run id, run)``: what annotations.json's ``info.runs`` records of a run, and the 12-digit
+    id each image entry names it by (a digest of the run, so equal runs share it).
+
+    Parameters
+    ----------
+    settings : insid3_core.settings.EngineSettings
+    backbone : insid3_core.Backbone
+    svd_components : int
+        Columns of the positional basis actually used.
+    references : dict of str to list of str
+        Each class's reference names.
+    negatives : list of str
+    instances : str or None
+        The instance method, when one annotation per instance is written.
+    """
+    run = {
+        "description": "insid3 segment",
+        "version": __version__,
+        "backbone": backbone.name,
+        "weights": backbone.identity,
+        "smoke_test": backbone.is_smoke_test,
+        "settings": {**settings.describe(), "svd_components": int(svd_components)},
+        "references": references,
+        "negatives": negatives,
+        "instances": instances,
+    }
+    return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12], run

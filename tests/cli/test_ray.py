@@ -1,0 +1,196 @@
+"""``insid3 segment --ray`` on a real local Ray runtime (and a ``ray start --head`` cluster): the
+single-machine masks byte for byte, resume, a bad target in the middle, an actor killed mid-job,
+a bad reference refused before Ray starts.
+
+Each run is a subprocess, so its Ray runtime stops with it. Ray's servers bind every interface
+whatever ``--node-ip-address`` says (Ray replaces a loopback address by the host's), so the cluster
+of :func:`test_a_ray_start_cluster_gives_the_same_masks` runs with token authentication on and a
+random token, and is stopped in teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageOps
+
+from data import EXAMPLES
+from test_cli import FAST, REFERENCE
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_spec("ray") is None, reason="needs the ray extra")]
+
+INSID3 = str(Path(sys.executable).parent / "insid3")
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory) -> Path:
+    """24 targets: the 8 examples, mirrored and flipped (distinct content and names)."""
+    folder = tmp_path_factory.mktemp("targets")
+    for path in sorted((EXAMPLES / "targets").glob("*.png")):
+        with Image.open(path) as image:
+            image.save(folder / path.name)
+            ImageOps.mirror(image).save(folder / f"mirrored_{path.name}")
+            ImageOps.flip(image).save(folder / f"flipped_{path.name}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single_machine(targets, tmp_path_factory) -> Path:
+    """The targets' outputs of the single-machine command."""
+    out = tmp_path_factory.mktemp("single") / "out"
+    assert run(targets, out).returncode == 0
+    return out
+
+
+def run(target, out, *options, env=None) -> subprocess.CompletedProcess:
+    """``insid3 segment --ref ... TARGET... --out OUT OPTIONS`` in a subprocess (``env`` added);
+    ``target``: one or a list."""
+    given = [str(path) for path in (target if isinstance(target, list) else [target])]
+    command = [INSID3, "segment", "--ref", *REFERENCE, *FAST, *given, "--out", str(out), *map(str, options)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def masks(out: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(out.glob("*.png"))}
+
+
+def document(out: Path) -> dict:
+    return json.loads((out / "annotations.json").read_text())
+
+
+def assert_same_outputs(out: Path, expected: Path) -> None:
+    assert masks(out) == masks(expected), "the masks are the single machine's, byte for byte"
+    got, want = document(out), document(expected)
+    assert got["images"] == want["images"] and got["annotations"] == want["annotations"]
+    assert got["categories"] == want["categories"]
+    names = [image["file_name"] for image in got["images"]]
+    assert len(names) == len(set(names)) == len(masks(expected)), "every target once"
+    assert not (out / ".insid3-parts").exists(), "the fragments are gone once merged"
+
+
+def test_two_local_actors_give_the_single_machines_outputs_and_resume(targets, single_machine, tmp_path):
+    out = tmp_path / "out"
+    done = run(targets, out, "--ray", "local", "--actors", "2")
+    assert done.returncode == 0, done.stderr
+    assert "segmented 24, skipped 0, failed 0" in done.stderr
+    assert_same_outputs(out, single_machine)
+
+    written = {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")}
+    for name in ("scene_02.png", "mirrored_scene_05.png", "flipped_scene_07.png"):
+        (out / name).unlink()
+    again = run(targets, out, "--ray", "local", "--actors", "2")
+    assert again.returncode == 0, again.stderr
+    assert "segmented 3, skipped 21, failed 0" in again.stderr
+    assert_same_outputs(out, single_machine)
+    kept = {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")}
+    assert all(kept[name] == stamp for name, stamp in written.items() if name in kept and
+               name not in ("scene_02.png", "mirrored_scene_05.png", "flipped_scene_07.png")), "skipped, not rewritten"
+
+
+def test_a_bad_target_is_named_and_the_others_are_written(targets, single_machine, tmp_path):
+    broken = tmp_path / "m_broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    out = tmp_path / "out"
+    done = run([targets, broken], out, "--ray", "local", "--actors", "2")
+    assert done.returncode == 1
+    assert "segmented 24, skipped 0, failed 1" in done.stderr
+    assert f"FAILED {broken}: unreadable or truncated image" in done.stderr
+    assert_same_outputs(out, single_machine)
+
+
+def actor_pids() -> list[int]:
+    """Processes of the engine actors (Ray titles them ``ray::MapWorker(MapBatches(SegmentActor))``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"SegmentActor" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_an_actor_killed_mid_job_is_replaced_and_nothing_is_lost_or_duplicated(targets, single_machine, tmp_path):
+    out = tmp_path / "out"
+    command = [INSID3, "segment", "--ref", *REFERENCE, *FAST, str(targets), "--out", str(out),
+               "--ray", "local", "--actors", "2"]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("*.png"))) < 3 or not actor_pids():
+            assert job.poll() is None, job.communicate()[1]
+            assert time.monotonic() < deadline, "no mask within 300 s"
+            time.sleep(0.05)
+        killed = actor_pids()[0]
+        os.kill(killed, signal.SIGKILL)
+        written_before = len(list(out.glob("*.png")))
+        _, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert written_before < 24, "the actor died mid-job"
+    assert job.returncode == 0, stderr
+    assert "segmented 24, skipped 0, failed 0" in stderr
+    assert_same_outputs(out, single_machine)
+
+
+def test_a_bad_reference_is_refused_before_ray_starts(targets, tmp_path):
+    empty = tmp_path / "empty_mask.png"
+    Image.new("L", Image.open(REFERENCE[0]).size).save(empty)
+    started = time.monotonic()
+    done = subprocess.run([INSID3, "segment", "--ref", REFERENCE[0], str(empty), *FAST, str(targets), "--out",
+                           str(tmp_path / "out"), "--ray", "local"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert f"{empty}: reference mask is empty" in done.stderr
+    assert "Ray" not in done.stderr, "no Ray runtime was started"
+    assert time.monotonic() - started < 60
+    missing = run(tmp_path / "nothing_here", tmp_path / "out2", "--ray", "local")
+    assert missing.returncode == 2 and "nothing_here: no such file" in missing.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster():
+    """``ray start --head`` on this machine, token authentication on; its address and environment."""
+    port = free_port()
+    sessions = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": sessions}
+    environment = {**os.environ, **env}
+    started = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--include-dashboard", "false", "--num-cpus", "4", "--disable-usage-stats"],
+                             capture_output=True, text=True, timeout=120, env=environment)
+    assert started.returncode == 0, started.stderr
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=environment)
+        shutil.rmtree(sessions, ignore_errors=True)
+
+
+def test_a_ray_start_cluster_gives_the_same_masks(targets, single_machine, tmp_path, ray_cluster):
+    address, env = ray_cluster
+    out = tmp_path / "out"
+    done = run(targets, out, "--ray", address, "--actors", "2", env=env)
+    assert done.returncode == 0, done.stderr
+    assert_same_outputs(out, single_machine)
+    refused = run(targets, tmp_path / "other", "--ray", address, env={**env, "RAY_AUTH_TOKEN": "0" * 64})
+    assert refused.returncode != 0, "a client without the cluster's token is turned away"
