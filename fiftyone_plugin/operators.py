@@ -112,12 +112,26 @@ def start_run(ctx):
     record_provenance(ctx.dataset, outputs.fields, engine, segmenter, classes)
     counts = collections.Counter()
     job = segment_collection(segmenter, classes, plan.collection, target_samples(ctx, chosen, plan.collection),
-                             outputs, engine.batch_size, counts)
+                             outputs, engine.batch_size, counts, ray_predictions(ctx, engine, plan))
 
     def report() -> str:
         return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test)
 
     return job, engine.batch_size, counts, outputs, report
+
+
+def ray_predictions(ctx, engine, plan):
+    """For a delegated run with the plugin setting ``ray_address``: a function sending the targets'
+    paths through a Ray cluster's engine actors (``ray_actors`` of them, see
+    :func:`insid3_core.distributed.iter_predictions`); ``None`` otherwise (this process segments)."""
+    address = plugin_settings.plugin_setting("ray_address", ctx.params, ctx.dataset) if ctx.delegated else None
+    if not address:
+        return None
+    from insid3_core.distributed import ClusterOptions, JobSpec, iter_predictions, reference_payload
+
+    options = ClusterOptions(address, plugin_settings.plugin_setting("ray_actors", ctx.params, ctx.dataset))
+    job = JobSpec(engine, None, tuple(plan.references), None, False, reference_payload(plan.references, plan.negatives))
+    return lambda paths: iter_predictions(job, [{"path": path} for path in paths], options)
 
 
 def remember_form_values(ctx) -> None:

@@ -70,7 +70,7 @@ def check_output_field(dataset, output_field: str, reference_field: str, overwri
 
 
 def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batch_size: int,
-                       counts: collections.Counter):
+                       counts: collections.Counter, predictions=None):
     """Segment every sample of ``targets`` in one pass for all classes, writing as it goes.
 
     Parameters
@@ -89,6 +89,9 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     batch_size : int
     counts : collections.Counter
         Incremented per verdict (and ``unreadable``).
+    predictions : callable or None
+        ``predictions(paths)`` yielding ``(path, Prediction or InputError)`` in any order (a Ray
+        cluster's, :func:`insid3_core.distributed.iter_predictions`); ``None``: ``segmenter``'s.
 
     Yields
     ------
@@ -107,7 +110,7 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     for sample_id, path in zip(ids, paths):
         samples_of[path].append(sample_id)
     pending: list[tuple[str, object]] = []
-    results = segmenter.iter_segment(classes, paths, batch_size)
+    results = predictions(paths) if predictions else segmenter.iter_segment(classes, paths, batch_size)
     for done, (path, result) in enumerate(results, start=1):
         pending.append((samples_of[path].popleft(), result))
         if len(pending) == WRITE_EVERY or done == len(ids):

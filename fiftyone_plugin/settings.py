@@ -14,8 +14,9 @@ from __future__ import annotations
 from insid3_core.settings import EngineSettings, SettingsError, parse, settings_file
 
 PLUGIN_NAME = "@insid3/fiftyone"
-PLUGIN_DEFAULTS = {"mask_dir": None, "delegation_threshold": 100, "settings": None}
-PLUGIN_CASTS = {"delegation_threshold": int}
+PLUGIN_DEFAULTS = {"mask_dir": None, "delegation_threshold": 100, "settings": None, "ray_address": None,
+                   "ray_actors": 1}
+PLUGIN_CASTS = {"delegation_threshold": int, "ray_actors": int}
 
 
 def plugin_settings(dataset=None) -> dict:

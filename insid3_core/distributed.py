@@ -57,6 +57,9 @@ PARTS = ".insid3-parts"
 """Folder of the fragments under ``--out`` while a job runs."""
 SHOWN_FAILURES = 100
 """Failures a summary names one by one; the rest are counted."""
+CPU_STAGE_CPUS = 0.5
+"""Logical CPUs a listing or prepare task asks: PIL decodes outside the GIL, so two share a core;
+and resources unlike the actors' keep Ray from fusing the decoding into the engine actors."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class ClusterOptions:
             raise ValueError(f"--actors must be >= 1, got {self.actors}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,9 @@ class JobSpec:
     Attributes
     ----------
     settings : EngineSettings
-    out : str
-        Output folder (local, or a disk every node mounts at the same path).
+    out : str or None
+        Output folder (local, or a disk every node mounts at the same path); ``None``: the
+        actors return their predictions instead (:func:`iter_predictions`).
     categories : tuple of str
     instance_method : str or None
         One annotation per instance, split this way; ``None``: one per class.
@@ -129,7 +135,7 @@ class JobSpec:
     """
 
     settings: EngineSettings
-    out: str
+    out: str | None
     categories: tuple[str, ...]
     instance_method: str | None
     overwrite: bool
@@ -268,53 +274,66 @@ def output_path(job: JobSpec, path: str) -> Path:
 
 
 def prepare_batch(batch: dict, job: JobSpec) -> dict:
-    """Ray Data UDF (CPU): settle the targets whose masks exist, decode and resize the others.
+    """Ray Data UDF (CPU): settle the targets whose masks exist, read, digest, decode and resize
+    the others.
 
-    Returns ``path``, ``digest`` (16 hex digits of the source's SHA-256), ``pixels``
-    ``(B, 3, s, s)`` uint8, ``height`` and ``width`` of the targets left to segment.
+    Returns, per target left to segment, ``key`` (the input's, else its path), ``path``,
+    ``digest`` (16 hex digits of the source's SHA-256), ``pixels`` ``(B, 3, s, s)`` uint8,
+    ``height``, ``width`` and ``error`` (empty). A target that fails goes to the fragments, or,
+    when the job writes no masks (``job.out`` is ``None``), on with its ``error`` and zero pixels.
     """
     from .features import resized_pixels
-    from .outputs import carried_record
 
     size = job.settings.image_size
-    settled, kept = [], {"path": [], "digest": [], "pixels": [], "height": [], "width": []}
-    for path in (str(p) for p in batch["path"]):
-        name, output = PurePosixPath(path).name, output_path(job, path)
-        if "://" not in path and output.resolve() == Path(path).resolve():
-            settled.append(_failed(path, f"{path}: its output mask would overwrite it; choose another --out"))
+    settled, kept = [], collections.defaultdict(list)
+    keys = batch["key"] if "key" in batch else batch["path"]
+    for key, path in zip((str(k) for k in keys), (str(p) for p in batch["path"])):
+        image, digest, outcome = _prepared(job, path)
+        if image is None and job.out is not None:
+            settled.append(outcome)
             continue
-        try:
-            data = read_source(path)
-        except OSError as err:
-            settled.append(_failed(path, f"{path}: cannot read ({err.strerror or err})"))
-            continue
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        if not job.overwrite and output.exists():
-            record = carried_record(output)
-            made_from = (record or {}).get("image", {})
-            if record is None or made_from.get("file_name") != name:
-                message = f"{output}: exists and is not insid3's mask of {path}; --overwrite redoes it"
-            elif made_from.get("source_sha256") not in (None, digest):
-                message = f"{output}: made from other content ({made_from.get('source')}); --overwrite redoes it"
-            else:
-                settled.append({"name": name, "status": "skipped", "source": path, "record": record})
-                continue
-            settled.append(_failed(path, message))
-            continue
-        try:
-            image = load_image_bytes(data, path)
-        except InputError as err:
-            settled.append(_failed(path, str(err)))
-            continue
-        kept["path"].append(path)
-        kept["digest"].append(digest)
-        kept["pixels"].append(resized_pixels(image, size).numpy())
-        kept["height"].append(image.height)
-        kept["width"].append(image.width)
-    write_fragment(job.parts, settled)
+        if image is None:
+            pixels, height, width, error = np.zeros((3, size, size), np.uint8), 0, 0, outcome["error"]
+        else:
+            pixels, height, width, error = resized_pixels(image, size).numpy(), image.height, image.width, ""
+        for name, value in zip(("key", "path", "digest", "pixels", "height", "width", "error"),
+                               (key, path, digest, pixels, height, width, error)):
+            kept[name].append(value)
+    if settled:
+        write_fragment(job.parts, settled)
     pixels = np.stack(kept.pop("pixels")) if kept["path"] else np.zeros((0, 3, size, size), np.uint8)
-    return {"path": np.array(kept["path"], dtype=object), "digest": np.array(kept["digest"], dtype=object),
-            "pixels": pixels, "height": np.array(kept["height"], np.int64), "width": np.array(kept["width"], np.int64)}
+    columns = {name: np.array(kept[name], dtype=object) for name in ("key", "path", "digest", "error")}
+    return {**columns, "pixels": pixels, "height": np.array(kept["height"], np.int64),
+            "width": np.array(kept["width"], np.int64)}
+
+
+def _prepared(job: JobSpec, path: str):
+    """``(image, digest, settled)`` of one target: its decoded image and digest, or ``None`` and
+    the fragment entry that settles it (skipped, or failed with a message)."""
+    from .outputs import carried_record
+
+    output = None if job.out is None else output_path(job, path)
+    if output is not None and "://" not in path and output.resolve() == Path(path).resolve():
+        return None, None, _failed(path, f"{path}: its output mask would overwrite it; choose another --out")
+    try:
+        data = read_source(path)
+    except OSError as err:
+        return None, None, _failed(path, f"{path}: cannot read ({err.strerror or err})")
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    if output is not None and not job.overwrite and output.exists():
+        record = carried_record(output)
+        made_from = (record or {}).get("image", {})
+        if record is None or made_from.get("file_name") != PurePosixPath(path).name:
+            return None, digest, _failed(path, f"{output}: exists and is not insid3's mask of {path}; "
+                                               "--overwrite redoes it")
+        if made_from.get("source_sha256") not in (None, digest):
+            return None, digest, _failed(path, f"{output}: made from other content ({made_from.get('source')}); "
+                                               "--overwrite redoes it")
+        return None, digest, {"name": PurePosixPath(path).name, "status": "skipped", "source": path, "record": record}
+    try:
+        return load_image_bytes(data, path), digest, None
+    except InputError as err:
+        return None, digest, _failed(path, str(err))
 
 
 class SegmentActor:
@@ -333,31 +352,46 @@ class SegmentActor:
             [name for name, _ in job.references.negatives], job.instance_method)
 
     def __call__(self, batch: dict) -> dict:
+        """Segment a prepared batch. Writing masks: returns ``key`` and ``verdicts`` (the classes'
+        verdicts, comma-separated); otherwise ``key`` and ``prediction`` (a
+        :class:`~insid3_core.Prediction`, or an :class:`InputError` for a target that failed)."""
         import torch
 
+        keys, errors = [str(k) for k in batch["key"]], [str(e) for e in batch["error"]]
+        good = [index for index, error in enumerate(errors) if not error]
+        predictions: list = [InputError(error) if error else None for error in errors]
+        if good:
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
+            features = self.segmenter.encoder.features(pixels)
+            sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in good]
+            for index, prediction in zip(good, self.segmenter.segment_features(self.references, features, sizes,
+                                                                               pixels)):
+                predictions[index] = prediction
+        if self.job.out is None:
+            return {"key": np.array(keys, dtype=object), "prediction": np.array(predictions, dtype=object)}
+        self._write(batch, good, predictions)
+        verdicts = [",".join(result.quality.verdict for result in prediction.classes.values())
+                    if prediction is not None and not isinstance(prediction, InputError) else ""
+                    for prediction in predictions]
+        return {"key": np.array(keys, dtype=object), "verdicts": np.array(verdicts, dtype=object)}
+
+    def _write(self, batch: dict, good: list[int], predictions: list) -> None:
         from .coco import result_record
 
-        paths = [str(p) for p in batch["path"]]
-        verdicts = [""] * len(paths)
-        if paths:
-            if self.run is not None:  # here, not in __init__: an actor may finish starting after the job
-                with atomic_write(self.job.parts / f"run-{self.run_id}.json", "w") as stream:
-                    json.dump({"run": self.run_id, **self.run}, stream)
-                self.run = None
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
-            features = self.segmenter.encoder.features(pixels)
-            sizes = [(int(h), int(w)) for h, w in zip(batch["height"], batch["width"])]
-            predictions = self.segmenter.segment_features(self.references, features, sizes, pixels)
-            settled = []
-            for index, (path, digest, prediction) in enumerate(zip(paths, batch["digest"], predictions)):
-                name = PurePosixPath(path).name
-                record = result_record(name, prediction.classes, self.job.instance_method,
-                                       self.job.settings.min_instance_patches)
-                record["image"]["run"] = self.run_id
-                settled.append(place_mask(self.job, path, str(digest), prediction.label_map, record))
-                verdicts[index] = ",".join(result.quality.verdict for result in prediction.classes.values())
-            write_fragment(self.job.parts, settled)
-        return {"path": np.array(paths, dtype=object), "verdicts": np.array(verdicts, dtype=object)}
+        if not good:
+            return
+        if self.run is not None:  # here, not in __init__: an actor may finish starting after the job
+            with atomic_write(self.job.parts / f"run-{self.run_id}.json", "w") as stream:
+                json.dump({"run": self.run_id, **self.run}, stream)
+            self.run = None
+        settled = []
+        for index in good:
+            path, prediction = str(batch["path"][index]), predictions[index]
+            record = result_record(PurePosixPath(path).name, prediction.classes, self.job.instance_method,
+                                   self.job.settings.min_instance_patches)
+            record["image"]["run"] = self.run_id
+            settled.append(place_mask(self.job, path, str(batch["digest"][index]), prediction.label_map, record))
+        write_fragment(self.job.parts, settled)
 
 
 def place_mask(job: JobSpec, path: str, digest: str, label_map: np.ndarray, record: dict) -> dict:
@@ -395,23 +429,22 @@ def _is_image(name: str) -> bool:
 
 
 def write_fragment(parts: Path, entries: list[dict]) -> None:
-    """Write settled entries, sorted by name, as one JSON-lines fragment (atomically)."""
+    """Write settled entries, sorted by name, as one fragment (atomically): a line per entry, its
+    name in JSON, a tab, the entry in JSON (the merge reads the names without decoding entries)."""
     if not entries:
         return
-    lines = sorted((json.dumps(entry, separators=(",", ":")) for entry in entries), key=_fragment_name)
-    name = hashlib.sha256("".join(lines).encode()).hexdigest()[:20]
+    lines = sorted((entry["name"], json.dumps(entry["name"]) + "\t" + json.dumps(entry, separators=(",", ":")))
+                   for entry in entries)
+    name = hashlib.sha256("".join(line for _, line in lines).encode()).hexdigest()[:20]
     with atomic_write(parts / f"{name}-{os.getpid()}.jsonl", "w") as stream:
-        stream.writelines(line + "\n" for line in lines)
-
-
-def _fragment_name(line: str) -> str:
-    return json.loads(line)["name"]
+        stream.writelines(line + "\n" for _, line in lines)
 
 
 def _sorted_lines(path: Path) -> Iterator[tuple[str, str]]:
+    """``(name, line)`` of a fragment, in its (sorted) order."""
     with open(path, encoding="utf-8") as stream:
         for line in stream:
-            yield _fragment_name(line), line
+            yield json.loads(line[:line.index("\t")]), line
 
 
 def merge_fragments(parts: Path, destination: Path, categories: list[str], info: dict) -> JobSummary:
@@ -482,7 +515,7 @@ def _grouped(lines) -> Iterator[tuple[str, list[dict]]]:
             yield current, group
             group = []
         current = name
-        group.append(json.loads(line))
+        group.append(json.loads(line[line.index("\t") + 1:]))
     if group:
         yield current, group
 
@@ -522,10 +555,8 @@ def connect(options: ClusterOptions) -> None:
         ray.init(address=options.address, log_to_driver=False)
 
 
-def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict) -> JobSummary:
-    """Run the stream (see the module docstring) and merge its fragments into
-    ``<out>/annotations.json``; ``info`` is the document's ``info`` (this run's description is
-    added from the actors' run files). Fragments of an interrupted job are cleared first."""
+def segmented_stream(stream, job: JobSpec, options: ClusterOptions):
+    """``stream`` (rows of ``path``, and ``key``) through the prepare tasks and the engine actor pool."""
     import ray
 
     connect(options)
@@ -533,12 +564,35 @@ def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict)
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= options.actors else 0
     batch_size = job.settings.batch_size
+    stream = stream.map_batches(prepare_batch, fn_kwargs={"job": job}, batch_size=batch_size, batch_format="numpy",
+                                num_cpus=CPU_STAGE_CPUS)
+    return stream.map_batches(SegmentActor, fn_constructor_kwargs={"job": job}, batch_size=batch_size,
+                              batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.actors),
+                              num_cpus=options.cpus_per_actor, num_gpus=gpus)  # restarts, retries: Ray's defaults
+
+
+def iter_predictions(job: JobSpec, targets: list[dict], options: ClusterOptions):
+    """Yield ``(key, Prediction or InputError)`` of ``targets`` (``{"key", "path"}`` rows) as the
+    actors finish them (not in input order), for callers that write the results themselves
+    (``job.out`` is ``None``)."""
+    import ray
+
+    connect(options)
+    stream = segmented_stream(ray.data.from_items(targets), job, options)
+    for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
+        yield from zip((str(key) for key in batch["key"]), batch["prediction"])
+
+
+def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict) -> JobSummary:
+    """Run the stream (see the module docstring) and merge its fragments into
+    ``<out>/annotations.json``; ``info`` is the document's ``info`` (this run's description is
+    added from the actors' run files)."""
+    import ray
+
+    connect(options)
     stream = ray.data.from_items([{"spec": spec} for spec in specs])
-    stream = stream.map_batches(list_batch, batch_size=1, batch_format="numpy")
-    stream = stream.map_batches(prepare_batch, fn_kwargs={"job": job}, batch_size=batch_size, batch_format="numpy")
-    stream = stream.map_batches(SegmentActor, fn_constructor_kwargs={"job": job}, batch_size=batch_size,
-                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.actors),
-                                num_cpus=options.cpus_per_actor, num_gpus=gpus)  # restarts, retries: Ray's
+    stream = stream.map_batches(list_batch, batch_size=1, batch_format="numpy", num_cpus=CPU_STAGE_CPUS)
+    stream = segmented_stream(stream, job, options)
     verdicts = collections.Counter()
     for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
         for listed in batch["verdicts"]:

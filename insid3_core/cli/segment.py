@@ -41,6 +41,8 @@ def register(commands) -> None:
     cluster.add_argument("--actors", type=int, default=1, metavar="N", help="engine actors in the pool (default 1)")
     cluster.add_argument("--gpus-per-actor", type=float, metavar="G",
                          help="GPUs per actor (default: 1 when the cluster has a GPU per actor, else 0)")
+    cluster.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
+                         help="CPUs per actor (default 1; Ray gives a CPU actor's torch that many threads)")
     EngineSettings.add_arguments(segment)
     segment.set_defaults(handler=run_segment)
 
@@ -179,7 +181,7 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
     )
 
     try:
-        options = ClusterOptions(arguments.ray, arguments.actors, arguments.gpus_per_actor)
+        options = ClusterOptions(arguments.ray, arguments.actors, arguments.gpus_per_actor, arguments.cpus_per_actor)
     except ValueError as err:
         raise UsageError(str(err)) from None
     out: Path = arguments.out

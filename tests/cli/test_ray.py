@@ -194,3 +194,19 @@ def test_a_ray_start_cluster_gives_the_same_masks(targets, single_machine, tmp_p
     assert_same_outputs(out, single_machine)
     refused = run(targets, tmp_path / "other", "--ray", address, env={**env, "RAY_AUTH_TOKEN": "0" * 64})
     assert refused.returncode != 0, "a client without the cluster's token is turned away"
+
+
+def test_targets_given_as_a_file_uri_are_listed_and_read_through_pyarrow(targets, single_machine, tmp_path):
+    """The URI path (pyarrow's filesystem, as for s3:// or gs://): the same pixels and
+    annotations; each record names its source by its URI."""
+    import numpy as np
+
+    out = tmp_path / "out"
+    done = run(f"file://{targets}", out, "--ray", "local")
+    assert done.returncode == 0, done.stderr
+    assert "segmented 24, skipped 0, failed 0" in done.stderr
+    got, want = document(out), document(single_machine)
+    assert got["annotations"] == want["annotations"]
+    assert [image["source"] for image in got["images"]] == [f"file://{image['source']}" for image in want["images"]]
+    for name in masks(single_machine):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(single_machine / name)))

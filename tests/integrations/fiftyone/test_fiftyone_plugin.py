@@ -180,6 +180,35 @@ def test_delegated_run_executed_by_the_service(dataset, expected):
         assert_matches_engine(sample, "pred", expected)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(find_spec("ray") is None, reason="needs the ray extra")
+def test_a_delegated_run_with_a_ray_address_fans_out_to_ray_actors(fo, dataset, expected):
+    """Plugin setting ``ray_address`` (a local runtime) and ``ray_actors`` 2: the delegated run's
+    targets go through two engine actors, not this process's backbone (which encodes the
+    references only, for the form's checks and the provenance); the labels are the same."""
+    import ray
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    engine = plugin_module("settings").engine_settings(ENGINE, dataset)
+    backbone = plugin_module("models").segmenter(engine).backbone
+    dataset.app_config.plugins = {PLUGIN_URI: {"ray_address": "local", "ray_actors": 2}}
+    dataset.save()
+    queued = segment(dataset, {"output_field": "pred"}, view_target="DATASET", request_delegation=True)
+    seen = backbone.images_seen
+    try:
+        DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    finally:
+        ray.shutdown()
+    operation = DelegatedOperationService().get(queued.result["id"])
+    assert operation.run_state == ExecutionRunState.COMPLETED, operation.result
+    assert operation.status.progress == pytest.approx(1.0)
+    assert backbone.images_seen - seen == 1, "this process encoded the reference, the actors the targets"
+    dataset.reload()
+    for sample in target_samples(dataset):
+        assert_matches_engine(sample, "pred", expected)
+
+
 def test_large_targets_default_to_delegation(fo, dataset):
     from fiftyone.operators import OperatorRegistry
     from fiftyone.operators.executor import resolve_execution_options
