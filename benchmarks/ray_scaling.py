@@ -5,6 +5,8 @@ same targets, and the peak memory of merging a million annotations.
     the Ray job with 1 and 2 CPU actors of one CPU each, and 1 actor of two CPUs (Ray gives an
     actor's torch as many threads as it has CPUs), on one local runtime started beforehand (its
     start is printed apart, not counted). Each prints ``targets_per_s`` and its ratio to the baseline.
+The references: the engine's build and one encode, and the bytes each way of giving them to the
+    actors would ship (their files and masks, or the encoded references).
 (b) Merge: ``--entries`` records (one small RLE annotation each) written as sorted fragments of
     ``--fragment`` records, merged by :func:`insid3_core.distributed.merge_fragments` in a child
     process, against :func:`insid3_core.coco.coco_document` over the same records held in one dict
@@ -73,6 +75,27 @@ def segment(arguments: argparse.Namespace, targets: Path, out: Path, *extra: str
     elapsed = time.perf_counter() - start
     assert code == 0, f"insid3 {' '.join(command)} exited {code}"
     return elapsed
+
+
+def references_cost(arguments: argparse.Namespace) -> None:
+    """What each way of giving the actors their references costs: the engine's build (what the
+    driver would add to encode them itself), one encode (what each actor spends), and the bytes
+    that travel either way (the file contents and masks, or the encoded references)."""
+    import pickle
+
+    from insid3_core.distributed import reference_payload
+    from insid3_core.settings import EngineSettings
+
+    start = time.perf_counter()
+    segmenter = EngineSettings(device="cpu", image_size=arguments.image_size, svd_components=16).build()
+    built = time.perf_counter() - start
+    classes = {"object": [(Path(REFERENCE[0]), Path(REFERENCE[1]))]}
+    start = time.perf_counter()
+    encoded = segmenter.encode(classes)
+    encoding = time.perf_counter() - start
+    print(f"engine_build seconds={built:.2f} reference_encode seconds={encoding:.3f} "
+          f"payload_bytes={len(pickle.dumps(reference_payload(classes, [])))} "
+          f"encoded_bytes={len(pickle.dumps(encoded))}")
 
 
 def throughput(arguments: argparse.Namespace, folder: Path) -> None:
@@ -159,6 +182,7 @@ def main(argv=None) -> None:
         return
     folder = Path(tempfile.mkdtemp(prefix="insid3-ray-"))
     try:
+        references_cost(arguments)
         if not arguments.skip_throughput:
             throughput(arguments, folder)
         merge(arguments, folder)

@@ -521,7 +521,17 @@ def _grouped(lines) -> Iterator[tuple[str, list[dict]]]:
 
 
 def _chosen(group: list[dict], summary: JobSummary) -> tuple[dict | None, list[str]]:
-    """The record to list for one name and the failures to report; counts the record's status."""
+    """The record to list for one name and the failures to report; counts the record's status.
+
+    Two targets of this job with one file name (``a/x.png``, ``b/x.png``) share an output mask:
+    without ``--overwrite`` the second could not place its mask and failed; with it, the mask
+    on disk is either's, so neither is listed and both fail.
+    """
+    sources = list(dict.fromkeys(entry["source"] for entry in group if entry["status"] in ("segmented", "skipped")))
+    if len(sources) > 1:
+        return None, [f"{source}: shares its output mask {group[0]['name'].rsplit('.', 1)[0]}.png with "
+                      f"{', '.join(other for other in sources if other != source)}; give the targets distinct "
+                      "names or separate --out folders" for source in sources]
     records = sorted((entry for entry in group if entry["status"] in PRIORITY), key=lambda e: PRIORITY[e["status"]])
     chosen = records[0] if records else None
     if chosen is not None and chosen["status"] == "segmented":
