@@ -11,5 +11,7 @@ TESTS = ROOT / "tests"
 FIXTURES = TESTS / "fixtures"
 PARITY = FIXTURES / "parity"
 EXAMPLES = ROOT / "examples"
+EXAMPLE_REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")
+EXAMPLE_TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
 ARTIFACTS = TESTS / "artifacts"
 EPISODES = json.loads((PARITY / "manifest.json").read_text())

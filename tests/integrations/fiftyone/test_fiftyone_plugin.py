@@ -10,15 +10,13 @@ from importlib.util import find_spec
 
 import numpy as np
 import pytest
-from data import EXAMPLES
+from data import EXAMPLE_REFERENCE as REFERENCE, EXAMPLE_TARGETS as TARGETS
 from fiftyone_setup import PLUGIN_URI
 
 pytestmark = pytest.mark.skipif(find_spec("fiftyone") is None, reason="needs the fiftyone extra")
 
 SEGMENT = f"{PLUGIN_URI}/segment_by_example"
 ENGINE = {"image_size": 128, "svd_components": 16, "device": "cpu", "batch_size": 3}
-REFERENCE = (EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")
-TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
 
 
 @pytest.fixture(scope="session")
@@ -29,18 +27,6 @@ def expected():
     segmenter = Segmenter(load_backbone(TEST_CHECKPOINT, device="cpu"), EngineConfig(image_size=128, svd_components=16))
     references = segmenter.encode({"object": [REFERENCE]})
     return {target.name: result for target, result in zip(TARGETS, segmenter.segment(references, TARGETS, 4))}
-
-
-@pytest.fixture
-def dataset(fo):
-    """The reference (mask file, tagged ``reference``) and the 8 example targets."""
-    samples = [fo.Sample(filepath=str(REFERENCE[0]), tags=["reference"],
-                         ground_truth=fo.Segmentation(mask_path=str(REFERENCE[1])))]
-    samples += [fo.Sample(filepath=str(target)) for target in TARGETS]
-    collection = fo.Dataset()
-    collection.add_samples(samples)
-    yield collection
-    collection.delete()
 
 
 def segment(dataset, params, **ctx):
