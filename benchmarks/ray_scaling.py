@@ -8,7 +8,7 @@ same targets, and the peak memory of merging a million annotations.
 The references: the engine's build and one encode, and the bytes each way of giving them to the
     actors would ship (their files and masks, or the encoded references).
 (b) Merge: ``--entries`` records (one small RLE annotation each) written as sorted fragments of
-    ``--fragment`` records, merged by :func:`insid3_core.distributed.merge_fragments` in a child
+    ``--fragment`` records, merged by :func:`insid3_core.fragments.merge_fragments` in a child
     process, against :func:`insid3_core.coco.coco_document` over the same records held in one dict
     (the single-machine way) in another; each prints its peak RSS (``ru_maxrss``) and seconds.
 
@@ -132,7 +132,7 @@ def record(index: int) -> dict:
 
 def write_fragments(parts: Path, entries: int, per_fragment: int) -> None:
     """Sorted fragments as the job's stages write them (interleaved names, as actors would)."""
-    from insid3_core.distributed import write_fragment
+    from insid3_core.fragments import write_fragment
 
     fragments = -(-entries // per_fragment)
     for fragment in range(fragments):
@@ -145,7 +145,7 @@ def merge_child(arguments: argparse.Namespace) -> None:
     """One merge in this process; prints its peak RSS, what the merge itself added to the RSS of
     the imports (torch among them), and seconds."""
     from insid3_core.coco import coco_document
-    from insid3_core.distributed import merge_fragments
+    from insid3_core.fragments import merge_fragments
     from insid3_core.io import write_json
 
     imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

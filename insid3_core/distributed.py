@@ -15,8 +15,8 @@ The job is one Ray Data stream:
 
 Each stage writes what it settles — skipped, failed or segmented, with its record — to a sorted
 fragment under ``<out>/.insid3-parts/``. At the end the driver merges the fragments into
-``annotations.json`` (:func:`merge_fragments`: a k-way merge of sorted files, its memory bounded by
-the fan-in, not by the number of targets). A batch whose actor died is run again by Ray on a
+``annotations.json`` (:func:`insid3_core.fragments.merge_fragments`: a k-way merge of sorted
+files, its memory bounded by the fan-in, not by the number of targets). A batch whose actor died is run again by Ray on a
 restarted actor; the fragments it had written are the same records under the same names, and the
 merge keeps each name once.
 
@@ -35,28 +35,23 @@ from __future__ import annotations
 import collections
 import glob
 import hashlib
-import heapq
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .fragments import JobSummary, merge_fragments, write_fragment
 from .io import IMAGE_EXTENSIONS, InputError, atomic_write, load_image_bytes
 from .settings import EngineSettings
 
 LISTING_CHUNK = 1024
 """Paths per block of the listing stage."""
-MERGE_FAN_IN = 64
-"""Fragments merged at once; more are merged in passes."""
 PARTS = ".insid3-parts"
 """Folder of the fragments under ``--out`` while a job runs."""
-SHOWN_FAILURES = 100
-"""Failures a summary names one by one; the rest are counted."""
 CPU_STAGE_CPUS = 0.5
 """Logical CPUs a listing or prepare task asks: PIL decodes outside the GIL, so two share a core;
 and resources unlike the actors' keep Ray from fusing the decoding into the engine actors."""
@@ -144,29 +139,6 @@ class JobSpec:
     @property
     def parts(self) -> Path:
         return Path(self.out) / PARTS
-
-
-@dataclass
-class JobSummary:
-    """What a job did, read back from its fragments and its stream.
-
-    Attributes
-    ----------
-    segmented, skipped, failed : int
-    verdicts : collections.Counter
-        Quality verdicts of the masks segmented now, per class.
-    failures : list of str
-        The first :data:`SHOWN_FAILURES` failure messages, each naming its target.
-    smoke_test : bool
-        Whether the actors ran the bundled test checkpoint.
-    """
-
-    segmented: int = 0
-    skipped: int = 0
-    failed: int = 0
-    verdicts: collections.Counter = field(default_factory=collections.Counter)
-    failures: list[str] = field(default_factory=list)
-    smoke_test: bool = False
 
 
 def reference_payload(classes: dict, negatives: list) -> ReferencePayload:
@@ -428,129 +400,6 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def write_fragment(parts: Path, entries: list[dict]) -> None:
-    """Write settled entries, sorted by name, as one fragment (atomically): a line per entry, its
-    name in JSON, a tab, the entry in JSON (the merge reads the names without decoding entries)."""
-    if not entries:
-        return
-    lines = sorted((entry["name"], json.dumps(entry["name"]) + "\t" + json.dumps(entry, separators=(",", ":")))
-                   for entry in entries)
-    name = hashlib.sha256("".join(line for _, line in lines).encode()).hexdigest()[:20]
-    with atomic_write(parts / f"{name}-{os.getpid()}.jsonl", "w") as stream:
-        stream.writelines(line + "\n" for _, line in lines)
-
-
-def _sorted_lines(path: Path) -> Iterator[tuple[str, str]]:
-    """``(name, line)`` of a fragment, in its (sorted) order."""
-    with open(path, encoding="utf-8") as stream:
-        for line in stream:
-            yield json.loads(line[:line.index("\t")]), line
-
-
-def merge_fragments(parts: Path, destination: Path, categories: list[str], info: dict) -> JobSummary:
-    """Merge the job's sorted fragments into the COCO document ``destination`` in bounded memory.
-
-    Fragments are merged :data:`MERGE_FAN_IN` at a time (in passes when there are more), each
-    name kept once: a segmented entry before a skipped one before an earlier run's; a failure
-    is reported unless the same source also has a record. Image ids follow sorted names and
-    annotation ids their order, as :func:`insid3_core.coco.coco_document` numbers them.
-    """
-    fragments = sorted(parts.glob("*.jsonl"))
-    passes = 0
-    while len(fragments) > MERGE_FAN_IN:
-        passes += 1
-        merged = []
-        for start in range(0, len(fragments), MERGE_FAN_IN):
-            group = fragments[start:start + MERGE_FAN_IN]
-            target = parts / f"pass{passes}-{start:09d}.jsonl"
-            with atomic_write(target, "w") as stream:
-                stream.writelines(line for _, line in heapq.merge(*map(_sorted_lines, group)))
-            for used in group:
-                used.unlink()
-            merged.append(target)
-        fragments = merged
-    names = list(dict.fromkeys(categories))
-    category_ids = {name: index for index, name in enumerate(names, start=1)}
-    summary = JobSummary()
-    images_part, annotations_part = parts / "images.partial", parts / "annotations.partial"
-    with open(images_part, "w", encoding="utf-8") as images, open(annotations_part, "w", encoding="utf-8") as notes:
-        image_id = annotation_id = 0
-        merged = heapq.merge(*map(_sorted_lines, fragments))
-        for _, group in _grouped(merged):
-            record, failures = _chosen(group, summary)
-            summary.failures.extend(failures[:max(SHOWN_FAILURES - len(summary.failures), 0)])
-            summary.failed += len(failures)
-            if record is None:
-                continue
-            image_id += 1
-            images.write(("," if image_id > 1 else "") + json.dumps({"id": image_id, **record["image"]}))
-            for entry in record["annotations"]:
-                category = entry["category"]
-                if category not in category_ids:
-                    category_ids[category] = len(category_ids) + 1
-                annotation_id += 1
-                fields = {key: value for key, value in entry.items() if key != "category"}
-                notes.write(("," if annotation_id > 1 else "") + json.dumps(
-                    {"id": annotation_id, "image_id": image_id, "category_id": category_ids[category], **fields}))
-    with atomic_write(destination, "w") as stream:
-        stream.write('{"info": ' + json.dumps(info) + ', "images": [')
-        with open(images_part, encoding="utf-8") as part:
-            shutil.copyfileobj(part, stream)
-        stream.write('], "annotations": [')
-        with open(annotations_part, encoding="utf-8") as part:
-            shutil.copyfileobj(part, stream)
-        categories_json = [{"id": index, "name": name} for name, index in category_ids.items()]
-        stream.write('], "categories": ' + json.dumps(categories_json) + "}\n")
-    return summary
-
-
-PRIORITY = {"segmented": 0, "skipped": 1, "earlier": 2}
-
-
-def _grouped(lines) -> Iterator[tuple[str, list[dict]]]:
-    """Consecutive lines of one name, decoded."""
-    current, group = None, []
-    for name, line in lines:
-        if name != current and group:
-            yield current, group
-            group = []
-        current = name
-        group.append(json.loads(line[line.index("\t") + 1:]))
-    if group:
-        yield current, group
-
-
-def _chosen(group: list[dict], summary: JobSummary) -> tuple[dict | None, list[str]]:
-    """The record to list for one name and the failures to report; counts the record's status.
-
-    Two targets of this job with one file name (``a/x.png``, ``b/x.png``) share an output mask:
-    without ``--overwrite`` the second could not place its mask and failed; with it, the mask
-    on disk is either's, so neither is listed and both fail.
-    """
-    sources = list(dict.fromkeys(entry["source"] for entry in group if entry["status"] in ("segmented", "skipped")))
-    if len(sources) > 1:
-        return None, [f"{source}: shares its output mask {group[0]['name'].rsplit('.', 1)[0]}.png with "
-                      f"{', '.join(other for other in sources if other != source)}; give the targets distinct "
-                      "names or separate --out folders" for source in sources]
-    records = sorted((entry for entry in group if entry["status"] in PRIORITY), key=lambda e: PRIORITY[e["status"]])
-    chosen = records[0] if records else None
-    if chosen is not None and chosen["status"] == "segmented":
-        summary.segmented += 1
-    elif chosen is not None and chosen["status"] == "skipped":
-        summary.skipped += 1
-    listed_source = None if chosen is None else chosen.get("source")
-    failures = list(dict.fromkeys(entry["error"] for entry in group
-                                  if entry["status"] == "failed" and entry["source"] != listed_source))
-    return (None if chosen is None else chosen["record"]), failures
-
-
-def earlier_fragment(parts: Path, records: dict[str, dict]) -> None:
-    """An earlier annotations.json's records as the lowest-priority fragment, so masks listed
-    there that this job does not touch stay listed."""
-    write_fragment(parts, [{"name": name, "status": "earlier", "source": record["image"].get("source"),
-                            "record": record} for name, record in records.items()])
-
-
 def connect(options: ClusterOptions) -> None:
     """``ray.init`` for ``options.address``; ``local`` starts a runtime on this machine with
     enough logical CPUs for the actors and the CPU stages beside them."""
@@ -627,16 +476,3 @@ def start_parts(out: Path) -> Path:
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
     return parts
-
-
-def print_summary(summary: JobSummary, out: Path) -> None:
-    """The job's counts, quality verdicts and failures on stderr."""
-    print(f"insid3: segmented {summary.segmented}, skipped {summary.skipped}, failed {summary.failed} -> {out}",
-          file=sys.stderr)
-    shown = ", ".join(f"{verdict} {count}" for verdict, count in sorted(summary.verdicts.items()))
-    if shown:
-        print(f"insid3: quality: {shown}", file=sys.stderr)
-    for message in summary.failures:
-        print(f"insid3: FAILED {message}", file=sys.stderr)
-    if summary.failed > len(summary.failures):
-        print(f"insid3: ... and {summary.failed - len(summary.failures)} more failures", file=sys.stderr)

@@ -175,10 +175,8 @@ def run_segment(arguments: argparse.Namespace) -> int:
 def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
     """``insid3 segment --ray``: the same outputs through :mod:`insid3_core.distributed`; the
     references and the TARGET arguments are checked here, before Ray starts."""
-    from ..distributed import (
-        ClusterOptions, JobSpec, check_target_spec, earlier_fragment, print_summary, reference_payload, run_job,
-        start_parts,
-    )
+    from ..distributed import ClusterOptions, JobSpec, check_target_spec, reference_payload, run_job, start_parts
+    from ..fragments import earlier_fragment, print_summary
 
     try:
         options = ClusterOptions(arguments.ray, arguments.actors, arguments.gpus_per_actor, arguments.cpus_per_actor)
