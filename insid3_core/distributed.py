@@ -38,13 +38,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .fragments import JobSummary, merge_fragments, write_fragment
+from .fragments import JobSummary, fragment_file, merge_fragments
 from .io import IMAGE_EXTENSIONS, InputError, atomic_write, load_image_bytes
 from .settings import EngineSettings
 
@@ -120,8 +121,9 @@ class JobSpec:
     ----------
     settings : EngineSettings
     out : str or None
-        Output folder (local, or a disk every node mounts at the same path); ``None``: the
-        actors return their predictions instead (:func:`iter_predictions`).
+        Output folder: a path (local, or a disk every node mounts at the same path) or a URI of
+        a pyarrow filesystem (``s3://bucket/masks``); ``None``: the actors return their
+        predictions instead (:func:`iter_predictions`).
     categories : tuple of str
     instance_method : str or None
         One annotation per instance, split this way; ``None``: one per class.
@@ -137,8 +139,9 @@ class JobSpec:
     references: ReferencePayload
 
     @property
-    def parts(self) -> Path:
-        return Path(self.out) / PARTS
+    def parts(self) -> str:
+        """Where the fragments go: ``<out>/.insid3-parts`` (a path or a URI)."""
+        return joined(self.out, PARTS)
 
 
 def reference_payload(classes: dict, negatives: list) -> ReferencePayload:
@@ -228,21 +231,59 @@ def list_batch(batch: dict) -> Iterator[dict]:
             yield {"path": np.array(chunk, dtype=object)}
 
 
-def read_source(path: str) -> bytes:
-    """A target's bytes, from a local path or a pyarrow filesystem URI."""
-    if "://" in path:
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def joined(folder: str, name: str) -> str:
+    """``folder/name`` of a path or a URI."""
+    return f"{folder.rstrip('/')}/{name}" if is_uri(folder) else str(Path(folder) / name)
+
+
+def read_bytes(location: str) -> bytes:
+    """A file's bytes, from a local path or a pyarrow filesystem URI."""
+    if is_uri(location):
         import pyarrow.fs
 
-        filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(location)
         with filesystem.open_input_stream(inner) as stream:
             return stream.read()
-    with open(path, "rb") as stream:
+    with open(location, "rb") as stream:
         return stream.read()
 
 
-def output_path(job: JobSpec, path: str) -> Path:
+def put(location: str, data: bytes) -> None:
+    """Write ``data`` to a path (temporary file, then rename) or a URI (one put)."""
+    if is_uri(location):
+        import pyarrow.fs
+
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(location)
+        with filesystem.open_output_stream(inner) as stream:
+            stream.write(data)
+        return
+    with atomic_write(location) as stream:
+        stream.write(data)
+
+
+def exists(location: str) -> bool:
+    if is_uri(location):
+        import pyarrow.fs
+
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(location)
+        return filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+    return Path(location).exists()
+
+
+def output_path(job: JobSpec, path: str) -> str:
     """``<out>/<stem>.png`` of a target path or URI."""
-    return Path(job.out) / f"{PurePosixPath(path).stem}.png"
+    return joined(job.out, f"{PurePosixPath(path).stem}.png")
+
+
+def settle(job: JobSpec, entries: list[dict]) -> None:
+    """Write settled entries as one fragment of the job (see :mod:`insid3_core.fragments`)."""
+    if entries:
+        name, data = fragment_file(entries)
+        put(joined(job.parts, name), data)
 
 
 def prepare_batch(batch: dict, job: JobSpec) -> dict:
@@ -271,8 +312,7 @@ def prepare_batch(batch: dict, job: JobSpec) -> dict:
         for name, value in zip(("key", "path", "digest", "pixels", "height", "width", "error"),
                                (key, path, digest, pixels, height, width, error)):
             kept[name].append(value)
-    if settled:
-        write_fragment(job.parts, settled)
+    settle(job, settled)
     pixels = np.stack(kept.pop("pixels")) if kept["path"] else np.zeros((0, 3, size, size), np.uint8)
     columns = {name: np.array(kept[name], dtype=object) for name in ("key", "path", "digest", "error")}
     return {**columns, "pixels": pixels, "height": np.array(kept["height"], np.int64),
@@ -282,18 +322,17 @@ def prepare_batch(batch: dict, job: JobSpec) -> dict:
 def _prepared(job: JobSpec, path: str):
     """``(image, digest, settled)`` of one target: its decoded image and digest, or ``None`` and
     the fragment entry that settles it (skipped, or failed with a message)."""
-    from .outputs import carried_record
-
     output = None if job.out is None else output_path(job, path)
-    if output is not None and "://" not in path and output.resolve() == Path(path).resolve():
+    if output is not None and not is_uri(output) and not is_uri(path) and \
+            Path(output).resolve() == Path(path).resolve():
         return None, None, _failed(path, f"{path}: its output mask would overwrite it; choose another --out")
     try:
-        data = read_source(path)
+        data = read_bytes(path)
     except OSError as err:
         return None, None, _failed(path, f"{path}: cannot read ({err.strerror or err})")
     digest = hashlib.sha256(data).hexdigest()[:16]
-    if output is not None and not job.overwrite and output.exists():
-        record = carried_record(output)
+    if output is not None and not job.overwrite and exists(output):
+        record = _carried(output)
         made_from = (record or {}).get("image", {})
         if record is None or made_from.get("file_name") != PurePosixPath(path).name:
             return None, digest, _failed(path, f"{output}: exists and is not insid3's mask of {path}; "
@@ -353,8 +392,8 @@ class SegmentActor:
         if not good:
             return
         if self.run is not None:  # here, not in __init__: an actor may finish starting after the job
-            with atomic_write(self.job.parts / f"run-{self.run_id}.json", "w") as stream:
-                json.dump({"run": self.run_id, **self.run}, stream)
+            described = json.dumps({"run": self.run_id, **self.run}).encode()
+            put(joined(self.job.parts, f"run-{self.run_id}.json"), described)
             self.run = None
         settled = []
         for index in good:
@@ -363,33 +402,57 @@ class SegmentActor:
                                    self.job.settings.min_instance_patches)
             record["image"]["run"] = self.run_id
             settled.append(place_mask(self.job, path, str(batch["digest"][index]), prediction.label_map, record))
-        write_fragment(self.job.parts, settled)
+        settle(self.job, settled)
 
 
 def place_mask(job: JobSpec, path: str, digest: str, label_map: np.ndarray, record: dict) -> dict:
-    """Write a target's mask (see :func:`insid3_core.outputs.write_output_mask`) and return its
-    fragment entry. Without ``overwrite`` the mask is linked into place only where no file is:
-    a mask found there made from the same content (this batch run again after its actor died)
-    counts as written, any other stays and the target fails."""
-    from .outputs import carried_record, write_output_mask
+    """Write a target's mask (:func:`insid3_core.outputs.output_mask_png`) and return its fragment
+    entry. Without ``overwrite`` a mask never replaces a file: on a disk it is linked into place
+    only where no file is; on an object store it is put only where none was found (an object
+    store cannot link, so two targets of one name writing at the same instant stay a race
+    there). A mask found made from the same content (this batch run again after its actor died)
+    counts as written; any other stays, and the target fails."""
+    from .outputs import output_mask_png
 
     output, name = output_path(job, path), PurePosixPath(path).name
+    data = output_mask_png(label_map, len(job.categories), record, path, digest)
+    placed = {"name": name, "status": "segmented", "source": path, "record": record}
     if job.overwrite:
-        write_output_mask(output, label_map, len(job.categories), record, path, digest)
-        return {"name": name, "status": "segmented", "source": path, "record": record}
-    staged = job.parts / f"{output.stem}.{os.getpid()}.png"  # on the same disk, so it can be linked
-    write_output_mask(staged, label_map, len(job.categories), record, path, digest)
+        put(output, data)
+        return placed
+    if is_uri(output):
+        if not exists(output):
+            put(output, data)
+            return placed
+    else:
+        staged = joined(job.parts, f"{PurePosixPath(output).stem}.{os.getpid()}.png")  # same disk: linkable
+        put(staged, data)
+        try:
+            os.link(staged, output)
+            return placed
+        except FileExistsError:
+            pass
+        finally:
+            Path(staged).unlink(missing_ok=True)
+    existing = _carried(output) or {}
+    if existing.get("image", {}).get("source_sha256") != digest:
+        return _failed(path, f"{output}: another target's mask is there (same file stem); "
+                             "give the targets distinct names or another --out")
+    return {**placed, "record": existing}
+
+
+def _carried(location: str) -> dict | None:
+    """The record of the output mask at a path or URI."""
+    from io import BytesIO
+
+    from .outputs import carried_record
+
+    if not is_uri(location):
+        return carried_record(location)
     try:
-        os.link(staged, output)
-    except FileExistsError:
-        existing = carried_record(output) or {}
-        if existing.get("image", {}).get("source_sha256") != digest:
-            return _failed(path, f"{output}: another target's mask is there (same file stem); "
-                                 "give the targets distinct names or another --out")
-        record = existing
-    finally:
-        staged.unlink(missing_ok=True)
-    return {"name": name, "status": "segmented", "source": path, "record": record}
+        return carried_record(BytesIO(read_bytes(location)))
+    except OSError:
+        return None
 
 
 def _failed(path: str, message: str) -> dict:
@@ -456,23 +519,70 @@ def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict)
     for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
         for listed in batch["verdicts"]:
             verdicts.update(v for v in str(listed).split(",") if v)
-    runs = dict(info.get("runs", {}))
-    latest = {}
-    for run_file in sorted(job.parts.glob("run-*.json")):
-        latest = json.loads(run_file.read_text(encoding="utf-8"))
-        runs[latest["run"]] = {key: value for key, value in latest.items() if key != "run"}
-    if latest:
-        info = {**{key: value for key, value in latest.items() if key != "run"}, "run": latest["run"], "runs": runs}
-    summary = merge_fragments(job.parts, Path(job.out) / "annotations.json", list(job.categories), info)
+    with tempfile.TemporaryDirectory(prefix="insid3-merge-") as scratch:
+        parts = Path(job.parts)
+        if is_uri(job.parts):  # the merge reads and writes local files: fetch the fragments
+            import pyarrow.fs
+
+            parts = Path(scratch) / PARTS
+            parts.mkdir()
+            pyarrow.fs.copy_files(job.parts, str(parts))
+        runs, latest = dict(info.get("runs", {})), {}
+        for run_file in sorted(parts.glob("run-*.json")):
+            latest = json.loads(run_file.read_text(encoding="utf-8"))
+            runs[latest["run"]] = {key: value for key, value in latest.items() if key != "run"}
+        if latest:
+            info = {**{key: value for key, value in latest.items() if key != "run"}, "run": latest["run"],
+                    "runs": runs}
+        document = joined(job.out, "annotations.json")
+        merged = Path(scratch) / "annotations.json" if is_uri(document) else Path(document)
+        summary = merge_fragments(parts, merged, list(job.categories), info)
+        if is_uri(document):
+            import pyarrow.fs
+
+            pyarrow.fs.copy_files(str(merged), document)
+    remove_parts(job)
     summary.verdicts, summary.smoke_test = verdicts, bool(latest.get("smoke_test"))
-    shutil.rmtree(job.parts, ignore_errors=True)
     return summary
 
 
-def start_parts(out: Path) -> Path:
-    """A fresh fragments folder under ``out`` (an interrupted job's is dropped: its masks carry
+def remove_parts(job: JobSpec) -> None:
+    """Delete the job's fragments folder (a path or a URI), if any."""
+    if is_uri(job.parts):
+        import pyarrow.fs
+
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(job.parts)
+        if filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound:
+            filesystem.delete_dir(inner)
+    else:
+        shutil.rmtree(job.parts, ignore_errors=True)
+
+
+def start_parts(job: JobSpec) -> None:
+    """A fresh fragments folder for ``job`` (an interrupted job's is dropped: its masks carry
     their records, so the next job finds them as skipped targets)."""
-    parts = out / PARTS
-    shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir(parents=True)
-    return parts
+    remove_parts(job)
+    if is_uri(job.parts):
+        import pyarrow.fs
+
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(job.parts)
+        filesystem.create_dir(inner, recursive=True)
+    else:
+        Path(job.parts).mkdir(parents=True)
+
+
+def check_output_store(out: str) -> None:
+    """Create the output folder URI ``out`` and put and delete a probe in it; :class:`InputError`
+    naming ``--out`` when that fails, so the job finds out before its work."""
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(out)
+        filesystem.create_dir(inner, recursive=True)
+        probe = f"{inner.rstrip('/')}/.insid3-write-check-{os.getpid()}"
+        with filesystem.open_output_stream(probe) as stream:
+            stream.write(b"")
+        filesystem.delete_file(probe)
+    except (OSError, ValueError, pyarrow.ArrowException) as err:
+        raise InputError(f"--out {out}: cannot write there ({err})") from None

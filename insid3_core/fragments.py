@@ -51,16 +51,22 @@ class JobSummary:
     smoke_test: bool = False
 
 
-def write_fragment(parts: Path, entries: list[dict]) -> None:
-    """Write settled entries, sorted by name, as one fragment (atomically): a line per entry, its
-    name in JSON, a tab, the entry in JSON (the merge reads the names without decoding entries)."""
-    if not entries:
-        return
+def fragment_file(entries: list[dict]) -> tuple[str, bytes]:
+    """``(file name, content)`` of one fragment of settled entries: a line per entry, sorted by
+    name, its name in JSON, a tab, the entry in JSON (the merge reads the names without decoding
+    entries). The name is unique to the content and the writing process."""
     lines = sorted((entry["name"], json.dumps(entry["name"]) + "\t" + json.dumps(entry, separators=(",", ":")))
                    for entry in entries)
-    name = hashlib.sha256("".join(line for _, line in lines).encode()).hexdigest()[:20]
-    with atomic_write(parts / f"{name}-{os.getpid()}.jsonl", "w") as stream:
-        stream.writelines(line + "\n" for _, line in lines)
+    content = "".join(line + "\n" for _, line in lines).encode("utf-8")
+    return f"{hashlib.sha256(content).hexdigest()[:20]}-{os.getpid()}.jsonl", content
+
+
+def write_fragment(parts: Path, entries: list[dict]) -> None:
+    """Write :func:`fragment_file` of ``entries`` into the local folder ``parts``, atomically."""
+    if entries:
+        name, content = fragment_file(entries)
+        with atomic_write(Path(parts) / name) as stream:
+            stream.write(content)
 
 
 def _sorted_lines(path: Path) -> Iterator[tuple[str, str]]:
@@ -167,14 +173,14 @@ def _chosen(group: list[dict], summary: JobSummary) -> tuple[dict | None, list[s
     return (None if chosen is None else chosen["record"]), failures
 
 
-def earlier_fragment(parts: Path, records: dict[str, dict]) -> None:
-    """An earlier annotations.json's records as the lowest-priority fragment, so masks listed
-    there that this job does not touch stay listed."""
-    write_fragment(parts, [{"name": name, "status": "earlier", "source": record["image"].get("source"),
-                            "record": record} for name, record in records.items()])
+def earlier_entries(records: dict[str, dict]) -> list[dict]:
+    """An earlier annotations.json's records as lowest-priority entries, so masks listed there
+    that this job does not touch stay listed."""
+    return [{"name": name, "status": "earlier", "source": record["image"].get("source"), "record": record}
+            for name, record in records.items()]
 
 
-def print_summary(summary: JobSummary, out: Path) -> None:
+def print_summary(summary: JobSummary, out) -> None:
     """The job's counts, quality verdicts and failures on stderr."""
     print(f"insid3: segmented {summary.segmented}, skipped {summary.skipped}, failed {summary.failed} -> {out}",
           file=sys.stderr)

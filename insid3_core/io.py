@@ -177,15 +177,22 @@ def write_mask_png(path: str | Path, mask: np.ndarray, text: dict[str, str] | No
 
 
 def write_label_png(path: str | Path, labels: np.ndarray, text: dict[str, str] | None = None) -> None:
-    """Write a ``(H, W)`` uint8 label map as an 8-bit greyscale PNG, atomically, with ``text`` as
+    """Write :func:`label_png` of ``labels`` and ``text`` to ``path``, atomically."""
+    with atomic_write(path) as stream:
+        stream.write(label_png(labels, text))
+
+
+def label_png(labels: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """A ``(H, W)`` uint8 label map as the bytes of an 8-bit greyscale PNG, with ``text`` as
     compressed PNG text chunks (``zTXt``)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value, zip=True)
-    with atomic_write(path) as stream:
-        Image.fromarray(labels, mode="L").save(stream, format="PNG", pnginfo=info)
+    encoded = BytesIO()
+    Image.fromarray(labels, mode="L").save(encoded, format="PNG", pnginfo=info)
+    return encoded.getvalue()
 
 
 def file_digest(path: str | Path, length: int = 16) -> str:

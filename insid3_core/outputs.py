@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .io import write_label_png, write_mask_png
+from .io import atomic_write, label_png
 
 RECORD_KEY = "insid3-record"
 """PNG text chunk of an output mask holding its annotations.json record, so the pair stays whole
@@ -24,20 +24,24 @@ when a run is killed between writing a mask and the annotations that list it."""
 
 def write_output_mask(path: Path, label_map: np.ndarray, classes: int, record: dict, source: str,
                       source_sha256: str) -> None:
+    """Write :func:`output_mask_png` to ``path``, atomically."""
+    with atomic_write(path) as stream:
+        stream.write(output_mask_png(label_map, classes, record, source, source_sha256))
+
+
+def output_mask_png(label_map: np.ndarray, classes: int, record: dict, source: str, source_sha256: str) -> bytes:
     """One class: 0/255 mask. Several: 8-bit label map, ``i + 1`` for the ``i``-th class. The
     target's record, with the ``source`` image and its digest added, travels in the PNG (see
     :data:`RECORD_KEY`)."""
     record["image"].update(source=str(source), source_sha256=source_sha256)
     text = {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
-    if classes == 1:
-        write_mask_png(path, label_map > 0, text)
-    else:
-        write_label_png(path, label_map.astype(np.uint8), text)
+    labels = np.where(label_map > 0, 255, 0) if classes == 1 else label_map
+    return label_png(labels.astype(np.uint8), text)
 
 
-def carried_record(path: Path) -> dict | None:
+def carried_record(path) -> dict | None:
     """The record an output mask carries (:data:`RECORD_KEY`); ``None`` when it has none or the
-    file is unreadable."""
+    file is unreadable. ``path``: a path or a binary stream."""
     try:
         with Image.open(path) as image:
             carried = json.loads(image.text.get(RECORD_KEY, "null"))

@@ -29,7 +29,8 @@ def register(commands) -> None:
     segment = commands.add_parser("segment", help="segment target images from (image, mask) references")
     segment.add_argument("targets", nargs="+", metavar="TARGET", help="image files, folders or glob patterns")
     add_reference_arguments(segment)
-    segment.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    segment.add_argument("--out", required=True, metavar="DIR",
+                         help="output folder (with --ray also a URI: s3://bucket/masks, gs://..., file://...)")
     segment.add_argument("--instances", action="store_true",
                          help="one annotation per instance (COCO instance JSON, split by --instance-method) "
                               "instead of one per class")
@@ -51,8 +52,13 @@ def load_document(path: Path, overwrite: bool) -> dict | None:
     """An earlier run's annotations.json, to merge this run's records into (``None``: none yet)."""
     if not path.is_file():
         return None
+    return parse_document(path.read_bytes(), path, overwrite)
+
+
+def parse_document(data: bytes, path, overwrite: bool) -> dict | None:
+    """:func:`load_document` of the content ``data`` of ``path`` (a path or a URI)."""
     try:
-        document = json.loads(path.read_bytes().decode("utf-8"))
+        document = json.loads(data.decode("utf-8"))
         if not isinstance(document, dict):
             raise TypeError(f"it holds a JSON {type(document).__name__}, not an object")
         records_from_document(document)
@@ -89,10 +95,12 @@ def settle(writes: list, records: dict[str, dict], wait: bool) -> list:
 
 def run_segment(arguments: argparse.Namespace) -> int:
     settings = EngineSettings.from_arguments(arguments)
-    out: Path = arguments.out
-    check_writable_folder(out, "--out")  # before any work
     if arguments.ray:
         return run_on_ray(arguments, settings)
+    if "://" in arguments.out:
+        raise UsageError(f"--out {arguments.out}: a URI needs --ray (a folder otherwise)")
+    out = Path(arguments.out)
+    check_writable_folder(out, "--out")  # before any work
     classes = reference_classes(arguments).classes
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
@@ -174,28 +182,36 @@ def run_segment(arguments: argparse.Namespace) -> int:
 
 def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
     """``insid3 segment --ray``: the same outputs through :mod:`insid3_core.distributed`; the
-    references and the TARGET arguments are checked here, before Ray starts."""
-    from ..distributed import ClusterOptions, JobSpec, check_target_spec, reference_payload, run_job, start_parts
-    from ..fragments import earlier_fragment, print_summary
+    output folder, the references and the TARGET arguments are checked here, before Ray starts."""
+    from ..distributed import (
+        ClusterOptions, JobSpec, check_output_store, check_target_spec, exists, is_uri, joined, read_bytes,
+        reference_payload, run_job, settle, start_parts,
+    )
+    from ..fragments import earlier_entries, print_summary
 
     try:
         options = ClusterOptions(arguments.ray, arguments.actors, arguments.gpus_per_actor, arguments.cpus_per_actor)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    out: Path = arguments.out
+    out = arguments.out if is_uri(arguments.out) else str(Path(arguments.out).expanduser().resolve())
+    if is_uri(out):
+        check_output_store(out)
+    else:
+        check_writable_folder(out, "--out")
     classes = reference_classes(arguments).classes
     for spec in arguments.targets:
         check_target_spec(spec)
     payload = reference_payload(classes, [(Path(image), Path(mask)) for image, mask in arguments.negative])
-    annotations_path = out / "annotations.json"
-    document = load_document(annotations_path, arguments.overwrite)
+    annotations = joined(out, "annotations.json")
+    document = parse_document(read_bytes(annotations), annotations, arguments.overwrite) if exists(annotations) \
+        else None
     records = records_from_document(document) if document else {}
-    check_categories(records, list(classes), annotations_path, arguments.overwrite)
-    earlier_fragment(start_parts(out), records)
-    job = JobSpec(settings, str(out.resolve()), tuple(classes), settings.instance_method if arguments.instances
-                  else None, arguments.overwrite, payload)
-    summary = run_job(job, arguments.targets, options,
-                      dict(document.get("info", {})) if document else {})
+    check_categories(records, list(classes), annotations, arguments.overwrite)
+    job = JobSpec(settings, out, tuple(classes), settings.instance_method if arguments.instances else None,
+                  arguments.overwrite, payload)
+    start_parts(job)
+    settle(job, earlier_entries(records))
+    summary = run_job(job, arguments.targets, options, dict(document.get("info", {})) if document else {})
     print_summary(summary, out)
     if summary.smoke_test:
         print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)

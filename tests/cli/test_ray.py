@@ -236,3 +236,18 @@ def test_targets_sharing_a_file_name_never_replace_each_others_mask(targets, tmp
     assert "segmented 23, skipped 0, failed 2" in again.stderr
     assert again.stderr.count("shares its output mask scene_01.png") == 2
     assert "scene_01.png" not in [image["file_name"] for image in document(out)["images"]]
+
+
+def test_an_output_folder_uri_gets_the_same_bytes_and_resumes(targets, single_machine, tmp_path):
+    """``--out file://...``: the object-store path (one put per mask, the fragments fetched for
+    the merge, annotations.json put back), byte for byte the single machine's; run again, every
+    target is skipped."""
+    out = tmp_path / "bucket" / "masks"
+    done = run(targets, f"file://{out}", "--ray", "local", "--actors", "2")
+    assert done.returncode == 0, done.stderr
+    assert_same_outputs(out, single_machine)
+    again = run(targets, f"file://{out}", "--ray", "local")
+    assert again.returncode == 0 and "segmented 0, skipped 24, failed 0" in again.stderr, again.stderr
+    assert_same_outputs(out, single_machine)
+    refused = run(targets, f"file://{out}", FAST[0], FAST[1])  # no --ray
+    assert refused.returncode == 2 and "a URI needs --ray" in refused.stderr
