@@ -62,8 +62,9 @@ class ReviewPanel(foo.Panel):
         ctx.ops.set_view(view=curation.decision_view(ctx.dataset, self._field(ctx), ctx.params["decision"]))
 
     def show_class(self, ctx):
-        ctx.ops.set_view(view=curation.class_view(ctx.dataset, self._field(ctx), ctx.params["label"],
-                                            failed=bool(ctx.params.get("failed"))))
+        view = curation.class_view(ctx.dataset, self._field(ctx), ctx.params["label"],
+                                   failed=bool(ctx.params.get("failed")))
+        ctx.ops.set_view(view=view)
 
     def show_below(self, ctx):
         ctx.ops.set_view(view=curation.score_view(ctx.dataset, self._field(ctx), high=self._threshold(ctx)))
@@ -77,8 +78,8 @@ class ReviewPanel(foo.Panel):
         if not isinstance(centre, (int, float)):
             return
         half = 0.5 / curation.BINS
-        ctx.ops.set_view(view=curation.score_view(ctx.dataset, self._field(ctx), max(centre - half, 0.0),
-                                            min(centre + half, 1.0)))
+        view = curation.score_view(ctx.dataset, self._field(ctx), max(centre - half, 0.0), min(centre + half, 1.0))
+        ctx.ops.set_view(view=view)
 
     def approve(self, ctx):
         self._decide(ctx, "approved")
@@ -104,7 +105,7 @@ class ReviewPanel(foo.Panel):
         panel = types.Object()
         fields = curation.predicted_fields(ctx.dataset)
         field = self._field(ctx)
-        if field not in fields:
+        if field is None:
             panel.md("No mask field to review yet: run **insid3: segment by example** first.", name="empty")
             return types.Property(panel, view=types.GridView(orientation="vertical", pad=2))
         choice = types.Dropdown(label="Predicted mask field")
@@ -174,7 +175,9 @@ class ReviewPanel(foo.Panel):
 
     @staticmethod
     def _field(ctx) -> str | None:
-        return ctx.panel.state.field or curation.default_field(ctx.dataset)
+        """The field in the panel's state while the dataset has it, else the default one."""
+        chosen = ctx.panel.state.field
+        return chosen if chosen in curation.predicted_fields(ctx.dataset) else curation.default_field(ctx.dataset)
 
     @staticmethod
     def _threshold(ctx) -> float:
