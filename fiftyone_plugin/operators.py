@@ -127,9 +127,10 @@ def ray_predictions(ctx, engine, plan):
     address = plugin_settings.plugin_setting("ray_address", ctx.params, ctx.dataset) if ctx.delegated else None
     if not address:
         return None
-    from insid3_core.distributed import ClusterOptions, JobSpec, iter_predictions, reference_payload
+    from insid3_core.distributed import ClusterOptions, JobSpec, connect, iter_predictions, reference_payload
 
     options = ClusterOptions(address, plugin_settings.plugin_setting("ray_actors", ctx.params, ctx.dataset))
+    connect(options, "plugin setting 'ray_address'")
     job = JobSpec(engine, None, tuple(plan.references), None, False, reference_payload(plan.references, plan.negatives))
     return lambda paths: iter_predictions(job, [{"path": path} for path in paths], options)
 

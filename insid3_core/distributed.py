@@ -479,18 +479,43 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def connect(options: ClusterOptions) -> None:
+def connect(options: ClusterOptions, what: str = "--ray") -> None:
     """``ray.init`` for ``options.address``; ``local`` starts a runtime on this machine with
-    enough logical CPUs for the actors and the CPU stages beside them."""
-    import ray
-
+    enough logical CPUs for the actors and the CPU stages beside them. :class:`InputError`
+    naming ``what`` (the option or setting) when Ray Data is not installed or the cluster cannot
+    be reached."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the job's API; a bare ray without [data] lacks it)
+    except ImportError as err:
+        raise InputError(f"{what} needs Ray Data: pip install 'insid3[ray]' ({err})") from None
     if ray.is_initialized():
         return
-    if options.address == "local":
-        needed = int(np.ceil(options.actors * options.cpus_per_actor)) + 2
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(address=options.address, log_to_driver=False)
+    if not _reachable(options.address):  # ray.init would retry for minutes
+        raise InputError(f"{what} {options.address}: no Ray cluster answers there")
+    try:
+        if options.address == "local":
+            needed = int(np.ceil(options.actors * options.cpus_per_actor)) + 2
+            ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=options.address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise InputError(f"{what} {options.address}: cannot start or reach a Ray cluster ({err})") from None
+
+
+def _reachable(address: str) -> bool:
+    """Whether a ``HOST:PORT`` address accepts a connection within 5 s (other addresses, ``local``,
+    ``auto`` and ``ray://...``, are left to ``ray.init``)."""
+    import socket
+
+    host, separator, port = address.rpartition(":")
+    if not separator or not port.isdigit() or "://" in address:
+        return True
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError:
+        return False
+    return True
 
 
 def segmented_stream(stream, job: JobSpec, options: ClusterOptions):

@@ -184,7 +184,7 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
     """``insid3 segment --ray``: the same outputs through :mod:`insid3_core.distributed`; the
     output folder, the references and the TARGET arguments are checked here, before Ray starts."""
     from ..distributed import (
-        ClusterOptions, JobSpec, check_output_store, check_target_spec, exists, is_uri, joined, read_bytes,
+        ClusterOptions, JobSpec, check_output_store, check_target_spec, connect, exists, is_uri, joined, read_bytes,
         reference_payload, run_job, settle, start_parts,
     )
     from ..fragments import earlier_entries, print_summary
@@ -209,6 +209,7 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
     check_categories(records, list(classes), annotations, arguments.overwrite)
     job = JobSpec(settings, out, tuple(classes), settings.instance_method if arguments.instances else None,
                   arguments.overwrite, payload)
+    connect(options)
     start_parts(job)
     settle(job, earlier_entries(records))
     summary = run_job(job, arguments.targets, options, dict(document.get("info", {})) if document else {})

@@ -159,6 +159,9 @@ def test_a_bad_reference_is_refused_before_ray_starts(targets, tmp_path):
     assert time.monotonic() - started < 60
     missing = run(tmp_path / "nothing_here", tmp_path / "out2", "--ray", "local")
     assert missing.returncode == 2 and "nothing_here: no such file" in missing.stderr
+    nobody = f"127.0.0.1:{free_port()}"
+    unreachable = run(targets, tmp_path / "out3", "--ray", nobody)
+    assert unreachable.returncode == 2 and f"--ray {nobody}: no Ray cluster answers there" in unreachable.stderr
 
 
 def free_port() -> int:
