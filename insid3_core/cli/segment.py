@@ -80,6 +80,12 @@ def written_record(path: Path, file_name: str, categories: list[str]) -> dict:
     return mask_record(file_name, written_labels(path, len(categories)), categories)
 
 
+def write_target_mask(path: Path, label_map: np.ndarray, classes: int, record: dict, target: Path) -> None:
+    """:func:`~insid3_core.outputs.write_output_mask` with the target's digest, both in a writer
+    thread (hashing the target there keeps it off the loop that feeds the device)."""
+    write_output_mask(path, label_map, classes, record, target, file_digest(target))
+
+
 def settle(writes: list, records: dict[str, dict], wait: bool) -> list:
     """Move the records of written masks (``(future, name, record)`` in ``writes``) into ``records``,
     so annotations.json never lists a mask before it exists; returns the writes still running."""
@@ -157,8 +163,8 @@ def run_segment(arguments: argparse.Namespace) -> int:
                     continue
                 record = result_record(target.name, result.classes, instance_method, settings.min_instance_patches)
                 record["image"]["run"] = run_id
-                writes.append((writer.submit(write_output_mask, outputs[target], result.label_map, len(classes),
-                                             record, target, file_digest(target)), target.name, record))
+                writes.append((writer.submit(write_target_mask, outputs[target], result.label_map, len(classes),
+                                             record, target), target.name, record))
                 verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
                 progress.set_postfix(verdicts, refresh=False)
                 if done % settings.batch_size == 0:
