@@ -9,12 +9,11 @@ Python users share them. A sample's review decision is a tag naming the field,
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field as dataclass_field
 
 from insid3_core.quality import VERDICTS
 
-from .segment import DECISIONS, failure_tag, failure_tags
+from .segment import DECISIONS, check_field_name, failure_tag, failure_tags
 
 BINS = 10
 
@@ -220,8 +219,7 @@ def copy_approved(dataset, field: str, target_field: str, replace: bool = False)
         ``target_field`` is not a field name, is ``field`` itself, holds another label type, or
         has other mask targets.
     """
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", target_field or ""):
-        raise ValueError(f"'{target_field}' is not a valid field name (letters, digits, '_'; a letter first)")
+    check_field_name(target_field)
     if target_field == field:
         raise ValueError(f"'{field}' is the predicted field itself; choose a ground-truth field")
     kind = _kind(dataset, field)

@@ -46,6 +46,13 @@ def default_output_field(dataset, base: str = "insid3") -> str:
     return name
 
 
+def check_field_name(name: str) -> None:
+    """Raise :class:`OutputProblem` unless ``name`` can be a new field: letters, digits and ``_``,
+    a letter first."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name or ""):
+        raise OutputProblem(f"'{name}' is not a valid field name (letters, digits, '_'; a letter first)")
+
+
 def check_output_field(dataset, output_field: str, reference_field: str, overwrite: bool, kind=None) -> None:
     """Raise :class:`OutputProblem` unless labels of ``kind`` may be written to ``output_field``.
 
@@ -56,8 +63,7 @@ def check_output_field(dataset, output_field: str, reference_field: str, overwri
     import fiftyone as fo
 
     kind = kind or fo.Segmentation
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", output_field or ""):
-        raise OutputProblem(f"'{output_field}' is not a valid field name (letters, digits, '_'; a letter first)")
+    check_field_name(output_field)
     if output_field == reference_field:
         raise OutputProblem(f"'{output_field}' holds the reference masks; choose another output field")
     field = dataset.get_field_schema().get(output_field)

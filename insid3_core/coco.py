@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -96,20 +96,33 @@ def coco_document(records: dict[str, dict], categories: Sequence[str], info: dic
     names = list(dict.fromkeys([*categories, *(a["category"] for r in records.values() for a in r["annotations"])]))
     category_ids = {name: index for index, name in enumerate(names, start=1)}
     images, annotations = [], []
-    for image_id, name in enumerate(sorted(records), start=1):
-        record = records[name]
-        images.append({"id": image_id, **record["image"]})
-        for entry in record["annotations"]:
-            fields = {key: value for key, value in entry.items() if key != "category"}
-            annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[entry["category"]], **fields}
-            )
+    for image, entries in coco_entries((records[name] for name in sorted(records)), category_ids):
+        images.append(image)
+        annotations.extend(entries)
     return {
         "info": info,
         "images": images,
         "annotations": annotations,
         "categories": [{"id": index, "name": name} for name, index in category_ids.items()],
     }
+
+
+def coco_entries(records: Iterable[dict], category_ids: dict[str, int]) -> Iterator[tuple[dict, list[dict]]]:
+    """``(image, annotations)`` of each record in order, as a COCO document holds them: images
+    numbered from 1, annotations numbered from 1 across all images, categories by their id in
+    ``category_ids`` (a category not in it is added with the next id)."""
+    annotation_id = 0
+    for image_id, record in enumerate(records, start=1):
+        annotations = []
+        for entry in record["annotations"]:
+            category = entry["category"]
+            if category not in category_ids:
+                category_ids[category] = len(category_ids) + 1
+            annotation_id += 1
+            fields = {key: value for key, value in entry.items() if key != "category"}
+            annotations.append({"id": annotation_id, "image_id": image_id, "category_id": category_ids[category],
+                                **fields})
+        yield {"id": image_id, **record["image"]}, annotations
 
 
 def records_from_document(document: dict) -> dict[str, dict]:

@@ -396,9 +396,8 @@ class SegmentActor:
                 predictions[index] = prediction
         if self.job.out is None:
             return {"key": np.array(keys, dtype=object), "prediction": np.array(predictions, dtype=object)}
-        self._write(batch, good, predictions)
+        self._write(batch, good, predictions)  # writing, the prepare stage settled every failure
         verdicts = [",".join(result.quality.verdict for result in prediction.classes.values())
-                    if prediction is not None and not isinstance(prediction, InputError) else ""
                     for prediction in predictions]
         return {"key": np.array(keys, dtype=object), "verdicts": np.array(verdicts, dtype=object)}
 
@@ -519,10 +518,10 @@ def _reachable(address: str) -> bool:
 
 
 def segmented_stream(stream, job: JobSpec, options: ClusterOptions):
-    """``stream`` (rows of ``path``, and ``key``) through the prepare tasks and the engine actor pool."""
+    """``stream`` (rows of ``path``, and ``key``) through the prepare tasks and the engine actor
+    pool, on the cluster :func:`connect` reached."""
     import ray
 
-    connect(options)
     gpus = options.gpus_per_actor
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= options.actors else 0

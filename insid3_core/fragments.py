@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .coco import coco_entries
 from .io import atomic_write
 
 MERGE_FAN_IN = 64
@@ -81,8 +82,8 @@ def merge_fragments(parts: Path, destination: Path, categories: list[str], info:
 
     Fragments are merged :data:`MERGE_FAN_IN` at a time (in passes when there are more), each
     name kept once: a segmented entry before a skipped one before an earlier run's; a failure
-    is reported unless the same source also has a record. Image ids follow sorted names and
-    annotation ids their order, as :func:`insid3_core.coco.coco_document` numbers them.
+    is reported unless the same source also has a record. Ids follow sorted names, numbered by
+    :func:`insid3_core.coco.coco_entries` as in :func:`insid3_core.coco.coco_document`.
     """
     fragments = sorted(parts.glob("*.jsonl"))
     passes = 0
@@ -98,29 +99,15 @@ def merge_fragments(parts: Path, destination: Path, categories: list[str], info:
                 used.unlink()
             merged.append(target)
         fragments = merged
-    names = list(dict.fromkeys(categories))
-    category_ids = {name: index for index, name in enumerate(names, start=1)}
+    category_ids = {name: index for index, name in enumerate(dict.fromkeys(categories), start=1)}
     summary = JobSummary()
     images_part, annotations_part = parts / "images.partial", parts / "annotations.partial"
     with open(images_part, "w", encoding="utf-8") as images, open(annotations_part, "w", encoding="utf-8") as notes:
-        image_id = annotation_id = 0
-        merged = heapq.merge(*map(_sorted_lines, fragments))
-        for _, group in _grouped(merged):
-            record, failures = _chosen(group, summary)
-            summary.failures.extend(failures[:max(SHOWN_FAILURES - len(summary.failures), 0)])
-            summary.failed += len(failures)
-            if record is None:
-                continue
-            image_id += 1
-            images.write(("," if image_id > 1 else "") + json.dumps({"id": image_id, **record["image"]}))
-            for entry in record["annotations"]:
-                category = entry["category"]
-                if category not in category_ids:
-                    category_ids[category] = len(category_ids) + 1
-                annotation_id += 1
-                fields = {key: value for key, value in entry.items() if key != "category"}
-                notes.write(("," if annotation_id > 1 else "") + json.dumps(
-                    {"id": annotation_id, "image_id": image_id, "category_id": category_ids[category], **fields}))
+        listed = _listed(heapq.merge(*map(_sorted_lines, fragments)), summary)
+        for image, entries in coco_entries(listed, category_ids):
+            images.write(("," if image["id"] > 1 else "") + json.dumps(image))
+            for entry in entries:
+                notes.write(("," if entry["id"] > 1 else "") + json.dumps(entry))
     with atomic_write(destination, "w") as stream:
         stream.write('{"info": ' + json.dumps(info) + ', "images": [')
         with open(images_part, encoding="utf-8") as part:
@@ -134,6 +121,17 @@ def merge_fragments(parts: Path, destination: Path, categories: list[str], info:
 
 
 PRIORITY = {"segmented": 0, "skipped": 1, "earlier": 2}
+
+
+def _listed(lines, summary: JobSummary) -> Iterator[dict]:
+    """The record to list of each name of the merged ``(name, line)`` stream, counting what
+    :func:`_chosen` decides into ``summary``."""
+    for _, group in _grouped(lines):
+        record, failures = _chosen(group, summary)
+        summary.failures.extend(failures[:max(SHOWN_FAILURES - len(summary.failures), 0)])
+        summary.failed += len(failures)
+        if record is not None:
+            yield record
 
 
 def _grouped(lines) -> Iterator[tuple[str, list[dict]]]:
