@@ -14,7 +14,11 @@ the CPU, and cuML's agglomerative clustering offers single linkage only. Triton'
 against scipy.
 
 The distances are float64, scipy's precision, so every Lance-Williams update rounds as scipy's
-does and a merge height next to ``1 - tau`` falls on the same side of it. Float32 distances gave
+does and a merge height next to ``1 - tau`` falls on the same side of it. Two things keep it so
+once compiled for a GPU, where the interpreter cannot show a difference: the threshold reaches the
+kernel as a float64 tensor (Triton passes a Python float as float32: 0.4 would become
+0.4000000059604645), and the launch turns off floating-point fusion (ptxas would otherwise fuse
+``n_a d_a + n_b d_b`` into one FMA, which rounds once where scipy rounds twice). Float32 distances gave
 the same partitions on the 312 targets tried (the example scenes' features at 192 px, random
 targets of 8-59 patches, three tau each) but are not exact by construction; float64 costs
 ``8 N^2`` bytes per target (2 GiB at N = 16 384, where batches are chunked by memory).
@@ -39,8 +43,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def average_linkage(distances, sizes, active, chain, parent, count, threshold, BLOCK: tl.constexpr):
+    def average_linkage(distances, sizes, active, chain, parent, count, threshold_pointer, BLOCK: tl.constexpr):
         target = tl.program_id(0).to(tl.int64)
+        threshold = tl.load(threshold_pointer)
         distances += target * count * count
         sizes += target * count
         active += target * count
@@ -134,10 +139,16 @@ def triton_average_linkage(distances: torch.Tensor, threshold: float) -> torch.T
     active = torch.ones(batch, count, dtype=torch.int32, device=device)
     chain = torch.zeros(batch, count, dtype=torch.int32, device=device)
     parent = torch.arange(count, dtype=torch.int32, device=device).repeat(batch, 1)
-    block = min(BLOCK_LIMIT, 1 << (count - 1).bit_length())
-    _kernel()[(batch,)](distances, sizes, active, chain, parent, count, float(threshold), BLOCK=block,
-                        num_warps=8 if block >= 1024 else 4)
+    limit = torch.tensor([threshold], dtype=torch.float64, device=device)
+    _kernel()[(batch,)](distances, sizes, active, chain, parent, count, limit, **launch_options(count))
     return _labels(parent.long())
+
+
+def launch_options(count: int) -> dict:
+    """The kernel's block, warps and compiler options for targets of ``count`` patches: a block
+    of the next power of two up to :data:`BLOCK_LIMIT`, and no floating-point fusion."""
+    block = min(BLOCK_LIMIT, 1 << (count - 1).bit_length())
+    return {"BLOCK": block, "num_warps": 8 if block >= 1024 else 4, "enable_fp_fusion": False}
 
 
 def _labels(parent: torch.Tensor) -> torch.Tensor:

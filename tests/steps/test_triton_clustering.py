@@ -7,17 +7,23 @@ same tests launch it on the GPU.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from data import EXAMPLES  # noqa: E402
+from data import EXAMPLES, ROOT  # noqa: E402
 from insid3_core import EngineConfig, Segmenter, clustering  # noqa: E402
 from insid3_core import triton_clustering  # noqa: E402
 from insid3_core.clustering import cluster_patches  # noqa: E402
@@ -117,6 +123,57 @@ def test_triton_planted_groups_threshold_and_average_linkage(tau):
     assert cluster_patches(three[:1], 0.6, "triton").tolist() == [0]
 
 
+def scipy_partition(distances: np.ndarray, threshold: float) -> np.ndarray:
+    """scipy's average-linkage partition of an ``(N, N)`` float64 distance matrix, merging below ``threshold``."""
+    tree = linkage(squareform(distances, checks=False), method="average")
+    return fcluster(tree, t=np.nextafter(threshold, -np.inf), criterion="distance")
+
+
+def kernel_partition(distances: np.ndarray, threshold: float) -> np.ndarray:
+    """The kernel's labels for one ``(N, N)`` float64 distance matrix, on the test's device."""
+    batch = torch.from_numpy(distances)[None].to(DEVICE).contiguous()
+    return triton_clustering.triton_average_linkage(batch, threshold)[0].cpu().numpy()
+
+
+@pytest.mark.parametrize("tau", [0.6, 0.3, 0.8])
+def test_a_height_between_the_float32_and_float64_threshold_falls_on_scipys_side(tau):
+    """A pair at a distance between ``1 - tau`` and its nearest float32: a float32 threshold (what
+    Triton makes of a Python float on a GPU) puts it on the wrong side."""
+    threshold = 1.0 - tau
+    single = float(np.float32(threshold))
+    assert single != threshold
+    height = (threshold + single) / 2
+    pair = np.array([[0.0, height], [height, 0.0]])
+    expected = scipy_partition(pair, threshold)
+    assert (expected[0] == expected[1]) == (height < threshold)
+    assert same_partition(expected, kernel_partition(pair, threshold))
+
+
+def test_the_average_linkage_update_rounds_as_scipys_does():
+    """Four close patches merge into one cluster of 3 and then of 4; the fifth patch's distance to
+    it, ``(3 p + q) / 4``, is rounded twice by scipy and once by a fused multiply-add. With the
+    threshold at the larger of the two values, only scipy's rounding gives scipy's partition."""
+    generator = np.random.default_rng(0)
+    while True:
+        to_fifth = generator.uniform(0.4, 0.6, 4)
+        p = (2 * ((to_fifth[0] + to_fifth[1]) / 2) + to_fifth[2]) / 3  # the cluster of 3 to the fifth
+        q = to_fifth[3]
+        twice = (3 * p + q) / 4
+        once = float(3 * Fraction(p) + Fraction(q)) / 4
+        if twice != once:
+            break
+    distances = np.zeros((5, 5))
+    close = {(0, 1): 0.001, (0, 2): 0.002, (1, 2): 0.002, (0, 3): 0.003, (1, 3): 0.003, (2, 3): 0.003}
+    for (i, j), value in close.items():
+        distances[i, j] = distances[j, i] = value
+    distances[:4, 4] = distances[4, :4] = to_fifth
+    tree = linkage(squareform(distances, checks=False), method="average")
+    assert tree[-1, 2] == twice, "scipy rounds the update twice"
+    threshold = max(twice, once)
+    expected = scipy_partition(distances, threshold)
+    assert same_partition(expected, kernel_partition(distances, threshold))
+
+
 def test_triton_splits_a_batch_into_chunks_that_fit_its_memory_budget(monkeypatch):
     features = structured_targets(50)
     if DEVICE == "cuda":
@@ -130,6 +187,46 @@ def test_triton_splits_a_batch_into_chunks_that_fit_its_memory_budget(monkeypatc
                         lambda distances, threshold: chunks.append(len(distances)) or linkage(distances, threshold))
     assert_scipy_partitions(features, 0.6)
     assert chunks == [2, 2]
+
+
+COMPILE_FOR_GPUS = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from insid3_core.triton_clustering import _kernel, launch_options
+
+signature = {"distances": "*fp64", "sizes": "*fp64", "active": "*i32", "chain": "*i32", "parent": "*i32",
+             "count": "i32", "threshold_pointer": "*fp64", "BLOCK": "constexpr"}
+found = []
+for arch in json.loads(sys.argv[1]):
+    for count in (40, 4096):
+        options = launch_options(count)
+        block = options.pop("BLOCK")
+        compiled = triton.compile(ASTSource(fn=_kernel(), signature=signature, constexprs={"BLOCK": block}),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        ptx = compiled.asm["ptx"]
+        found.append({"arch": arch, "block": block, "cubin": len(compiled.asm["cubin"]),
+                      "fma": ptx.count("fma.rn.f64"), "non_coherent_loads": ptx.count("ld.global.nc")})
+print(json.dumps(found))
+"""
+
+
+def test_the_kernel_compiles_for_ampere_hopper_and_blackwell_gpus_as_scipy_rounds(tmp_path):
+    """The interpreter does not compile the kernel: here Triton's own compiler and ptxas build it
+    for sm_80, sm_90 and sm_100 (no GPU needed), with the launch's options. The PTX must have no
+    fused multiply-add (the update rounds twice, as scipy's) and no non-coherent loads (the
+    program reads back what it wrote)."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    environment["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: every build really compiles
+    archs = [80, 90, 100]
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS, json.dumps(archs)], capture_output=True,
+                            text=True, env=environment, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    builds = json.loads(result.stdout.splitlines()[-1])
+    assert [(b["arch"], b["block"]) for b in builds] == [(a, block) for a in archs for block in (64, 2048)]
+    for build in builds:
+        assert build["cubin"] > 0 and build["fma"] == 0 and build["non_coherent_loads"] == 0, build
 
 
 def test_the_engine_with_triton_clustering_gives_scipys_masks(tiny_backbone):
