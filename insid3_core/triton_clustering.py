@@ -139,7 +139,7 @@ def triton_average_linkage(distances: torch.Tensor, threshold: float) -> torch.T
     active = torch.ones(batch, count, dtype=torch.int32, device=device)
     chain = torch.zeros(batch, count, dtype=torch.int32, device=device)
     parent = torch.arange(count, dtype=torch.int32, device=device).repeat(batch, 1)
-    limit = torch.tensor([threshold], dtype=torch.float64, device=device)
+    limit = torch.full((1,), threshold, dtype=torch.float64, device=device)  # a fill: no host copy, no sync
     _kernel()[(batch,)](distances, sizes, active, chain, parent, count, limit, **launch_options(count))
     return _labels(parent.long())
 
