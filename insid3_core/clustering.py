@@ -93,7 +93,7 @@ def _triton_clustering(features: torch.Tensor, tau: float, required: bool) -> to
 
     if features.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("clustering='triton' needs a CUDA device (or TRITON_INTERPRET=1: Triton's CPU interpreter)")
-    per_target = 20 * features.shape[1] ** 2  # float32 similarities, their float64 copy and the distances
+    per_target = 12 * features.shape[1] ** 2  # float32 similarities and the float64 distances made from them
     chunk = max(1, _memory_budget(features.device) // per_target)
     try:
         return torch.cat([triton_average_linkage(_cosine_distances(part).contiguous(), 1.0 - tau)
@@ -123,8 +123,10 @@ def _cosine_similarities(features: torch.Tensor) -> torch.Tensor:
 
 
 def _cosine_distances(features: torch.Tensor) -> torch.Tensor:
-    """``(..., N, N)`` float64 distances ``1 - clamp(x_i · x_j, -1, 1)`` (product in float32)."""
-    return 1.0 - _cosine_similarities(features).double()
+    """``(..., N, N)`` float64 distances ``1 - clamp(x_i · x_j, -1, 1)`` (product in float32),
+    made in place in the float64 copy (``-s + 1`` is ``1 - s`` to the bit): at most ``12 N^2``
+    bytes a target at once."""
+    return _cosine_similarities(features).double().neg_().add_(1.0)
 
 
 def _scipy_average_linkage(features: torch.Tensor, tau: float) -> np.ndarray:

@@ -46,6 +46,7 @@ def _kernel():
     def average_linkage(distances, sizes, active, chain, parent, count, threshold_pointer, BLOCK: tl.constexpr):
         target = tl.program_id(0).to(tl.int64)
         threshold = tl.load(threshold_pointer)
+        stride = count.to(tl.int64)  # row offsets in int64: N * N passes 2**31 above 46 340 patches
         distances += target * count * count
         sizes += target * count
         active += target * count
@@ -70,7 +71,7 @@ def _kernel():
                 columns = block + offsets
                 inside = columns < count
                 alive = tl.load(active + columns, mask=inside, other=0) != 0
-                values = tl.load(distances + a * count + columns, mask=inside & alive & (columns != a),
+                values = tl.load(distances + a * stride + columns, mask=inside & alive & (columns != a),
                                  other=float("inf"))
                 low = tl.min(values, axis=0)
                 first = tl.min(tl.where(values == low, columns, count), axis=0)
@@ -78,7 +79,7 @@ def _kernel():
                 nearest = tl.where(better, first, nearest)
                 best = tl.where(better, low, best)
             if previous >= 0:
-                if tl.load(distances + a * count + previous) == best:
+                if tl.load(distances + a * stride + previous) == best:
                     nearest = previous
             if best >= threshold:  # also when no other cluster is active (best is inf)
                 for position in range(0, top):
@@ -95,11 +96,11 @@ def _kernel():
                     columns = block + offsets
                     inside = columns < count
                     alive = tl.load(active + columns, mask=inside, other=0) != 0
-                    row_a = tl.load(distances + a * count + columns, mask=inside, other=0.0)
-                    row_b = tl.load(distances + previous * count + columns, mask=inside, other=0.0)
+                    row_a = tl.load(distances + a * stride + columns, mask=inside, other=0.0)
+                    row_b = tl.load(distances + previous * stride + columns, mask=inside, other=0.0)
                     merged = (size_a * row_a + size_b * row_b) / total
-                    tl.store(distances + keep * count + columns, merged, mask=inside & alive)
-                    tl.store(distances + columns * count + keep, merged, mask=inside & alive)
+                    tl.store(distances + keep * stride + columns, merged, mask=inside & alive)
+                    tl.store(distances + columns * stride + keep, merged, mask=inside & alive)
                 tl.store(active + gone, 0)
                 tl.store(sizes + keep, total)
                 tl.store(parent + gone, keep)

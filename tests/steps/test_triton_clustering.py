@@ -178,9 +178,9 @@ def test_triton_splits_a_batch_into_chunks_that_fit_its_memory_budget(monkeypatc
     features = structured_targets(50)
     if DEVICE == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
-        monkeypatch.setattr(clustering, "TORCH_MEMORY_SHARE", 2 * 20 * 50**2 / total)
+        monkeypatch.setattr(clustering, "TORCH_MEMORY_SHARE", 2 * 12 * 50**2 / total)
     else:
-        monkeypatch.setattr(clustering, "TORCH_MEMORY_BUDGET", 2 * 20 * 50**2)  # two targets' worth
+        monkeypatch.setattr(clustering, "TORCH_MEMORY_BUDGET", 2 * 12 * 50**2)  # two targets' worth
     chunks = []
     linkage = triton_clustering.triton_average_linkage
     monkeypatch.setattr(triton_clustering, "triton_average_linkage",
