@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import threading
+import time
 
 from .errors import BackendError
 
@@ -38,12 +39,17 @@ class PixelBudget:
         self.used = 0
         self._changed = threading.Condition()
 
-    def take(self, pixels: int, address: str) -> None:
-        """Hold ``pixels``, waiting at most ``wait_seconds``; a 503 :class:`BackendError` when they stay taken."""
+    def take(self, pixels: int, address: str, held: int = 0) -> None:
+        """Hold ``pixels``, waiting at most ``wait_seconds``; a 503 :class:`BackendError` when they
+        stay taken, a 413 at once when they and the ``held`` pixels of the same request could never
+        fit in the budget."""
+        if held + pixels > self.limit:
+            raise BackendError(f"{address}: {held + pixels} pixels in one request exceed "
+                               f"INSID3_MAX_PIXELS_IN_FLIGHT={self.limit}", 413)
         with self._changed:
             if not self._changed.wait_for(lambda: self.used + pixels <= self.limit, timeout=self.wait_seconds):
                 raise BackendError(
-                    f"image {address!r}: {pixels} pixels would exceed INSID3_MAX_PIXELS_IN_FLIGHT={self.limit} "
+                    f"{address}: {pixels} pixels would exceed INSID3_MAX_PIXELS_IN_FLIGHT={self.limit} "
                     f"(images other requests are decoding); retry in {RETRY_AFTER} s", 503, retry_after=RETRY_AFTER)
             self.used += pixels
 
@@ -55,15 +61,25 @@ class PixelBudget:
 
 
 class Lease:
-    """The pixels one request holds; a context manager that returns them (and the memory) at exit."""
+    """The pixels one request holds and the deadline of its downloads; a context manager that
+    returns the pixels (and the memory) at exit.
 
-    def __init__(self, budget: PixelBudget) -> None:
+    Parameters
+    ----------
+    budget : PixelBudget
+    seconds : float
+        ``INSID3_DOWNLOAD_SECONDS``: all of the request's downloads end within it.
+    """
+
+    def __init__(self, budget: PixelBudget, seconds: float = float("inf")) -> None:
         self.budget = budget
         self.pixels = 0
+        self.deadline = time.monotonic() + seconds
 
-    def take(self, pixels: int, address: str) -> None:
-        """Hold ``pixels`` more for this request (see :meth:`PixelBudget.take`)."""
-        self.budget.take(pixels, address)
+    def take(self, pixels: int, what: str) -> None:
+        """Hold ``pixels`` more for this request (see :meth:`PixelBudget.take`); ``what`` names
+        them in the error."""
+        self.budget.take(pixels, what, held=self.pixels)
         self.pixels += pixels
 
     def __enter__(self) -> "Lease":

@@ -12,6 +12,7 @@ SERVED_SETTINGS = "served-engine-settings.json"  # in MODEL_DIR: the engine sett
 MACHINE_OPTIONS = ("device", "precision", "batch_size", "workers")  # where it runs, not what it predicts
 ENGINE_UNUSED = ("instance_method",)  # the backend's INSID3_INSTANCES says whether and how to split
 CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
+IDLE_SECONDS = 20  # a connection that sent no complete request for this long is closed (waitress: 120)
 
 
 def register(subparsers) -> None:
@@ -110,7 +111,8 @@ def served_app(backend, threads: int):
     turns = Turns(threads, settings.max_queued_requests, settings.queue_wait)
     served_at_once = threads + settings.max_queued_requests + 1
     options = {"threads": served_at_once, "connection_limit": served_at_once + CONNECTIONS_BEYOND_THREADS,
-               "ident": "insid3", "max_request_body_size": settings.max_request_bytes}
+               "ident": "insid3", "max_request_body_size": settings.max_request_bytes,
+               "channel_timeout": IDLE_SECONDS, "cleanup_interval": 5}
     return create_app(backend, turns), options
 
 

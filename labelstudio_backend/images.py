@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import logging
 import os
 import socket
 import threading
@@ -19,7 +20,7 @@ import time
 from urllib.parse import urljoin
 
 import urllib3
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from insid3_core.io import InputError, load_image
@@ -29,7 +30,9 @@ from .credentials import Credentials, is_personal_access_token
 from .errors import BackendError
 from .urls import URL, UnsafeURL, canonical_host, parse_url
 
+log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
+SHOWN_CHARACTERS = 200
 CHUNK = 1 << 16
 READ_SECONDS = 30
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -80,8 +83,9 @@ class ImageFetcher:
         self.budget = budget or PixelBudget(2 * max_pixels, 30.0)
 
     def lease(self) -> Lease:
-        """A request's share of the pixel budget, given back when its ``with`` block ends."""
-        return Lease(self.budget)
+        """A request's share of the pixel budget, given back when its ``with`` block ends, and
+        the deadline of all its downloads (``download_seconds`` from now)."""
+        return Lease(self.budget, self.download_seconds)
 
     def url(self, address: str) -> URL:
         """The checked URL of a task's image address; raises :class:`BackendError` when refused."""
@@ -89,7 +93,7 @@ class ImageFetcher:
             raise BackendError(f"an image address must be a string, not {type(address).__name__}", 422)
         if address.startswith("/"):
             if not self.credentials.base_url:
-                raise BackendError(f"image {address[:200]!r} is served by Label Studio, but LABEL_STUDIO_URL is not set")
+                raise BackendError(f"{named(address)} is served by Label Studio, but LABEL_STUDIO_URL is not set")
             address = self.credentials.base_url + "/" + address.lstrip("/")
         return self._checked(address)
 
@@ -97,7 +101,7 @@ class ImageFetcher:
         try:
             url = parse_url(address)
         except UnsafeURL as err:
-            raise BackendError(f"image {address[:200]!r} is refused: it {err}", 422) from None
+            raise BackendError(f"{named(address)} is refused: it {err}", 422) from None
         if url.origin != self.own_origin and url.host not in self.allowed_hosts:
             raise BackendError(
                 f"image host {url.host!r} is neither Label Studio's ({self.credentials.base_url or 'unset'}) "
@@ -111,27 +115,31 @@ class ImageFetcher:
 
     def fetch(self, address: str, lease: Lease | None = None) -> Image.Image:
         """The image at ``address`` as RGB, EXIF orientation applied; its pixels are taken from
-        ``lease`` before it is decoded (``None``: not counted)."""
-        data = self.download(address)
+        ``lease`` before it is decoded, and its download ends by the lease's deadline (``None``:
+        neither counted nor shared)."""
+        data = self.download(address, None if lease is None else lease.deadline)
         try:
             with Image.open(io.BytesIO(data)) as handle:
                 if handle.width * handle.height > self.max_pixels:
                     raise BackendError(
-                        f"image {address!r} is {handle.width}x{handle.height}, above INSID3_MAX_PIXELS={self.max_pixels}", 413
+                        f"{named(address)} is {handle.width}x{handle.height}, above INSID3_MAX_PIXELS={self.max_pixels}", 413
                     )
                 if lease is not None:
-                    lease.take(handle.width * handle.height, address)
+                    lease.take(handle.width * handle.height, named(address))
                 handle.load()
                 return load_image(handle)
         except BackendError:
             raise
+        except UnidentifiedImageError:
+            raise BackendError(f"{named(address)} is unreadable: not an image in a format PIL reads", 422) from None
         except (InputError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-            raise BackendError(f"image {address!r} is unreadable: {err}", 422) from err
+            raise BackendError(f"{named(address)} is unreadable: {err}", 422) from err
 
-    def download(self, address: str) -> bytes:
-        """The bytes at ``address``, following redirects to allowed hosts only, within ``download_seconds``."""
+    def download(self, address: str, deadline: float | None = None) -> bytes:
+        """The bytes at ``address``, following redirects to allowed hosts only, within
+        ``download_seconds`` and by ``deadline`` (a :func:`time.monotonic` time) when given."""
         url = self.url(address)
-        deadline = time.monotonic() + self.download_seconds
+        deadline = min(time.monotonic() + self.download_seconds, deadline or float("inf"))
         trusted = True  # every hop so far stayed on Label Studio's origin
         for _ in range(MAX_REDIRECTS + 1):
             trusted = trusted and self.is_own(url)
@@ -140,13 +148,13 @@ class ImageFetcher:
                 if response.status in REDIRECT_STATUSES:
                     location = response.headers.get("Location")
                     if not location:
-                        raise BackendError(f"image {address!r}: HTTP {response.status} without a Location", 422)
+                        raise BackendError(f"{named(address)}: HTTP {response.status} without a Location", 422)
                     url = self._checked(urljoin(str(url), location))
                     continue
                 if response.status != 200:
-                    raise BackendError(f"image {address!r}: HTTP {response.status} from {url.host}", 422)
+                    raise BackendError(f"{named(address)}: HTTP {response.status} from {url.host}", 422)
                 return exchange.read(self.max_bytes)
-        raise BackendError(f"image {address!r}: more than {MAX_REDIRECTS} redirects", 422)
+        raise BackendError(f"{named(address)}: more than {MAX_REDIRECTS} redirects", 422)
 
     def _open(self, url: URL, trusted: bool, deadline: float, address: str) -> "_Exchange":
         """The answer to ``GET url``: with credentials when ``trusted``, retried once with a fresh
@@ -201,13 +209,13 @@ class _Exchange:
         """The body (decoded), refused beyond ``max_bytes`` or after the deadline."""
         declared = self.response.headers.get("Content-Length", "")
         if declared.isdigit() and len(declared) < 20 and int(declared) > max_bytes:
-            raise BackendError(f"image {self.address!r} is {declared} bytes, above INSID3_MAX_DOWNLOAD_BYTES={max_bytes}", 413)
+            raise BackendError(f"{named(self.address)} is {declared} bytes, above INSID3_MAX_DOWNLOAD_BYTES={max_bytes}", 413)
         body = bytearray()
         try:
             for chunk in self.response.stream(CHUNK):
                 body += chunk
                 if len(body) > max_bytes:
-                    raise BackendError(f"image {self.address!r} is above INSID3_MAX_DOWNLOAD_BYTES={max_bytes} bytes", 413)
+                    raise BackendError(f"{named(self.address)} is above INSID3_MAX_DOWNLOAD_BYTES={max_bytes} bytes", 413)
         except TRANSFER_ERRORS as err:
             raise self._late() if self.cut.is_set() else self._failed(err) from None
         if self.cut.is_set():
@@ -230,7 +238,17 @@ class _Exchange:
                 pass
 
     def _late(self) -> BackendError:
-        return BackendError(f"image {self.address!r} was not downloaded within INSID3_DOWNLOAD_SECONDS", 504)
+        return BackendError(f"{named(self.address)} was not downloaded within INSID3_DOWNLOAD_SECONDS "
+                            "(one request's downloads together)", 504)
 
     def _failed(self, err: Exception) -> BackendError:
-        return BackendError(f"image {self.address!r} cannot be downloaded from {self.url.host}: {err}", 502)
+        """A 502 that does not say why the connection failed (refused, reset, unreachable: a port
+        scanner's answers); the log does."""
+        log.warning("%s: download from %s:%s failed: %s", named(self.address), self.url.host, self.url.port, err)
+        return BackendError(f"{named(self.address)} cannot be downloaded from {self.url.host}: the connection failed", 502)
+
+
+def named(address: str) -> str:
+    """``image '<address>'`` for messages, cut to its first :data:`SHOWN_CHARACTERS`."""
+    shown = address[:SHOWN_CHARACTERS] + ("..." if len(address) > SHOWN_CHARACTERS else "")
+    return f"image {shown!r}"

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .budget import Lease
 from .errors import BackendError
 from .labelconfig import RegionTarget
 from .regions import annotation_masks
 
 KEYPOINT_RADIUS = 1 / 64
 """Radius of the disk a keypoint stands for, as a share of the image's longer side."""
+MAX_DRAWN_REGIONS = 1000
+"""Most regions and keypoints one interactive request may hold."""
 DRAWN_SHARE = 0.5
 """An instance and a drawn part sharing more than this share of the smaller one: drawn already."""
 
@@ -28,10 +31,17 @@ def context_regions(context) -> list[dict]:
     return [item for item in results if isinstance(item, dict)] if isinstance(results, list) else []
 
 
-def drawn_masks(regions: list[dict], target: RegionTarget, size: tuple[int, int], max_pixels: int) -> dict[str, np.ndarray]:
-    """``label -> (H, W) bool`` of the drawn regions of ``target``'s labels; keypoints as disks."""
+def drawn_masks(regions: list[dict], target: RegionTarget, size: tuple[int, int], max_pixels: int,
+                lease: Lease | None = None) -> dict[str, np.ndarray]:
+    """``label -> (H, W) bool`` of the drawn regions of ``target``'s labels; keypoints as disks.
+
+    At most :data:`MAX_DRAWN_REGIONS` regions; each label's mask is counted in ``lease``.
+    """
+    if len(regions) > MAX_DRAWN_REGIONS:
+        raise BackendError(f"the context holds {len(regions)} regions, more than the {MAX_DRAWN_REGIONS} "
+                           "one interactive request may draw", 413)
     height, width = size
-    masks = annotation_masks({"id": "context", "result": regions}, target, max_pixels)
+    masks = annotation_masks({"id": "context", "result": regions}, target, max_pixels, lease, size)
     for item in regions:
         value = item.get("value")
         if item.get("type") != "keypointlabels" or not isinstance(value, dict):
@@ -39,33 +49,33 @@ def drawn_masks(regions: list[dict], target: RegionTarget, size: tuple[int, int]
         labels = target.own_labels(value.get("keypointlabels"))
         if not labels:
             continue
-        disk = keypoint_disk(value, height, width)
+        rows, columns, disk = keypoint_disk(value, height, width)
         for label in labels:
-            masks[label] = masks[label] | disk if label in masks else disk
-    for label, mask in masks.items():
-        if mask.shape != (height, width):
-            raise BackendError(f"the drawn {label!r} region is {mask.shape[1]}x{mask.shape[0]}, the task image "
-                               f"{width}x{height}", 422)
+            if label not in masks:
+                if lease is not None:
+                    lease.take(height * width, f"the mask of {label[:40]!r}")
+                masks[label] = np.zeros((height, width), dtype=bool)
+            masks[label][rows, columns] |= disk
     return {label: mask for label, mask in masks.items() if mask.any()}
 
 
-def keypoint_disk(value: dict, height: int, width: int) -> np.ndarray:
-    """The ``(H, W)`` bool disk a keypoint value (``x``, ``y`` in percent) stands for."""
+def keypoint_disk(value: dict, height: int, width: int) -> tuple[slice, slice, np.ndarray]:
+    """Where the disk a keypoint value (``x``, ``y`` in percent) stands for lies in an ``(H, W)``
+    image: its rows and columns, and the bool disk within them."""
     import math
 
     try:
         x, y = float(value["x"]) / 100 * width, float(value["y"]) / 100 * height
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise BackendError(f"a keypoint of the context has no x/y percentages ({err})", 422) from None
     if not (0 <= x <= width and 0 <= y <= height):
-        raise BackendError(f"a keypoint of the context lies outside its image ({value.get('x')}%, {value.get('y')}%)", 422)
+        raise BackendError(f"a keypoint of the context lies outside its image ({str(value.get('x'))[:40]}%, "
+                           f"{str(value.get('y'))[:40]}%)", 422)
     radius = max(1.0, KEYPOINT_RADIUS * max(height, width))
     top, left = max(0, math.floor(y - radius)), max(0, math.floor(x - radius))
     bottom, right = min(height, math.ceil(y + radius) + 1), min(width, math.ceil(x + radius) + 1)
     ys, xs = np.mgrid[top:bottom, left:right]
-    disk = np.zeros((height, width), dtype=bool)
-    disk[top:bottom, left:right] = (xs + 0.5 - x) ** 2 + (ys + 0.5 - y) ** 2 <= radius**2
-    return disk
+    return slice(top, bottom), slice(left, right), (xs + 0.5 - x) ** 2 + (ys + 0.5 - y) ** 2 <= radius**2
 
 
 def other_instances(result, drawn: np.ndarray, method: str, min_patches: int) -> list:

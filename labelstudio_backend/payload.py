@@ -7,11 +7,14 @@ malformed request is a client error with a message and never reaches the handler
 from __future__ import annotations
 
 import json
+import re
 
 from .errors import BackendError
 
 MAX_DEPTH = 64
 MAX_ID_DIGITS = 18
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_object(body: bytes) -> dict:
@@ -25,7 +28,27 @@ def json_object(body: bytes) -> dict:
         raise BackendError("request body must be a JSON object")
     if depth(payload) > MAX_DEPTH:
         raise BackendError(f"request body is nested more than {MAX_DEPTH} levels deep")
+    if _SURROGATE_ESCAPE.search(body) and has_lone_surrogate(payload):
+        raise BackendError("request body holds a lone UTF-16 surrogate (an escape \\ud800-\\udfff without "
+                           "its pair): not text")
     return payload
+
+
+def has_lone_surrogate(value) -> bool:
+    """Whether a JSON value holds a string (or key) with an unpaired surrogate, which no text
+    encoding can write (json reads ``"\\ud800"`` as one), counted without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def depth(value) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BackendError
+from .budget import Lease
 from .labelconfig import RegionTarget
 from .rle import mask_to_rle, rle_to_mask
 
@@ -110,7 +111,7 @@ def _bitmask(url, height: int, width: int) -> np.ndarray:
             if image.size != (width, height):
                 raise ValueError(f"its image is {image.width}x{image.height}, the task image {width}x{height}")
             rgba = np.asarray(image.convert("RGBA"))
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, Image.DecompressionBombError) as err:
         raise ValueError(f"a bitmask region that cannot be decoded ({err})") from None
     return rgba[..., 3] > 0
 
@@ -120,7 +121,7 @@ def _filled(points, height: int, width: int) -> np.ndarray:
 
     try:
         ring = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         ring = None
     if ring is None or ring.ndim != 2 or ring.shape[1] != 2 or len(ring) < 3 or not np.isfinite(ring).all():
         raise ValueError("a polygon region whose points are not a list of at least three [x, y] percentages")
@@ -130,13 +131,18 @@ def _filled(points, height: int, width: int) -> np.ndarray:
     return canvas > 0
 
 
-def annotation_masks(annotation: dict, target: RegionTarget, max_pixels: int) -> dict[str, np.ndarray]:
+def annotation_masks(annotation: dict, target: RegionTarget, max_pixels: int, lease: Lease | None = None,
+                     size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """``label -> (H, W) bool`` union of an annotation's non-empty regions (brush, bitmask or
     polygon: ``target``'s type) of ``target``'s labels.
 
-    Raises :class:`BackendError` (422, or 413 above ``max_pixels``) for a region that cannot be decoded.
+    Every region must declare one image size, ``size`` (``(H, W)``) when given, and no more than
+    ``max_pixels``; each label's mask takes its pixels from ``lease`` before it is decoded, so
+    the sizes a payload declares cannot make the backend hold more than the pixel budget.
+    Raises :class:`BackendError` (422, or 413 above the bounds) for a region that cannot be decoded.
     """
     masks: dict[str, np.ndarray] = {}
+    name = f"annotation {str(annotation.get('id'))[:40]}"
     result = annotation.get("result")
     for item in result if isinstance(result, list) else []:
         value = item.get("value") if isinstance(item, dict) else None
@@ -148,19 +154,23 @@ def annotation_masks(annotation: dict, target: RegionTarget, max_pixels: int) ->
         try:
             height, width = int(item["original_height"]), int(item["original_width"])
         except (KeyError, TypeError, ValueError, OverflowError) as err:
-            raise BackendError(f"annotation {annotation.get('id')}: region without its image size ({err})", 422) from err
+            raise BackendError(f"{name}: region without its image size ({err})", 422) from err
         if height <= 0 or width <= 0 or height * width > max_pixels:
-            raise BackendError(
-                f"annotation {annotation.get('id')}: region of {width}x{height} pixels "
-                f"(limit INSID3_MAX_PIXELS={max_pixels})", 413
-            )
+            raise BackendError(f"{name}: region of {width}x{height} pixels (limit INSID3_MAX_PIXELS={max_pixels})", 413)
+        if size is not None and (height, width) != tuple(size):
+            raise BackendError(f"{name}: a region of a {width}x{height} image, the task image is {size[1]}x{size[0]}", 422)
+        size = (height, width)
+        if lease is not None:
+            for label in labels:
+                if label not in masks:
+                    lease.take(height * width, f"{name}: the mask of {label[:40]!r}")
         try:
             mask = value_mask(target.kind, value, height, width)
         except ValueError as err:
-            raise BackendError(f"annotation {annotation.get('id')}: region cannot be decoded ({err})", 422) from err
+            raise BackendError(f"{name}: region cannot be decoded ({err})", 422) from err
         for label in labels:
-            if label in masks and masks[label].shape != mask.shape:
-                raise BackendError(f"annotation {annotation.get('id')}: {label!r} regions of different image sizes", 422)
-            masks[label] = masks[label] | mask if label in masks else mask
+            if label in masks:
+                masks[label] |= mask
+            else:
+                masks[label] = mask.copy() if len(labels) > 1 else mask
     return {label: mask for label, mask in masks.items() if mask.any()}
-

@@ -34,3 +34,5 @@ def rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
         return np.reshape(decode_rle(data), (height, width, 4))[..., 3] > 0
     except IndexError as err:
         raise ValueError("rle ends early") from err
+    except (OverflowError, ValueError) as err:  # a word size above 8 bits decodes values no byte holds
+        raise ValueError(f"rle holds values that are not bytes ({err})") from err

@@ -56,9 +56,16 @@ class Backend:
         self.api = api
         self.fetcher = fetcher
         self.warmups = Warmups()
-        self._lock = threading.RLock()
+        self._project_locks: dict[int | None, threading.RLock] = {}
+        self._locks_lock = threading.Lock()
         self._device_lock = threading.Lock()
         self._synced: set[int] = set()
+
+    def project_lock(self, project: int | None) -> threading.RLock:
+        """The lock of ``project``'s references: held while they change or are encoded, so
+        requests for one project never wait on another's downloads."""
+        with self._locks_lock:
+            return self._project_locks.setdefault(project, threading.RLock())
 
     def store(self, project: int) -> AnnotationStore:
         """Cached annotation references of ``project``."""
@@ -131,7 +138,7 @@ class Backend:
         version = self.model_version(project)
         with self.fetcher.lease() as lease:
             image = self.fetcher.fetch(address, lease)
-            drawn = drawn_masks(regions, target, (image.height, image.width), self.settings.max_pixels)
+            drawn = drawn_masks(regions, target, (image.height, image.width), self.settings.max_pixels, lease)
             if not drawn:
                 raise BackendError(f"the drawn regions hold no {target.kind} region or keypoint of the labels "
                                    f"{', '.join(target.labels)}", 422)
@@ -203,21 +210,21 @@ class Backend:
             ``None`` when no label of ``target`` has a reference.
         model_version : str
         """
-        if project is not None:
-            with self._lock:
+        with self.project_lock(project):  # held while encoding: a webhook cannot remove a file being read
+            if project is not None:
                 if tasks is not None:
                     self._replace(project, target, tasks)
                     self._synced.add(project)
                 else:
                     self.sync(project, target, force)
-        pairs, key, version = self._target_pool(project, target)
-        if not pairs:
-            return None, version
-        try:
-            with self._device_lock:
-                pool = self.predictor.references(pairs, key)
-        except ValueError as err:
-            raise BackendError(f"a reference cannot be used: {err}", 422) from err
+            pairs, key, version = self._target_pool(project, target)
+            if not pairs:
+                return None, version
+            try:
+                with self._device_lock:
+                    pool = self.predictor.references(pairs, key)
+            except ValueError as err:
+                raise BackendError(f"a reference cannot be used: {err}", 422) from err
         if pool.calibration is not None:
             where = self.settings.model_dir / "projects" / str(project if project is not None else "folder")
             write_json(where / CALIBRATION_FILE, {**pool.calibration.document(), "model_version": version})
@@ -255,12 +262,12 @@ class Backend:
         if project is None:
             raise BackendError("webhook payload has no project id")
         if action in DELETE_EVENTS:
-            with self._lock:
+            with self.project_lock(project):
                 for annotation in annotations:
                     self.store(project).remove(annotation_id(annotation))
         elif action in REFERENCE_EVENTS:
             target = self._webhook_target(payload, project)
-            with self._lock:
+            with self.project_lock(project):
                 self.add_annotation(project, target, task, annotation)
             self.warm(project, target)
         else:
@@ -282,12 +289,12 @@ class Backend:
             return False
         if store.stamp(identifier) == stamp:
             return True
-        masks = annotation_masks(annotation, target, self.settings.max_pixels)
-        if not masks:
-            store.remove(identifier)
-            return False
-        shapes = {mask.shape for mask in masks.values()}
         with self.fetcher.lease() as lease:
+            masks = annotation_masks(annotation, target, self.settings.max_pixels, lease)
+            if not masks:
+                store.remove(identifier)
+                return False
+            shapes = {mask.shape for mask in masks.values()}
             image = self.fetcher.fetch(required_image_address(task, target), lease)
             if shapes != {(image.height, image.width)}:
                 raise BackendError(
@@ -295,14 +302,14 @@ class Backend:
                     f"{image.height}x{image.width}", 422
                 )
             store.put(identifier, image, masks, stamp)
-            del image  # freed before the lease gives its pixels (and the memory) back
+            del image, masks  # freed before the lease gives their pixels (and the memory) back
         return True
 
     def sync(self, project: int, target: RegionTarget, force: bool = False) -> None:
         """Make the cached references match the project's annotations (once, unless ``force``)."""
         if project in self._synced and not force:
             return
-        with self._lock:
+        with self.project_lock(project):
             if self.api is not None:
                 self._replace(project, target, self.api.annotated_tasks(project))
             self._synced.add(project)
@@ -311,14 +318,15 @@ class Backend:
         """Cache every usable annotation of ``tasks`` and drop the others; a bad one is logged and skipped."""
         seen = set()
         for task in tasks:
-            if not isinstance(task, dict):
-                continue
-            for annotation in task.get("annotations") or []:
+            annotations = task.get("annotations") if isinstance(task, dict) else None
+            for annotation in annotations if isinstance(annotations, list) else []:
                 try:
                     if self.add_annotation(project, target, task, annotation):
                         seen.add(annotation_id(annotation))
                 except BackendError as err:
                     log.warning("project %s, task %s: annotation skipped: %s", project, task.get("id"), err.message)
+                except Exception:  # one annotation Label Studio holds must not stop a project's references
+                    log.exception("project %s, task %s: annotation skipped", project, task.get("id"))
         store = self.store(project)
         for stale in store.annotation_ids() - seen:
             store.remove(stale)

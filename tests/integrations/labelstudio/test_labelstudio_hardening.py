@@ -4,13 +4,19 @@ are bounded, large bodies are refused."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
+import struct
 import threading
 import time
+import zlib
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 pytest.importorskip("flask")
 pytest.importorskip("waitress")
@@ -22,6 +28,7 @@ from labelstudio_backend.app import create_app  # noqa: E402
 from labelstudio_backend.budget import Lease, PixelBudget  # noqa: E402
 from labelstudio_backend.build import build_backend  # noqa: E402
 from labelstudio_backend.errors import BackendError  # noqa: E402
+from labelstudio_backend.rle import mask_to_rle  # noqa: E402
 from labelstudio_backend.settings import Settings  # noqa: E402
 
 PROJECT = {"id": 7, "label_config": BRUSH_CONFIG}
@@ -45,6 +52,32 @@ def hosts():
 def settings(tmp_path, hosts):
     return Settings(label_studio_url=hosts["label_studio"].url, model_dir=tmp_path / "model",
                     reference_dir=reference_folder(tmp_path / "references"), allowed_hosts=frozenset({"127.0.0.3"}))
+
+
+def bomb_png_url() -> str:
+    """A 1x1 PNG whose header says 20000x20000 (400 megapixels: PIL's decompression-bomb refusal)."""
+    stream = io.BytesIO()
+    Image.new("L", (1, 1)).save(stream, format="PNG")
+    data = bytearray(stream.getvalue())
+    data[16:24] = struct.pack(">II", 20000, 20000)  # IHDR width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
+def region_event(kind: str, value: dict, labels=(LABEL,), size=(4, 4), config: str = "") -> dict:
+    """An ANNOTATION_CREATED event whose one region of ``kind`` has ``value`` and declares ``size``."""
+    controls = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels", "bitmasklabels": "BitmaskLabels"}
+    config = config or (f'<View><Image name="image" value="$image"/><{controls[kind]} name="tag" toName="image">'
+                        + "".join(f'<Label value="{label}"/>' for label in labels) + f"</{controls[kind]}></View>")
+    return {"action": "ANNOTATION_CREATED", "project": {"id": 7, "label_config": config},
+            "task": {"id": 1, "data": {"image": "/x.png"}},
+            "annotation": {"id": 3, "result": [{"from_name": "tag", "to_name": "image", "type": kind,
+                                                "original_width": size[0], "original_height": size[1],
+                                                "value": {**value, kind: [label]}} for label in labels]}}
+
+
+MANY_LABELS = [f"part {index}" for index in range(12)]
+TRIANGLE = [[1.0, 1.0], [50.0, 1.0], [1.0, 50.0]]
 
 
 def nested(levels: int) -> str:
@@ -85,6 +118,18 @@ MALFORMED = [
                   "annotation": {"id": 3, "result": [{"from_name": "tag", "type": "brushlabels", "original_width": 1e400,
                                                       "original_height": 4, "value": {"rle": [0], "brushlabels": [LABEL]}}]}},
      422, "image size"),
+    ("/webhook", region_event("brushlabels", {"format": "rle", "rle": [0, 0, 0, 64, 65, 153, 156, 249, 96]}), 422,
+     "rle holds values that are not bytes"),
+    ("/webhook", region_event("polygonlabels", {"points": [[10**400, 1], [2, 3], [4, 5]]}), 422, "polygon region"),
+    ("/webhook", region_event("bitmasklabels", {"imageDataURL": bomb_png_url()}), 422, "bitmask region that cannot be decoded"),
+    # 12 labels of 10000x10000 declared in 3 KB: the third label's mask would pass the pixel budget
+    ("/webhook", region_event("polygonlabels", {"points": TRIANGLE}, MANY_LABELS, (10000, 10000)), 413,
+     "exceed INSID3_MAX_PIXELS_IN_FLIGHT"),
+    ("/predict", {"project": 7, "tasks": [{"id": 1, "data": {"image": "/\ud800.png"}}], "label_config": BRUSH_CONFIG},
+     400, "lone UTF-16 surrogate"),
+    ("/setup", {"project": 7, "schema": BRUSH_CONFIG.replace("Other", "\udc00")}, 400, "lone UTF-16 surrogate"),
+    ("/train", {"project": 7, "label_config": BRUSH_CONFIG, "annotations": [{"id": 1, "annotations": 5}]}, 200,
+     "model_version"),
     ("/webhook", {"action": "SOMETHING_NEW"}, 200, "ignored"),
     ("/webhook", {"action": "", "annotation": 138435, "annotations": [{}]}, 400, "'annotation' must be an object"),
     ("/webhook", {"action": ["x"]}, 400, "'action' must be a string"),
@@ -216,3 +261,74 @@ def test_settings_refuse_impossible_bounds(monkeypatch):
         with pytest.raises(ValueError, match=words):
             build_backend(Settings.from_environment(), None)
         monkeypatch.delenv(variable)
+
+
+def test_one_bad_annotation_in_label_studio_leaves_the_others(segmenter, settings, monkeypatch, caplog):
+    """Whatever an annotation from Label Studio makes fail, it is logged and skipped; the project's
+    other annotations still become references."""
+    backend = build_backend(settings, segmenter)
+    added = backend.add_annotation
+
+    def failing_on_the_first(project, target, task, annotation):
+        if annotation["id"] == 1:
+            raise OverflowError("a value no decoder expected")
+        return added(project, target, task, annotation)
+
+    monkeypatch.setattr(backend, "add_annotation", failing_on_the_first)
+    region = {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 8, "original_height": 6,
+              "value": {"format": "rle", "rle": mask_to_rle(np.ones((6, 8), dtype=bool)), "brushlabels": [LABEL]}}
+    tasks = [{"id": 1, "data": {"image": "/x.png"}, "annotations": [{"id": 1, "result": [region]}, {"id": 2, "result": [region]}]}]
+    with caplog.at_level("ERROR", logger="labelstudio_backend.service"):
+        answer = create_app(backend).test_client().post(
+            "/train", json={"project": 7, "label_config": BRUSH_CONFIG, "annotations": tasks})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert backend.store(7).annotation_ids() == {2}
+    assert "annotation skipped" in caplog.text and "OverflowError" in caplog.text
+
+
+def test_a_project_busy_with_its_references_does_not_hold_up_another(segmenter, settings):
+    """One project's lock (a slow download of its annotation's image, say) leaves other projects' webhooks alone."""
+    backend = build_backend(settings, segmenter)
+    client = create_app(backend).test_client()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_project_7():
+        with backend.project_lock(7):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_project_7)
+    holder.start()
+    holding.wait(10)
+    answers = []
+    other = threading.Thread(target=lambda: answers.append(client.post(
+        "/webhook", json={"action": "ANNOTATION_DELETED", "project": 8, "annotation": {"id": 4}})))
+    other.start()
+    other.join(20)
+    finished = not other.is_alive()
+    release.set()
+    holder.join()
+    other.join()
+    assert finished, "project 8's webhook waited for project 7's lock"
+    assert answers[0].status_code == 200
+
+
+def test_interactive_regions_are_bounded_and_checked_before_decoding():
+    from labelstudio_backend.interactive import MAX_DRAWN_REGIONS, drawn_masks, keypoint_disk
+    from labelstudio_backend.labelconfig import region_target
+
+    with pytest.raises(BackendError) as huge:
+        keypoint_disk({"x": 10**400, "y": 5}, 10, 10)
+    assert huge.value.status == 422 and "x/y percentages" in huge.value.message
+    target = region_target(BRUSH_CONFIG)
+    keypoint = {"type": "keypointlabels", "value": {"x": 50, "y": 50, "keypointlabels": [LABEL]}}
+    with pytest.raises(BackendError) as many:
+        drawn_masks([keypoint] * (MAX_DRAWN_REGIONS + 1), target, (600, 800), 10**8)
+    assert many.value.status == 413
+    masks = drawn_masks([keypoint] * 3, target, (600, 800), 10**8, Lease(PixelBudget(10**6, 0.1)))
+    assert list(masks) == [LABEL] and masks[LABEL].sum() > 0 and not masks[LABEL][0, 0]
+    larger = {"from_name": "tag", "type": "brushlabels", "original_width": 8000, "original_height": 6000,
+              "value": {"format": "rle", "rle": [0], "brushlabels": [LABEL]}}
+    with pytest.raises(BackendError) as other_size:  # refused before an 8000x6000 mask is made
+        drawn_masks([larger], target, (600, 800), 10**8)
+    assert other_size.value.status == 422 and "8000x6000 image, the task image is 800x600" in other_size.value.message

@@ -163,6 +163,29 @@ def test_a_download_has_one_deadline_however_slowly_the_server_sends(hosts, fetc
     assert allowed.dripped < 500
 
 
+def test_one_request_shares_one_download_deadline(hosts, fetcher):
+    """Images of one request end within one INSID3_DOWNLOAD_SECONDS together: once the first has
+    used it up, the next is refused without a connection."""
+    allowed = hosts["allowed"]
+    allowed.requests.clear()
+    with fetcher.lease() as lease:
+        for _ in range(2):
+            with pytest.raises(BackendError) as late:
+                fetcher.fetch(allowed.url + "/drip", lease)
+            assert late.value.status == 504 and "one request's downloads together" in late.value.message
+    assert [path for path, _ in allowed.requests] == ["/drip"]
+    assert fetcher.fetch(allowed.url + "/x.png", fetcher.lease()).size == (8, 6)  # a new request, a new deadline
+
+
+def test_a_failed_connection_does_not_say_why(hosts, fetcher):
+    """Refused, reset or unreachable read the same to the client (no port scanner); the log has the cause."""
+    closed_port = f"http://{canonical_host('127.0.0.3')}:1/x.png"
+    with pytest.raises(BackendError) as failed:
+        fetcher.fetch(closed_port)
+    assert failed.value.status == 502 and failed.value.message.endswith("the connection failed")
+    assert "Errno" not in failed.value.message and "refused" not in failed.value.message.lower()
+
+
 def test_allowlist_entries_are_read_like_urls():
     assert canonical_host("Images.Example.ORG.") == "images.example.org"
     assert canonical_host("[::1]") == canonical_host("0:0::1") == "::1"
