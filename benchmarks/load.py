@@ -92,7 +92,7 @@ def start_backend(arguments, workdir: Path, image_host: str) -> tuple[subprocess
 
 def predict(url: str, image: str) -> tuple[float, int]:
     started = time.perf_counter()
-    body = {"tasks": [{"id": 1, "data": {"image": f"/{image}"}}], "project": "1.1", "label_config": CONFIG}
+    body = {"tasks": [{"id": 1, "data": {"image": f"/data/upload/{image}"}}], "project": "1.1", "label_config": CONFIG}
     try:
         status = requests.post(url + "/predict", json=body, timeout=600).status_code
     except requests.RequestException:
@@ -139,10 +139,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
-        served = workdir / "images"
-        served.mkdir()
-        images = image_folder(served, arguments.megapixels)
-        host = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(served)))
+        uploads = workdir / "data" / "upload"  # Label Studio's route of uploaded files
+        uploads.mkdir(parents=True)
+        images = image_folder(uploads, arguments.megapixels)
+        host = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(workdir)))
         threading.Thread(target=host.serve_forever, daemon=True).start()
         process, url = start_backend(arguments, workdir, f"http://127.0.0.1:{host.server_address[1]}")
         try:

@@ -14,10 +14,11 @@ import http.client
 import io
 import logging
 import os
+import re
 import socket
 import threading
 import time
-from urllib.parse import urljoin
+from urllib.parse import unquote, urljoin
 
 import urllib3
 from PIL import Image, UnidentifiedImageError
@@ -33,6 +34,9 @@ from .urls import URL, UnsafeURL, canonical_host, parse_url
 log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 SHOWN_CHARACTERS = 200
+FILE_ROUTES = re.compile(r"/(data/upload/|data/local-files/?\?|storage-data/uploaded/?\?|tasks/[0-9]+/presign/?\?)")
+"""Label Studio's routes that serve task files (uploads, local files, storage data, presigned
+cloud URIs), after the ``LABEL_STUDIO_URL`` path."""
 CHUNK = 1 << 16
 READ_SECONDS = 30
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -70,7 +74,9 @@ class ImageFetcher:
                  budget: PixelBudget | None = None) -> None:
         self.credentials = credentials
         try:
-            self.own_origin = parse_url(credentials.base_url).origin if credentials.base_url else None
+            own = parse_url(credentials.base_url) if credentials.base_url else None
+            self.own_origin = own.origin if own else None
+            self.own_prefix = own.target.split("?")[0].rstrip("/") if own else ""  # Label Studio under a sub-path
         except UnsafeURL as err:
             raise ValueError(f"LABEL_STUDIO_URL={credentials.base_url!r} {err}") from None
         try:
@@ -88,14 +94,32 @@ class ImageFetcher:
         return Lease(self.budget, self.download_seconds)
 
     def url(self, address: str) -> URL:
-        """The checked URL of a task's image address; raises :class:`BackendError` when refused."""
+        """The checked URL of a task's image address; raises :class:`BackendError` when refused.
+
+        An address on Label Studio's origin (relative, or absolute) must be one of its file
+        routes (:data:`FILE_ROUTES`) without ``.`` or ``..`` segments: the backend sends its
+        credentials there, and a task's author must not make it ``GET`` Label Studio's API.
+        """
         if not isinstance(address, str):
             raise BackendError(f"an image address must be a string, not {type(address).__name__}", 422)
+        given = address
         if address.startswith("/"):
             if not self.credentials.base_url:
                 raise BackendError(f"{named(address)} is served by Label Studio, but LABEL_STUDIO_URL is not set")
             address = self.credentials.base_url + "/" + address.lstrip("/")
-        return self._checked(address)
+        url = self._checked(address)
+        if self.is_own(url):
+            self._check_file_route(url, given)
+        return url
+
+    def _check_file_route(self, url: URL, given: str) -> None:
+        route = url.target[len(self.own_prefix):] if url.target.startswith(self.own_prefix + "/") else ""
+        decoded = unquote(unquote(route))
+        if not FILE_ROUTES.match(route) or any(part in (".", "..") for part in re.split(r"[/?&=]", decoded)):
+            raise BackendError(
+                f"{named(given)} is on Label Studio but not one of its file routes without '..' "
+                "(/data/upload/, /data/local-files/?d=, /storage-data/uploaded/?filepath=, "
+                "/tasks/<id>/presign/?fileuri=): only those get Label Studio's credentials", 422)
 
     def _checked(self, address: str) -> URL:
         try:

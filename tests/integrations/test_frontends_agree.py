@@ -66,7 +66,7 @@ def test_the_label_studio_backend_agrees(target, from_the_command_line, tmp_path
     """The backend as ``insid3 labelstudio serve`` builds it, its engine settings from ``INSID3_*``."""
     import shutil
 
-    from labelstudio_fixtures import BRUSH_CONFIG, LABEL, StaticServer, insid3_parser
+    from labelstudio_fixtures import BRUSH_CONFIG, LABEL, UPLOADS, StaticServer, insid3_parser
 
     from labelstudio_backend.app import create_app
     from labelstudio_backend.commands import backend_from_arguments
@@ -89,7 +89,7 @@ def test_the_label_studio_backend_agrees(target, from_the_command_line, tmp_path
         backend = backend_from_arguments(insid3_parser().parse_args(["labelstudio", "serve"]),
                                          Settings.from_environment())
         answer = create_app(backend).test_client().post("/predict", json={
-            "tasks": [{"id": 1, "data": {"image": "/tiled.png"}}], "project": "1.1", "label_config": BRUSH_CONFIG})
+            "tasks": [{"id": 1, "data": {"image": UPLOADS + "/tiled.png"}}], "project": "1.1", "label_config": BRUSH_CONFIG})
     assert answer.status_code == 200, answer.get_json()
     (region,) = answer.get_json()["results"][0]["result"]
     mask, verdict = from_the_command_line

@@ -20,6 +20,8 @@ TARGETS = sorted((EXAMPLES / "targets").glob("*.png"))
 IMAGE_SIZE = 128
 SVD_COMPONENTS = 16
 LABEL = "Disk"
+UPLOADS = "/data/upload"
+"""Label Studio's route of uploaded files: task images on its origin are fetched below it."""
 BRUSH_CONFIG = f"""<View>
   <Image name="image" value="$image"/>
   <BrushLabels name="tag" toName="image">
@@ -149,6 +151,11 @@ class StaticServer:
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
+    """Files of the directory, at their path or below :data:`UPLOADS` (as Label Studio serves uploads)."""
+
+    def translate_path(self, path: str) -> str:
+        return super().translate_path(path.removeprefix(UPLOADS))
+
     def log_message(self, *_) -> None:
         pass
 
@@ -160,7 +167,8 @@ def png_bytes() -> bytes:
 
 
 class Listener:
-    """An HTTP server on ``host`` recording every request: ``/x.png`` an image, ``/to?<location>`` a
+    """An HTTP server on ``host`` recording every request (the routes also below :data:`UPLOADS`):
+    ``/x.png`` an image, ``/to?<location>`` a
     302 to that location (sent as is), ``/drip`` 1000 bytes one every 50 ms, ``/slow-headers`` its
     headers one byte every 50 ms."""
 
@@ -172,17 +180,18 @@ class Listener:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 listener.requests.append((self.path, self.headers.get("Authorization")))
-                if self.path.startswith("/to?"):
+                path = self.path.removeprefix(UPLOADS)
+                if path.startswith("/to?"):
                     self.send_response(302)
-                    self.send_header("Location", urllib.parse.unquote(self.path[4:]))
+                    self.send_header("Location", urllib.parse.unquote(path[4:]))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                elif self.path == "/drip":
+                elif path == "/drip":
                     self.send_response(200)
                     self.send_header("Content-Length", "1000")
                     self.end_headers()
                     self.drip(b"x" * 1000)
-                elif self.path == "/slow-headers":
+                elif path == "/slow-headers":
                     self.drip(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"p" * 1000 + b"\r\n\r\n")
                 else:
                     body = png_bytes()

@@ -16,7 +16,7 @@ pytest.importorskip("label_studio_sdk")
 
 from labelstudio_fixtures import (  # noqa: E402
     BRUSH_CONFIG, CHOICES_CONFIG, EXAMPLES, LABEL, TARGETS, StaticServer, brush_region, reference_folder,
-    scene_reference_folder, small_segmenter, two_disk_scenes, verdict_images, verdict_segmenter,
+    UPLOADS, scene_reference_folder, small_segmenter, two_disk_scenes, verdict_images, verdict_segmenter,
 )
 
 import insid3_core.pipeline  # noqa: E402
@@ -62,7 +62,7 @@ def make_client(segmenter, settings):
 
 
 def tasks_for(paths, start=1):
-    return [{"id": start + i, "data": {"image": f"/examples/targets/{p.name}"}} for i, p in enumerate(paths)]
+    return [{"id": start + i, "data": {"image": f"{UPLOADS}/examples/targets/{p.name}"}} for i, p in enumerate(paths)]
 
 
 def predict(client, tasks, config=BRUSH_CONFIG, **kwargs):
@@ -139,7 +139,7 @@ def test_model_version_follows_the_reference_pool(segmenter, settings):
 
 def test_image_errors_are_clear(segmenter, settings):
     client = make_client(segmenter, settings)
-    broken = [{"id": 1, "data": {"image": "/broken.png"}}]
+    broken = [{"id": 1, "data": {"image": UPLOADS + "/broken.png"}}]
     answer = predict(client, broken)
     assert answer.status_code == 422 and "unreadable" in answer.get_json()["error"]
     # Label Studio asks again task by task when it gets one result for several tasks
@@ -266,9 +266,32 @@ def test_label_studio_addresses():
     assert fetcher.is_own(fetcher.url("http://LS.local:8080/data/upload/1.png"))
     assert not fetcher.is_own(fetcher.url("https://images.example.org/a.png"))
     own = ImageFetcher(Credentials("https://ls.local", ""))
-    assert own.is_own(own.url("https://ls.local:443/a.png"))
+    assert own.is_own(own.url("https://ls.local:443/data/upload/a.png"))
     with pytest.raises(BackendError, match="LABEL_STUDIO_URL is not set"):
         ImageFetcher(Credentials("", "")).url("/data/upload/3/a.png")
+
+
+def test_label_studio_gets_its_credentials_for_its_file_routes_only():
+    """A task's author cannot make the backend GET Label Studio's API with its token."""
+    from labelstudio_backend.credentials import Credentials
+    from labelstudio_backend.errors import BackendError
+    from labelstudio_backend.images import ImageFetcher
+
+    fetcher = ImageFetcher(Credentials("http://ls.local:8080", ""))
+    for fine in ("/data/upload/3/a.png", "/data/local-files/?d=scans/a.png", "/data/local-files?d=a.png",
+                 "/storage-data/uploaded/?filepath=upload/1/a.png", "/tasks/12/presign/?fileuri=czM6Ly9iL2EucG5n",
+                 "http://LS.local:8080/data/upload/1.png"):
+        assert fetcher.is_own(fetcher.url(fine)), fine
+    for refused in ("/api/projects/", "/../../api/projects/", "/%2e%2e/api/current-user/whoami",
+                    "/data/upload/../../api/projects", "/data/upload/%252e%252e/api", "/data/local-files/?d=../../etc/passwd",
+                    "http://ls.local:8080/api/projects", "/x.png", "/tasks/12/", "/data/uploads/a.png"):
+        with pytest.raises(BackendError) as caught:
+            fetcher.url(refused)
+        assert caught.value.status == 422 and "file routes" in caught.value.message, refused
+    under = ImageFetcher(Credentials("http://ls.local:8080/label-studio/", ""))  # Label Studio under a sub-path
+    assert str(under.url("/data/upload/1.png")) == "http://ls.local:8080/label-studio/data/upload/1.png"
+    with pytest.raises(BackendError, match="file routes"):
+        under.url("http://ls.local:8080/data/upload/1.png")
 
 
 def webhook_annotation(client, annotation, action="ANNOTATION_CREATED", task=None):
@@ -280,7 +303,7 @@ def test_every_verdict_reaches_the_reviewer(tiny_backbone, settings, tmp_path):
     """Each label gives a region, an empty mask too, its verdict in the region meta text the Data Manager searches."""
     segmenter = verdict_segmenter(tiny_backbone)
     images = verdict_images(tmp_path / "verdicts")  # the same files as the served /verdicts/
-    tasks = [{"id": i, "data": {"image": f"/verdicts/{path.name}"}} for i, path in enumerate(images)]
+    tasks = [{"id": i, "data": {"image": f"{UPLOADS}/verdicts/{path.name}"}} for i, path in enumerate(images)]
     answer = predict(make_client(segmenter, dataclasses.replace(settings, max_tasks_per_request=16)), tasks)
     assert answer.status_code == 200, answer.get_json()
     references = segmenter.encode({"object": [(EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png")]})
@@ -425,7 +448,7 @@ def test_instances_give_one_region_each(segmenter, scene_server, tmp_path):
     """INSID3_INSTANCES: one region per instance of a label, each with its own mask, score and the label's verdict."""
     server, paths = scene_server
     client, folder = scene_client(segmenter, tmp_path, server, instances="necks")
-    answer = predict(client, [{"id": 1, "data": {"image": f"/{paths[0].name}"}}])
+    answer = predict(client, [{"id": 1, "data": {"image": f"{UPLOADS}/{paths[0].name}"}}])
     assert answer.status_code == 200, answer.get_json()
     (prediction,) = answer.get_json()["results"]
     truth = engine_classes(segmenter, folder, paths[:1])[0].classes
@@ -441,7 +464,7 @@ def test_instances_give_one_region_each(segmenter, scene_server, tmp_path):
     assert others[0]["meta"]["text"][0].startswith(f"insid3 quality: {truth['Other'].quality.verdict} (")
     # the task's score is the labels' mean, as with whole regions
     whole_client, _ = scene_client(segmenter, tmp_path / "whole", server)
-    whole = predict(whole_client, [{"id": 1, "data": {"image": f"/{paths[0].name}"}}]).get_json()["results"][0]
+    whole = predict(whole_client, [{"id": 1, "data": {"image": f"{UPLOADS}/{paths[0].name}"}}]).get_json()["results"][0]
     assert len(regions_of(whole, LABEL)) == 1
     assert whole["score"] == prediction["score"] > 0
     assert whole["model_version"] != prediction["model_version"]
@@ -454,7 +477,7 @@ def test_all_labels_share_one_clustering_per_batch(segmenter, scene_server, tmp_
     monkeypatch.setattr(insid3_core.pipeline, "cluster_patches",
                         lambda features, *args: calls.append(len(features)) or cluster(features, *args))
     client, folder = scene_client(segmenter, tmp_path, server, batch_size=2)
-    answer = predict(client, [{"id": i, "data": {"image": f"/{path.name}"}} for i, path in enumerate(paths)])
+    answer = predict(client, [{"id": i, "data": {"image": f"{UPLOADS}/{path.name}"}} for i, path in enumerate(paths)])
     assert answer.status_code == 200, answer.get_json()
     assert calls == [2, 1]  # 3 tasks in batches of 2, two labels
     for prediction, truth in zip(answer.get_json()["results"], engine_classes(segmenter, folder, paths)):
@@ -504,7 +527,7 @@ def test_negative_label_regions_are_negatives_and_never_predicted(tiny_backbone,
     target.save(served / "target.png")
     disk_only = tmp_path / "disk_only"
     shutil.copytree(references / LABEL, disk_only / LABEL)
-    task = [{"id": 1, "data": {"image": "/target.png"}}]
+    task = [{"id": 1, "data": {"image": UPLOADS + "/target.png"}}]
     with StaticServer(served) as server:
         covered = {}
         for name, folder, negative in (("positive only", disk_only, ""), ("negative label", references, "Other")):

@@ -13,7 +13,7 @@ from PIL import Image
 
 pytest.importorskip("flask")
 
-from labelstudio_fixtures import BRUSH_CONFIG, LABEL, StaticServer, brush_region, insid3_parser  # noqa: E402
+from labelstudio_fixtures import BRUSH_CONFIG, LABEL, StaticServer, UPLOADS, brush_region, insid3_parser  # noqa: E402
 from scenes import ringed_scene  # noqa: E402
 
 from insid3_core.calibration import calibrate  # noqa: E402
@@ -46,7 +46,7 @@ def served(tmp_path):
 
 
 def predict(client, index: int) -> dict:
-    answer = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": f"/ringed_{index}.png"}}],
+    answer = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": f"{UPLOADS}/ringed_{index}.png"}}],
                                            "project": "7.1700000000", "label_config": BRUSH_CONFIG})
     assert answer.status_code == 200, answer.get_json()
     return answer.get_json()
@@ -68,7 +68,7 @@ def annotate(client, index: int) -> None:
     """Label Studio's webhook for an annotation of task ``index`` painting its scene's mask."""
     answer = client.post("/webhook", json={
         "action": "ANNOTATION_CREATED", "project": {"id": 7, "label_config": BRUSH_CONFIG},
-        "task": {"id": 100 + index, "data": {"image": f"/ringed_{index}.png"}},
+        "task": {"id": 100 + index, "data": {"image": f"{UPLOADS}/ringed_{index}.png"}},
         "annotation": {"id": 40 + index, "result": [brush_region(SCENES[index][1])]},
     })
     assert answer.status_code == 200, answer.get_json()

@@ -21,7 +21,7 @@ from PIL import Image
 pytest.importorskip("flask")
 pytest.importorskip("waitress")
 
-from labelstudio_fixtures import BRUSH_CONFIG, LABEL, Listener, reference_folder, small_segmenter  # noqa: E402
+from labelstudio_fixtures import BRUSH_CONFIG, LABEL, Listener, UPLOADS, reference_folder, small_segmenter  # noqa: E402
 from labelstudio_live import BackendServer  # noqa: E402
 
 from labelstudio_backend.app import create_app  # noqa: E402
@@ -70,7 +70,7 @@ def region_event(kind: str, value: dict, labels=(LABEL,), size=(4, 4), config: s
     config = config or (f'<View><Image name="image" value="$image"/><{controls[kind]} name="tag" toName="image">'
                         + "".join(f'<Label value="{label}"/>' for label in labels) + f"</{controls[kind]}></View>")
     return {"action": "ANNOTATION_CREATED", "project": {"id": 7, "label_config": config},
-            "task": {"id": 1, "data": {"image": "/x.png"}},
+            "task": {"id": 1, "data": {"image": UPLOADS + "/x.png"}},
             "annotation": {"id": 3, "result": [{"from_name": "tag", "to_name": "image", "type": kind,
                                                 "original_width": size[0], "original_height": size[1],
                                                 "value": {**value, kind: [label]}} for label in labels]}}
@@ -112,9 +112,9 @@ MALFORMED = [
     ("/webhook", {"action": "ANNOTATIONS_DELETED", "project": 7, "annotations": [{"id": "١٢"}]}, 400,
      "annotation without an id"),
     ("/setup", {"project": 7, "schema": long_label_config()}, 400, "too long"),
-    ("/predict", {"project": 7, "tasks": [{"id": 1, "data": {"image": "/x.png"}}], "label_config": long_label_config()},
+    ("/predict", {"project": 7, "tasks": [{"id": 1, "data": {"image": UPLOADS + "/x.png"}}], "label_config": long_label_config()},
      400, "too long"),
-    ("/webhook", {"action": "ANNOTATION_CREATED", "project": PROJECT, "task": {"id": 1, "data": {"image": "/x.png"}},
+    ("/webhook", {"action": "ANNOTATION_CREATED", "project": PROJECT, "task": {"id": 1, "data": {"image": UPLOADS + "/x.png"}},
                   "annotation": {"id": 3, "result": [{"from_name": "tag", "type": "brushlabels", "original_width": 1e400,
                                                       "original_height": 4, "value": {"rle": [0], "brushlabels": [LABEL]}}]}},
      422, "image size"),
@@ -203,7 +203,7 @@ def test_busy_workers_leave_health_answering(segmenter, settings, hosts):
 def test_a_full_house_waits_its_turn_instead_of_failing(segmenter, settings):
     """Twelve predictions at once on two turns: every one is answered 200, none refused."""
     with BackendServer(build_backend(settings, segmenter), threads=2) as server:
-        body = {"tasks": [{"id": 1, "data": {"image": "/x.png"}}], "project": "7.1", "label_config": BRUSH_CONFIG}
+        body = {"tasks": [{"id": 1, "data": {"image": UPLOADS + "/x.png"}}], "project": "7.1", "label_config": BRUSH_CONFIG}
         answers = []
         workers = [threading.Thread(target=lambda: answers.append(
             requests.post(server.url + "/predict", json=body, timeout=120).status_code)) for _ in range(12)]
@@ -236,7 +236,7 @@ def test_requests_share_the_pixel_budget(segmenter, settings):
     with backend.fetcher.lease() as held:
         held.take(100, "another request's image")
         answer = create_app(backend).test_client().post(  # the served /x.png is 8x6 pixels
-            "/predict", json={"tasks": [{"id": 1, "data": {"image": "/x.png"}}], "project": "7.1",
+            "/predict", json={"tasks": [{"id": 1, "data": {"image": UPLOADS + "/x.png"}}], "project": "7.1",
                               "label_config": BRUSH_CONFIG})
     assert answer.status_code == 503 and "INSID3_MAX_PIXELS_IN_FLIGHT" in answer.get_json()["error"]
     assert answer.headers["Retry-After"]
@@ -277,7 +277,7 @@ def test_one_bad_annotation_in_label_studio_leaves_the_others(segmenter, setting
     monkeypatch.setattr(backend, "add_annotation", failing_on_the_first)
     region = {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 8, "original_height": 6,
               "value": {"format": "rle", "rle": mask_to_rle(np.ones((6, 8), dtype=bool)), "brushlabels": [LABEL]}}
-    tasks = [{"id": 1, "data": {"image": "/x.png"}, "annotations": [{"id": 1, "result": [region]}, {"id": 2, "result": [region]}]}]
+    tasks = [{"id": 1, "data": {"image": UPLOADS + "/x.png"}, "annotations": [{"id": 1, "result": [region]}, {"id": 2, "result": [region]}]}]
     with caplog.at_level("ERROR", logger="labelstudio_backend.service"):
         answer = create_app(backend).test_client().post(
             "/train", json={"project": 7, "label_config": BRUSH_CONFIG, "annotations": tasks})

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("flask")
 
 from labelstudio_fixtures import (  # noqa: E402
-    EXAMPLES, LABEL, TARGETS, StaticServer, reference_folder, small_segmenter, two_disk_scenes,
+    EXAMPLES, LABEL, TARGETS, UPLOADS, StaticServer, reference_folder, small_segmenter, two_disk_scenes,
 )
 from scenes import disk  # noqa: E402
 
@@ -73,7 +73,7 @@ def decoded(prediction) -> np.ndarray:
 @pytest.mark.parametrize("control", list(KINDS))
 def test_predictions_come_in_the_projects_region_type(segmenter, served, tmp_path, control):
     client = client_for(segmenter, served, tmp_path)
-    answer = predict(client, control, [{"id": 1, "data": {"image": f"/{TARGETS[0].name}"}}])
+    answer = predict(client, control, [{"id": 1, "data": {"image": f"{UPLOADS}/{TARGETS[0].name}"}}])
     assert answer.status_code == 200, answer.get_json()
     (found,) = answer.get_json()["results"]
     assert {region["type"] for region in found["result"]} == {KINDS[control]}
@@ -108,10 +108,10 @@ def test_annotations_in_each_region_type_become_references(segmenter, served, tm
               "original_height": truth.shape[0], "value": value}
     answer = client.post("/webhook", json={"action": "ANNOTATION_CREATED",
                                            "project": {"id": 7, "label_config": config(control)},
-                                           "task": {"id": 1, "data": {"image": f"/{TARGETS[0].name}"}},
+                                           "task": {"id": 1, "data": {"image": f"{UPLOADS}/{TARGETS[0].name}"}},
                                            "annotation": {"id": 51, "result": [region]}})
     assert answer.status_code == 200, answer.get_json()
-    found = predict(client, control, [{"id": 2, "data": {"image": f"/{TARGETS[1].name}"}}])
+    found = predict(client, control, [{"id": 2, "data": {"image": f"{UPLOADS}/{TARGETS[1].name}"}}])
     assert found.status_code == 200, found.get_json()
     reference_mask = value_mask(KINDS[control], value, *truth.shape)
     references = segmenter.encode({LABEL: [(TARGETS[0], reference_mask)]})
@@ -138,7 +138,7 @@ def test_paint_one_get_all(segmenter, served, tmp_path, how):
                  "original_height": 320, "value": {"x": 100 / 384 * 100, "y": 160 / 320 * 100, "width": 1,
                                                     "keypointlabels": [LABEL]}}
     params = {"login": None, "password": None, "context": {"result": [drawn]}}
-    answer = predict(client, "BrushLabels", [{"id": 3, "data": {"image": "/two_disks_0.png"}}], params=params)
+    answer = predict(client, "BrushLabels", [{"id": 3, "data": {"image": UPLOADS + "/two_disks_0.png"}}], params=params)
     assert answer.status_code == 200, answer.get_json()
     (found,) = answer.get_json()["results"]
     other = disk((384, 320), (290, 170), 60)
@@ -151,7 +151,7 @@ def test_paint_one_get_all(segmenter, served, tmp_path, how):
 
 def test_interactive_requests_that_cannot_be_answered(segmenter, served, tmp_path):
     client = client_for(segmenter, served, tmp_path, references=False)
-    task = {"id": 3, "data": {"image": "/two_disks_0.png"}}
+    task = {"id": 3, "data": {"image": UPLOADS + "/two_disks_0.png"}}
     wrong = {"type": "rectanglelabels", "from_name": "box", "value": {"x": 1, "y": 1, "rectanglelabels": [LABEL]}}
     answer = predict(client, "BrushLabels", [task], params={"context": {"result": [wrong]}})
     assert answer.status_code == 422 and "hold no brushlabels region or keypoint" in answer.get_json()["error"]

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("flask")
 
-from labelstudio_fixtures import BRUSH_CONFIG, Listener, brush_region, reference_folder, small_segmenter  # noqa: E402
+from labelstudio_fixtures import BRUSH_CONFIG, Listener, UPLOADS, brush_region, reference_folder, small_segmenter  # noqa: E402
 
 from labelstudio_backend.credentials import Credentials  # noqa: E402
 from labelstudio_backend.errors import BackendError  # noqa: E402
@@ -117,15 +117,15 @@ def test_every_refused_url_that_both_parsers_read_is_refused_by_the_strict_parse
 
 
 def test_label_studio_and_allowed_hosts_are_fetched_with_credentials_only_on_label_studio(hosts, fetcher):
-    assert fetcher.fetch(f"HTTP://{hosts['label_studio'].authority}/x.png#fragment").size == (8, 6)
-    assert fetcher.fetch("/x.png").size == (8, 6)
-    assert hosts["label_studio"].requests == [("/x.png", f"Token {API_KEY}")] * 2
+    assert fetcher.fetch(f"HTTP://{hosts['label_studio'].authority}{UPLOADS}/x.png#fragment").size == (8, 6)
+    assert fetcher.fetch(f"{UPLOADS}/x.png").size == (8, 6)
+    assert hosts["label_studio"].requests == [(f"{UPLOADS}/x.png", f"Token {API_KEY}")] * 2
     assert fetcher.fetch(hosts["allowed"].url + "/x.png").size == (8, 6)
     assert hosts["allowed"].requests == [("/x.png", None)]
 
 
 def redirect(listener, location: str) -> str:
-    return f"{listener.url}/to?{urllib.parse.quote(location, safe='')}"
+    return f"{listener.url}{UPLOADS}/to?{urllib.parse.quote(location, safe='')}"
 
 
 def test_redirects_are_checked_on_every_hop(hosts, fetcher):
