@@ -39,6 +39,7 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -83,12 +84,14 @@ class ClusterOptions:
     cpus_per_actor: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.address.strip():
+            raise ValueError("--ray: an empty address; give 'local' or HOST:PORT")
         if self.actors < 1:
             raise ValueError(f"--actors must be >= 1, got {self.actors}")
-        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
-            raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
-        if self.cpus_per_actor <= 0:
-            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.gpus_per_actor is not None and not 0 <= self.gpus_per_actor < math.inf:
+            raise ValueError(f"--gpus-per-actor must be a number >= 0, got {self.gpus_per_actor}")
+        if not 0 < self.cpus_per_actor < math.inf:
+            raise ValueError(f"--cpus-per-actor must be a number > 0, got {self.cpus_per_actor}")
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,8 @@ def check_references(pairs) -> None:
 def check_writable_folder(folder: str | Path, what: str) -> None:
     """Create ``folder`` and write a probe file in it; :class:`InputError` naming ``what`` (an option
     or setting) when that fails, so a run finds out before its work rather than after."""
+    if not str(folder).strip():
+        raise InputError(f"{what}: an empty name; give a folder")
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{what} {folder}: is a file, not a folder")
@@ -242,6 +244,26 @@ def check_writable_folder(folder: str | Path, what: str) -> None:
         probe.unlink()
     except OSError as err:
         raise InputError(f"{what} {folder}: cannot write there ({err.strerror or err})") from None
+
+
+def check_output_files(paths, what: str, overwrite: bool, inputs=()) -> None:
+    """Refuse, before any work, to write the files ``paths``: :class:`InputError` naming ``what``
+    when one is a folder, one is among ``inputs`` (whatever ``overwrite`` says), one exists (a
+    dangling link too) without ``overwrite``, or a folder they go in cannot be written."""
+    given = {os.path.realpath(Path(path).expanduser()) for path in inputs}
+    existing = []
+    for path in map(Path, paths):
+        path = path.expanduser()
+        if path.is_dir():
+            raise InputError(f"{what}: {path} is a folder where an output file goes; move it away")
+        if os.path.realpath(path) in given:
+            raise InputError(f"{what}: writing {path} would overwrite an input file; choose another {what}")
+        if path.exists() or path.is_symlink():
+            existing.append(str(path))
+        check_writable_folder(path.parent, what)
+    if existing and not overwrite:
+        raise InputError(f"{what}: {', '.join(existing)} already exist(s); pass --overwrite to replace, "
+                         f"or choose another {what}")
 
 
 def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:

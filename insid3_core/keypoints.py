@@ -285,7 +285,10 @@ def best_matches(
     inside = (rows >= 0) & (rows < height) & (columns >= 0) & (columns < width)
     index = (rows.clamp(0, height - 1) * width + columns.clamp(0, width - 1)).flatten(2)
     neighbours = similarity.gather(-1, index).masked_fill(~inside.flatten(2), float("-inf"))
-    weights = torch.softmax(neighbours / temperature, dim=-1)
+    # shifted by the best similarity (0 after the shift), and the temperature kept above the dtype's
+    # smallest normal number: a tiny temperature tends to the best patch, never 0 / 0
+    temperature = max(temperature, torch.finfo(neighbours.dtype).tiny)
+    weights = torch.softmax((neighbours - scores[..., None]) / temperature, dim=-1)
     centres = torch.stack((columns.flatten(2), rows.flatten(2)), dim=-1).to(weights.dtype) + 0.5
     return (weights[..., None] * centres).sum(dim=2), scores, best
 

@@ -53,6 +53,10 @@ def carried_record(path) -> dict | None:
     return None
 
 
+RUN_DESCRIPTION = "insid3 segment"
+"""``info.description`` of every annotations.json insid3 writes: how a rerun knows its own file."""
+
+
 def run_description(settings, backbone, svd_components: int, references: dict[str, list[str]],
                     negatives: list[str], instances: str | None) -> tuple[str, dict]:
     """``(run id, run)``: what annotations.json's ``info.runs`` records of a run, and the 12-digit
@@ -71,7 +75,7 @@ def run_description(settings, backbone, svd_components: int, references: dict[st
         The instance method, when one annotation per instance is written.
     """
     run = {
-        "description": "insid3 segment",
+        "description": RUN_DESCRIPTION,
         "version": __version__,
         "backbone": backbone.name,
         "weights": backbone.identity,

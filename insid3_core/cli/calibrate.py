@@ -11,10 +11,10 @@ from pathlib import Path
 
 from ..calibration import GRID_OPTIONS, calibrate, grid_option
 from ..config import SMOKE_TEST_NOTE
-from ..io import atomic_write, check_references, check_writable_folder, write_json
+from ..io import atomic_write, check_output_files, check_references, check_writable_folder, write_json
 from ..settings import EngineSettings
 from . import UsageError
-from .common import add_reference_arguments, reference_classes
+from .common import add_reference_arguments, reference_classes, reference_files
 
 ENGINE_UNUSED = ("instance_method", "min_instance_patches")  # episodes score the class masks
 
@@ -36,7 +36,7 @@ def register(commands) -> None:
                              "default: tau 0.5,0.6,0.7,0.8, merge_threshold 0.1,0.2,0.3,0.4 and svd_components "
                              "at 0.5, 1 and 1.5 times the run's (one value holds an option fixed); the run's own "
                              "values are always tried")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier calibration in DIR")
     EngineSettings.add_arguments(parser, exclude=ENGINE_UNUSED)
     parser.set_defaults(handler=run_calibrate)
@@ -51,12 +51,10 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
 
     settings = EngineSettings.from_arguments(arguments)
     grid = dict(grid_option(spec) for spec in arguments.grid) if arguments.grid else None
-    out: Path = arguments.out
-    check_writable_folder(out, "--out")
-    existing = [name for name in OUTPUTS if (out / name).exists()]
-    if existing and not arguments.overwrite:
-        raise UsageError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them, "
-                         "or use another --out")
+    check_writable_folder(arguments.out, "--out")
+    out = Path(arguments.out).expanduser()
+    check_output_files([out / name for name in OUTPUTS], "--out", arguments.overwrite,
+                       inputs=reference_files(arguments))
     if importlib.util.find_spec("matplotlib") is None:  # before the backbone loads
         raise UsageError("insid3 calibrate needs matplotlib for its plot: pip install 'insid3[eval]'")
     references = reference_classes(arguments)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,17 @@ def reference_classes(arguments: argparse.Namespace) -> ReferenceClasses:
     for name, image, mask in arguments.class_ref:
         classes.setdefault(name, []).append((Path(image), Path(mask), mask))
     names = class_names(arguments.class_name)
+    if names and not arguments.label_ref:
+        raise UsageError("--class-name names the values of --label-ref masks: give --label-ref IMAGE MASK too")
+    found = set()
     for image, mask in arguments.label_ref:
         for value, class_mask in label_masks(mask).items():
+            found.add(value)
             classes.setdefault(names.get(value, str(value)), []).append((Path(image), class_mask, f"{mask} value {value}"))
+    unused = sorted(set(names) - found)
+    if unused:
+        raise UsageError(f"--class-name {unused[0]}={names[unused[0]]}: no --label-ref mask holds the value {unused[0]} "
+                         f"(they hold {', '.join(map(str, sorted(found))) or 'none'})")
     if not classes:
         raise UsageError("give at least one reference: --ref IMAGE MASK, --class-ref NAME IMAGE MASK "
                          "or --label-ref IMAGE MASK")
@@ -115,6 +124,8 @@ def class_names(specs: list[str]) -> dict[int, str]:
         value, separator, name = spec.partition("=")
         if not separator or not value.strip().isdigit() or not name:
             raise UsageError(f"--class-name {spec!r}: expected VALUE=NAME, e.g. 3=car")
+        if int(value) in names:
+            raise UsageError(f"--class-name {spec!r}: value {int(value)} is already named {names[int(value)]!r}")
         names[int(value)] = name
     return names
 
@@ -123,4 +134,4 @@ def reference_files(arguments: argparse.Namespace) -> list[Path]:
     """Every image and mask file the reference options name, resolved."""
     given = [*(p for pair in arguments.ref + arguments.label_ref + arguments.negative for p in pair),
              *(p for _, image, mask in arguments.class_ref for p in (image, mask))]
-    return [Path(p).expanduser().resolve() for p in given]
+    return [Path(os.path.realpath(Path(p).expanduser())) for p in given]  # a link loop stays a path, refused on reading

@@ -15,7 +15,7 @@ from ..config import SMOKE_TEST_NOTE
 from ..datasets import DEFAULT_SPLITS, FOLD_EPISODES, LAYOUTS, Dataset, Episode, load_dataset, make_episodes
 from ..engine import Segmenter
 from ..evaluation import ratio, run_episodes, summarise
-from ..io import atomic_write, write_json, write_mask_png
+from ..io import atomic_write, check_output_files, check_writable_folder, write_json, write_mask_png
 
 
 def register(commands) -> None:
@@ -29,7 +29,8 @@ def register(commands) -> None:
     )
     evaluate.add_argument("layout", choices=LAYOUTS, help="dataset layout")
     evaluate.add_argument("root", type=Path, metavar="ROOT", help="dataset folder")
-    evaluate.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder")
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="report folder")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in DIR")
     evaluate.add_argument("--shots", type=int, default=1, metavar="K", help="references per episode (default 1)")
     evaluate.add_argument("--episodes", type=int, metavar="N",
                           help=f"episodes per fold for coco20i (default {FOLD_EPISODES}), per class otherwise "
@@ -63,6 +64,9 @@ def run_eval(arguments: argparse.Namespace) -> int:
         raise UsageError("--seed and --figures must be >= 0")
     if importlib.util.find_spec("matplotlib") is None:  # before any episode runs
         raise UsageError("insid3 eval needs matplotlib for its figures: pip install 'insid3[eval]'")
+    check_writable_folder(arguments.out, "--out")  # before any episode runs
+    arguments.out = Path(arguments.out).expanduser()
+    check_output_files([arguments.out / "report.json", arguments.out / "report.md"], "--out", arguments.overwrite)
     from ..report import markdown
 
     dataset = load_dataset(arguments.layout, arguments.root, arguments.split, arguments.classes)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import number
-from ..io import InputError, write_json
+from ..io import InputError, check_output_files, write_json
 from ..keypoints import encode_points, iter_match, load_points
 
 
@@ -25,6 +25,7 @@ def register(commands) -> None:
     match.add_argument("--ref", nargs=2, required=True, metavar=("IMAGE", "POINTS"),
                        help='reference image and a JSON list of [x, y] or {"name", "x", "y"} in its pixels')
     match.add_argument("--out", required=True, type=Path, metavar="OUT.json", help="output JSON file")
+    match.add_argument("--overwrite", action="store_true", help="replace an existing OUT.json")
     match.add_argument("--original-features", action="store_true",
                        help="match the backbone's original features instead of the debiased ones")
     match.add_argument("--window", type=int, default=3,
@@ -47,6 +48,7 @@ def run_match(arguments: argparse.Namespace) -> int:
     targets = list(dict.fromkeys(target for spec in arguments.targets for target in resolve_targets([spec])))
     if arguments.out.suffix.lower() != ".json":
         raise UsageError(f"--out {arguments.out}: expected a .json file")
+    check_output_files([arguments.out], "--out", arguments.overwrite, inputs=[image, points_file, *targets])
     settings = EngineSettings.from_arguments(arguments)
     segmenter = build_segmenter(settings)
     reference = encode_points(

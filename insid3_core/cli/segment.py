@@ -17,7 +17,7 @@ from ..io import (
     InputError, check_references, check_writable_folder, file_digest, load_mask, remove_stale_temporaries, write_json,
 )
 from ..loader import default_workers, executor
-from ..outputs import carried_record, run_description, write_output_mask
+from ..outputs import RUN_DESCRIPTION, carried_record, run_description, write_output_mask
 from ..quality import VERDICTS
 from ..settings import EngineSettings
 from . import UsageError
@@ -61,6 +61,8 @@ def parse_document(data: bytes, path, overwrite: bool) -> dict | None:
         document = json.loads(data.decode("utf-8"))
         if not isinstance(document, dict):
             raise TypeError(f"it holds a JSON {type(document).__name__}, not an object")
+        if not isinstance(document.get("info"), dict) or document["info"].get("description") != RUN_DESCRIPTION:
+            raise ValueError(f"its info.description is not {RUN_DESCRIPTION!r}, so another tool wrote it")
         records_from_document(document)
         return document
     except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -101,7 +103,12 @@ def settle(writes: list, records: dict[str, dict], wait: bool) -> list:
 
 def run_segment(arguments: argparse.Namespace) -> int:
     settings = EngineSettings.from_arguments(arguments)
-    if arguments.ray:
+    if not arguments.out.strip():
+        raise UsageError("--out: an empty name; give a folder (or, with --ray, a URI)")
+    if arguments.ray is None and (arguments.actors != 1 or arguments.gpus_per_actor is not None
+                                  or arguments.cpus_per_actor != 1.0):
+        raise UsageError("--actors, --gpus-per-actor and --cpus-per-actor set a Ray job: give --ray too")
+    if arguments.ray is not None:
         return run_on_ray(arguments, settings)
     if "://" in arguments.out:
         raise UsageError(f"--out {arguments.out}: a URI needs --ray (a folder otherwise)")
@@ -116,6 +123,8 @@ def run_segment(arguments: argparse.Namespace) -> int:
     if clobbered:
         raise UsageError(f"output masks would overwrite input files: {', '.join(clobbered)}; choose another --out")
     annotations_path = out / "annotations.json"
+    if annotations_path.is_dir():
+        raise UsageError(f"--out: {annotations_path} is a folder where the annotations file goes; move it away")
     remove_stale_temporaries(out, [annotations_path.name, *(path.name for path in outputs.values())])
     document = load_document(annotations_path, arguments.overwrite)
     records = records_from_document(document) if document else {}
@@ -239,15 +248,34 @@ def check_categories(records: dict[str, dict], categories: list[str], path: Path
 
 def check_sources(skipped: list[Path], records: dict[str, dict], outputs: dict[Path, Path]) -> None:
     """Refuse to skip a target whose existing mask was made from another file (another folder's
-    image of the same name, or the same file since changed)."""
+    image of the same name, or the same file since changed) or is not the target's size."""
     stale = []
     for target in skipped:
-        made_from = records.get(target.name, {}).get("image", {}).get("source_sha256")
+        image = records.get(target.name, {}).get("image", {})
+        made_from = image.get("source_sha256")
         if made_from is not None and made_from != file_digest(target):
-            stale.append(f"{outputs[target]} (made from {records[target.name]['image'].get('source')})")
+            stale.append(f"{outputs[target]} (made from {image.get('source')})")
+            continue
+        size = oriented_size(target)
+        if size is not None and (image.get("width"), image.get("height")) != size:
+            stale.append(f"{outputs[target]} ({image.get('width')}x{image.get('height')}, the target is {size[0]}x{size[1]})")
     if stale:
-        raise UsageError(f"existing masks were made from other content than {len(stale)} target(s): "
+        raise UsageError(f"existing masks were made from other content than, or are not the size of, {len(stale)} target(s): "
                          f"{'; '.join(stale[:5])}; pass --overwrite to redo them, or use another --out")
+
+
+def oriented_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` of an image file as the engine sees it (EXIF orientation applied), read
+    from its header; ``None`` when it cannot be read (the run reports that target itself)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            return (height, width) if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8) else (width, height)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+ORIENTATION_TAG = 0x0112  # EXIF orientations 5-8 turn the image a quarter
 
 
 def written_labels(path: Path, classes: int) -> np.ndarray:

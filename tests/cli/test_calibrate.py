@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,21 @@ def test_an_earlier_calibration_is_kept_unless_overwrite(calibrated, references,
     assert main(["calibrate", *ref_flags(references), "--out", str(calibrated), *FAST]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (calibrated / "calibration.json").read_bytes() == before
+
+
+def test_calibration_outputs_never_replace_a_reference(references, tmp_path, capsys):
+    """A reference image named like an output in --out stays, --overwrite or not."""
+    out = tmp_path / "out"
+    out.mkdir()
+    image, mask = references[0]
+    (out / "calibration.png").write_bytes(Path(image).read_bytes())
+    pairs = [(str(out / "calibration.png"), mask), *references[1:]]
+    assert main(["calibrate", *ref_flags(pairs), "--out", str(out), *FAST, "--overwrite"]) == 2
+    assert "would overwrite an input file" in capsys.readouterr().err
+    assert (out / "calibration.png").read_bytes() == Path(image).read_bytes()
+    (out / "calibration.md").mkdir()
+    assert main(["calibrate", *ref_flags(references), "--out", str(out), *FAST, "--overwrite"]) == 2
+    assert "is a folder where an output file goes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

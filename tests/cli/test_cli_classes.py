@@ -125,6 +125,14 @@ def test_label_ref_splits_a_palette_mask_into_classes(tmp_path, capsys):
     assert main(["segment", "--label-ref", str(ref / "ref.png"), str(ref / "ref_palette.png"),
                  "--class-name", "one", "--out", str(tmp_path / "x"), *FAST, target]) == 2
     assert "expected VALUE=NAME" in capsys.readouterr().err
+    label_ref = ["--label-ref", str(ref / "ref.png"), str(ref / "ref_palette.png")]
+    for names, words in ((["--class-name", "3=car"], "no --label-ref mask holds the value 3 (they hold 1, 2)"),
+                         (["--class-name", "1=disk", "--class-name", "1=ring"], "value 1 is already named 'disk'")):
+        assert main(["segment", *label_ref, *names, "--out", str(tmp_path / "x"), *FAST, target]) == 2
+        assert words in capsys.readouterr().err
+    assert main(["segment", "--ref", str(ref / "ref.png"), str(ref / "ref_disks.png"), "--class-name", "1=disk",
+                 "--out", str(tmp_path / "x"), *FAST, target]) == 2
+    assert "give --label-ref IMAGE MASK too" in capsys.readouterr().err
 
 
 def test_label_ref_with_too_many_values_is_refused(tmp_path, capsys):

@@ -7,11 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import insid3_core.backbone
 from data import EXAMPLES
 from insid3_core.backbone import BUNDLED_CHECKPOINT
-from test_cli import segment
+from insid3_core.cli import main
+from test_cli import FAST, segment
 
 TARGET = EXAMPLES / "targets" / "scene_01.png"
 
@@ -110,6 +112,52 @@ def test_an_annotations_file_that_is_not_ours_is_named(tmp_path, capsys, content
     err = refused(capsys, "--out", out, TARGET)
     assert f"{out / 'annotations.json'}: existing file is not an insid3 COCO document" in err
     assert (out / "annotations.json").read_bytes() == content
+
+
+def test_another_tools_coco_file_is_kept(tmp_path, capsys):
+    """A COCO file insid3 did not write (its info says so) is neither rewritten nor merged into."""
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = b'{"info": {"description": "my labels"}, "images": [], "annotations": [], "categories": [], "licenses": []}'
+    (out / "annotations.json").write_bytes(theirs)
+    err = refused(capsys, "--out", out, TARGET)
+    assert "another tool wrote it" in err and (out / "annotations.json").read_bytes() == theirs
+    assert segment("--out", out, "--overwrite", TARGET) == 0  # asked: replaced
+
+
+@pytest.mark.parametrize(("arguments", "words"), [
+    (["--out", ""], "--out: an empty name"),
+    (["--actors", "-1"], "give --ray too"),
+    (["--ray", ""], "--ray: an empty address"),
+    (["--ray", "local", "--cpus-per-actor", "inf"], "--cpus-per-actor must be a number > 0"),
+    (["--ray", "local", "--gpus-per-actor", "nan"], "--gpus-per-actor must be a number >= 0"),
+])
+def test_output_and_cluster_options_are_checked_first(tmp_path, capsys, monkeypatch, arguments, words):
+    monkeypatch.chdir(tmp_path)
+    if "--out" not in arguments:
+        arguments = ["--out", tmp_path / "out", *arguments]
+    assert words in refused(capsys, *arguments, TARGET)
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_a_folder_or_a_wrong_size_mask_in_the_way_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "annotations.json").mkdir(parents=True)
+    assert "is a folder where the annotations file goes" in refused(capsys, "--out", out, TARGET)
+    (out / "annotations.json").rmdir()
+    small = np.zeros((18, 24), dtype=np.uint8)
+    Image.fromarray(small).save(out / TARGET.name)
+    err = refused(capsys, "--out", out, TARGET)
+    assert f"{out / TARGET.name} (24x18, the target is 520x400)" in err
+
+
+def test_a_reference_behind_a_link_loop_is_named(tmp_path, capsys):
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    code = main(["segment", "--ref", str(tmp_path / "a.png"), str(EXAMPLES / "reference" / "disks_mask.png"),
+                 "--out", str(tmp_path / "out"), *FAST, str(TARGET)])
+    err = capsys.readouterr().err
+    assert code == 2 and "a.png" in err and "Traceback" not in err
 
 
 def test_ctrl_c_exits_130_with_one_line_and_consistent_outputs(tmp_path, capsys, monkeypatch):

@@ -396,3 +396,21 @@ def test_alternative_layouts(tmp_path):
         coded.unlink()
     per_class = load_dataset("suim", tmp_path / "suim")
     assert {name: len(s) for name, s in per_class.classes.items()} == {"FV": 4, "HD": 3}
+
+
+def test_an_earlier_report_is_kept_and_a_bad_out_refused_before_any_episode(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "data"
+    write_folder(root, per_class=2)
+    out = tmp_path / "out"
+    arguments = ["eval", "folder", str(root), "--figures", "0", *FAST]
+    assert main([*arguments, "--out", str(out)]) == 0
+    report = (out / "report.json").read_bytes()
+    assert main([*arguments, "--out", str(out)]) == 2
+    assert "already exist" in capsys.readouterr().err and (out / "report.json").read_bytes() == report
+    assert main([*arguments, "--out", str(out), "--overwrite"]) == 0
+    monkeypatch.setattr("insid3_core.cli.eval.run_episodes", lambda *_, **__: pytest.fail("an episode ran"))
+    (tmp_path / "afile").write_text("")
+    assert main([*arguments, "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main([*arguments, "--out", ""]) == 2 and "an empty name" in capsys.readouterr().err

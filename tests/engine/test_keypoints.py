@@ -174,9 +174,18 @@ def test_match_command(tmp_path, mosaic, points, capsys):
     assert all(p["mutual"] is True and -1.0 <= p["score"] <= 1.0 for p in target["points"])
     assert document["failed"][0]["image"].endswith("broken.png")
 
-    assert main(["match", "--ref", str(reference), str(points_file), "--out", str(out), "--original-features",
-                 *FAST, str(flipped)]) == 0
+    again = ["match", "--ref", str(reference), str(points_file), "--out", str(out), "--original-features", *FAST,
+             str(flipped)]
+    assert main(again) == 2 and "already exist" in capsys.readouterr().err  # an existing result is kept
+    assert json.loads(out.read_text())["features"] == "debiased"
+    assert main([*again, "--overwrite"]) == 0
     assert json.loads(out.read_text())["features"] == "original"
+    points_copy = out.with_name("points_copy.json")
+    points_copy.write_text(points_file.read_text())
+    assert main(["match", "--ref", str(reference), str(points_copy), "--out", str(points_copy), "--overwrite",
+                 *FAST, str(flipped)]) == 2  # never its own input, --overwrite or not
+    assert "would overwrite an input file" in capsys.readouterr().err
+    assert points_copy.read_text() == points_file.read_text()
 
 
 def test_match_command_reports_bad_points(tmp_path, mosaic, capsys):
