@@ -16,8 +16,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from .errors import BackendError
 from .budget import Lease
+from .errors import BackendError
 from .labelconfig import RegionTarget
 from .rle import mask_to_rle, rle_to_mask
 

@@ -264,6 +264,9 @@ def check_sources(skipped: list[Path], records: dict[str, dict], outputs: dict[P
                          f"{'; '.join(stale[:5])}; pass --overwrite to redo them, or use another --out")
 
 
+ORIENTATION_TAG = 0x0112  # EXIF orientations 5-8 turn the image a quarter
+
+
 def oriented_size(path: Path) -> tuple[int, int] | None:
     """``(width, height)`` of an image file as the engine sees it (EXIF orientation applied), read
     from its header; ``None`` when it cannot be read (the run reports that target itself)."""
@@ -273,9 +276,6 @@ def oriented_size(path: Path) -> tuple[int, int] | None:
             return (height, width) if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8) else (width, height)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-
-
-ORIENTATION_TAG = 0x0112  # EXIF orientations 5-8 turn the image a quarter
 
 
 def written_labels(path: Path, classes: int) -> np.ndarray:
