@@ -134,9 +134,11 @@ def grid_option(spec: str) -> tuple[str, tuple]:
     name = name.strip().replace("-", "_")
     if not separator or name not in GRID_OPTIONS:
         raise SettingsError(f"--grid {spec!r}: expected NAME=V1,V2,... with NAME one of {', '.join(GRID_OPTIONS)}")
-    parsed = tuple(dict.fromkeys(parse(name, value.strip(), f"--grid {name}") for value in values.split(",") if value.strip()))
-    if not parsed:
+    if not values.strip():
         raise SettingsError(f"--grid {spec!r}: no value given")
+    if any(not value.strip() for value in values.split(",")):
+        raise SettingsError(f"--grid {spec!r}: an empty value between commas; expected NAME=V1,V2,...")
+    parsed = tuple(dict.fromkeys(parse(name, value.strip(), f"--grid {name}") for value in values.split(",")))
     _check_values(name, parsed)
     return name, parsed
 

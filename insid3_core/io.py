@@ -222,11 +222,12 @@ def reference_mask(name: str, image: Image.Image, mask: MaskLike) -> np.ndarray:
     return array
 
 
-def check_references(pairs) -> None:
+def check_references(pairs, names=None) -> None:
     """Decode ``(image, mask)`` file pairs and check them as the engine will (:func:`reference_mask`),
-    so a bad reference is reported before a backbone is loaded."""
-    for image, mask in pairs:
-        reference_mask(str(image), load_image(image), mask)
+    so a bad reference is reported before a backbone is loaded. ``names`` (one per pair) name the
+    masks given as arrays (a label map's class, say) in errors; a mask file names itself."""
+    for index, (image, mask) in enumerate(pairs):
+        reference_mask(names[index] if names else str(image), load_image(image), mask)
 
 
 def check_writable_folder(folder: str | Path, what: str) -> None:

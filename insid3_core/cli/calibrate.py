@@ -50,7 +50,11 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
     from .common import build_segmenter
 
     settings = EngineSettings.from_arguments(arguments)
-    grid = dict(grid_option(spec) for spec in arguments.grid) if arguments.grid else None
+    grid = None
+    for name, values in map(grid_option, arguments.grid):
+        if grid and name in grid:
+            raise UsageError(f"--grid {name} is given twice; list its values in one: --grid {name}=V1,V2,...")
+        grid = {**(grid or {}), name: values}
     check_writable_folder(arguments.out, "--out")
     out = Path(arguments.out).expanduser()
     check_output_files([out / name for name in OUTPUTS], "--out", arguments.overwrite,
@@ -59,7 +63,8 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
         raise UsageError("insid3 calibrate needs matplotlib for its plot: pip install 'insid3[eval]'")
     references = reference_classes(arguments)
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
-    check_references([pair for pairs in references.classes.values() for pair in pairs] + negatives)
+    check_references([pair for pairs in references.classes.values() for pair in pairs] + negatives,
+                     references.mask_names + [str(mask) for _, mask in negatives])
     segmenter = build_segmenter(settings)  # the smoke-test banner, if any, before the progress bar
 
     started = time.perf_counter()

@@ -93,6 +93,8 @@ def reference_classes(arguments: argparse.Namespace) -> ReferenceClasses:
     classes of each ``--label-ref`` mask (as ``(H, W)`` bool arrays)."""
     classes: dict[str, list[tuple[Path, Path | np.ndarray, str]]] = {}
     if arguments.ref:
+        if not arguments.category.strip():
+            raise UsageError("--category: an empty name; give the class of the --ref references a name")
         classes[arguments.category] = [(Path(image), Path(mask), mask) for image, mask in arguments.ref]
     for name, image, mask in arguments.class_ref:
         classes.setdefault(name, []).append((Path(image), Path(mask), mask))
@@ -104,6 +106,11 @@ def reference_classes(arguments: argparse.Namespace) -> ReferenceClasses:
         for value, class_mask in label_masks(mask).items():
             found.add(value)
             classes.setdefault(names.get(value, str(value)), []).append((Path(image), class_mask, f"{mask} value {value}"))
+    positives = {(os.path.realpath(image), os.path.realpath(mask)) for pairs in classes.values()
+                 for image, mask, _ in pairs if isinstance(mask, Path)}
+    for image, mask in arguments.negative:
+        if (os.path.realpath(image), os.path.realpath(mask)) in positives:
+            raise UsageError(f"--negative {image} {mask} is also a positive reference: it would cancel itself")
     unused = sorted(set(names) - found)
     if unused:
         raise UsageError(f"--class-name {unused[0]}={names[unused[0]]}: no --label-ref mask holds the value {unused[0]} "

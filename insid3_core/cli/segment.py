@@ -114,7 +114,8 @@ def run_segment(arguments: argparse.Namespace) -> int:
         raise UsageError(f"--out {arguments.out}: a URI needs --ray (a folder otherwise)")
     out = Path(arguments.out)
     check_writable_folder(out, "--out")  # before any work
-    classes = reference_classes(arguments).classes
+    references = reference_classes(arguments)
+    classes = references.classes
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
     inputs = set(reference_files(arguments)) | set(targets)
@@ -141,7 +142,8 @@ def run_segment(arguments: argparse.Namespace) -> int:
         print(f"insid3: all {len(targets)} target(s) already have their mask in {out}; nothing to segment "
               "(--overwrite redoes them)", file=sys.stderr)
         return 0
-    check_references([pair for pairs in classes.values() for pair in pairs] + negatives)
+    check_references([pair for pairs in classes.values() for pair in pairs] + negatives,
+                     references.mask_names + [str(mask) for _, mask in negatives])
 
     segmenter = build_segmenter(settings)
     encoded = segmenter.encode(classes, negatives)

@@ -99,6 +99,7 @@ def test_calibration_outputs_never_replace_a_reference(references, tmp_path, cap
     (["--grid", "gamma=1"], "--grid 'gamma=1': expected NAME=V1,V2,..."),
     (["--grid", "tau=2"], "tau must lie in (-1, 1)"),
     (["--settings", "missing.json"], "--settings missing.json: cannot read it"),
+    (["--grid", "tau=0.5", "--grid", "tau=0.6"], "--grid tau is given twice"),
 ])
 def test_bad_options_exit_2_with_a_message(references, tmp_path, capsys, extra, message):
     assert main(["calibrate", *ref_flags(references), "--out", str(tmp_path / "out"), *FAST, *extra]) == 2

@@ -151,6 +151,21 @@ def test_a_folder_or_a_wrong_size_mask_in_the_way_is_refused(tmp_path, capsys):
     assert f"{out / TARGET.name} (24x18, the target is 520x400)" in err
 
 
+def test_reference_options_that_contradict_themselves(tmp_path, capsys):
+    reference = [str(EXAMPLES / "reference" / "disks.png"), str(EXAMPLES / "reference" / "disks_mask.png")]
+    assert "--category: an empty name" in refused(capsys, "--out", tmp_path / "o", "--category", "", TARGET)
+    assert "it would cancel itself" in refused(capsys, "--out", tmp_path / "o", "--negative", *reference, TARGET)
+
+
+def test_a_label_map_of_another_size_is_named_by_its_mask(tmp_path, capsys):
+    labels = tmp_path / "labels.png"
+    Image.fromarray(np.ones((18, 24), dtype=np.uint8)).save(labels)
+    code = main(["segment", "--label-ref", str(EXAMPLES / "reference" / "disks.png"), str(labels),
+                 "--out", str(tmp_path / "o"), *FAST, str(TARGET)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{labels} value 1: mask is 24x18" in err
+
+
 def test_a_reference_behind_a_link_loop_is_named(tmp_path, capsys):
     (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
     (tmp_path / "b.png").symlink_to(tmp_path / "a.png")

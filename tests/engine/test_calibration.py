@@ -131,6 +131,8 @@ def test_one_reference_image_cannot_calibrate():
 @pytest.mark.parametrize("spec, message", [
     ("gamma=1,2", "NAME one of tau, merge_threshold"),
     ("tau=", "no value"),
+    ("tau=0.1,,0.2", "an empty value between commas"),
+    ("tau=0.1,", "an empty value between commas"),
     ("tau=0.5,x", "is not a finite number"),
     ("tau=0.5,1.5", r"tau must lie in \(-1, 1\)"),
     ("refinement=sharp", "must be one of bilinear, guided"),
