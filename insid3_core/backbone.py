@@ -313,6 +313,9 @@ def _from_meta_checkpoint(path: Path) -> tuple[nn.Module, str, str]:
             f"{path}: width {arguments['embed_dim']} is not a standard DINOv3 size; put Meta's "
             f"constructor arguments (num_heads, ...) in {sidecar}"
         )
+    heads, width = arguments["num_heads"], arguments["embed_dim"]
+    if not isinstance(heads, int) or heads < 1 or width % heads:
+        raise BackboneError(f"{sidecar}: num_heads={heads!r} does not divide the width {width} of {path.name}")
     model, name = _meta_model(state, arguments, path, sidecar)
     return model, name, f"{path.stem}-{file_digest(path)}"
 
@@ -333,7 +336,7 @@ def _meta_model(state: dict, arguments: dict, path: Path, sidecar: Path) -> tupl
             norm_layer=partial(LayerNorm, eps=_META_NORM_EPS[arguments["norm_layer"]]),
             **timm_arguments,
         )
-    except (AssertionError, RuntimeError, TypeError, ValueError) as err:
+    except (AssertionError, ArithmeticError, RuntimeError, TypeError, ValueError) as err:
         raise BackboneError(f"{path}: {name} cannot be built with {timm_arguments} ({_first_line(err)})") from None
     periods = state.get("rope_embed.periods")
     expected = model.rope.periods.float()

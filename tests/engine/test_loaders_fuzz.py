@@ -107,6 +107,8 @@ def hostile_state_dicts(draw) -> dict:
 @example(state=dict(TINY_STATE), sidecar=[1, 2])
 @example(state=dict(TINY_STATE), sidecar={**TINY_SIDECAR, "num_heads": "three"})
 @example(state=dict(TINY_STATE), sidecar={**TINY_SIDECAR, "depth": 10_000})
+@example(state=dict(TINY_STATE), sidecar={**TINY_SIDECAR, "num_heads": 97})  # wider than the width: timm divided by 0
+@example(state=dict(TINY_STATE), sidecar={**TINY_SIDECAR, "num_heads": 0})
 def test_hostile_checkpoint_contents_are_named_errors(tmp_path_factory, state, sidecar):
     path = tmp_path_factory.mktemp("checkpoint") / "weights.pth"
     torch.save(state, path)
