@@ -252,16 +252,17 @@ def check_output_files(paths, what: str, overwrite: bool, inputs=()) -> None:
     when one is a folder, one is among ``inputs`` (whatever ``overwrite`` says), one exists (a
     dangling link too) without ``overwrite``, or a folder they go in cannot be written."""
     given = {os.path.realpath(Path(path).expanduser()) for path in inputs}
+    paths = [Path(path).expanduser() for path in paths]
     existing = []
-    for path in map(Path, paths):
-        path = path.expanduser()
+    for path in paths:
         if path.is_dir():
             raise InputError(f"{what}: {path} is a folder where an output file goes; move it away")
         if os.path.realpath(path) in given:
             raise InputError(f"{what}: writing {path} would overwrite an input file; choose another {what}")
         if path.exists() or path.is_symlink():
             existing.append(str(path))
-        check_writable_folder(path.parent, what)
+    for folder in dict.fromkeys(path.parent for path in paths):  # one probe a folder
+        check_writable_folder(folder, what)
     if existing and not overwrite:
         raise InputError(f"{what}: {', '.join(existing)} already exist(s); pass --overwrite to replace, "
                          f"or choose another {what}")

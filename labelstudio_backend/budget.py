@@ -39,17 +39,17 @@ class PixelBudget:
         self.used = 0
         self._changed = threading.Condition()
 
-    def take(self, pixels: int, address: str, held: int = 0) -> None:
-        """Hold ``pixels``, waiting at most ``wait_seconds``; a 503 :class:`BackendError` when they
-        stay taken, a 413 at once when they and the ``held`` pixels of the same request could never
-        fit in the budget."""
+    def take(self, pixels: int, what: str, held: int = 0) -> None:
+        """Hold ``pixels`` (``what`` names them in errors), waiting at most ``wait_seconds``; a 503
+        :class:`BackendError` when they stay taken, a 413 at once when they and the ``held`` pixels
+        of the same request could never fit in the budget."""
         if held + pixels > self.limit:
-            raise BackendError(f"{address}: {held + pixels} pixels in one request exceed "
+            raise BackendError(f"{what}: {held + pixels} pixels in one request exceed "
                                f"INSID3_MAX_PIXELS_IN_FLIGHT={self.limit}", 413)
         with self._changed:
             if not self._changed.wait_for(lambda: self.used + pixels <= self.limit, timeout=self.wait_seconds):
                 raise BackendError(
-                    f"{address}: {pixels} pixels would exceed INSID3_MAX_PIXELS_IN_FLIGHT={self.limit} "
+                    f"{what}: {pixels} pixels would exceed INSID3_MAX_PIXELS_IN_FLIGHT={self.limit} "
                     f"(images other requests are decoding); retry in {RETRY_AFTER} s", 503, retry_after=RETRY_AFTER)
             self.used += pixels
 

@@ -50,11 +50,11 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
     from .common import build_segmenter
 
     settings = EngineSettings.from_arguments(arguments)
-    grid = None
+    grid = {}
     for name, values in map(grid_option, arguments.grid):
-        if grid and name in grid:
+        if name in grid:
             raise UsageError(f"--grid {name} is given twice; list its values in one: --grid {name}=V1,V2,...")
-        grid = {**(grid or {}), name: values}
+        grid[name] = values
     check_writable_folder(arguments.out, "--out")
     out = Path(arguments.out).expanduser()
     check_output_files([out / name for name in OUTPUTS], "--out", arguments.overwrite,
