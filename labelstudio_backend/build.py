@@ -27,6 +27,7 @@ def build_backend(settings: Settings, segmenter, engine=None) -> Backend:
     fetcher = ImageFetcher(
         Credentials(settings.label_studio_url, settings.api_key),
         settings.allowed_hosts,
+        settings.allowed_networks,
         settings.max_download_bytes,
         settings.max_pixels,
         settings.download_seconds,

@@ -2,7 +2,10 @@
 
 Each download connects with urllib3's connection class to the host and port that
 :func:`~labelstudio_backend.urls.parse_url` read and checked, and sends that URL's path: the fetcher
-parses no URL of its own, so the host checked is the host connected to. Redirects are followed
+parses no URL of its own, so the host checked is the host connected to. An allowed host name is
+resolved once and connected to at an address :func:`~labelstudio_backend.addresses.connect_address`
+allows (public, or in ``INSID3_ALLOWED_NETWORKS``), so its DNS cannot point the backend at
+loopback, metadata services or the private network, not even by rebinding. Redirects are followed
 here, each hop checked like the first; Label Studio's credentials go only to its exact origin and
 never after a hop elsewhere. A watchdog shuts the socket at the download's deadline, so a server
 sending a byte now and then cannot hold a worker past it.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -23,9 +27,11 @@ from urllib.parse import unquote, urljoin
 import urllib3
 from PIL import Image, UnidentifiedImageError
 from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.util.ssl_match_hostname import CertificateError
 
 from insid3_core.io import InputError, load_image
 
+from .addresses import AddressRefused, connect_address, parse_networks
 from .budget import Lease, PixelBudget
 from .credentials import Credentials, is_personal_access_token
 from .errors import BackendError
@@ -40,7 +46,8 @@ cloud URIs), after the ``LABEL_STUDIO_URL`` path."""
 CHUNK = 1 << 16
 READ_SECONDS = 30
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-TRANSFER_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError)
+TRANSFER_ERRORS = (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError, CertificateError)
+"""A connection that failed: refused, reset, cut, a bad answer or a certificate not for the host."""
 
 
 def ca_bundle() -> str:
@@ -59,6 +66,9 @@ class ImageFetcher:
         Sent to Label Studio's own origin (scheme, host and port) only.
     allowed_hosts : iterable of str
         Host names accepted (any port, no credentials) beside Label Studio's origin.
+    allowed_networks : iterable of str
+        Networks (CIDR) an allowed host *name* may resolve to beside public addresses; an IP
+        literal in ``allowed_hosts`` is connected to as given.
     max_bytes : int
         Largest file downloaded.
     max_pixels : int
@@ -69,8 +79,8 @@ class ImageFetcher:
         Shared by every request's :meth:`lease` (default: ``2 * max_pixels``, 30 s wait).
     """
 
-    def __init__(self, credentials: Credentials, allowed_hosts=(), max_bytes: int = 50 * 2**20,
-                 max_pixels: int = 100_000_000, download_seconds: float = 120.0,
+    def __init__(self, credentials: Credentials, allowed_hosts=(), allowed_networks=(),
+                 max_bytes: int = 50 * 2**20, max_pixels: int = 100_000_000, download_seconds: float = 120.0,
                  budget: PixelBudget | None = None) -> None:
         self.credentials = credentials
         try:
@@ -83,6 +93,7 @@ class ImageFetcher:
             self.allowed_hosts = frozenset(canonical_host(host) for host in allowed_hosts)
         except UnsafeURL as err:
             raise ValueError(f"INSID3_ALLOWED_HOSTS: a host {err}") from None
+        self.allowed_networks = parse_networks(allowed_networks)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.download_seconds = download_seconds
@@ -183,25 +194,57 @@ class ImageFetcher:
     def _open(self, url: URL, trusted: bool, deadline: float, address: str) -> "_Exchange":
         """The answer to ``GET url``: with credentials when ``trusted``, retried once with a fresh
         access token after a 401."""
-        exchange = _Exchange(url, self.credentials.headers() if trusted else {}, deadline, address).open()
+        peer = self._peer(url, address)
+        exchange = _Exchange(url, peer, self.credentials.headers() if trusted else {}, deadline, address).open()
         if exchange.response.status == 401 and trusted and is_personal_access_token(self.credentials.api_key):
             exchange.close()
-            exchange = _Exchange(url, self.credentials.headers(refresh=True), deadline, address).open()
+            exchange = _Exchange(url, peer, self.credentials.headers(refresh=True), deadline, address).open()
         return exchange
+
+    def _peer(self, url: URL, address: str) -> str:
+        """The address connected to for ``url``: its host as given on Label Studio's origin or as
+        an IP literal, else the address its allowed name resolves to (checked, then pinned)."""
+        if self.is_own(url) or _is_ip_literal(url.host):
+            return url.host
+        try:
+            return connect_address(url.host, url.port, self.allowed_networks)
+        except AddressRefused as err:
+            log.warning("%s: image host %s %s, outside INSID3_ALLOWED_NETWORKS", named(address), url.host, err)
+            raise BackendError(
+                f"{named(address)} is refused: image host {url.host!r} resolves only to non-public addresses "
+                "(loopback, private, link-local or reserved); list their network in INSID3_ALLOWED_NETWORKS "
+                "to allow them", 403) from None
+        except OSError as err:
+            log.warning("%s: image host %s does not resolve: %s", named(address), url.host, err)
+            raise BackendError(f"{named(address)} cannot be downloaded from {url.host}: the connection failed",
+                               502) from None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class _Exchange:
-    """One ``GET`` on a connection of its own to ``url``'s host and port, cut off at ``deadline``."""
+    """One ``GET`` on a connection of its own to ``peer`` (``url``'s host or the address it was
+    pinned to) at ``url``'s port, cut off at ``deadline``; ``Host``, SNI and the certificate check
+    name ``url``'s host."""
 
-    def __init__(self, url: URL, headers: dict[str, str], deadline: float, address: str) -> None:
+    def __init__(self, url: URL, peer: str, headers: dict[str, str], deadline: float, address: str) -> None:
         self.address = address
         self.seconds_left = deadline - time.monotonic()
         timeout = max(0.001, min(READ_SECONDS, self.seconds_left))
         if url.scheme == "https":
-            self.connection = HTTPSConnection(url.host, url.port, timeout=timeout, cert_reqs="CERT_REQUIRED",
-                                              ca_certs=ca_bundle())
+            self.connection = HTTPSConnection(peer, url.port, timeout=timeout, cert_reqs="CERT_REQUIRED",
+                                              ca_certs=ca_bundle(), server_hostname=url.host,
+                                              assert_hostname=url.host)
         else:
-            self.connection = HTTPConnection(url.host, url.port, timeout=timeout)
+            self.connection = HTTPConnection(peer, url.port, timeout=timeout)
+        if peer != url.host:
+            headers = {**headers, "Host": url.authority}
         self.cut = threading.Event()
         self.watchdog = threading.Timer(max(0.0, self.seconds_left), self._cut)
         self.watchdog.daemon = True

@@ -31,6 +31,10 @@ class Settings:
         ``<stem>_mask.png`` masks.
     allowed_hosts : frozenset of str
         ``INSID3_ALLOWED_HOSTS`` (comma separated) beside Label Studio's own host.
+    allowed_networks : frozenset of str
+        ``INSID3_ALLOWED_NETWORKS`` (comma separated CIDR networks): addresses an allowed host
+        name may resolve to beside public ones (default: none, so a name resolving to loopback,
+        private or link-local addresses is refused).
     max_download_bytes : int
         ``INSID3_MAX_DOWNLOAD_BYTES``: largest image file fetched.
     max_pixels : int
@@ -82,6 +86,7 @@ class Settings:
     model_dir: Path = Path("insid3-model")
     reference_dir: Path | None = None
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    allowed_networks: frozenset[str] = field(default_factory=frozenset)
     max_download_bytes: int = 50 * 2**20
     max_pixels: int = 100_000_000
     download_seconds: float = 120.0
@@ -133,6 +138,7 @@ class Settings:
             model_dir=Path(os.environ.get("MODEL_DIR", "insid3-model")).expanduser(),
             reference_dir=Path(reference_dir).expanduser() if reference_dir else None,
             allowed_hosts=frozenset(h.strip().lower() for h in hosts.split(",") if h.strip()),
+            allowed_networks=frozenset(n.strip() for n in env_setting("allowed_networks", "").split(",") if n.strip()),
             max_download_bytes=env_setting("max_download_bytes", cls.max_download_bytes, int),
             max_pixels=env_setting("max_pixels", cls.max_pixels, int),
             download_seconds=env_setting("download_seconds", cls.download_seconds, number),

@@ -65,10 +65,14 @@ class URL:
         """``(scheme, host, port)``: what credentials are bound to."""
         return self.scheme, self.host, self.port
 
-    def __str__(self) -> str:
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` as the ``Host`` header names it (IPv6 in brackets, default port left out)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        port = "" if DEFAULT_PORTS[self.scheme] == self.port else f":{self.port}"
-        return f"{self.scheme}://{host}{port}{self.target}"
+        return host if DEFAULT_PORTS[self.scheme] == self.port else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}{self.target}"
 
 
 def parse_url(address: str) -> URL:

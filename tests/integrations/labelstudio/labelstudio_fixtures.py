@@ -7,6 +7,7 @@ import io
 import time
 import urllib.parse
 import shutil
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -170,16 +171,18 @@ class Listener:
     """An HTTP server on ``host`` recording every request (the routes also below :data:`UPLOADS`):
     ``/x.png`` an image, ``/to?<location>`` a
     302 to that location (sent as is), ``/drip`` 1000 bytes one every 50 ms, ``/slow-headers`` its
-    headers one byte every 50 ms."""
+    headers one byte every 50 ms. With a server ``context`` it speaks https."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, context: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, str | None]] = []
+        self.host_headers: list[str | None] = []
         self.dripped = 0
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 listener.requests.append((self.path, self.headers.get("Authorization")))
+                listener.host_headers.append(self.headers.get("Host"))
                 path = self.path.removeprefix(UPLOADS)
                 if path.startswith("/to?"):
                     self.send_response(302)
@@ -215,10 +218,37 @@ class Listener:
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
+        if context is not None:
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.authority = f"{host}:{self.server.server_address[1]}"
-        self.url = f"http://{self.authority}"
+        self.url = f"{'https' if context else 'http'}://{self.authority}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def self_signed_certificate(folder: Path, name: str) -> Path:
+    """A PEM file holding a key and a self-signed certificate for the DNS name ``name`` (valid a day)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    path = folder / f"{name}.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+                     + certificate.public_bytes(serialization.Encoding.PEM))
+    return path

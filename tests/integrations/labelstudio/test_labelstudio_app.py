@@ -166,7 +166,10 @@ def test_download_and_pixel_limits(segmenter, settings):
 def test_allowed_hosts(segmenter, settings, image_server):
     task = [{"id": 1, "data": {"image": image_server.url.replace("127.0.0.1", "localhost") + "/examples/targets/scene_01.png"}}]
     assert predict(make_client(segmenter, settings), task).status_code == 403
-    allowed = make_client(segmenter, dataclasses.replace(settings, allowed_hosts=frozenset({"localhost"})))
+    named = dataclasses.replace(settings, allowed_hosts=frozenset({"localhost"}))
+    loopback = predict(make_client(segmenter, named), task)
+    assert loopback.status_code == 403 and "INSID3_ALLOWED_NETWORKS" in loopback.get_json()["error"]
+    allowed = make_client(segmenter, dataclasses.replace(named, allowed_networks=frozenset({"127.0.0.1/32"})))
     assert predict(allowed, task).status_code == 200
 
 

@@ -256,7 +256,8 @@ def test_settings_refuse_impossible_bounds(monkeypatch):
     for variable, value, words in (("INSID3_MAX_PIXELS_IN_FLIGHT", "10", "below INSID3_MAX_PIXELS"),
                                    ("INSID3_DOWNLOAD_SECONDS", "nan", "INSID3_DOWNLOAD_SECONDS"),
                                    ("INSID3_MAX_REQUEST_BYTES", "0", "INSID3_MAX_REQUEST_BYTES"),
-                                   ("INSID3_ALLOWED_HOSTS", "ok.org,0x7f.1", "INSID3_ALLOWED_HOSTS")):
+                                   ("INSID3_ALLOWED_HOSTS", "ok.org,0x7f.1", "INSID3_ALLOWED_HOSTS"),
+                                   ("INSID3_ALLOWED_NETWORKS", "fd00::/8,10.0.0.1/8", "'10.0.0.1/8' is not a network")):
         monkeypatch.setenv(variable, value)
         with pytest.raises(ValueError, match=words):
             build_backend(Settings.from_environment(), None)

@@ -8,14 +8,19 @@ key must never reach anything but Label Studio's exact origin.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import ssl
 import urllib.parse
 
 import pytest
 
 pytest.importorskip("flask")
 
-from labelstudio_fixtures import BRUSH_CONFIG, Listener, UPLOADS, brush_region, reference_folder, small_segmenter  # noqa: E402
+from labelstudio_fixtures import (BRUSH_CONFIG, Listener, UPLOADS, brush_region, reference_folder,  # noqa: E402
+                                  self_signed_certificate, small_segmenter)
 
+from labelstudio_backend.addresses import is_allowed, parse_networks  # noqa: E402
 from labelstudio_backend.credentials import Credentials  # noqa: E402
 from labelstudio_backend.errors import BackendError  # noqa: E402
 from labelstudio_backend.images import ImageFetcher  # noqa: E402
@@ -37,6 +42,7 @@ def hosts():
 def fetcher(hosts):
     for listener in hosts.values():
         listener.requests.clear()
+        listener.host_headers.clear()
     return ImageFetcher(Credentials(hosts["label_studio"].url, API_KEY), allowed_hosts={"127.0.0.3"},
                         download_seconds=1.0)
 
@@ -219,3 +225,142 @@ def test_task_and_webhook_images_go_through_the_same_check(tiny_backbone, hosts,
                                            "project": {"id": 7, "label_config": BRUSH_CONFIG}})
     assert answer.status_code == 422 and "refused" in answer.get_json()["error"]
     assert attacker.requests == []
+
+
+def test_an_allowed_name_that_resolves_to_a_non_public_address_is_refused_unless_its_network_is_listed(hosts):
+    """``localhost`` (the system's resolver: 127.0.0.1, maybe ::1) stands for a name whose DNS
+    points inside: refused before any connection, fetched once its network is listed."""
+    label_studio = hosts["label_studio"]
+    port = label_studio.authority.rsplit(":", 1)[1]
+    named = f"http://localhost:{port}/x.png"
+    fetcher = ImageFetcher(Credentials(label_studio.url, API_KEY), allowed_hosts={"localhost"}, download_seconds=1.0)
+    with pytest.raises(BackendError) as refused:
+        fetcher.fetch(named)
+    assert refused.value.status == 403 and "INSID3_ALLOWED_NETWORKS" in refused.value.message
+    assert "127.0.0.1" not in refused.value.message  # what a name resolves to is for the log only
+    assert label_studio.requests == []
+    listed = ImageFetcher(Credentials(label_studio.url, API_KEY), allowed_hosts={"localhost"},
+                          allowed_networks={"127.0.0.1/32"}, download_seconds=1.0)
+    assert listed.fetch(named).size == (8, 6)
+    assert label_studio.requests == [("/x.png", None)]  # not Label Studio's origin: no credentials
+    assert label_studio.host_headers == [f"localhost:{port}"]
+
+
+@pytest.fixture
+def rebinding_dns(monkeypatch):
+    """A resolver for ``rebinding.test`` that answers 127.0.0.3 (allowed) once, then 127.0.0.2
+    (the attacker), as a DNS rebinding attack does; it counts the lookups."""
+    lookups = []
+    system = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != "rebinding.test":
+            return system(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = "127.0.0.3" if len(lookups) == 1 else "127.0.0.2"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+def test_an_allowed_name_is_connected_to_at_the_address_that_was_checked(hosts, rebinding_dns):
+    """Resolved once and pinned: a second lookup (urllib3's own, without the pin) would reach
+    127.0.0.2, where nothing listens on the allowed host's port, and the download would fail."""
+    allowed = hosts["allowed"]
+    port = allowed.authority.rsplit(":", 1)[1]
+    fetcher = ImageFetcher(Credentials(hosts["label_studio"].url, API_KEY), allowed_hosts={"rebinding.test"},
+                           allowed_networks={"127.0.0.3/32"}, download_seconds=1.0)
+    assert fetcher.fetch(f"http://rebinding.test:{port}/x.png").size == (8, 6)
+    assert rebinding_dns == ["rebinding.test"]
+    assert allowed.requests == [("/x.png", None)] and allowed.host_headers == [f"rebinding.test:{port}"]
+    with pytest.raises(BackendError) as rebound:  # the next lookup answers the attacker's address
+        fetcher.fetch(f"http://rebinding.test:{port}/x.png")
+    assert rebound.value.status == 403 and hosts["attacker"].requests == []
+
+
+def test_a_redirect_to_an_allowed_name_is_resolved_and_checked_too(hosts, rebinding_dns):
+    label_studio, attacker = hosts["label_studio"], hosts["attacker"]
+    fetcher = ImageFetcher(Credentials(label_studio.url, API_KEY), allowed_hosts={"rebinding.test"},
+                           download_seconds=1.0)
+    port = attacker.authority.rsplit(":", 1)[1]
+    with pytest.raises(BackendError) as refused:  # 127.0.0.3 is not in any listed network
+        fetcher.fetch(redirect(label_studio, f"http://rebinding.test:{port}/x.png"))
+    assert refused.value.status == 403 and attacker.requests == []
+
+
+def test_a_name_that_does_not_resolve_is_a_failed_connection(hosts, monkeypatch):
+    def unknown(host, *_, **__):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    fetcher = ImageFetcher(Credentials(hosts["label_studio"].url, API_KEY), allowed_hosts={"gone.test"})
+    with pytest.raises(BackendError) as failed:
+        fetcher.fetch("http://gone.test/x.png")
+    assert failed.value.status == 502 and failed.value.message.endswith("the connection failed")
+
+
+@pytest.mark.parametrize("address, networks, allowed", [
+    ("93.184.216.34", (), True),
+    ("2606:4700:4700::1111", (), True),
+    ("::ffff:8.8.8.8", (), True),
+    ("127.0.0.1", (), False),
+    ("0.0.0.0", (), False),
+    ("10.1.2.3", (), False),
+    ("172.16.0.1", (), False),
+    ("192.168.1.1", (), False),
+    ("100.64.0.1", (), False),  # carrier-grade NAT
+    ("169.254.169.254", (), False),  # cloud metadata
+    ("224.0.0.1", (), False),
+    ("255.255.255.255", (), False),
+    ("::1", (), False),
+    ("::", (), False),
+    ("fe80::1", (), False),
+    ("fd00::1", (), False),
+    ("::ffff:127.0.0.1", (), False),
+    ("::ffff:169.254.169.254", (), False),
+    ("64:ff9b::a9fe:a9fe", (), False),  # NAT64 to 169.254.169.254
+    ("10.1.2.3", ("10.0.0.0/8",), True),
+    ("::ffff:10.1.2.3", ("10.0.0.0/8",), True),
+    ("10.1.2.3", ("10.0.0.0/16",), False),
+    ("fd00::1", ("fd00::/8", "10.0.0.0/8"), True),
+])
+def test_which_resolved_addresses_may_be_connected_to(address, networks, allowed):
+    assert is_allowed(ipaddress.ip_address(address), parse_networks(networks)) is allowed
+
+
+def test_allowed_networks_are_read_strictly():
+    assert parse_networks([" 10.0.0.0/8 ", "fd00::1"]) == {ipaddress.ip_network("10.0.0.0/8"),
+                                                          ipaddress.ip_network("fd00::1/128")}
+    for bad in ("10.0.0.1/8", "10.0.0.0/33", "intranet", ""):
+        with pytest.raises(ValueError, match="INSID3_ALLOWED_NETWORKS"):
+            ImageFetcher(Credentials("", ""), allowed_networks={bad})
+
+
+def test_a_pinned_https_connection_checks_the_certificate_against_the_name(tmp_path, monkeypatch):
+    """Connected to 127.0.0.3, TLS still sends and verifies the URL's name: the certificate for
+    ``secure.test`` is accepted there and refused for ``other.test``, which resolves to the same address."""
+    pem = self_signed_certificate(tmp_path, "secure.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pem)
+    server = Listener("127.0.0.3", context)
+    system = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host in ("secure.test", "other.test"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.3", port))]
+        return system(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pem))
+    port = server.authority.rsplit(":", 1)[1]
+    fetcher = ImageFetcher(Credentials("", ""), allowed_hosts={"secure.test", "other.test"},
+                           allowed_networks={"127.0.0.3/32"}, download_seconds=5.0)
+    try:
+        assert fetcher.fetch(f"https://secure.test:{port}/x.png").size == (8, 6)
+        assert server.host_headers == [f"secure.test:{port}"]
+        with pytest.raises(BackendError) as mismatch:
+            fetcher.fetch(f"https://other.test:{port}/x.png")
+        assert mismatch.value.status == 502 and len(server.requests) == 1
+    finally:
+        server.close()
