@@ -13,6 +13,9 @@ from .backbone import Backbone
 from .features import patch_features
 from .io import atomic_write
 
+ORTHONORMAL_TOLERANCE = 1e-3
+"""Largest ``|UᵀU - I|`` entry of a ``--basis`` file (float32 SVD vectors reach about 1e-6)."""
+
 
 def positional_directions(backbone: Backbone, image_size: int, cache: Path | None = None) -> torch.Tensor:
     """All left singular vectors of the centred features of a constant image (zeros before normalisation).
@@ -109,7 +112,14 @@ def positional_basis(
             f"default for this backbone: {backbone.default_svd_components()}"
         )
     if basis_file is not None:
-        return torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32)).to(backbone.device)
+        basis = np.ascontiguousarray(basis, dtype=np.float32)
+        departure = np.abs(basis.T.astype(np.float64) @ basis - np.eye(k)).max(initial=0.0)
+        if departure > ORTHONORMAL_TOLERANCE:
+            raise ValueError(
+                f"{basis_file}: the positional basis's columns are not orthonormal (UᵀU departs from the "
+                f"identity by {departure:.3g}); save the left singular vectors U of the SVD, not scaled or "
+                "mixed directions")
+        return torch.from_numpy(basis).to(backbone.device)
     directions = positional_directions(backbone, image_size, cache)
     if k > directions.shape[1]:
         raise ValueError(

@@ -77,7 +77,7 @@ class EngineSettings:
     image_size: int = _option(1024, "square input side, a multiple of 16", int, minimum=16)
     svd_components: int | None = _option(None, "positional directions removed (none: half the backbone width, "
                                                 "500 for ViT-L)", int, minimum=0)
-    basis: str | None = _option(None, "(C, k) .npy positional basis to use instead of computing it", flag="NPY")
+    basis: str | None = _option(None, "(C, k) .npy positional basis (orthonormal columns) to use instead of computing it", flag="NPY")
     tau: float = _option(0.6, "clusters merge while their average cosine distance is below 1 - tau", float)
     merge_threshold: float = _option(0.2, "clusters scoring above it form the mask", float)
     clustering: str = _option("auto", "clustering implementation (same partition): auto = triton on a CUDA GPU "

@@ -75,6 +75,8 @@ def test_a_garbage_basis_is_named(tmp_path, capsys):
     assert f"{garbage}: not a readable NumPy .npy array" in refused(capsys, "--out", tmp_path / "o", "--basis", garbage, TARGET)
     np.save(garbage, np.full((96, 16), np.nan, np.float32))
     assert "NaN or infinite" in refused(capsys, "--out", tmp_path / "o", "--basis", garbage, TARGET)
+    np.save(garbage, np.ones((96, 16), np.float32))
+    assert "not orthonormal" in refused(capsys, "--out", tmp_path / "o", "--basis", garbage, TARGET)
 
 
 @pytest.mark.parametrize(("sidecar", "words"), [

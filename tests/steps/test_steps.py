@@ -91,6 +91,20 @@ def test_positional_basis_rejects_a_file_of_the_wrong_width(backbone, tmp_path, 
         positional_basis(backbone, 128, basis_file=path)
 
 
+@pytest.mark.parametrize("spoil", ["scaled", "mixed", "repeated"])
+def test_positional_basis_rejects_a_file_whose_columns_are_not_orthonormal(backbone, tmp_path, spoil):
+    """Debiasing computes ``x - U Uᵀ x``: only orthonormal columns remove a subspace (and nothing else)."""
+    basis, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(backbone.embed_dim, 8)))
+    spoilt = {"scaled": basis * 2.0, "mixed": basis @ np.triu(np.ones((8, 8))),
+              "repeated": basis[:, [0, 1, 2, 3, 4, 5, 6, 6]]}[spoil]
+    path = tmp_path / "basis.npy"
+    np.save(path, spoilt)
+    with pytest.raises(ValueError, match=f"{path}: the positional basis's columns are not orthonormal"):
+        positional_basis(backbone, 128, basis_file=path)
+    np.save(path, (basis + 1e-5).astype(np.float32))  # rounding of a saved float32 SVD is accepted
+    assert positional_basis(backbone, 128, basis_file=path).shape == (backbone.embed_dim, 8)
+
+
 def test_positional_basis_rejects_components_that_differ_from_the_file(backbone, tmp_path):
     path = tmp_path / "basis.npy"
     np.save(path, np.eye(backbone.embed_dim)[:, :8])
