@@ -50,7 +50,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .fragments import JobSummary, fragment_file, merge_fragments
-from .io import IMAGE_EXTENSIONS, InputError, atomic_write, load_image_bytes
+from .io import IMAGE_EXTENSIONS, InputError, atomic_write, load_image_bytes, target_path
 from .settings import EngineSettings
 
 LISTING_CHUNK = 1024
@@ -190,13 +190,16 @@ def check_target_spec(spec: str) -> None:
     path = Path(spec).expanduser()
     if path.is_dir() or path.is_file():
         return
-    if next((m for m in glob.iglob(str(path), recursive=True) if _is_image(m) and Path(m).is_file()), None) is None:
+    if path.is_symlink():
+        raise InputError(f"{spec}: a link to {os.readlink(path)}, which does not exist")
+    if next(_listed(map(Path, glob.iglob(str(path), recursive=True))), None) is None:
         raise InputError(f"{spec}: no such file, and no image matches it as a pattern")
 
 
 def listed_targets(spec: str) -> Iterator[str]:
-    """The images ``spec`` names, streamed: a folder's files (not its subfolders), a glob's
-    matches, a file; for a URI, the same through its pyarrow filesystem (as URIs)."""
+    """The images ``spec`` names, streamed: a folder's files (not its subfolders) and broken links
+    (:func:`~insid3_core.io.target_path`), a glob's matches, a file; for a URI, the same through
+    its pyarrow filesystem (as URIs)."""
     if "://" in spec:
         import pyarrow.fs
 
@@ -211,17 +214,20 @@ def listed_targets(spec: str) -> Iterator[str]:
                 yield scheme + entry.path
         return
     path = Path(spec).expanduser()
+    if path.is_file():
+        yield str(path.resolve())
+        return
     if path.is_dir():
         with os.scandir(path) as entries:
-            for entry in entries:
-                if entry.is_file() and _is_image(entry.name):
-                    yield str(Path(entry.path).resolve())
-    elif path.is_file():
-        yield str(path.resolve())
+            yield from _listed(Path(entry.path) for entry in entries)
     else:
-        for match in glob.iglob(str(path), recursive=True):
-            if _is_image(match) and Path(match).is_file():
-                yield str(Path(match).resolve())
+        yield from _listed(map(Path, glob.iglob(str(path), recursive=True)))
+
+
+def _listed(paths: Iterator[Path]) -> Iterator[str]:
+    for path in map(target_path, paths):
+        if path:
+            yield str(path)
 
 
 def list_batch(batch: dict) -> Iterator[dict]:

@@ -24,6 +24,22 @@ class InputError(ValueError):
     """An input file cannot be used; the message names the file and the problem."""
 
 
+def target_path(path: Path) -> Path | None:
+    """How an entry of a target folder or a glob match is segmented: its path, or ``None`` to leave it out.
+
+    An image file (links followed) is its resolved path. A link whose file is missing is kept as
+    the link (absolute), so that loading it fails and the batch reports it rather than losing it
+    without a word. Anything else (another extension, a folder, a pipe or device) is ``None``.
+    """
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return None
+    if path.is_file():
+        return path.resolve()
+    if path.is_symlink() and not path.exists():
+        return path.absolute()
+    return None
+
+
 def _open_oriented(path: str | Path, source=None) -> Image.Image:
     """Open, fully decode and apply the EXIF orientation; any failure names the file. ``source``:
     a binary stream holding the file ``path`` names (read from elsewhere, e.g. an object store)."""
@@ -32,6 +48,8 @@ def _open_oriented(path: str | Path, source=None) -> Image.Image:
             handle.load()
             return ImageOps.exif_transpose(handle)
     except FileNotFoundError as err:
+        if source is None and Path(path).is_symlink():
+            raise InputError(f"{path}: a link to {os.readlink(path)}, which does not exist") from err
         raise InputError(f"{path}: file not found") from err
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         detail = str(err).replace(repr(str(path)), "it").replace(str(path), "it")  # PIL repeats the path

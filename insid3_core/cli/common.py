@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backbone import announce_smoke_test
 from ..engine import Segmenter
-from ..io import IMAGE_EXTENSIONS, label_masks
+from ..io import IMAGE_EXTENSIONS, label_masks, target_path
 from ..settings import EngineSettings
 from . import UsageError
 
@@ -28,24 +28,24 @@ def build_segmenter(settings: EngineSettings) -> Segmenter:
 
 
 def resolve_targets(specs: list[str]) -> list[Path]:
-    """Expand files, folders (their images, sorted) and glob patterns, without duplicates."""
+    """Expand files, folders (their images, sorted) and glob patterns, without duplicates
+    (:func:`~insid3_core.io.target_path`: a folder's broken links are kept, to be reported)."""
     found: dict[Path, None] = {}
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            files = [f for f in map(target_path, sorted(path.iterdir())) if f]
             if not files:
                 raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         elif path.is_file():
-            files = [path]
+            files = [path.resolve()]
+        elif path.is_symlink():
+            raise UsageError(f"{spec}: a link to {os.readlink(path)}, which does not exist")
         else:
-            files = sorted(
-                Path(match) for match in glob.glob(str(path), recursive=True)
-                if Path(match).is_file() and Path(match).suffix.lower() in IMAGE_EXTENSIONS
-            )
+            files = [f for f in map(target_path, sorted(map(Path, glob.glob(str(path), recursive=True)))) if f]
             if not files:
                 raise UsageError(f"{spec}: no such file, and no image matches it as a pattern")
-        found.update((f.resolve(), None) for f in files)
+        found.update((f, None) for f in files)
     by_stem = collections.defaultdict(list)
     for target in found:
         by_stem[target.stem].append(target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -157,3 +158,34 @@ def test_info(capsys):
     printed = capsys.readouterr().out
     assert "torch" in printed and "timm" in printed and "device          cpu" in printed
     assert "cache" in printed and "insid3-cache" in printed
+
+
+def test_a_broken_link_in_a_target_folder_is_reported_not_lost(tmp_path, targets, capsys):
+    """Links are followed; a link whose image is gone fails like an unreadable image (named, exit 1),
+    while a folder or a pipe that merely has an image's name is no target."""
+    (targets / "scene_09.png").symlink_to(tmp_path / "gone.png")
+    (targets / "linked.png").symlink_to(targets / "scene_01.png")
+    (targets / "folder.png").mkdir()
+    os.mkfifo(targets / "pipe.png")
+    out = tmp_path / "out"
+    assert segment("--out", out, targets) == 1
+    error = capsys.readouterr().err
+    assert f"FAILED {targets / 'scene_09.png'}: a link to {tmp_path / 'gone.png'}, which does not exist" in error
+    assert "failed 1" in error and "folder.png" not in error and "pipe.png" not in error
+    assert len(list(out.glob("*.png"))) == 8
+    assert segment("--out", tmp_path / "other", targets / "scene_09.png") == 2
+    assert f"{targets / 'scene_09.png'}: a link to {tmp_path / 'gone.png'}, which does not exist" in capsys.readouterr().err
+
+
+def test_the_ray_listing_keeps_broken_links_too(tmp_path, targets):
+    from insid3_core.distributed import check_target_spec, listed_targets
+    from insid3_core.io import InputError
+
+    scenes = {str(path.resolve()) for path in targets.glob("scene_*.png")}
+    (targets / "scene_09.png").symlink_to(tmp_path / "gone.png")
+    (targets / "folder.png").mkdir()
+    os.mkfifo(targets / "pipe.png")
+    for spec in (targets, targets / "*.png"):
+        assert set(listed_targets(str(spec))) == scenes | {str(targets / "scene_09.png")}
+    with pytest.raises(InputError, match="scene_09.png: a link to .*gone.png, which does not exist"):
+        check_target_spec(str(targets / "scene_09.png"))
