@@ -265,18 +265,24 @@ def check_writable_folder(folder: str | Path, what: str) -> None:
         raise InputError(f"{what} {folder}: cannot write there ({err.strerror or err})") from None
 
 
+def overwritten_inputs(paths, inputs) -> list[str]:
+    """Those of the files ``paths`` that are, links followed, one of the files ``inputs`` (sorted)."""
+    given = {os.path.realpath(Path(path).expanduser()) for path in inputs}
+    return sorted(str(path) for path in paths if os.path.realpath(Path(path).expanduser()) in given)
+
+
 def check_output_files(paths, what: str, overwrite: bool, inputs=()) -> None:
     """Refuse, before any work, to write the files ``paths``: :class:`InputError` naming ``what``
     when one is a folder, one is among ``inputs`` (whatever ``overwrite`` says), one exists (a
     dangling link too) without ``overwrite``, or a folder they go in cannot be written."""
-    given = {os.path.realpath(Path(path).expanduser()) for path in inputs}
     paths = [Path(path).expanduser() for path in paths]
+    clobbered = overwritten_inputs(paths, inputs)
+    if clobbered:
+        raise InputError(f"{what}: writing {clobbered[0]} would overwrite an input file; choose another {what}")
     existing = []
     for path in paths:
         if path.is_dir():
             raise InputError(f"{what}: {path} is a folder where an output file goes; move it away")
-        if os.path.realpath(path) in given:
-            raise InputError(f"{what}: writing {path} would overwrite an input file; choose another {what}")
         if path.exists() or path.is_symlink():
             existing.append(str(path))
     for folder in dict.fromkeys(path.parent for path in paths):  # one probe a folder

@@ -14,7 +14,8 @@ from PIL import Image
 from ..coco import coco_document, mask_record, records_from_document, result_record
 from ..config import SMOKE_TEST_NOTE
 from ..io import (
-    InputError, check_references, check_writable_folder, file_digest, load_mask, remove_stale_temporaries, write_json,
+    InputError, check_references, check_writable_folder, file_digest, load_mask, overwritten_inputs,
+    remove_stale_temporaries, write_json,
 )
 from ..loader import default_workers, executor
 from ..outputs import RUN_DESCRIPTION, carried_record, run_description, write_output_mask
@@ -120,7 +121,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
     targets = resolve_targets(arguments.targets)
     inputs = set(reference_files(arguments)) | set(targets)
     outputs = {target: out.resolve() / f"{target.stem}.png" for target in targets}
-    clobbered = sorted(str(p) for p in inputs & set(outputs.values()))
+    clobbered = overwritten_inputs(outputs.values(), inputs)
     if clobbered:
         raise UsageError(f"output masks would overwrite input files: {', '.join(clobbered)}; choose another --out")
     annotations_path = out / "annotations.json"
