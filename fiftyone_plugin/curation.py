@@ -217,7 +217,7 @@ def copy_approved(dataset, field: str, target_field: str, replace: bool = False)
     ------
     ValueError
         ``target_field`` is not a field name, is ``field`` itself, holds another label type, or
-        has other mask targets.
+        has mask targets and ``field`` other ones (or none).
     """
     check_field_name(target_field)
     if target_field == field:
@@ -226,9 +226,11 @@ def copy_approved(dataset, field: str, target_field: str, replace: bool = False)
     existing = dataset.get_field_schema().get(target_field)
     if existing is not None and getattr(getattr(existing, "document_type", None), "__name__", None) != kind:
         raise ValueError(f"field '{target_field}' does not hold {kind} labels")
-    targets = dataset.mask_targets.get(field)
-    if targets and dataset.mask_targets.get(target_field) not in (None, targets):
-        raise ValueError(f"field '{target_field}' has other mask targets than '{field}'")
+    targets, theirs = dataset.mask_targets.get(field), dataset.mask_targets.get(target_field)
+    if theirs and theirs != targets:
+        raise ValueError(f"field '{target_field}' has other mask targets than '{field}' ({theirs} against "
+                         f"{targets or 'none'}): its masks' values would not mean the same; choose another "
+                         "ground-truth field")
     approved = decision_view(dataset, field, "approved").exists(field)
     ids, labels = approved.values(["id", field])
     present = approved.values(target_field) if existing is not None else [None] * len(ids)

@@ -35,7 +35,8 @@ class Outputs:
     mask_dir : str or None
         Folder for mask PNGs under ``<folder>/<field>/``; ``None``: masks stored inline.
     mask_targets : dict or None
-        Mask targets given to ``segmentation_field`` once written.
+        Mask targets given to ``segmentation_field`` once written (``None``: the field's earlier
+        ones are removed, so they never name values its new masks do not hold).
     """
 
     classes: tuple[tuple[str, int | str], ...]

@@ -22,6 +22,7 @@ def engine_problem(engine) -> str | None:
         device = resolve_device(engine.device)
         resolve_dtype(engine.precision, device)
         check_image_size_fits(engine.image_size, PATCH_SIZE, device)
+        engine.check_basis_file()
         for source in (engine.weights, engine.backbone):
             if source:
                 check_source(source)

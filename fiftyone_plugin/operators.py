@@ -100,7 +100,6 @@ def start_run(ctx):
     if problem:
         raise ValueError(problem)
     engine = plugin_settings.engine_settings(ctx.params, ctx.dataset)
-    remember_form_values(ctx)
     outputs = dataclasses.replace(plan.outputs, instance_method=engine.instance_method,
                                   min_instance_patches=engine.min_instance_patches,
                                   mask_dir=plugin_settings.plugin_setting("mask_dir", ctx.params, ctx.dataset))
@@ -109,6 +108,7 @@ def start_run(ctx):
         classes = segmenter.encode(plan.references, plan.negatives)
     except InputError as err:
         raise ValueError(f"reference unusable: {err}") from err
+    remember_form_values(ctx)  # once the engine has loaded and read the references with them
     record_provenance(ctx.dataset, outputs.fields, engine, segmenter, classes)
     counts = collections.Counter()
     job = segment_collection(segmenter, classes, plan.collection, target_samples(ctx, chosen, plan.collection),
@@ -137,7 +137,8 @@ def ray_predictions(ctx, engine, plan):
 
 def remember_form_values(ctx) -> None:
     """Write the engine options and the mask folder given to a run into the dataset's plugin
-    settings, so the next form on this dataset starts from them."""
+    settings, so the next form on this dataset starts from them; only values a segmenter was
+    built with are kept, so a run that cannot start leaves the settings as they were."""
     from insid3_core.settings import EngineSettings
 
     names = (*EngineSettings.names(), "mask_dir")

@@ -147,7 +147,8 @@ class ReferencePlan:
     classes : tuple of (str, int or str)
         Each class's label and mask value, in the order of ``references``.
     mask_targets : dict or None
-        The multi-class mask targets (``None`` for one class).
+        The output's mask targets: the reference field's for several classes (``None`` when it
+        has none), ``{255: label}`` for one class.
     """
 
     references: dict
@@ -175,7 +176,7 @@ def plan_references(dataset, chosen: dict) -> ReferencePlan:
         value = class_value(dataset, field, chosen["reference_class"])
         label = chosen["instance_label"] or single_label(dataset, field, value)
         references = {label: reference_pairs(dataset, chosen["reference_tag"], field, value)}
-        classes, mask_targets = ((label, SINGLE_VALUE),), None
+        classes, mask_targets = ((label, SINGLE_VALUE),), {SINGLE_VALUE: label}
     negatives = negative_pairs(dataset, chosen["negative_tag"], field, chosen["reference_tag"])
     for role, pairs in (("reference", [pair for pairs in references.values() for pair in pairs]), ("negative", negatives)):
         check_files(pairs, role)

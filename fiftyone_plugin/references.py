@@ -210,10 +210,25 @@ def tagged_masks(dataset, tag: str, field: str, role: str = "reference") -> list
         if label is None or (label.mask is None and not label.mask_path):
             missing.append(os.path.basename(filepath))
         else:
-            masks.append((filepath, stored_mask(label)))
+            masks.append((filepath, _readable_mask(label, f"{role} {os.path.basename(filepath)}")))
     if missing:
         raise ReferenceProblem(f"{len(missing)} {role}(s) tagged '{tag}' have no mask in '{field}': {_names(missing)}")
     return masks
+
+
+def _readable_mask(label, whose: str) -> np.ndarray:
+    """:func:`stored_mask`, or a :class:`ReferenceProblem` saying why the mask of ``whose`` cannot be used."""
+    from PIL import Image
+
+    try:
+        array = stored_mask(label)
+    except FileNotFoundError:
+        raise ReferenceProblem(f"The mask file of {whose} no longer exists ({label.mask_path})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ReferenceProblem(f"The mask file of {whose} is unreadable ({label.mask_path}): {err}") from None
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ReferenceProblem(f"The mask of {whose} has shape {array.shape}, not (H, W) or (H, W, 3|4)")
+    return array
 
 
 def _names(names: list[str]) -> str:

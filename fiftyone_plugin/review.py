@@ -80,7 +80,8 @@ class QualityReport(foo.Operator):
 
 
 class SaveFailureViews(foo.Operator):
-    """Save one view per failure category of a predicted mask field."""
+    """Save one view per failure category of a predicted mask field, replacing only the views it
+    saved itself (told apart by their description); a user's view of the same name is kept."""
 
     @property
     def config(self):
@@ -98,19 +99,25 @@ class SaveFailureViews(foo.Operator):
 
     def execute(self, ctx):
         dataset, field = ctx.dataset, ctx.params["field"]
-        saved = []
+        saved, kept = [], []
         for category in FAILURES:
             view = verdict_view(dataset, field, category)
             if len(view):
-                name = failure_view_name(field, category)
-                dataset.save_view(name, view, description=f"{field}: masks judged {category}", overwrite=True)
+                name, description = failure_view_name(field, category), f"{field}: masks judged {category}"
+                if dataset.has_saved_view(name) and dataset.get_saved_view_info(name).get("description") != description:
+                    kept.append(name)  # a view of the user's own under that name: never replaced
+                    continue
+                dataset.save_view(name, view, description=description, overwrite=True)
                 saved.append(name)
+        if kept:
+            ctx.ops.notify(f"Kept your own saved view(s) {', '.join(kept)}: rename them to save insid3's",
+                           variant="warning")
         if saved:
             ctx.ops.notify(f"Saved {len(saved)} view(s) of '{field}': {', '.join(saved)}", variant="success")
             ctx.ops.reload_dataset()  # the saved views list shows them without a page reload
-        else:
+        elif not kept:
             ctx.ops.notify(f"No failure in '{field}': no view saved", variant="info")
-        return {"views": saved}
+        return {"views": saved, "kept": kept}
 
 
 def failure_view_name(field: str, category: str) -> str:

@@ -109,7 +109,7 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     ``insid3:F:<category>`` when its mask is not ``ok`` and, with several classes,
     ``insid3:F:<label>:<category>`` for each class
     whose own mask is not ``ok``. The ``Segmentation`` field gets ``outputs.mask_targets`` at
-    the end.
+    the end (or loses the mask targets of an earlier run when there are none).
     """
     ids, paths = targets.values(["id", "filepath"])
     samples_of = collections.defaultdict(collections.deque)  # unreadable targets may come out early
@@ -129,8 +129,11 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
         root.add_dynamic_frame_fields(fields=outputs.fields)
     else:
         root.add_dynamic_sample_fields(fields=outputs.fields)
-    if outputs.mask_targets:
-        root.mask_targets = {**root.mask_targets, prefix + outputs.segmentation_field: outputs.mask_targets}
+    if outputs.segmentation_field:
+        others = {name: targets for name, targets in root.mask_targets.items()
+                  if name != prefix + outputs.segmentation_field}
+        root.mask_targets = {**others, **({prefix + outputs.segmentation_field: outputs.mask_targets}
+                                          if outputs.mask_targets else {})}
 
 
 def _write(dataset, outputs, results, thresholds, counts) -> None:

@@ -128,7 +128,8 @@ class SegmentByExample(fom.Model, fom.TorchModelMixin, fom.SupportsGetItem):
         return self.predict_all([arg])[0]
 
     def predict_all(self, args):
-        """Labels of a batch: a collated :class:`TargetItem` batch, or ``(H, W, 3)`` uint8 images."""
+        """Labels of a batch: a collated :class:`TargetItem` batch, or ``(H, W, 3)`` uint8 images
+        (or PIL images)."""
         if not isinstance(args, dict):
             args = collate_targets([_array_item(array, self.engine.image_size) for array in args])
         pixels = args["pixels"].to(self.segmenter.backbone.device, non_blocking=True)
@@ -140,12 +141,22 @@ class SegmentByExample(fom.Model, fom.TorchModelMixin, fom.SupportsGetItem):
         return labels
 
 
-def _array_item(array, image_size: int) -> dict:
+def _array_item(image, image_size: int) -> dict:
+    """The item of one image given to :meth:`SegmentByExample.predict`: FiftyOne's ``(H, W, 3)``
+    uint8 array (``(H, W)`` and 4 channels too) or a PIL image."""
+    import numpy as np
     from PIL import Image
 
     from insid3_core.features import resized_pixels
+    from insid3_core.io import to_rgb
 
-    image = Image.fromarray(array)
+    if not isinstance(image, Image.Image):
+        array = image if isinstance(image, np.ndarray) else None
+        if array is None or array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+            shown = f"{array.dtype} array of shape {array.shape}" if array is not None else type(image).__name__
+            raise TypeError(f"{MODEL_NAME}: predict takes (H, W, 3) uint8 arrays or PIL images, got a {shown}")
+        image = Image.fromarray(array)
+    image = to_rgb(image)
     return {"pixels": resized_pixels(image, image_size), "size": (image.height, image.width)}
 
 
@@ -164,6 +175,9 @@ def load_model(references=None, classes=None, negatives=(), output: str = "segme
     options = {name: os.fspath(value) if isinstance(value, os.PathLike) else value for name, value in options.items()}
     chosen = dict(classes or {})
     if references:
+        if "object" in chosen:
+            raise ValueError(f"{MODEL_NAME}: references= are the class 'object', which classes= names too; "
+                             "give that class's pairs in one place")
         chosen = {"object": list(references), **chosen}
     if not chosen:
         raise ValueError(f"{MODEL_NAME} needs references=[(image, mask), ...] or classes={{name: [(image, mask), ...]}}")

@@ -35,7 +35,7 @@ from .engine import Segmenter
 from .io import ImageLike, InputError, MaskLike
 from .metrics import mask_iou
 from .pipeline import Matches, match_targets, select_masks
-from .settings import EngineSettings, SettingsError, parse
+from .settings import EngineSettings, SettingsError, describe, parse
 from .upsample import full_resolution
 
 GRID_OPTIONS = ("tau", "merge_threshold", "svd_components", "refinement")
@@ -146,7 +146,10 @@ def grid_option(spec: str) -> tuple[str, tuple]:
 def _check_values(name: str, values) -> None:
     """A :class:`SettingsError` for the first of ``values`` option ``name`` refuses."""
     for value in values:
-        EngineSettings(**{name: value})
+        try:
+            EngineSettings(**{name: value})
+        except SettingsError as err:  # named as the grid's value, not as the option's flag
+            raise SettingsError(f"--grid {name}: {str(err).replace(describe(name), name)}") from None
 
 
 def default_grid(settings: EngineSettings, components: int, width: int, grid_patches: int) -> dict[str, tuple]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,18 +48,38 @@ class EngineConfig:
     refinement: str = "bilinear"
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "svd_components"):
+            if not (getattr(self, name) is None and name == "svd_components"):
+                check_integer(name, getattr(self, name))
+        for name in ("tau", "merge_threshold"):
+            check_number(name, getattr(self, name))
         if self.image_size < 16 or self.image_size % 16:
             raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if self.svd_components is not None and self.svd_components < 0:
             raise ValueError(f"svd_components must be >= 0, got {self.svd_components}")
         if not -1.0 < self.tau < 1.0:
             raise ValueError(f"tau must lie in (-1, 1), got {self.tau}")
-        if not math.isfinite(self.merge_threshold):
-            raise ValueError(f"merge_threshold must be a finite number, got {self.merge_threshold}")
+        if not -1.0 <= self.merge_threshold <= 1.0:
+            raise ValueError(f"merge_threshold must lie in [-1, 1] (cluster scores lie in [-1, 1]), "
+                             f"got {self.merge_threshold}")
         if self.clustering not in CLUSTERING_METHODS:
             raise ValueError(f"clustering must be one of {CLUSTERING_METHODS}, got {self.clustering!r}")
         if self.refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, got {self.refinement!r}")
+
+
+def check_integer(name: str, value) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is an integer (NumPy's too; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+
+
+def check_number(name: str, value) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is a real number, ``ValueError`` unless finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def number(text: str) -> float:

@@ -3,6 +3,8 @@ calibration and keypoint transfer (steps 0-2 of ``docs/algorithm.md``)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,14 @@ class Encoder:
         side = self.image_size // self.backbone.patch_size
         return side, side
 
+    @functools.cached_property
+    def identity(self) -> str:
+        """What makes this encoder's features comparable: the backbone, its weights, the input size
+        and a digest of the positional basis (references carry it, see :class:`ReferenceSet`)."""
+        digest = hashlib.sha256(self.basis.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
+        return (f"{self.backbone.name} ({self.backbone.identity or 'no weights file'}), {self.image_size}px, "
+                f"{self.basis.shape[1]} positional components (basis {digest})")
+
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, N, C)`` L2-normalised original patch features of ``(B, 3, s, s)`` uint8 images."""
         return patch_features(self.backbone, pixels)
@@ -141,4 +151,4 @@ class Encoder:
             negative_low = downsample_mask(negative_masks.to(features.device), self.grid).flatten(1)
             negative_patches = self.debiased(negative_features)[negative_low]
         return ReferenceSet(debiased, low, reference_prototype(debiased, low), self.image_size, tuple(names),
-                            negative_patches)
+                            negative_patches, self.identity)

@@ -12,9 +12,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .backbone import Backbone
-from .config import BATCH_SIZE, EngineConfig, cache_dir, clustering_bytes
+from .config import BATCH_SIZE, EngineConfig, cache_dir, check_integer, clustering_bytes
 from .encoder import Encoder, load_references
 from .io import ImageLike, InputError, MaskLike
 from .loader import default_workers, executor, load_batches
@@ -123,13 +124,19 @@ class Segmenter:
         Raises :class:`InputError` naming the reference when an image is unreadable, a mask's
         size differs from its image's, or a mask is empty.
         """
+        check_integer("batch_size", batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(classes, Mapping):
+            raise TypeError(f"classes must map each class name to its [(image, mask), ...] references, "
+                            f"not a {type(classes).__name__} (one class: {{'object': pairs}})")
         if not classes:
             raise InputError("at least one class with references is needed")
         for name, pairs in classes.items():
             if not pairs:
                 raise InputError(f"class {name!r}: at least one (image, mask) reference is needed")
+            _check_pairs(pairs, f"class {name!r}")
+        _check_pairs(negatives, "negatives")
         pairs = [pair for class_pairs in classes.values() for pair in class_pairs] + list(negatives)
         loaded = load_references(pairs, self.config.image_size)
         with self.stage("backbone"):
@@ -167,8 +174,12 @@ class Segmenter:
         resolution and judged in ``workers`` threads again. ``None`` picks
         :func:`insid3_core.loader.default_workers`; 0 runs everything in the caller's thread.
         """
+        check_integer("batch_size", batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._check_references(references)
+        if isinstance(targets, (str, os.PathLike, Image.Image)):
+            raise TypeError("targets must be an iterable of images; put a single one in a list")
         classes = tuple(references.classes.values())
         workers = default_workers(self.backbone.device) if workers is None else workers
         pin = self.backbone.device.type == "cuda"
@@ -177,7 +188,7 @@ class Segmenter:
         with executor(workers, "insid3-finish") as finisher, executor(device_workers, "insid3-device") as device_stage:
             for batch in load_batches(targets, self.config.image_size, batch_size, workers, pin):
                 if batch.pixels is not None:
-                    features = self._features(classes, batch.pixels)
+                    features = self._features(batch.pixels)
                     masks = device_stage.submit(
                         self._target_masks, classes, features, batch.pixels, batch.sizes, ready_marker(features)
                     )
@@ -203,17 +214,37 @@ class Segmenter:
         ``pixels`` (``(B, 3, s, s)`` uint8, the images the features came from) is needed by
         the ``guided`` refinement; ``sizes`` holds each target's ``(H, W)``.
         """
-        masks = lowres_masks(tuple(references.classes.values()), features, self.basis, self.config, pixels, self.timer)
+        self._check_references(references)
+        if not isinstance(features, torch.Tensor) or features.ndim != 3 or not features.is_floating_point():
+            raise TypeError(f"features must be a (B, N, C) float tensor from Encoder.features, got "
+                            f"{getattr(features, 'shape', type(features).__name__)}")
+        expected = (self.grid[0] * self.grid[1], self.basis.shape[0])
+        if tuple(features.shape[1:]) != expected:
+            raise ValueError(f"features of shape {tuple(features.shape)}: this segmenter's are (B, {expected[0]}, "
+                             f"{expected[1]})")
+        if len(sizes) != features.shape[0]:
+            raise ValueError(f"sizes holds {len(sizes)} (H, W) but the features hold {features.shape[0]} targets")
+        masks = lowres_masks(tuple(references.classes.values()), features.to(self.basis.dtype), self.basis,
+                             self.config, pixels, self.timer)
         return [self._prediction(references.names, self._finish(target, size))
                 for target, size in zip(masks.per_target(), sizes)]
 
-    def _features(self, classes: Sequence[ReferenceSet], pixels: torch.Tensor) -> torch.Tensor:
-        for references in classes:
+    def _check_references(self, references: References) -> None:
+        """Raise unless ``references`` came from :meth:`encode` of a segmenter with this encoder."""
+        if not isinstance(references, References):
+            raise TypeError(f"references must be the References that encode() returns, not "
+                            f"{type(references).__name__} (a ReferenceSet r is References({{'name': r}}))")
+        for references in references.classes.values():
             if references.image_size != self.config.image_size:
                 raise ValueError(
                     f"references were encoded at {references.image_size}px, "
                     f"this segmenter runs at {self.config.image_size}px"
                 )
+            if references.encoder != self.encoder.identity:
+                raise ValueError(f"references were encoded by another encoder ({references.encoder}); this "
+                                 f"segmenter's is {self.encoder.identity}: encode them with this segmenter")
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         with self.stage("backbone"):
             return self.encoder.features(pixels)
 
@@ -279,6 +310,8 @@ def merge_references(first: ReferenceSet, second: ReferenceSet) -> ReferenceSet:
     references to an encoded pool without encoding it again; the prototype is recomputed."""
     if first.image_size != second.image_size:
         raise ValueError(f"cannot merge references encoded at {first.image_size}px and {second.image_size}px")
+    if first.encoder != second.encoder:
+        raise ValueError(f"cannot merge references of two encoders: {first.encoder} and {second.encoder}")
     features = torch.cat([first.features, second.features])
     masks = torch.cat([first.masks, second.masks])
     negatives = [part for part in (first.negatives, second.negatives) if part is not None]
@@ -289,7 +322,16 @@ def merge_references(first: ReferenceSet, second: ReferenceSet) -> ReferenceSet:
         first.image_size,
         first.names + second.names,
         torch.cat(negatives) if negatives else None,
+        first.encoder,
     )
+
+
+def _check_pairs(pairs, whose: str) -> None:
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"{whose}: a list of (image, mask) pairs is needed, got {type(pairs).__name__}")
+    for pair in pairs:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise TypeError(f"{whose}: each reference is an (image, mask) pair, got {type(pair).__name__}")
 
 
 def _raised(result):

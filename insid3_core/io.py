@@ -70,11 +70,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(image: str | Path | Image.Image) -> Image.Image:
     """An image as RGB in its displayed orientation (EXIF applied), from a path or PIL image.
 
-    Grayscale, palette, RGBA and 16-bit images are accepted. Raises :class:`InputError`
+    Grayscale, palette, RGBA and 16-bit images are accepted. Raises ``TypeError`` for anything
+    but a path or PIL image, and :class:`InputError`
     naming the file when it is missing, unreadable or truncated.
     """
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image))
+    if not isinstance(image, (str, os.PathLike)):
+        hint = " (PIL.Image.fromarray makes one of an (H, W, 3) uint8 array)" if isinstance(image, np.ndarray) else ""
+        raise TypeError(f"an image must be a file path or a PIL image, got {type(image).__name__}{hint}")
     return to_rgb(_open_oriented(image))
 
 
@@ -96,6 +100,11 @@ def mask_array(mask: Image.Image | np.ndarray, value: int | None = None) -> np.n
         ``(H, W)`` bool.
     """
     array = np.asarray(mask)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and not 1 <= array.shape[2] <= 4):
+        raise ValueError(f"a mask must be (H, W) or (H, W, C) with C from 1 to 4 (channels last), "
+                         f"got shape {array.shape}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
     if array.ndim == 2:
         return array > 0 if value is None else array == value
     if value is not None:
@@ -229,7 +238,10 @@ def reference_mask(name: str, image: Image.Image, mask: MaskLike) -> np.ndarray:
         array = load_mask(mask, image.size)
         name = str(mask)
     else:
-        array = mask_array(mask)
+        try:
+            array = mask_array(mask)
+        except ValueError as err:
+            raise InputError(f"{name}: {err}") from None
         if array.shape != (image.height, image.width):
             raise InputError(
                 f"{name}: mask is {array.shape[1]}x{array.shape[0]} but its image is "

@@ -12,6 +12,8 @@ import torch
 from .features import resized_pixels
 from .io import InputError, load_image
 
+_END = object()  # the end of a target stream (a None target is a target, refused as such)
+
 
 @dataclass
 class LoadedBatch:
@@ -85,8 +87,8 @@ def load_batches(
 
         def refill() -> None:
             while len(pending) < 2 * batch_size:
-                target = next(source, None)
-                if target is None:
+                target = next(source, _END)
+                if target is _END:
                     return
                 pending.append((target, pool.submit(load_target, target, image_size)))
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from .config import check_integer, check_number
+
 VERDICTS = ("ok", "too_small", "too_large", "fragmented", "empty")
 
 
@@ -29,6 +31,9 @@ class QualityThresholds:
     max_components: int = 4
 
     def __post_init__(self) -> None:
+        check_number("min_area_ratio", self.min_area_ratio)
+        check_number("max_area_ratio", self.max_area_ratio)
+        check_integer("max_components", self.max_components)
         if not 0.0 <= self.min_area_ratio <= self.max_area_ratio <= 1.0:
             raise ValueError(
                 f"need 0 <= min_area_ratio <= max_area_ratio <= 1, got {self.min_area_ratio}, {self.max_area_ratio}"
@@ -64,7 +69,20 @@ class QualityReport:
 
 
 def quality_report(mask: np.ndarray, thresholds: QualityThresholds = QualityThresholds()) -> QualityReport:
-    """Judge a ``(H, W)`` bool mask against ``thresholds``."""
+    """Judge a ``(H, W)`` mask against ``thresholds``.
+
+    Parameters
+    ----------
+    mask : array_like
+        ``(H, W)``; bool, or any numbers with nonzero pixels as foreground (a 0/255 mask file
+        reads the same as its bool mask).
+    thresholds : QualityThresholds
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"quality_report: the mask must be (H, W), got shape {mask.shape}")
+    if mask.dtype != bool:
+        mask = mask != 0
     area = int(mask.sum())
     area_ratio = area / mask.size if mask.size else 0.0
     regions, components = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))

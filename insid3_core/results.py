@@ -6,11 +6,14 @@ output, the integrations) do not import the engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from .quality import QualityReport
+
 
 @dataclass(frozen=True)
 class ReferenceSet:
@@ -30,6 +33,9 @@ class ReferenceSet:
         Where each reference came from (file path or ``reference <i>``).
     negatives : torch.Tensor or None
         ``(R, C)`` debiased features of the patches inside the negative ("not this") masks.
+    encoder : str
+        :attr:`~insid3_core.encoder.Encoder.identity` of the encoder that made them: only a
+        segmenter of the same identity can use them.
     """
 
     features: torch.Tensor
@@ -38,6 +44,7 @@ class ReferenceSet:
     image_size: int
     names: tuple[str, ...]
     negatives: torch.Tensor | None = None
+    encoder: str = ""
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -84,6 +91,13 @@ class References:
     """
 
     classes: dict[str, ReferenceSet]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.classes, Mapping) or not self.classes:
+            raise ValueError("References needs at least one class: {name: ReferenceSet}")
+        for name, references in self.classes.items():
+            if not isinstance(references, ReferenceSet):
+                raise TypeError(f"References: class {name!r} holds {type(references).__name__}, not a ReferenceSet")
 
     @property
     def names(self) -> tuple[str, ...]:

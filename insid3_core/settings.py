@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import os
 import threading
 from dataclasses import dataclass, field
@@ -99,13 +100,18 @@ class EngineSettings:
             value, meta = getattr(self, option.name), option.metadata
             if value is None and option.default is None:
                 continue
-            if meta["kind"] is float and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            if meta["kind"] is float and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
                                               and math.isfinite(value)):
                 raise SettingsError(f"{describe(option.name)} must be a finite number, got {value!r}")
-            if meta["kind"] is int and (isinstance(value, bool) or not isinstance(value, int)):
+            if meta["kind"] is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise SettingsError(f"{describe(option.name)} must be an integer, got {value!r}")
             if meta["kind"] is str and not isinstance(value, str):
                 raise SettingsError(f"{describe(option.name)} must be a string, got {value!r}")
+            if meta["kind"] is str and not value.strip():
+                raise SettingsError(f"{describe(option.name)} is empty; leave it unset for its default")
+            if meta["kind"] in (int, float):  # NumPy scalars become Python numbers (JSON, hashing, describe())
+                object.__setattr__(self, option.name, meta["kind"](value))
+                value = getattr(self, option.name)
             if meta["choices"] and value not in meta["choices"]:
                 raise SettingsError(f"{describe(option.name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
             if meta["minimum"] is not None and value < meta["minimum"]:
@@ -115,8 +121,9 @@ class EngineSettings:
         try:
             self.config()
             self.quality()
-        except ValueError as err:
-            raise SettingsError(str(err)) from None
+        except ValueError as err:  # the message starts with the option's name, or names two of them
+            name, _, rest = str(err).partition(" ")
+            raise SettingsError(f"{describe(name)} {rest}" if name in self.names() else str(err)) from None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -190,9 +197,13 @@ class EngineSettings:
         ``(weights or backbone, device, precision)`` is loaded once per process."""
         from .engine import Segmenter
 
+        self.check_basis_file()
+        return Segmenter(self.load_backbone(), self.config(), self.quality(), basis_file=self.basis)
+
+    def check_basis_file(self) -> None:
+        """Raise :class:`SettingsError` when ``basis`` names no file (before anything is loaded)."""
         if self.basis is not None and not Path(self.basis).expanduser().is_file():
             raise SettingsError(f"--basis (INSID3_BASIS) {self.basis}: no such file")
-        return Segmenter(self.load_backbone(), self.config(), self.quality(), basis_file=self.basis)
 
     def load_backbone(self):
         """The backbone these settings name (kept loaded for later calls in the process)."""

@@ -33,7 +33,7 @@ def refused(capsys, *arguments) -> str:
     ("--merge-threshold", "nan", "argument --merge-threshold: value='nan' is not a finite number"),
     ("--merge-threshold", "inf", "argument --merge-threshold: value='inf' is not a finite number"),
     ("--tau", "nan", "argument --tau: value='nan' is not a finite number"),
-    ("--tau", "2", "tau must lie in (-1, 1)"),
+    ("--tau", "2", "tau (--tau, INSID3_TAU) must lie in (-1, 1)"),
     ("--min-area-ratio", "nan", "argument --min-area-ratio: value='nan' is not a finite number"),
     ("--max-area-ratio", "inf", "argument --max-area-ratio: value='inf' is not a finite number"),
     ("--image-size", "1600000", "use at most about"),

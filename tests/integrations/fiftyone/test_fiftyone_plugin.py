@@ -110,6 +110,14 @@ def test_multiclass_reference_uses_the_chosen_class(fo, dataset, expected):
     segment(dataset, {"output_field": "pred", "reference_class": "1"}, view_target="SELECTED_SAMPLES",
             selected=chosen)
     assert_matches_engine(dataset[chosen[0]], "pred", expected)
+    assert dataset.mask_targets["pred"] == {255: "disk"}
+
+    segment(dataset, {"output_field": "every", "all_classes": True}, view_target="SELECTED_SAMPLES", selected=chosen)
+    assert dataset.mask_targets["every"] == {1: "disk", 2: "corner"}
+    segment(dataset, {"output_field": "every", "overwrite": True, "reference_class": "2"},
+            view_target="SELECTED_SAMPLES", selected=chosen)
+    assert dataset.mask_targets["every"] == {255: "corner"}, "no mask targets of the run before"
+    assert set(np.unique(dataset[chosen[0]].every.get_mask())) <= {0, 255}
 
 
 @pytest.mark.parametrize("case, message", [
@@ -281,8 +289,8 @@ def test_form_offers_defaults_classes_and_explains_problems(fo, dataset):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("image_size", "image_size must be a positive multiple of 16, got 250"),
-    ("tau", "tau must lie in (-1, 1), got 2.0"),
+    ("image_size", "image_size (--image-size, INSID3_IMAGE_SIZE) must be a positive multiple of 16, got 250"),
+    ("tau", "tau (--tau, INSID3_TAU) must lie in (-1, 1), got 2.0"),
     ("merge_threshold", "INSID3_MERGE_THRESHOLD) must be a finite number, got nan"),
     ("device", "device 'gpu' is none of auto, cpu, cuda, cuda:N, mps"),
     ("weights", "weights '/nowhere/dinov3.pth': no such file"),
@@ -291,6 +299,9 @@ def test_form_offers_defaults_classes_and_explains_problems(fo, dataset):
     ("huge_image", "use at most about"),
     ("wrong_size_reference", "The mask of reference disks"),
     ("deleted_reference", "no longer exists"),
+    ("deleted_mask_file", "The mask file of reference disks.png no longer exists"),
+    ("corrupt_mask_file", "The mask file of reference disks.png is unreadable"),
+    ("flat_mask", "The mask of reference disks.png has shape (10,), not (H, W)"),
 ])
 def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, case, message):
     """Each of these came back as a Python traceback from the run instead of a message in the form."""
@@ -318,8 +329,16 @@ def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, 
         copy = tmp_path / "disks.png"
         shutil.copy(REFERENCE[0], copy)
         reference.filepath = str(copy)
+        mask_file = tmp_path / "disks_mask.png"
         if case == "wrong_size_reference":
             reference.ground_truth = fo.Segmentation(mask=np.ones((10, 10), dtype=np.uint8))
+        elif case == "deleted_mask_file":
+            reference.ground_truth = fo.Segmentation(mask_path=str(mask_file))
+        elif case == "corrupt_mask_file":
+            mask_file.write_bytes(b"not a png")
+            reference.ground_truth = fo.Segmentation(mask_path=str(mask_file))
+        elif case == "flat_mask":
+            reference.ground_truth = fo.Segmentation(mask=np.ones(10, dtype=np.uint8))
         else:
             copy.unlink()
         reference.save()
@@ -374,3 +393,38 @@ def test_the_form_remembers_the_last_values_on_its_dataset(fo, dataset):
     properties = form(dataset)
     assert properties["image_size"].default == 128 and properties["refinement"].default == "guided"
     assert properties["svd_components"].default == 16
+
+
+def test_a_run_that_cannot_start_leaves_the_remembered_values_as_they_were(fo, dataset, tmp_path):
+    """Only values a segmenter was built with are remembered: a missing basis file is the form's
+    problem, and svd_components above the backbone's width fails the run without being kept."""
+    from fiftyone.operators.executor import ExecutionError
+    from test_fiftyone_options import form
+
+    missing = str(tmp_path / "nope.npy")
+    with pytest.raises(ExecutionError, match="nope.npy: no such file"):
+        segment(dataset, {"output_field": "pred", "basis": missing}, view_target="DATASET")
+    with pytest.raises(ExecutionError, match="svd_components=5000 must be smaller than the backbone width"):
+        segment(dataset, {"output_field": "pred", "svd_components": 5000}, view_target="DATASET")
+    dataset.reload()
+    assert form(dataset)["svd_components"].default != 5000
+    assert "basis" not in ((dataset.app_config.plugins or {}).get(PLUGIN_URI) or {})
+    segment(dataset, {"output_field": "pred"}, view_target="DATASET")
+    assert dataset.count("pred") == len(target_samples(dataset))
+
+
+def test_failure_views_replace_their_own_saved_views_only(fo, dataset):
+    import fiftyone.operators as foo
+
+    def save_views():
+        return foo.execute_operator(f"{PLUGIN_URI}/save_failure_views", {"dataset": dataset},
+                                    params={"field": "empties"}).result
+
+    segment(dataset, {"output_field": "empties", "merge_threshold": 0.99}, view_target="DATASET")  # every mask empty
+    assert save_views() == {"views": ["empties empty"], "kept": []}
+    assert save_views() == {"views": ["empties empty"], "kept": []}  # insid3's own view is replaced
+    dataset.delete_saved_view("empties empty")
+    dataset.save_view("empties empty", dataset.limit(1), description="my own curated view")
+    assert save_views() == {"views": [], "kept": ["empties empty"]}
+    assert dataset.get_saved_view_info("empties empty")["description"] == "my own curated view"
+    assert len(dataset.load_saved_view("empties empty")) == 1

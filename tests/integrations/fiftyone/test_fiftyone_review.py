@@ -114,6 +114,24 @@ def test_approved_masks_are_copied_into_the_ground_truth_and_stay_when_the_run_i
         np.testing.assert_array_equal(segmented[sample.id].ground_truth.mask, predicted[sample.id])
 
 
+def test_a_copy_into_ground_truth_of_other_mask_targets_is_refused(segmented):
+    """0/255 masks of one class must not land in a field whose masks say 1 = cat, 2 = dog."""
+    from fiftyone_plugin import curation
+
+    segmented.mask_targets = {**segmented.mask_targets, "truth": {1: "cat", 2: "dog"}}
+    segmented.save()
+    curation.decide(segmented, "pred", "approved")
+    with pytest.raises(ValueError, match=r"'truth' has other mask targets than 'pred' \({1: 'cat', 2: 'dog'}"):
+        curation.copy_approved(segmented, "pred", "truth")
+    legacy = dict(segmented.mask_targets)
+    del legacy["pred"]  # a field written before runs named their mask targets
+    segmented.mask_targets = legacy
+    segmented.save()
+    with pytest.raises(ValueError, match="against none"):
+        curation.copy_approved(segmented, "pred", "truth")
+    assert not segmented.exists("truth").count()
+
+
 @pytest.mark.parametrize("target, message", [
     ("pred", "is the predicted field itself"),
     ("2nd", "not a valid field name"),

@@ -4,6 +4,7 @@ workers; masks equal the engine's."""
 
 from __future__ import annotations
 
+import re
 from importlib.util import find_spec
 
 import numpy as np
@@ -80,6 +81,7 @@ def test_instances_and_several_classes(fo, dataset):
     ({"references": [REFERENCE], "gamma": 1}, "unknown option(s) gamma"),
     ({"references": [REFERENCE], "tau": "high"}, "'tau'='high' is not a finite number"),
     ({"references": [REFERENCE], "output": "boxes"}, "output must be one of segmentation, instances, both"),
+    ({"references": [REFERENCE], "classes": {"object": [REFERENCE]}}, "which classes= names too"),
 ])
 def test_bad_arguments_are_named(fo, kwargs, message):
     import fiftyone.zoo as foz
@@ -141,3 +143,19 @@ def test_a_repository_archive_registers_as_a_zoo_source(fo, dataset, tmp_path, m
     assert foz.is_zoo_model_downloaded(MODEL)
     dataset.limit(2).apply_model(model, "registered", batch_size=2)
     assert len(dataset.exists("registered")) == 2
+
+
+def test_predict_takes_fiftyones_arrays_and_pil_images_and_names_anything_else(fo):
+    import fiftyone.zoo as foz
+    from PIL import Image
+
+    model = foz.load_zoo_model(MODEL, references=[REFERENCE], **ENGINE)
+    image = Image.open(REFERENCE[0]).convert("RGB")
+    from_array = model.predict(np.asarray(image)).get_mask()
+    np.testing.assert_array_equal(model.predict(image).get_mask(), from_array)
+    np.testing.assert_array_equal(model.predict(np.asarray(image.convert("RGBA"))).get_mask(), from_array)
+    for wrong, shown in ((np.asarray(image, np.float32) / 255, "float32 array of shape"),
+                         (np.asarray(image).transpose(2, 0, 1), "uint8 array of shape (3,"),
+                         (REFERENCE[0], "got a str")):
+        with pytest.raises(TypeError, match=re.escape(shown)):
+            model.predict(wrong)
