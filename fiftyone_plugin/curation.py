@@ -163,9 +163,11 @@ def class_view(collection, field: str, label: str, failed: bool = False):
     ``failed``, those whose mask of it is judged other than ``ok``."""
     from fiftyone import ViewField as F
 
+    from .labels import class_key
+
     if _kind(collection, field) == "Detections":
         return collection.filter_labels(field, F("label") == label)
-    verdict = F(f"{field}.classes.{label}.verdict")
+    verdict = F(f"{field}.classes.{class_key(label)}.verdict")
     if failed:
         return collection.match((verdict != None) & (verdict != "ok"))  # noqa: E711
     return collection.match((verdict != None) & (verdict != "empty"))  # noqa: E711
@@ -184,6 +186,7 @@ def decide(samples, field: str, decision: str) -> int:
     """Tag the samples of ``samples`` that have a label in ``field`` with ``decision`` (and drop
     the opposite one); return how many were tagged."""
     tag = decision_tag(field, decision)
+    _kind(samples, field)  # a ValueError for a field that holds no predictions
     predicted = samples.exists(field)
     predicted.untag_samples([decision_tag(field, other) for other in DECISIONS if other != decision])
     predicted.tag_samples(tag)

@@ -107,7 +107,7 @@ def quality_attributes(result, outputs: Outputs, thresholds) -> dict:
     found = [class_result.score for class_result in per_class if class_result.mask.any()]
     union = quality_report(result.label_map > 0, thresholds)
     classes = {
-        _key(label): dict(score=class_result.score, **class_result.quality.as_dict())
+        class_key(label): dict(score=class_result.score, **class_result.quality.as_dict())
         for (label, _), class_result in zip(outputs.classes, per_class)
     }
     return dict(score=float(np.mean(found)) if found else 0.0, **union.as_dict(), classes=classes)
@@ -199,6 +199,7 @@ def _write_png(path: str, array: np.ndarray) -> None:
         Image.fromarray(array).save(stream, format="PNG")
 
 
-def _key(label: str) -> str:
-    """A class label usable as a database key (no ``.``, no leading ``$``)."""
+def class_key(label: str) -> str:
+    """A class label usable as a database key (no ``.``, no leading ``$``): its key in a
+    multi-class ``Segmentation``'s ``classes`` attribute (a key is its own key)."""
     return re.sub(r"^\$|\.", "_", label)

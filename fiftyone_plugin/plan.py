@@ -110,6 +110,7 @@ def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
         plan = plan_run(collection, chosen)
         engine = settings.engine_settings(ctx.params, ctx.dataset)
         mask_dir = settings.plugin_setting("mask_dir", ctx.params, ctx.dataset)
+        settings.plugin_setting("ray_actors", ctx.params, ctx.dataset)  # checked here, used by delegated runs
         if mask_dir:
             check_writable_folder(mask_dir, "Mask folder")
     except (ReferenceProblem, OutputProblem, ValueError) as problem:  # SettingsError, InputError too

@@ -44,6 +44,8 @@ def class_value(dataset, field: str, choice) -> int | str | None:
         if choice == label or str(choice).lower() == str(value).lower():
             return value
     try:
+        if isinstance(choice, float) and not choice.is_integer():
+            raise ValueError(choice)
         return int(choice)
     except ValueError:
         known = ", ".join(f"{value} ({label})" for value, label in classes.items()) or "none defined"
@@ -197,9 +199,10 @@ def tagged_masks(dataset, tag: str, field: str, role: str = "reference") -> list
         mask in ``field`` (the message names the samples).
     """
     if field is None:
-        raise ReferenceProblem(f"Dataset '{dataset.name}' has no Segmentation field to take {role} masks from")
+        raise ReferenceProblem(f"Dataset '{dataset._root_dataset.name}' has no Segmentation field to take {role} "
+                               "masks from")
     if field not in segmentation_fields(dataset):
-        raise ReferenceProblem(f"'{field}' is not a Segmentation field of dataset '{dataset.name}'")
+        raise ReferenceProblem(f"'{field}' is not a Segmentation field of dataset '{dataset._root_dataset.name}'")
     samples = dataset.match_tags(tag)
     if not len(samples):
         raise ReferenceProblem(

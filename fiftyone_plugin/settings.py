@@ -17,6 +17,7 @@ PLUGIN_NAME = "@insid3/fiftyone"
 PLUGIN_DEFAULTS = {"mask_dir": None, "delegation_threshold": 100, "settings": None, "ray_address": None,
                    "ray_actors": 1}
 PLUGIN_CASTS = {"delegation_threshold": int, "ray_actors": int}
+PLUGIN_MINIMUMS = {"delegation_threshold": 0, "ray_actors": 1}
 
 
 def plugin_settings(dataset=None) -> dict:
@@ -79,12 +80,15 @@ def plugin_setting(name: str, params: dict, dataset=None):
 def _typed(name: str, value, where: str):
     """``value`` as setting ``name``'s type: typed form values pass, text (plugin settings) is parsed."""
     expected = kind(name)
+    if name in PLUGIN_MINIMUMS:
+        try:
+            number = int(value) if isinstance(value, str) else value
+        except ValueError:
+            raise SettingsError(f"{where} must be an integer, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, int) or number < PLUGIN_MINIMUMS[name]:
+            raise SettingsError(f"{where} must be an integer >= {PLUGIN_MINIMUMS[name]}, got {value!r}")
+        return number
     if isinstance(value, str) and expected is not str:
-        if name in PLUGIN_DEFAULTS:
-            try:
-                return expected(value)
-            except ValueError:
-                raise SettingsError(f"{where} must be an integer, got {value!r}") from None
         return parse(name, value, where)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -302,6 +302,8 @@ def test_form_offers_defaults_classes_and_explains_problems(fo, dataset):
     ("deleted_mask_file", "The mask file of reference disks.png no longer exists"),
     ("corrupt_mask_file", "The mask file of reference disks.png is unreadable"),
     ("flat_mask", "The mask of reference disks.png has shape (10,), not (H, W)"),
+    ("ray_actors", "'ray_actors' must be an integer >= 1, got 0"),
+    ("reference_class", "'1.5' is not a class of 'ground_truth'"),
 ])
 def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, case, message):
     """Each of these came back as a Python traceback from the run instead of a message in the form."""
@@ -324,6 +326,10 @@ def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, 
         params[case] = str(tmp_path / "masks")
     elif case == "huge_image":
         params["image_size"] = 1_600_000
+    elif case == "ray_actors":
+        params[case] = 0
+    elif case == "reference_class":
+        params[case] = 1.5
     else:
         reference = dataset.match_tags("reference").first()
         copy = tmp_path / "disks.png"

@@ -154,3 +154,12 @@ def test_the_run_description_names_weights_references_and_settings(segmented):
     assert "| weights |" not in text, "settings left unset are not listed"
     assert "not written by insid3" in curation.run_description(segmented, "ground_truth")
     assert curation.default_field(segmented) == "pred"
+
+
+def test_curation_names_labels_as_given_and_refuses_fields_without_predictions(segmented):
+    from fiftyone_plugin import curation
+    from fiftyone_plugin.labels import class_key
+
+    assert class_key("cat.x") == class_key(class_key("cat.x")) == "cat_x"
+    with pytest.raises(ValueError, match="'nothing' is no Segmentation or Detections field"):
+        curation.decide(segmented, "nothing", "approved")

@@ -141,3 +141,10 @@ def test_no_tagged_reference_is_a_form_problem(fo, dataset):
     dataset.untag_samples("reference")
     with pytest.raises(ExecutionError, match="No sample is tagged 'reference'"):
         run(dataset, output_field="pred")
+
+
+def test_a_reference_field_that_is_no_segmentation_names_the_video_dataset(fo, dataset):
+    from fiftyone.operators.executor import ExecutionError
+
+    with pytest.raises(ExecutionError, match=f"'nothing' is not a Segmentation field of dataset '{dataset.name}'"):
+        run(dataset, output_field="pred", reference_field="nothing")
