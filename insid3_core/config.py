@@ -74,11 +74,22 @@ def check_integer(name: str, value) -> None:
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
 
 
+def is_finite_number(value) -> bool:
+    """Whether ``value`` is a real number (not a bool) that a float holds finitely (an integer of
+    400 digits is not: ``math.isfinite`` raises ``OverflowError`` on it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_number(name: str, value) -> None:
     """Raise ``TypeError`` naming ``name`` unless ``value`` is a real number, ``ValueError`` unless finite."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 

@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 from io import BytesIO
 from pathlib import Path
@@ -43,6 +44,8 @@ def target_path(path: Path) -> Path | None:
 def _open_oriented(path: str | Path, source=None) -> Image.Image:
     """Open, fully decode and apply the EXIF orientation; any failure names the file. ``source``:
     a binary stream holding the file ``path`` names (read from elsewhere, e.g. an object store)."""
+    if source is None and os.path.exists(path) and not os.path.isfile(path):
+        raise InputError(f"{path}: not a regular file (a folder, pipe or device)")
     try:
         with Image.open(path if source is None else source) as handle:
             handle.load()
@@ -166,9 +169,20 @@ def label_masks(path: str | Path, max_classes: int = 255) -> dict[int, np.ndarra
 TEMPORARY_SUFFIX = ".tmp"
 
 
+TEMPORARY_NAME_CHARS = 200
+"""Characters of a file's name kept in its temporary's (a name of up to 255 stays legal)."""
+
+
 def temporary_name(path: Path) -> Path:
-    """A fresh hidden name beside ``path`` for the file being written (``.<name>.<random>.tmp``)."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}")
+    """A fresh hidden name beside ``path`` for the file being written (``.<name>.<12 hex>.tmp``,
+    the name cut to :data:`TEMPORARY_NAME_CHARS`)."""
+    return path.with_name(f".{path.name[:TEMPORARY_NAME_CHARS]}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}")
+
+
+def is_temporary_of(candidate: str, name: str) -> bool:
+    """Whether the file name ``candidate`` is one :func:`temporary_name` gives a file named ``name``."""
+    pattern = rf"\.{re.escape(name[:TEMPORARY_NAME_CHARS])}\.[0-9a-f]{{12}}{re.escape(TEMPORARY_SUFFIX)}"
+    return re.fullmatch(pattern, candidate) is not None
 
 
 @contextlib.contextmanager
@@ -309,7 +323,9 @@ def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
     process was killed; returns what was removed."""
     removed = []
     for name in names:
-        for stale in Path(folder).glob(f".{glob.escape(name)}.*{TEMPORARY_SUFFIX}"):
+        for stale in Path(folder).glob(f".{glob.escape(name[:TEMPORARY_NAME_CHARS])}.*{TEMPORARY_SUFFIX}"):
+            if not is_temporary_of(stale.name, name):
+                continue  # a file of the user's that merely looks like one
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
                 removed.append(stale)

@@ -16,7 +16,6 @@ coordinates; a point is inside an image of size ``W x H`` when ``0 <= x <= W - 1
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import BATCH_SIZE
+from .config import BATCH_SIZE, is_finite_number
 from .encoder import Encoder
 from .features import resized_pixels
 from .io import ImageLike, InputError, load_image
@@ -122,7 +121,7 @@ def load_points(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
             name, coordinates = str(index), entry
         else:
             raise InputError(f'{path}: point {index} is {json.dumps(entry)}, expected [x, y] or {{"name", "x", "y"}}')
-        if not isinstance(name, str) or not all(_is_finite_number(value) for value in coordinates):
+        if not isinstance(name, str) or not all(is_finite_number(value) for value in coordinates):
             raise InputError(f"{path}: point {index} ({json.dumps(entry)}) needs finite numbers x, y and a string name")
         names.append(name)
         points.append(coordinates)
@@ -132,8 +131,6 @@ def load_points(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
     return tuple(names), np.asarray(points, dtype=np.float64)
 
 
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_inside(points: np.ndarray, size: tuple[int, int], names: Sequence[str], source: str) -> None:
@@ -241,6 +238,19 @@ def _matching_features(encoder: Encoder, features: torch.Tensor, debiased: bool)
     return encoder.debiased(features) if debiased else features
 
 
+MAX_WINDOW = 255
+"""Widest soft-argmax window, in patches (the grid side of a 4096 px input)."""
+
+
+def check_refinement(window: int, temperature: float) -> None:
+    """Raise ``ValueError`` unless ``window`` is an odd number of patches from 1 to
+    :data:`MAX_WINDOW` and ``temperature`` a positive finite number (checked before any work)."""
+    if not 1 <= window <= MAX_WINDOW or window % 2 == 0:
+        raise ValueError(f"window must be an odd number of patches from 1 to {MAX_WINDOW}, got {window}")
+    if not is_finite_number(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 def best_matches(
     point_features: torch.Tensor,
     target_features: torch.Tensor,
@@ -271,10 +281,7 @@ def best_matches(
     best : torch.Tensor
         ``(B, P)`` int64 raster index of the best patch.
     """
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window must be a positive odd number of patches, got {window}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_refinement(window, temperature)
     height, width = grid
     similarity = torch.einsum("pc,bnc->bpn", point_features, target_features)
     scores, best = similarity.max(dim=-1)

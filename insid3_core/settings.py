@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import numbers
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import BATCH_SIZE, CLUSTERING_METHODS, ENV_PREFIX, REFINEMENTS, EngineConfig
+from .config import BATCH_SIZE, CLUSTERING_METHODS, ENV_PREFIX, REFINEMENTS, EngineConfig, is_finite_number
 from .instances import INSTANCE_METHODS
 
 PRECISIONS = ("float32", "float16", "bfloat16")
@@ -100,8 +99,7 @@ class EngineSettings:
             value, meta = getattr(self, option.name), option.metadata
             if value is None and option.default is None:
                 continue
-            if meta["kind"] is float and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                                              and math.isfinite(value)):
+            if meta["kind"] is float and not is_finite_number(value):
                 raise SettingsError(f"{describe(option.name)} must be a finite number, got {value!r}")
             if meta["kind"] is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise SettingsError(f"{describe(option.name)} must be an integer, got {value!r}")
@@ -270,7 +268,7 @@ def parse(name: str, text: str, where: str):
         value = kind(text)
     except ValueError:
         value = None
-    if value is None or (kind is float and not math.isfinite(value)):
+    if value is None or (kind is float and not is_finite_number(value)):
         expected = {int: "an integer", float: "a finite number"}.get(kind, "a string")
         raise SettingsError(f"{where}={text!r} is not {expected}")
     return value

@@ -14,7 +14,7 @@ from ..config import SMOKE_TEST_NOTE
 from ..io import atomic_write, check_output_files, check_references, check_writable_folder, write_json
 from ..settings import EngineSettings
 from . import UsageError
-from .common import add_reference_arguments, reference_classes, reference_files
+from .common import add_reference_arguments, reference_classes, reference_files, settings_files
 
 ENGINE_UNUSED = ("instance_method", "min_instance_patches")  # episodes score the class masks
 
@@ -58,7 +58,7 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
     check_writable_folder(arguments.out, "--out")
     out = Path(arguments.out).expanduser()
     check_output_files([out / name for name in OUTPUTS], "--out", arguments.overwrite,
-                       inputs=reference_files(arguments))
+                       inputs=[*reference_files(arguments), *settings_files(arguments)])
     if importlib.util.find_spec("matplotlib") is None:  # before the backbone loads
         raise UsageError("insid3 calibrate needs matplotlib for its plot: pip install 'insid3[eval]'")
     references = reference_classes(arguments)

@@ -137,6 +137,13 @@ def class_names(specs: list[str]) -> dict[int, str]:
     return names
 
 
+def settings_files(arguments: argparse.Namespace) -> list[Path]:
+    """The engine settings files a command reads (``--settings``, ``INSID3_SETTINGS``), resolved:
+    inputs its outputs must not replace."""
+    given = [getattr(arguments, "settings", None), os.environ.get("INSID3_SETTINGS")]
+    return [Path(os.path.realpath(Path(path).expanduser())) for path in given if path]
+
+
 def reference_files(arguments: argparse.Namespace) -> list[Path]:
     """Every image and mask file the reference options name, resolved."""
     given = [*(p for pair in arguments.ref + arguments.label_ref + arguments.negative for p in pair),

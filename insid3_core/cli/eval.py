@@ -17,6 +17,9 @@ from ..engine import Segmenter
 from ..evaluation import ratio, run_episodes, summarise
 from ..io import atomic_write, check_output_files, check_writable_folder, write_json, write_mask_png
 
+MAX_EPISODES = 1_000_000
+"""Most episodes one run draws (they are listed before the first one runs)."""
+
 
 def register(commands) -> None:
     """Add ``eval`` to the ``insid3`` sub-commands (argparse ``add_subparsers()``)."""
@@ -60,6 +63,8 @@ def run_eval(arguments: argparse.Namespace) -> int:
     for name in ("shots", "queries", "episodes"):
         if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(arguments, name)}")
+    if arguments.episodes is not None and arguments.episodes > MAX_EPISODES:
+        raise UsageError(f"--episodes must be at most {MAX_EPISODES}, got {arguments.episodes}")
     if arguments.seed < 0 or arguments.figures < 0:
         raise UsageError("--seed and --figures must be >= 0")
     if importlib.util.find_spec("matplotlib") is None:  # before any episode runs
@@ -67,6 +72,13 @@ def run_eval(arguments: argparse.Namespace) -> int:
     check_writable_folder(arguments.out, "--out")  # before any episode runs
     arguments.out = Path(arguments.out).expanduser()
     check_output_files([arguments.out / "report.json", arguments.out / "report.md"], "--out", arguments.overwrite)
+    for folder, written in (("masks", arguments.save_masks), ("figures", arguments.figures > 0)):
+        earlier = arguments.out / folder
+        if written and (earlier.is_symlink() or earlier.exists()) and not earlier.is_dir():
+            raise UsageError(f"--out: {earlier} is a file where the {folder} folder goes; move it away")
+        if written and not arguments.overwrite and earlier.is_dir() and any(earlier.iterdir()):
+            raise UsageError(f"--out: {earlier} holds files of an earlier run; pass --overwrite to replace "
+                             "them, or choose another --out")
     from ..report import markdown
 
     dataset = load_dataset(arguments.layout, arguments.root, arguments.split, arguments.classes)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import number
 from ..io import InputError, check_output_files, write_json
-from ..keypoints import encode_points, iter_match, load_points
+from ..keypoints import check_refinement, encode_points, iter_match, load_points
 
 
 # what matching points never uses: the clustering, the mask, its verdicts and instances
@@ -40,15 +40,19 @@ def register(commands) -> None:
 def run_match(arguments: argparse.Namespace) -> int:
     """Match the points in every target and write one JSON document; exit 1 if a target failed."""
     from . import UsageError
-    from .common import build_segmenter, resolve_targets
+    from .common import build_segmenter, resolve_targets, settings_files
     from ..settings import EngineSettings
 
     image, points_file = arguments.ref
+    try:
+        check_refinement(arguments.window, arguments.temperature)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
     names, points = load_points(points_file)
     targets = list(dict.fromkeys(target for spec in arguments.targets for target in resolve_targets([spec])))
     if arguments.out.suffix.lower() != ".json":
         raise UsageError(f"--out {arguments.out}: expected a .json file")
-    check_output_files([arguments.out], "--out", arguments.overwrite, inputs=[image, points_file, *targets])
+    check_output_files([arguments.out], "--out", arguments.overwrite, inputs=[image, points_file, *targets, *settings_files(arguments)])
     settings = EngineSettings.from_arguments(arguments)
     segmenter = build_segmenter(settings)
     reference = encode_points(

@@ -22,7 +22,8 @@ from ..outputs import RUN_DESCRIPTION, carried_record, run_description, write_ou
 from ..quality import VERDICTS
 from ..settings import EngineSettings
 from . import UsageError
-from .common import add_reference_arguments, build_segmenter, reference_classes, reference_files, resolve_targets
+from .common import (add_reference_arguments, build_segmenter, reference_classes, reference_files, resolve_targets,
+                     settings_files)
 
 
 def register(commands) -> None:
@@ -53,7 +54,11 @@ def load_document(path: Path, overwrite: bool) -> dict | None:
     """An earlier run's annotations.json, to merge this run's records into (``None``: none yet)."""
     if not path.is_file():
         return None
-    return parse_document(path.read_bytes(), path, overwrite)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read the existing annotations ({err.strerror or err})") from None
+    return parse_document(data, path, overwrite)
 
 
 def parse_document(data: bytes, path, overwrite: bool) -> dict | None:
@@ -64,13 +69,16 @@ def parse_document(data: bytes, path, overwrite: bool) -> dict | None:
             raise TypeError(f"it holds a JSON {type(document).__name__}, not an object")
         if not isinstance(document.get("info"), dict) or document["info"].get("description") != RUN_DESCRIPTION:
             raise ValueError(f"its info.description is not {RUN_DESCRIPTION!r}, so another tool wrote it")
+        if not isinstance(document["info"].get("runs", {}), dict):
+            raise TypeError("its info.runs is not an object")
         records_from_document(document)
         return document
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         if overwrite:
             return None
+        detail = f"an entry lacks the key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
         raise UsageError(
-            f"{path}: existing file is not an insid3 COCO document ({err}); move it away or pass --overwrite"
+            f"{path}: existing file is not an insid3 COCO document ({detail}); move it away or pass --overwrite"
         ) from None
 
 
@@ -113,17 +121,20 @@ def run_segment(arguments: argparse.Namespace) -> int:
         return run_on_ray(arguments, settings)
     if "://" in arguments.out:
         raise UsageError(f"--out {arguments.out}: a URI needs --ray (a folder otherwise)")
-    out = Path(arguments.out)
+    out = Path(arguments.out).expanduser()
     check_writable_folder(out, "--out")  # before any work
     references = reference_classes(arguments)
     classes = references.classes
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
-    inputs = set(reference_files(arguments)) | set(targets)
+    inputs = set(reference_files(arguments)) | set(targets) | set(settings_files(arguments))
     outputs = {target: out.resolve() / f"{target.stem}.png" for target in targets}
     clobbered = overwritten_inputs(outputs.values(), inputs)
     if clobbered:
         raise UsageError(f"output masks would overwrite input files: {', '.join(clobbered)}; choose another --out")
+    folders = [str(path) for path in outputs.values() if path.is_dir()]
+    if folders:
+        raise UsageError(f"--out: {', '.join(folders[:5])} is a folder where a mask goes; move it away")
     annotations_path = out / "annotations.json"
     if annotations_path.is_dir():
         raise UsageError(f"--out: {annotations_path} is a folder where the annotations file goes; move it away")
@@ -256,7 +267,12 @@ def check_sources(skipped: list[Path], records: dict[str, dict], outputs: dict[P
     for target in skipped:
         image = records.get(target.name, {}).get("image", {})
         made_from = image.get("source_sha256")
-        if made_from is not None and made_from != file_digest(target):
+        try:
+            changed = made_from is not None and made_from != file_digest(target)
+        except OSError as err:
+            raise UsageError(f"{target}: cannot read it to check its existing mask {outputs[target]} "
+                             f"({err.strerror or err})") from None
+        if changed:
             stale.append(f"{outputs[target]} (made from {image.get('source')})")
             continue
         size = oriented_size(target)

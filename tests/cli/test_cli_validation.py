@@ -3,6 +3,7 @@ work, never a traceback."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -268,3 +269,58 @@ def test_eval_without_its_extra_says_so_before_any_episode(tmp_path, capsys, mon
     assert main(["eval", "folder", str(tmp_path / "none"), "--out", str(tmp_path / "report")]) == 2
     assert "pip install 'insid3[eval]'" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_an_unusable_earlier_annotations_file_is_named(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    document = out / "annotations.json"
+    document.write_text('{"info": {"description": "insid3 segment", "runs": 5}, "images": [], "annotations": [],'
+                        ' "categories": []}')
+    assert "info.runs is not an object" in refused(capsys, "--out", out, TARGET)
+    document.write_text('{"info": {"description": "insid3 segment"}, "images": [{"id": 1}], "annotations": [],'
+                        ' "categories": []}')
+    assert "an entry lacks the key" in refused(capsys, "--out", out, TARGET)
+    document.unlink()
+    document.mkdir()
+    assert "is a folder where the annotations file goes" in refused(capsys, "--out", out, TARGET)
+
+
+def test_a_folder_where_a_mask_goes_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "out" / "scene_01.png").mkdir(parents=True)
+    assert "is a folder where a mask goes" in refused(capsys, "--out", tmp_path / "out", "--overwrite", TARGET)
+
+
+def test_a_pipe_given_as_an_image_is_refused_not_waited_on(tmp_path, capsys):
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    message = refused(capsys, "--out", tmp_path / "out", TARGET, "--negative", pipe, EXAMPLES / "reference" / "disks_mask.png")
+    assert f"{pipe}: not a regular file" in message
+
+
+def test_huge_integers_in_a_settings_file_are_named(tmp_path, capsys):
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"tau": ' + "9" * 400 + "}")
+    assert "must be a finite number" in refused(capsys, "--out", tmp_path / "out", "--settings", settings, TARGET)
+
+
+def test_a_quoted_home_folder_is_the_folder_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert segment("--out", "~/masks", TARGET) == 0
+    assert (tmp_path / "home" / "masks" / "scene_01.png").is_file() and not (tmp_path / "~").exists()
+
+
+def test_match_options_are_checked_before_the_backbone_and_never_replace_the_settings(tmp_path, capsys):
+    points = tmp_path / "points.json"
+    points.write_text('[{"name": "a", "x": 10, "y": 10}]')
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"tau": 0.6}')
+    base = ["match", "--ref", str(EXAMPLES / "reference" / "disks.png"), str(points), *FAST, str(TARGET)]
+    for option, value, words in (("--window", "2", "--window must be an odd number of patches from 1 to 255"),
+                                 ("--window", "99999999999999999999", "--window must be an odd number"),
+                                 ("--temperature", "0", "--temperature must be > 0")):
+        assert main([*base, "--out", str(tmp_path / "m.json"), option, value]) == 2
+        assert words in capsys.readouterr().err
+    assert main([*base, "--out", str(settings), "--overwrite", "--settings", str(settings)]) == 2
+    assert "would overwrite an input file" in capsys.readouterr().err and settings.read_text() == '{"tau": 0.6}'

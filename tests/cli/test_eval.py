@@ -414,3 +414,11 @@ def test_an_earlier_report_is_kept_and_a_bad_out_refused_before_any_episode(tmp_
     assert "is a file, not a folder" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     assert main([*arguments, "--out", ""]) == 2 and "an empty name" in capsys.readouterr().err
+    earlier = tmp_path / "masks_only" / "masks" / "episode_00000_0_s1.png"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("an earlier run's mask")
+    assert main([*arguments, "--out", str(earlier.parent.parent), "--save-masks"]) == 2
+    assert "holds files of an earlier run" in capsys.readouterr().err and earlier.read_text() == "an earlier run's mask"
+    assert main(["eval", "folder", str(root), "--figures", "1", *FAST, "--out", str(tmp_path / "afile2"),
+                 "--episodes", "99999999999999999999"]) == 2
+    assert "--episodes must be at most" in capsys.readouterr().err

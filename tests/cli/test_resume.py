@@ -85,14 +85,25 @@ def test_annotations_never_list_a_mask_not_yet_written(tmp_path, targets, monkey
 def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, targets):
     out = tmp_path / "out"
     out.mkdir()
-    stale = [out / ".annotations.json.1a2b3c.tmp", out / ".scene_01.png.ffee00.tmp"]
+    stale = [out / ".annotations.json.1a2b3c4d5e6f.tmp", out / ".scene_01.png.ffee00112233.tmp"]
     for path in stale:
         path.write_bytes(b"")
-    unrelated = out / ".notes.txt.tmp"
-    unrelated.write_text("mine")
+    unrelated = [out / ".notes.txt.tmp", out / ".annotations.json.my-backup.tmp", out / ".scene_01.png.draft.tmp"]
+    for path in unrelated:
+        path.write_text("mine")
     assert segment("--out", out, targets) == 0
-    assert not any(path.exists() for path in stale) and unrelated.read_text() == "mine"
-    assert list(out.glob(".*.tmp")) == [unrelated]
+    assert not any(path.exists() for path in stale) and all(path.read_text() == "mine" for path in unrelated)
+    assert sorted(out.glob(".*.tmp")) == sorted(unrelated)
+
+
+def test_a_target_of_a_name_as_long_as_the_file_system_allows_is_segmented(tmp_path, targets):
+    """Its mask's temporary name (``.<name>.<12 hex>.tmp``) would pass 255 characters: it is cut."""
+    long_name = targets / ("a" * 245 + ".png")
+    (targets / "scene_01.png").rename(long_name)
+    out = tmp_path / "out"
+    assert segment("--out", out, targets) == 0
+    assert (out / long_name.name).is_file() and len(annotations(out)["images"]) == 8
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_outputs_respect_the_umask(tmp_path, targets):
