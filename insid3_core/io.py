@@ -189,6 +189,9 @@ def is_temporary_of(candidate: str, name: str) -> bool:
 def atomic_write(path: str | Path, mode: str = "wb"):
     """Open a temporary file beside ``path`` and move it into place only on success.
 
+    Text is written as UTF-8; a character it cannot hold (a file name that is not UTF-8 comes
+    back from the file system with lone surrogates) is written as its ``\\udcXX`` escape.
+
     The file is created with mode ``0o666`` less the process's umask, as ``open`` would
     (``tempfile.mkstemp`` makes it ``0o600`` whatever the umask, which locks out a second user
     sharing a cache or an output folder).
@@ -203,7 +206,8 @@ def atomic_write(path: str | Path, mode: str = "wb"):
         except FileExistsError:
             continue
     try:
-        with os.fdopen(handle, mode) as stream:
+        text = {} if "b" in mode else {"encoding": "utf-8", "errors": "backslashreplace"}  # undecodable file names too
+        with os.fdopen(handle, mode, **text) as stream:
             yield stream
         os.replace(temporary, path)
     except BaseException:

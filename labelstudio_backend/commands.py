@@ -11,6 +11,7 @@ SERVER_THREADS = 8
 SERVED_SETTINGS = "served-engine-settings.json"  # in MODEL_DIR: the engine settings of ``serve``, for ``preannotate``
 MACHINE_OPTIONS = ("device", "precision", "batch_size", "workers")  # where it runs, not what it predicts
 ENGINE_UNUSED = ("instance_method",)  # the backend's INSID3_INSTANCES says whether and how to split
+MAX_THREADS = 1024  # --threads beyond it would exhaust the process's threads before serving
 CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
 IDLE_SECONDS = 20  # a connection that sent no complete request for this long is closed (waitress: 120)
 
@@ -91,14 +92,33 @@ def run_serve(arguments: argparse.Namespace) -> int:
 
     from insid3_core.cli import UsageError
 
-    if arguments.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {arguments.threads}")
+    if not 1 <= arguments.threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be from 1 to {MAX_THREADS}, got {arguments.threads}")
+    from insid3_core.io import check_writable_folder
+
+    check_address(arguments.host, arguments.port)
+    settings = Settings.from_environment()
+    check_writable_folder(settings.model_dir, "MODEL_DIR")  # before the model loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    app, options = served_app(backend_from_arguments(arguments, Settings.from_environment(), serving=True),
-                              arguments.threads)
+    app, options = served_app(backend_from_arguments(arguments, settings, serving=True), arguments.threads)
     print(f"insid3: Label Studio ML backend on http://{arguments.host}:{arguments.port}", file=sys.stderr)
     waitress.serve(app, host=arguments.host, port=arguments.port, **options)
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """A ``UsageError`` naming ``--port`` or ``--host`` unless the backend can listen there (before
+    the model loads; waitress would say "Invalid host/port specified" after it)."""
+    import socket
+
+    from insid3_core.cli import UsageError
+
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port must be from 1 to 65535, got {port}")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as err:
+        raise UsageError(f"--host {host!r} is not an address of this machine to listen on ({err})") from None
 
 
 def served_app(backend, threads: int):
@@ -126,6 +146,12 @@ def api_settings(command: str):
     settings = Settings.from_environment()
     if not settings.label_studio_url or not settings.api_key:
         raise UsageError(f"{command} needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    from .urls import UnsafeURL, parse_url
+
+    try:
+        parse_url(settings.label_studio_url)
+    except UnsafeURL as err:
+        raise UsageError(f"LABEL_STUDIO_URL={settings.label_studio_url!r} {err}") from None
     return settings
 
 
@@ -135,6 +161,16 @@ def run_connect(arguments: argparse.Namespace) -> int:
     from .connect import connect
     from .errors import BackendError
 
+    from insid3_core.cli import UsageError
+
+    if arguments.project < 1:
+        raise UsageError(f"--project must be a Label Studio project id (>= 1), got {arguments.project}")
+    from .urls import UnsafeURL, parse_url
+
+    try:
+        parse_url(arguments.backend_url)
+    except UnsafeURL as err:
+        raise UsageError(f"--backend-url {arguments.backend_url!r} {err}") from None
     settings = api_settings("connect")
     try:
         made = connect(LabelStudioApi(settings.label_studio_url, settings.api_key), arguments.project,
@@ -154,6 +190,10 @@ def run_preannotate(arguments: argparse.Namespace) -> int:
     from .errors import BackendError
     from .preannotate import preannotate
 
+    from insid3_core.cli import UsageError
+
+    if arguments.project < 1:
+        raise UsageError(f"--project must be a Label Studio project id (>= 1), got {arguments.project}")
     settings = api_settings("preannotate")
     try:
         backend = backend_from_arguments(arguments, settings)

@@ -10,6 +10,7 @@ from insid3_core.config import BATCH_SIZE, env_setting, number
 from insid3_core.instances import INSTANCE_METHODS
 
 INSTANCE_CHOICES = ("off", *INSTANCE_METHODS)
+MAX_QUEUED_REQUESTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ class Settings:
         if self.max_pixels_in_flight < self.max_pixels:
             raise ValueError(f"INSID3_MAX_PIXELS_IN_FLIGHT={self.max_pixels_in_flight} is below "
                              f"INSID3_MAX_PIXELS={self.max_pixels}: no image that size could be decoded")
-        if self.max_queued_requests < 0:
-            raise ValueError(f"INSID3_MAX_QUEUED_REQUESTS must be >= 0, got {self.max_queued_requests}")
+        if not 0 <= self.max_queued_requests <= MAX_QUEUED_REQUESTS:
+            raise ValueError(f"INSID3_MAX_QUEUED_REQUESTS must be from 0 to {MAX_QUEUED_REQUESTS} (a thread each), "
+                             f"got {self.max_queued_requests}")
         for name in ("download_seconds", "warmup_wait", "decode_wait", "queue_wait"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"INSID3_{name.upper()} must be a positive number of seconds, got {getattr(self, name)}")

@@ -297,3 +297,11 @@ def test_atomic_write_leaves_nothing_behind_when_the_body_raises(tmp_path):
 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.txt"]
     assert (tmp_path / "kept.txt").read_text() == "old"
+
+
+def test_text_outputs_are_utf8_and_hold_file_names_that_are_not(tmp_path):
+    """A file name of bytes that are not UTF-8 reads back with lone surrogates ('r\\udcff.png'):
+    reports naming it are still written, with the escape."""
+    with atomic_write(tmp_path / "report.md", "w") as stream:
+        stream.write("é r\udcff.png")
+    assert (tmp_path / "report.md").read_bytes() == "é r\\udcff.png".encode()

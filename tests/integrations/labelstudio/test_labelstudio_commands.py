@@ -50,6 +50,31 @@ def test_connect_arguments(monkeypatch, capsys):
     assert "insid3: error: connect needs LABEL_STUDIO_URL" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arguments, environment, words", [
+    (["serve", "--port", "99999"], {}, "--port must be from 1 to 65535, got 99999"),
+    (["serve", "--threads", "99999999999999999999"], {}, "--threads must be from 1 to 1024"),
+    (["serve", "--host", "no-such-host.invalid."], {}, "--host 'no-such-host.invalid.' is not an address"),
+    (["serve"], {"MODEL_DIR": "{file}"}, "is a file, not a folder"),
+    (["serve"], {"INSID3_MAX_QUEUED_REQUESTS": "99999999"}, "INSID3_MAX_QUEUED_REQUESTS must be from 0 to 10000"),
+    (["connect", "--project", "4", "--backend-url", "ftp://10.0.0.2"], {}, "--backend-url 'ftp://10.0.0.2'"),
+    (["connect", "--project", "-1", "--backend-url", "http://10.0.0.2:9090"], {}, "--project must be"),
+    (["connect", "--project", "4", "--backend-url", "http://10.0.0.2:9090"],
+     {"LABEL_STUDIO_URL": "http://[::1", "LABEL_STUDIO_API_KEY": "k"}, "LABEL_STUDIO_URL='http://[::1'"),
+])
+def test_bad_command_arguments_are_named_before_the_model_loads(monkeypatch, tmp_path, capsys, arguments,
+                                                                environment, words):
+    import insid3_core.settings
+
+    monkeypatch.setattr(insid3_core.settings.EngineSettings, "build", lambda *_: pytest.fail("the model loaded"))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value.format(file=tmp_path / "a-file"))
+    assert main(["labelstudio", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
 def test_preannotate_arguments(monkeypatch):
     from insid3_core.settings import EngineSettings
 
