@@ -29,22 +29,33 @@ def register(subparsers) -> None:
         "install", help="link (or copy) the plugin into FiftyOne's plugins directory",
         description=f"Install the plugin as <plugins dir>/{INSTALL_NAME}, a link to {SOURCE} (or a copy).",
     )
-    install.add_argument("--plugins-dir", type=Path, metavar="DIR",
+    install.add_argument("--plugins-dir", metavar="DIR",
                          help="FiftyOne plugins directory (default: fo.config.plugins_dir, FIFTYONE_PLUGINS_DIR)")
     install.add_argument("--copy", action="store_true", help="copy the plugin's files instead of linking them")
     install.add_argument("--force", action="store_true",
                          help=f"replace whatever else is installed as <plugins dir>/{INSTALL_NAME} or "
                               f"<model zoo dir>/{ZOO_NAME}")
-    install.add_argument("--model-zoo-dir", type=Path, metavar="DIR",
+    install.add_argument("--model-zoo-dir", metavar="DIR",
                          help="FiftyOne model zoo directory for the zoo model insid3-dinov3-torch (default: "
                               "fo.config.model_zoo_dir, FIFTYONE_MODEL_ZOO_DIR)")
     install.set_defaults(handler=run_install)
 
 
 def run_install(arguments: argparse.Namespace) -> int:
-    """Install the plugin and the zoo model source; refuse to replace others unless ``--force``."""
+    """Install the plugin and the zoo model source; refuse to replace others unless ``--force``.
+    Both folders are checked before either is written, so a bad one installs nothing."""
+    from insid3_core.cli import UsageError
+    from insid3_core.io import check_writable_folder
+
+    for option, given in (("--plugins-dir", arguments.plugins_dir), ("--model-zoo-dir", arguments.model_zoo_dir)):
+        if given is not None and not str(given).strip():
+            raise UsageError(f"{option}: an empty name; give a folder")
+    arguments.plugins_dir = Path(arguments.plugins_dir or default_plugins_dir()).expanduser()
+    zoo_dir = Path(arguments.model_zoo_dir or default_model_zoo_dir()).expanduser()
+    check_writable_folder(arguments.plugins_dir, "--plugins-dir (FIFTYONE_PLUGINS_DIR)")
+    check_writable_folder(zoo_dir, "--model-zoo-dir (FIFTYONE_MODEL_ZOO_DIR)")
     install_plugin(arguments)
-    install_zoo_source(Path(arguments.model_zoo_dir or default_model_zoo_dir()).expanduser(), arguments.force)
+    install_zoo_source(zoo_dir, arguments.force)
     return 0
 
 

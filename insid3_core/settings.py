@@ -201,7 +201,8 @@ class EngineSettings:
     def check_basis_file(self) -> None:
         """Raise :class:`SettingsError` when ``basis`` names no file (before anything is loaded)."""
         if self.basis is not None and not Path(self.basis).expanduser().is_file():
-            raise SettingsError(f"--basis (INSID3_BASIS) {self.basis}: no such file")
+            found = "not a regular file" if Path(self.basis).expanduser().exists() else "no such file"
+            raise SettingsError(f"--basis (INSID3_BASIS) {self.basis}: {found}")
 
     def load_backbone(self):
         """The backbone these settings name (kept loaded for later calls in the process)."""

@@ -39,8 +39,10 @@ def resolve_targets(specs: list[str]) -> list[Path]:
                 raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         elif path.is_file():
             files = [path.resolve()]
-        elif path.is_symlink():
+        elif path.is_symlink() and not path.exists():
             raise UsageError(f"{spec}: a link to {os.readlink(path)}, which does not exist")
+        elif path.exists():
+            raise UsageError(f"{spec}: not a regular file (a pipe or device)")
         else:
             files = [f for f in map(target_path, sorted(map(Path, glob.glob(str(path), recursive=True)))) if f]
             if not files:

@@ -296,6 +296,8 @@ def test_a_pipe_given_as_an_image_is_refused_not_waited_on(tmp_path, capsys):
     os.mkfifo(pipe)
     message = refused(capsys, "--out", tmp_path / "out", TARGET, "--negative", pipe, EXAMPLES / "reference" / "disks_mask.png")
     assert f"{pipe}: not a regular file" in message
+    assert f"{pipe}: not a regular file (a pipe or device)" in refused(capsys, "--out", tmp_path / "out", pipe)
+    assert f"{tmp_path}: not a regular file" in refused(capsys, "--out", tmp_path / "out", "--basis", tmp_path, TARGET)
 
 
 def test_huge_integers_in_a_settings_file_are_named(tmp_path, capsys):

@@ -97,3 +97,18 @@ def test_the_zoo_model_source_is_installed_once_and_others_are_kept(tmp_path, ca
         install(tmp_path / "plugins", zoo_dir=tmp_path / "other-zoo")
     assert (other / "manifest.json").read_text().startswith('{"name": "someone-else"')
     assert install(tmp_path / "plugins", "--force", zoo_dir=tmp_path / "other-zoo") == 0
+
+
+def test_a_bad_folder_installs_nothing(tmp_path):
+    from insid3_core.cli import UsageError
+    from insid3_core.io import InputError
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(InputError, match="--plugins-dir .*is a file, not a folder"):
+        install(a_file, zoo_dir=tmp_path / "zoo")
+    with pytest.raises(InputError, match="--model-zoo-dir .*is a file, not a folder"):
+        install(tmp_path / "plugins", zoo_dir=a_file)
+    assert not (tmp_path / "plugins").exists() or not any((tmp_path / "plugins").iterdir()), "half installed"
+    with pytest.raises(UsageError, match="--plugins-dir: an empty name"):
+        install("", zoo_dir=tmp_path / "zoo")
