@@ -181,6 +181,10 @@ class Segmenter:
         if isinstance(targets, (str, os.PathLike, Image.Image)):
             raise TypeError("targets must be an iterable of images; put a single one in a list")
         classes = tuple(references.classes.values())
+        if workers is not None:
+            check_integer("workers", workers)
+            if workers < 0:
+                raise ValueError(f"workers must be >= 0 (0: everything in the caller's thread), got {workers}")
         workers = default_workers(self.backbone.device) if workers is None else workers
         pin = self.backbone.device.type == "cuda"
         ready: deque[tuple[ImageLike, Future | InputError]] = deque()

@@ -78,6 +78,8 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
     naming the file when it is missing, unreadable or truncated.
     """
     if isinstance(image, Image.Image):
+        if not image.width or not image.height:
+            raise InputError(f"an image of {image.width}x{image.height} pixels has nothing to segment")
         return to_rgb(ImageOps.exif_transpose(image))
     if not isinstance(image, (str, os.PathLike)):
         hint = " (PIL.Image.fromarray makes one of an (H, W, 3) uint8 array)" if isinstance(image, np.ndarray) else ""

@@ -99,6 +99,8 @@ def reference_classes(arguments: argparse.Namespace) -> ReferenceClasses:
             raise UsageError("--category: an empty name; give the class of the --ref references a name")
         classes[arguments.category] = [(Path(image), Path(mask), mask) for image, mask in arguments.ref]
     for name, image, mask in arguments.class_ref:
+        if not name.strip():
+            raise UsageError(f"--class-ref '' {image} {mask}: an empty class name; name the class")
         classes.setdefault(name, []).append((Path(image), Path(mask), mask))
     names = class_names(arguments.class_name)
     if names and not arguments.label_ref:
@@ -131,7 +133,7 @@ def class_names(specs: list[str]) -> dict[int, str]:
     names = {}
     for spec in specs:
         value, separator, name = spec.partition("=")
-        if not separator or not value.strip().isdigit() or not name:
+        if not separator or not value.strip().isdigit() or not name.strip():
             raise UsageError(f"--class-name {spec!r}: expected VALUE=NAME, e.g. 3=car")
         if int(value) in names:
             raise UsageError(f"--class-name {spec!r}: value {int(value)} is already named {names[int(value)]!r}")

@@ -326,3 +326,13 @@ def test_match_options_are_checked_before_the_backbone_and_never_replace_the_set
         assert words in capsys.readouterr().err
     assert main([*base, "--out", str(settings), "--overwrite", "--settings", str(settings)]) == 2
     assert "would overwrite an input file" in capsys.readouterr().err and settings.read_text() == '{"tau": 0.6}'
+
+
+def test_an_empty_class_name_is_refused(tmp_path, capsys):
+    image, mask = EXAMPLES / "reference" / "disks.png", EXAMPLES / "reference" / "disks_mask.png"
+    try:
+        code = main(["segment", "--class-ref", " ", str(image), str(mask), *FAST, "--out", str(tmp_path / "o"),
+                     str(TARGET)])
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2 and "an empty class name" in capsys.readouterr().err

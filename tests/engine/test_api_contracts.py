@@ -129,3 +129,10 @@ def test_numpy_numbers_are_settings_like_python_numbers():
     assert type(settings.image_size) is int and type(settings.tau) is float
     with pytest.raises(SettingsError):
         EngineSettings(batch_size=np.float64(2.0))
+
+
+def test_workers_and_empty_images_are_named(segmenter, references):
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        segmenter.segment(references, TARGETS[:1], workers=-1)
+    with pytest.raises(InputError, match="an image of 0x0 pixels has nothing to segment"):
+        segmenter.segment(references, [Image.new("RGB", (0, 0))], workers=0)
