@@ -97,13 +97,18 @@ def write_target_mask(path: Path, label_map: np.ndarray, classes: int, record: d
     write_output_mask(path, label_map, classes, record, target, file_digest(target))
 
 
-def settle(writes: list, records: dict[str, dict], wait: bool) -> list:
+def settle(writes: list, records: dict[str, dict], wait: bool, failures: list[str]) -> list:
     """Move the records of written masks (``(future, name, record)`` in ``writes``) into ``records``,
-    so annotations.json never lists a mask before it exists; returns the writes still running."""
+    so annotations.json never lists a mask before it exists, and a mask that could not be written
+    (disk full, a file system's limits) into ``failures``; returns the writes still running."""
     running = []
     for future, name, record in writes:
         if wait or future.done():
-            future.result()
+            try:
+                future.result()
+            except OSError as err:
+                failures.append(f"{name}: its mask could not be written ({err.strerror or err})")
+                continue
             records[name] = record
         else:
             running.append((future, name, record))
@@ -191,10 +196,10 @@ def run_segment(arguments: argparse.Namespace) -> int:
                 verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
                 progress.set_postfix(verdicts, refresh=False)
                 if done % settings.batch_size == 0:
-                    writes = settle(writes, records, wait=False)
+                    writes = settle(writes, records, wait=False, failures=failures)
                     write_json(annotations_path, coco_document(records, list(classes), info))
     finally:  # also on Ctrl-C: every mask written so far is listed, and only those
-        settle(writes, records, wait=True)
+        settle(writes, records, wait=True, failures=failures)
         write_json(annotations_path, coco_document(records, list(classes), info))
 
     summary = ", ".join(f"{verdict} {verdicts[verdict]}" for verdict in VERDICTS if verdicts[verdict])

@@ -189,3 +189,27 @@ def test_the_ray_listing_keeps_broken_links_too(tmp_path, targets):
         assert set(listed_targets(str(spec))) == scenes | {str(targets / "scene_09.png")}
     with pytest.raises(InputError, match="scene_09.png: a link to .*gone.png, which does not exist"):
         check_target_spec(str(targets / "scene_09.png"))
+
+
+def test_a_mask_that_cannot_be_written_is_a_failed_target_and_the_others_are_listed(tmp_path, targets, capsys,
+                                                                                   monkeypatch):
+    """A full disk, say, for one mask (planted: the writer raises ENOSPC for scene_02)."""
+    import errno
+
+    import insid3_core.cli.segment as command
+
+    write = command.write_target_mask
+
+    def disk_full_for_scene_02(path, *arguments):
+        if path.name == "scene_02.png":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, *arguments)
+
+    monkeypatch.setattr(command, "write_target_mask", disk_full_for_scene_02)
+    out = tmp_path / "out"
+    assert segment("--out", out, targets) == 1
+    error = capsys.readouterr().err
+    assert "FAILED scene_02.png: its mask could not be written (No space left on device)" in error
+    assert "Traceback" not in error
+    listed = json.loads((out / "annotations.json").read_text())["images"]
+    assert sorted(image["file_name"] for image in listed) == [f"scene_0{i}.png" for i in (1, 3, 4, 5, 6, 7, 8)]
