@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, InputError, BackboneError, ValueError) as err:  # SettingsError is a ValueError
         print(f"insid3: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # pathlib's expanduser of "~name/..." for a user this machine lacks
+        if "home directory" not in str(err):
+            raise
+        print(f"insid3: error: a path or INSID3_CACHE_DIR starting with '~' names no home directory here "
+              f"({err})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("insid3: interrupted; the outputs written so far are complete and listed (run again to resume)",
               file=sys.stderr)

@@ -336,3 +336,7 @@ def test_an_empty_class_name_is_refused(tmp_path, capsys):
     except SystemExit as exit:
         code = exit.code
     assert code == 2 and "an empty class name" in capsys.readouterr().err
+
+
+def test_a_home_folder_of_no_user_is_named(tmp_path, capsys):
+    assert "names no home directory" in refused(capsys, "--out", "~no-such-user-insid3/x", TARGET)
