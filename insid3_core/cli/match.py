@@ -52,7 +52,8 @@ def run_match(arguments: argparse.Namespace) -> int:
     targets = list(dict.fromkeys(target for spec in arguments.targets for target in resolve_targets([spec])))
     if arguments.out.suffix.lower() != ".json":
         raise UsageError(f"--out {arguments.out}: expected a .json file")
-    check_output_files([arguments.out], "--out", arguments.overwrite, inputs=[image, points_file, *targets, *settings_files(arguments)])
+    check_output_files([arguments.out], "--out", arguments.overwrite,
+                       inputs=[image, points_file, *targets, *settings_files(arguments)])
     settings = EngineSettings.from_arguments(arguments)
     segmenter = build_segmenter(settings)
     reference = encode_points(
