@@ -56,11 +56,16 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
     """
     from insid3_core.backbone import announce_smoke_test
     from insid3_core.io import write_json
-    from insid3_core.settings import EngineSettings
+    from insid3_core.settings import EngineSettings, SettingsError
 
     from .build import build_backend
 
     served = {} if serving else served_settings(settings.model_dir / SERVED_SETTINGS)
+    try:
+        EngineSettings(**served)
+    except SettingsError as err:  # named as the file's, not as a flag the user never gave
+        raise SettingsError(f"{settings.model_dir / SERVED_SETTINGS} (written by serve): {err}; start serve again, "
+                            "or delete the file") from None
     engine = EngineSettings.from_arguments(arguments, defaults=served)
     segmenter = engine.build()
     if serving:

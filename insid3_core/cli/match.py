@@ -89,7 +89,7 @@ def run_match(arguments: argparse.Namespace) -> int:
     })
     print(f"insid3: matched {len(matched)}, failed {len(failures)} -> {arguments.out}", file=sys.stderr)
     for failure in failures:
-        print(f"insid3: FAILED {failure['image']}: {failure['error']}", file=sys.stderr)
+        print(f"insid3: FAILED {failure['error']}", file=sys.stderr)  # the error names its file
     return 1 if failures else 0
 
 

@@ -163,7 +163,9 @@ def test_match_command(tmp_path, mosaic, points, capsys):
     code = main(["match", "--ref", str(reference), str(points_file), "--out", str(out), "--mutual", *FAST,
                  str(flipped), str(tmp_path / "broken.png")])
     assert code == 1
-    assert "matched 1, failed 1" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "matched 1, failed 1" in error
+    assert error.count("broken.png") == 1, "the failure names its file once"
     document = json.loads(out.read_text())
     assert document["features"] == "debiased" and document["smoke_test"] is True
     assert [p["name"] for p in document["reference"]["points"]] == ["p0", "p1", "p2", "p3"]

@@ -145,3 +145,13 @@ def test_preannotate_predicts_with_the_settings_serve_was_started_with(tmp_path,
         insid3_parser().parse_args(["labelstudio", "preannotate", "--project", "1", "--tau", "0.6"]),
         Settings.from_environment())
     assert changed.model_version(None) != served.model_version(None)
+
+
+def test_a_bad_value_in_the_served_settings_names_that_file(monkeypatch, tmp_path, capsys):
+    (tmp_path / "served-engine-settings.json").write_text('{"tau": 5}')
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k")
+    assert main(["labelstudio", "preannotate", "--project", "3", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'served-engine-settings.json'} (written by serve): tau" in err and "must lie in" in err
