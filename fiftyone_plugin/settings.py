@@ -16,8 +16,8 @@ from insid3_core.settings import EngineSettings, SettingsError, parse, settings_
 PLUGIN_NAME = "@insid3/fiftyone"
 PLUGIN_DEFAULTS = {"mask_dir": None, "delegation_threshold": 100, "settings": None, "ray_address": None,
                    "ray_actors": 1}
-PLUGIN_CASTS = {"delegation_threshold": int, "ray_actors": int}
 PLUGIN_MINIMUMS = {"delegation_threshold": 0, "ray_actors": 1}
+"""The integer plugin settings and their smallest value (the others are strings)."""
 
 
 def plugin_settings(dataset=None) -> dict:
@@ -33,7 +33,7 @@ def plugin_settings(dataset=None) -> dict:
 def kind(name: str) -> type:
     """The type of setting ``name``: ``int``, ``float`` or ``str``."""
     if name in PLUGIN_DEFAULTS:
-        return PLUGIN_CASTS.get(name, str)
+        return int if name in PLUGIN_MINIMUMS else str
     return EngineSettings.__dataclass_fields__[name].metadata["kind"]
 
 

@@ -48,11 +48,11 @@ class EngineConfig:
     refinement: str = "bilinear"
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "svd_components"):
-            if not (getattr(self, name) is None and name == "svd_components"):
-                check_integer(name, getattr(self, name))
-        for name in ("tau", "merge_threshold"):
-            check_number(name, getattr(self, name))
+        check_integer("image_size", self.image_size)
+        if self.svd_components is not None:
+            check_integer("svd_components", self.svd_components)
+        check_number("tau", self.tau)
+        check_number("merge_threshold", self.merge_threshold)
         if self.image_size < 16 or self.image_size % 16:
             raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if self.svd_components is not None and self.svd_components < 0:

@@ -50,7 +50,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .fragments import JobSummary, fragment_file, merge_fragments
-from .io import IMAGE_EXTENSIONS, InputError, atomic_write, load_image_bytes, target_path
+from .io import IMAGE_EXTENSIONS, InputError, atomic_write, broken_link, load_image_bytes, target_path
 from .settings import EngineSettings
 
 LISTING_CHUNK = 1024
@@ -190,8 +190,8 @@ def check_target_spec(spec: str) -> None:
     path = Path(spec).expanduser()
     if path.is_dir() or path.is_file():
         return
-    if path.is_symlink():
-        raise InputError(f"{spec}: a link to {os.readlink(path)}, which does not exist")
+    if broken_link(path):
+        raise InputError(broken_link(path))
     if next(_listed(map(Path, glob.iglob(str(path), recursive=True))), None) is None:
         raise InputError(f"{spec}: no such file, and no image matches it as a pattern")
 

@@ -25,6 +25,13 @@ class InputError(ValueError):
     """An input file cannot be used; the message names the file and the problem."""
 
 
+def broken_link(path: str | Path) -> str | None:
+    """What to say of ``path`` when it is a link whose file is gone (``None`` otherwise)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"{path}: a link to {os.readlink(path)}, which does not exist"
+    return None
+
+
 def target_path(path: Path) -> Path | None:
     """How an entry of a target folder or a glob match is segmented: its path, or ``None`` to leave it out.
 
@@ -36,7 +43,7 @@ def target_path(path: Path) -> Path | None:
         return None
     if path.is_file():
         return path.resolve()
-    if path.is_symlink() and not path.exists():
+    if broken_link(path):
         return path.absolute()
     return None
 
@@ -51,9 +58,8 @@ def _open_oriented(path: str | Path, source=None) -> Image.Image:
             handle.load()
             return ImageOps.exif_transpose(handle)
     except FileNotFoundError as err:
-        if source is None and Path(path).is_symlink():
-            raise InputError(f"{path}: a link to {os.readlink(path)}, which does not exist") from err
-        raise InputError(f"{path}: file not found") from err
+        broken = broken_link(path) if source is None else None
+        raise InputError(broken or f"{path}: file not found") from err
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         detail = str(err).replace(repr(str(path)), "it").replace(str(path), "it")  # PIL repeats the path
         raise InputError(f"{path}: unreadable or truncated image ({type(err).__name__}: {detail})") from err

@@ -131,8 +131,6 @@ def load_points(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
     return tuple(names), np.asarray(points, dtype=np.float64)
 
 
-
-
 def check_inside(points: np.ndarray, size: tuple[int, int], names: Sequence[str], source: str) -> None:
     """Raise :class:`InputError` naming ``source`` when a point ``(x, y)`` lies outside a ``(H, W)`` image."""
     height, width = size

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backbone import announce_smoke_test
 from ..engine import Segmenter
-from ..io import IMAGE_EXTENSIONS, label_masks, target_path
+from ..io import IMAGE_EXTENSIONS, broken_link, label_masks, target_path
 from ..settings import EngineSettings
 from . import UsageError
 
@@ -39,8 +39,8 @@ def resolve_targets(specs: list[str]) -> list[Path]:
                 raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         elif path.is_file():
             files = [path.resolve()]
-        elif path.is_symlink() and not path.exists():
-            raise UsageError(f"{spec}: a link to {os.readlink(path)}, which does not exist")
+        elif broken_link(path):
+            raise UsageError(broken_link(path))
         elif path.exists():
             raise UsageError(f"{spec}: not a regular file (a pipe or device)")
         else:
