@@ -215,7 +215,7 @@ def listed_targets(spec: str) -> Iterator[str]:
         return
     path = Path(spec).expanduser()
     if path.is_file():
-        yield str(path.resolve())
+        yield os.path.abspath(path)
         return
     if path.is_dir():
         with os.scandir(path) as entries:

@@ -35,16 +35,14 @@ def broken_link(path: str | Path) -> str | None:
 def target_path(path: Path) -> Path | None:
     """How an entry of a target folder or a glob match is segmented: its path, or ``None`` to leave it out.
 
-    An image file (links followed) is its resolved path. A link whose file is missing is kept as
-    the link (absolute), so that loading it fails and the batch reports it rather than losing it
-    without a word. Anything else (another extension, a folder, a pipe or device) is ``None``.
+    An image file (links followed) is its absolute path, links kept, so that its mask and records
+    take the name the user sees (a folder of links into a content-addressed store names masks
+    after the links, not the store's hashes). A link whose file is missing is kept too, so that
+    loading it fails and the batch reports it rather than losing it without a word. Anything else
+    (another extension, a folder, a pipe or device) is ``None``.
     """
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return None
-    if path.is_file():
-        return path.resolve()
-    if broken_link(path):
-        return path.absolute()
+    if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or broken_link(path)):
+        return Path(os.path.abspath(path))
     return None
 
 

@@ -126,6 +126,11 @@ def refine_masks(
             f"expected (B, 3, s, s) pixels and (B, h, w) or (B, K, h, w) masks, "
             f"got {tuple(pixels.shape)} and {tuple(masks.shape)}"
         )
+    if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
+        raise TypeError(f"pixels must be uint8 (0 to 255) or floating point in [0, 1], got {pixels.dtype}")
+    if pixels.is_floating_point() and pixels.numel() and float(pixels.amax()) > 1:  # a caller's tensor, not the engine's
+        raise ValueError(f"floating-point pixels must lie in [0, 1], got a maximum of {float(pixels.amax()):g}: "
+                         "divide 0-255 colours by 255, or pass them as uint8")
     if subsample < 1 or eps <= 0:
         raise ValueError(f"subsample must be >= 1 and eps > 0, got {subsample} and {eps}")
     size = tuple(pixels.shape[-2:])

@@ -28,8 +28,9 @@ def build_segmenter(settings: EngineSettings) -> Segmenter:
 
 
 def resolve_targets(specs: list[str]) -> list[Path]:
-    """Expand files, folders (their images, sorted) and glob patterns, without duplicates
-    (:func:`~insid3_core.io.target_path`: a folder's broken links are kept, to be reported)."""
+    """Expand files, folders (their images, sorted) and glob patterns into absolute paths, each once
+    (:func:`~insid3_core.io.target_path`: links keep their own names, so two links to one image
+    are two targets; a folder's broken links are kept, to be reported)."""
     found: dict[Path, None] = {}
     for spec in specs:
         path = Path(spec).expanduser()
@@ -38,7 +39,7 @@ def resolve_targets(specs: list[str]) -> list[Path]:
             if not files:
                 raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         elif path.is_file():
-            files = [path.resolve()]
+            files = [Path(os.path.abspath(path))]
         elif broken_link(path):
             raise UsageError(broken_link(path))
         elif path.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -161,8 +162,9 @@ def test_info(capsys):
 
 
 def test_a_broken_link_in_a_target_folder_is_reported_not_lost(tmp_path, targets, capsys):
-    """Links are followed; a link whose image is gone fails like an unreadable image (named, exit 1),
-    while a folder or a pipe that merely has an image's name is no target."""
+    """Links are followed (a link is a target of its own name); a link whose image is gone fails like
+    an unreadable image (named, exit 1), while a folder or a pipe that merely has an image's name
+    is no target."""
     (targets / "scene_09.png").symlink_to(tmp_path / "gone.png")
     (targets / "linked.png").symlink_to(targets / "scene_01.png")
     (targets / "folder.png").mkdir()
@@ -172,21 +174,41 @@ def test_a_broken_link_in_a_target_folder_is_reported_not_lost(tmp_path, targets
     error = capsys.readouterr().err
     assert f"FAILED {targets / 'scene_09.png'}: a link to {tmp_path / 'gone.png'}, which does not exist" in error
     assert "failed 1" in error and "folder.png" not in error and "pipe.png" not in error
-    assert len(list(out.glob("*.png"))) == 8
+    assert len(list(out.glob("*.png"))) == 9
+    assert np.array_equal(np.asarray(Image.open(out / "linked.png")), np.asarray(Image.open(out / "scene_01.png")))
     assert segment("--out", tmp_path / "other", targets / "scene_09.png") == 2
     assert f"{targets / 'scene_09.png'}: a link to {tmp_path / 'gone.png'}, which does not exist" in capsys.readouterr().err
+
+
+def test_masks_and_records_take_the_names_of_linked_targets(tmp_path, targets):
+    """A folder of links into a content-addressed store (DVC, git-annex): masks are named after the
+    links, not after the store's hash names, and the records list the links."""
+    store = tmp_path / "store"
+    store.mkdir()
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("scene_01", "scene_02"):
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        shutil.copy(targets / f"{name}.png", store / digest)
+        (links / f"{name}.png").symlink_to(store / digest)
+    out = tmp_path / "out"
+    assert segment("--out", out, links, links / "scene_01.png") == 0
+    assert sorted(path.name for path in out.glob("*.png")) == ["scene_01.png", "scene_02.png"]
+    listed = json.loads((out / "annotations.json").read_text())["images"]
+    assert sorted(image["file_name"] for image in listed) == ["scene_01.png", "scene_02.png"]
 
 
 def test_the_ray_listing_keeps_broken_links_too(tmp_path, targets):
     from insid3_core.distributed import check_target_spec, listed_targets
     from insid3_core.io import InputError
 
-    scenes = {str(path.resolve()) for path in targets.glob("scene_*.png")}
+    scenes = {os.path.abspath(path) for path in targets.glob("scene_*.png")}
+    (targets / "linked.png").symlink_to(targets / "scene_01.png")
     (targets / "scene_09.png").symlink_to(tmp_path / "gone.png")
     (targets / "folder.png").mkdir()
     os.mkfifo(targets / "pipe.png")
     for spec in (targets, targets / "*.png"):
-        assert set(listed_targets(str(spec))) == scenes | {str(targets / "scene_09.png")}
+        assert set(listed_targets(str(spec))) == scenes | {str(targets / "linked.png"), str(targets / "scene_09.png")}
     with pytest.raises(InputError, match="scene_09.png: a link to .*gone.png, which does not exist"):
         check_target_spec(str(targets / "scene_09.png"))
 

@@ -90,3 +90,13 @@ def test_several_masks_per_image_equal_one_at_a_time(scenes):
     assert together.shape == (2, 2, *pixels.shape[-2:])
     for k in range(2):
         assert torch.equal(together[:, k], refine_masks(pixels, masks[:, k]))
+
+
+def test_pixels_must_be_uint8_or_unit_floats():
+    """0-255 colours as floats would make eps a thousandth of what it means and the edges vanish."""
+    lowres = torch.zeros(1, 4, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="must lie in \\[0, 1\\], got a maximum of 255: divide"):
+        refine_masks(torch.full((1, 3, 16, 16), 255.0), lowres)
+    with pytest.raises(TypeError, match="uint8 .* or floating point in \\[0, 1\\], got torch.int64"):
+        refine_masks(torch.zeros(1, 3, 16, 16, dtype=torch.int64), lowres)
+    assert not refine_masks(torch.ones(1, 3, 16, 16), lowres).any()
