@@ -10,6 +10,13 @@
 #
 #     bash benchmarks/gpu_check.sh [LOG_FOLDER]      # default: $OUT, else /tmp/insid3-gpu
 #
+# Wheels in .whl/ (ignored by git; name it in the device tool's carry) are installed first, for a
+# machine whose packages are older than the engine's: its timm may predate DINOv3. Fetch them
+# beforehand, without device time:
+#
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d .whl timm==1.0.31
+#
 # Each step has its own time limit and prints its exit status, so one failing step leaves
 # the others' numbers; the whole output is kept in LOG_FOLDER/gpu_check.log.
 set -uo pipefail
@@ -27,8 +34,12 @@ step() {  # step SECONDS ARGS...: the limits add up to 465 s, under the 8 minute
 }
 
 {
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/insid3-site .whl/*.whl && export PYTHONPATH=/tmp/insid3-site${PYTHONPATH:+:$PYTHONPATH}
+    fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    "$python" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+    "$python" -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__)"
     step 60 -m pytest -q -p no:cacheprovider tests/engine/test_speed.py tests/engine/test_parity.py -k "cuda or clustering"
     step 45 -m pytest -q -p no:cacheprovider tests/steps/test_triton_clustering.py -m "not slow"
     step 30 benchmarks/decode.py --images 192 --workers 2 4 8 --image-size 1024
