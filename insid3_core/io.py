@@ -58,6 +58,10 @@ def _open_oriented(path: str | Path, source=None) -> Image.Image:
     except FileNotFoundError as err:
         broken = broken_link(path) if source is None else None
         raise InputError(broken or f"{path}: file not found") from err
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path}: more pixels than decode safely ({err.args[0].split(',')[0]}; PIL's "
+                         "decompression-bomb guard); the engine sees it at image_size anyway: downscale "
+                         "it first") from err
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         detail = str(err).replace(repr(str(path)), "it").replace(str(path), "it")  # PIL repeats the path
         raise InputError(f"{path}: unreadable or truncated image ({type(err).__name__}: {detail})") from err

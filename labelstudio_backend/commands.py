@@ -106,14 +106,20 @@ def run_serve(arguments: argparse.Namespace) -> int:
     check_writable_folder(settings.model_dir, "MODEL_DIR")  # before the model loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app, options = served_app(backend_from_arguments(arguments, settings, serving=True), arguments.threads)
-    print(f"insid3: Label Studio ML backend on http://{arguments.host}:{arguments.port}", file=sys.stderr)
-    waitress.serve(app, host=arguments.host, port=arguments.port, **options)
+    try:  # the port may have been taken while the model loaded
+        server = waitress.create_server(app, host=arguments.host, port=arguments.port, **options)
+    except OSError as err:
+        raise UsageError(f"--host {arguments.host} --port {arguments.port}: cannot listen there "
+                         f"({err.strerror or err})") from None
+    server.print_listen("insid3: Label Studio ML backend serving on http://{}:{}")
+    server.run()
     return 0
 
 
 def check_address(host: str, port: int) -> None:
-    """A ``UsageError`` naming ``--port`` or ``--host`` unless the backend can listen there (before
-    the model loads; waitress would say "Invalid host/port specified" after it)."""
+    """A ``UsageError`` naming ``--port`` or ``--host`` unless the backend can listen there: the
+    address is bound once, as waitress binds it, before the model loads (waitress would say
+    "Invalid host/port specified", or raise "Address already in use", after it)."""
     import socket
 
     from insid3_core.cli import UsageError
@@ -121,9 +127,16 @@ def check_address(host: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise UsageError(f"--port must be from 1 to 65535, got {port}")
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (OSError, UnicodeError) as err:
         raise UsageError(f"--host {host!r} is not an address of this machine to listen on ({err})") from None
+    try:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as err:
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
 
 
 def served_app(backend, threads: int):

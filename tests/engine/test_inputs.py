@@ -7,6 +7,9 @@ mismatched or empty masks, broken files, and the atomic writers. Every input is 
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -266,6 +269,18 @@ def test_unreadable_image_is_an_input_error_naming_the_file(tmp_path, name, writ
 
     with pytest.raises(InputError, match=name):
         load_image(tmp_path / name)
+
+
+def test_an_image_too_large_to_decode_safely_says_so(tmp_path):
+    """A 20000x20000 PNG header (400 megapixels) over one real pixel: refused before decoding."""
+    Image.new("L", (1, 1)).save(tmp_path / "huge.png")
+    data = bytearray((tmp_path / "huge.png").read_bytes())
+    data[16:24] = struct.pack(">II", 20000, 20000)  # IHDR width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    (tmp_path / "huge.png").write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"huge.png: more pixels than decode safely \(Image size \(400000000 "
+                                         r"pixels\) exceeds limit of \d+ pixels; PIL's decompression-bomb guard\)"):
+        load_image(tmp_path / "huge.png")
 
 
 def test_missing_image_is_an_input_error(tmp_path):

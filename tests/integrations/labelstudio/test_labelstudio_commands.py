@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,8 @@ def test_connect_arguments(monkeypatch, capsys):
     (["serve", "--port", "99999"], {}, "--port must be from 1 to 65535, got 99999"),
     (["serve", "--threads", "99999999999999999999"], {}, "--threads must be from 1 to 1024"),
     (["serve", "--host", "no-such-host.invalid."], {}, "--host 'no-such-host.invalid.' is not an address"),
+    (["serve", "--host", "127.0.0.1", "--port", "{busy}"], {}, "--port {busy}: cannot listen there (Address already in use)"),
+    (["serve", "--host", "192.0.2.1"], {}, "--host 192.0.2.1 --port 9090: cannot listen there (Cannot assign requested address)"),
     (["serve"], {"MODEL_DIR": "{file}"}, "is a file, not a folder"),
     (["serve"], {"INSID3_MAX_QUEUED_REQUESTS": "99999999"}, "INSID3_MAX_QUEUED_REQUESTS must be from 0 to 10000"),
     (["connect", "--project", "4", "--backend-url", "ftp://10.0.0.2"], {}, "--backend-url 'ftp://10.0.0.2'"),
@@ -70,9 +73,25 @@ def test_bad_command_arguments_are_named_before_the_model_loads(monkeypatch, tmp
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
     for name, value in environment.items():
         monkeypatch.setenv(name, value.format(file=tmp_path / "a-file"))
-    assert main(["labelstudio", *arguments]) == 2
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # a port another program listens on
+        port = str(busy.getsockname()[1])
+        assert main(["labelstudio", *(argument.format(busy=port) for argument in arguments)]) == 2
     err = capsys.readouterr().err
-    assert words in err and "Traceback" not in err
+    assert words.format(busy=port) in err and "Traceback" not in err
+
+
+def test_a_port_taken_while_the_model_loads_is_named_not_a_traceback(monkeypatch, tmp_path, capsys):
+    import labelstudio_backend.commands as commands
+
+    monkeypatch.setattr(commands, "check_address", lambda host, port: None)  # taken after the check
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["labelstudio", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                     "--image-size", "128", "--svd-components", "16"]) == 2
+    err = capsys.readouterr().err
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use)" in err
+    assert "Traceback" not in err
 
 
 def test_preannotate_arguments(monkeypatch):
@@ -116,7 +135,7 @@ def test_serve_answers_health(tmp_path):
         assert answer.json() == {"status": "UP", "model_class": "INSID3", "preparing": []}
         assert answer.headers["Server"] == "insid3"
         output = process_output(process)
-        assert f"Serving on http://127.0.0.1:{port}" in output and "development server" not in output
+        assert f"backend serving on http://127.0.0.1:{port}" in output and "development server" not in output
     finally:
         process.terminate()
         process.wait(timeout=20)
