@@ -62,7 +62,7 @@ def run_install(arguments: argparse.Namespace) -> int:
 def install_zoo_source(zoo_dir: Path, force: bool) -> None:
     """Copy the zoo source's files into ``zoo_dir/insid3`` (FiftyOne looks a model up in the folder
     its manifest's ``name`` gives) and mark the model downloaded; again is a no-op."""
-    import json
+    from insid3_core.io import json_value
 
     from .zoo import MODEL_NAME, SOURCE
 
@@ -70,7 +70,7 @@ def install_zoo_source(zoo_dir: Path, force: bool) -> None:
     manifest = destination / "manifest.json"
     if manifest.is_file() and not force:
         try:
-            name = json.loads(manifest.read_text(encoding="utf-8")).get("name")
+            name = json_value(manifest.read_text(encoding="utf-8")).get("name")
         except (OSError, ValueError, AttributeError):
             name = None
         if name != ZOO_NAME:

@@ -17,7 +17,6 @@ The sources :func:`load_backbone` accepts:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import file_digest
+from .io import file_digest, json_value
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "tiny_dinov3_meta.pth"
 TEST_CHECKPOINT = "insid3-test-checkpoint"
@@ -402,8 +401,8 @@ _SIDECAR_TYPES = {
 def _read_sidecar(sidecar: Path) -> dict:
     """Meta's constructor arguments from ``sidecar``, checked to be a JSON object of the right types."""
     try:
-        arguments = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        arguments = json_value(sidecar.read_text(encoding="utf-8"))
+    except ValueError as err:
         raise BackboneError(f"{sidecar}: invalid JSON ({err})") from None
     if not isinstance(arguments, dict):
         raise BackboneError(f"{sidecar}: must hold a JSON object of Meta's DinoVisionTransformer arguments, "

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import IMAGE_EXTENSIONS, InputError, _open_oriented, load_mask
+from .io import IMAGE_EXTENSIONS, InputError, _open_oriented, load_mask, read_small_file
 
 LAYOUTS = ("coco20i", "fss1000", "isic", "suim", "folder")
 DEFAULT_SPLITS = {"coco20i": "val2014", "isic": "Training"}
@@ -163,9 +163,11 @@ def load_dataset(
 def select_classes(dataset: Dataset, class_list: Path) -> Dataset:
     """Keep the classes named in ``class_list`` (one a line); a name without samples is an error."""
     try:
-        names = [line.strip() for line in class_list.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in read_small_file(class_list).decode("utf-8").splitlines() if line.strip()]
     except OSError as err:
-        raise LayoutError(f"{class_list}: cannot read class list ({err.strerror})") from err
+        raise LayoutError(f"{class_list}: cannot read class list ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise LayoutError(f"{class_list}: the class list is not UTF-8 text ({err.reason} at byte {err.start})") from err
     missing = [name for name in names if name not in dataset.classes]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

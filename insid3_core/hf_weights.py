@@ -15,11 +15,12 @@ renaming follows transformers' ``convert_dinov3_vit_to_hf.py`` in reverse.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
+
+from .io import json_value
 
 HF_MODEL_TYPE = "dinov3_vit"
 _NORM_LAYERS = {1e-5: "layernormbf16", 1e-6: "layernorm"}  # Meta's norm_layer names by epsilon
@@ -166,7 +167,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_config(folder: Path) -> dict:
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json_value((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{folder}: config.json is not readable JSON ({err})") from None
     if not isinstance(config, dict):
@@ -179,7 +180,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shards = sorted(set(json_value(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError, AttributeError) as err:
             raise ValueError(f"{index}: not a safetensors index ({err})") from None
         weights = {}

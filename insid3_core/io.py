@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
 import os
 import re
 import secrets
+import stat
 from io import BytesIO
 from pathlib import Path
 
@@ -19,6 +21,7 @@ ImageLike = str | Path | Image.Image
 MaskLike = str | Path | Image.Image | np.ndarray
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+MAX_SMALL_FILE_BYTES = 16 * 2**20  # settings, points and class lists: far above any real one
 
 
 class InputError(ValueError):
@@ -65,6 +68,32 @@ def _open_oriented(path: str | Path, source=None) -> Image.Image:
     except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         detail = str(err).replace(repr(str(path)), "it").replace(str(path), "it")  # PIL repeats the path
         raise InputError(f"{path}: unreadable or truncated image ({type(err).__name__}: {detail})") from err
+
+
+def read_small_file(path: str | Path, limit: int = MAX_SMALL_FILE_BYTES) -> bytes:
+    """The content of a settings, points or class-list file, for a path a user gave.
+
+    Raises ``OSError`` (its ``strerror`` says why, for the caller's message naming the option)
+    for a missing file, one that is not a regular file (a FIFO would block the read forever,
+    ``/dev/zero`` would fill the memory) or one longer than ``limit`` bytes.
+    """
+    descriptor = os.open(Path(path).expanduser(), os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without a writer
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a folder, pipe or device)")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"longer than {limit} bytes, more than such a file holds")
+    return data
+
+
+def json_value(text: str | bytes):
+    """``json.loads(text)``, with a document nested too deeply for Python's parser (which raises
+    ``RecursionError``) a ``ValueError`` like any other malformed document."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to be read") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

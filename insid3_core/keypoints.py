@@ -15,6 +15,7 @@ coordinates; a point is inside an image of size ``W x H`` when ``0 <= x <= W - 1
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from .config import BATCH_SIZE, is_finite_number
 from .encoder import Encoder
 from .features import resized_pixels
-from .io import ImageLike, InputError, load_image
+from .io import ImageLike, InputError, json_value, load_image, read_small_file
 from .loader import default_workers, load_batches
 
 
@@ -106,10 +107,12 @@ def load_points(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
         ``(P, 2)`` float64 ``(x, y)``.
     """
     try:
-        entries = json.loads(Path(path).read_text())
+        entries = json_value(read_small_file(path).decode("utf-8"))
     except FileNotFoundError as err:
         raise InputError(f"{path}: points file not found") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the points file ({err.strerror or err})") from err
+    except ValueError as err:
         raise InputError(f"{path}: not a readable JSON points file ({err})") from err
     if not isinstance(entries, list) or not entries:
         raise InputError(f'{path}: expected a non-empty JSON list of [x, y] or {{"name", "x", "y"}} points')
@@ -125,7 +128,7 @@ def load_points(path: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
             raise InputError(f"{path}: point {index} ({json.dumps(entry)}) needs finite numbers x, y and a string name")
         names.append(name)
         points.append(coordinates)
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
     if repeated:
         raise InputError(f"{path}: point names repeat: {', '.join(repeated)}")
     return tuple(names), np.asarray(points, dtype=np.float64)

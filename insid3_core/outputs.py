@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .io import atomic_write, label_png
+from .io import atomic_write, json_value, label_png
 
 RECORD_KEY = "insid3-record"
 """PNG text chunk of an output mask holding its annotations.json record, so the pair stays whole
@@ -44,7 +44,7 @@ def carried_record(path) -> dict | None:
     file is unreadable. ``path``: a path or a binary stream."""
     try:
         with Image.open(path) as image:
-            carried = json.loads(image.text.get(RECORD_KEY, "null"))
+            carried = json_value(image.text.get(RECORD_KEY, "null"))
     except (OSError, ValueError):
         return None
     if isinstance(carried, dict) and isinstance(carried.get("annotations"), list) and \

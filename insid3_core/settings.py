@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import numbers
 import os
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from .config import BATCH_SIZE, CLUSTERING_METHODS, ENV_PREFIX, REFINEMENTS, EngineConfig, is_finite_number
 from .instances import INSTANCE_METHODS
+from .io import json_value, read_small_file
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 
@@ -232,7 +232,7 @@ def settings_file(path: str | Path, where: str) -> dict:
     name -> value; a :class:`SettingsError` naming the file when it is unreadable, not such an
     object, or holds an unknown option or a bad value."""
     try:
-        document = json.loads(Path(path).expanduser().read_bytes().decode("utf-8"))
+        document = json_value(read_small_file(path).decode("utf-8"))
     except OSError as err:
         raise SettingsError(f"{where} {path}: cannot read it ({err.strerror or err})") from None
     except ValueError as err:

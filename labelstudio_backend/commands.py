@@ -78,12 +78,11 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
 
 def served_settings(path) -> dict:
     """The engine settings a serving backend runs with (``{}`` when none was started, or unreadable)."""
-    import json
-
+    from insid3_core.io import json_value
     from insid3_core.settings import EngineSettings
 
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = json_value(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return {name: value for name, value in stored.items() if name in EngineSettings.names()} if isinstance(stored, dict) else {}

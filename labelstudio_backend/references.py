@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote
 import numpy as np
 from PIL import Image
 
-from insid3_core.io import IMAGE_EXTENSIONS, atomic_write, write_json, write_mask_png
+from insid3_core.io import IMAGE_EXTENSIONS, atomic_write, json_value, write_json, write_mask_png
 
 MASK_SUFFIX = "_mask"
 STAMPS = "stamps.json"
@@ -144,7 +144,7 @@ class AnnotationStore:
 
     def _stamps(self) -> dict[str, str]:
         try:
-            return json.loads((self.root / STAMPS).read_text())
+            return json_value((self.root / STAMPS).read_text())
         except (FileNotFoundError, ValueError):
             return {}
 

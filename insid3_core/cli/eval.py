@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,10 @@ def run_eval(arguments: argparse.Namespace) -> int:
         raise UsageError("--seed and --figures must be >= 0")
     if importlib.util.find_spec("matplotlib") is None:  # before any episode runs
         raise UsageError("insid3 eval needs matplotlib for its figures: pip install 'insid3[eval]'")
+    out, root = (Path(os.path.realpath(Path(path).expanduser())) for path in (arguments.out, arguments.root))
+    if arguments.out.strip() and (out == root or root in out.parents):
+        raise UsageError(f"--out {arguments.out} is inside the dataset {arguments.root}: its masks and figures would "
+                         "become part of the dataset; choose a folder outside it")
     check_writable_folder(arguments.out, "--out")  # before any episode runs
     arguments.out = Path(arguments.out).expanduser()
     check_output_files([arguments.out / "report.json", arguments.out / "report.md"], "--out", arguments.overwrite)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from PIL import Image
 from ..coco import coco_document, mask_record, records_from_document, result_record
 from ..config import SMOKE_TEST_NOTE
 from ..io import (
-    InputError, check_references, check_writable_folder, file_digest, load_mask, overwritten_inputs,
+    InputError, check_references, check_writable_folder, file_digest, json_value, load_mask, overwritten_inputs,
     remove_stale_temporaries, write_json,
 )
 from ..loader import default_workers, executor
@@ -64,7 +63,7 @@ def load_document(path: Path, overwrite: bool) -> dict | None:
 def parse_document(data: bytes, path, overwrite: bool) -> dict | None:
     """:func:`load_document` of the content ``data`` of ``path`` (a path or a URI)."""
     try:
-        document = json.loads(data.decode("utf-8"))
+        document = json_value(data.decode("utf-8"))
         if not isinstance(document, dict):
             raise TypeError(f"it holds a JSON {type(document).__name__}, not an object")
         if not isinstance(document.get("info"), dict) or document["info"].get("description") != RUN_DESCRIPTION:

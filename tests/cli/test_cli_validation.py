@@ -3,8 +3,10 @@ work, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,3 +342,85 @@ def test_an_empty_class_name_is_refused(tmp_path, capsys):
 
 def test_a_home_folder_of_no_user_is_named(tmp_path, capsys):
     assert "names no home directory" in refused(capsys, "--out", "~no-such-user-insid3/x", TARGET)
+
+
+def small_files(tmp_path) -> dict:
+    """Settings, points and class-list files no reader should trip on: name -> (path, words)."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\n")
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+    return {"deep": (deep, "nested too deeply to be read"), "device": (Path("/dev/zero"), "not a regular file"),
+            "pipe": (pipe, "not a regular file"), "binary": (binary, "utf-8")}
+
+
+@pytest.mark.parametrize("kind", ["deep", "device", "pipe", "binary"])
+def test_settings_points_and_class_lists_that_cannot_be_read_are_named(tmp_path, capsys, monkeypatch, kind):
+    """A deeply nested JSON document was a RecursionError traceback; /dev/zero filled the memory and
+    a FIFO blocked the read for ever. Each is refused, naming the file, with exit 2."""
+    from test_eval import write_folder
+
+    path, words = small_files(tmp_path)[kind]
+    err = refused(capsys, "--out", tmp_path / "out", "--settings", path, TARGET)
+    assert f"--settings {path}:" in err and words in err.lower()
+    monkeypatch.setenv("INSID3_SETTINGS", str(path))
+    assert f"{path}:" in refused(capsys, "--out", tmp_path / "out", TARGET)
+    monkeypatch.delenv("INSID3_SETTINGS")
+    assert main(["match", "--ref", str(EXAMPLES / "reference" / "disks.png"), str(path), "--out",
+                 str(tmp_path / "m.json"), *FAST, str(TARGET)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:" in err and words in err.lower() and "Traceback" not in err
+    if kind != "deep":  # a class list is lines of text, not JSON
+        write_folder(tmp_path / "data", per_class=2)
+        assert main(["eval", "folder", str(tmp_path / "data"), "--classes", str(path), "--out", str(tmp_path / "e"),
+                     *FAST]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}:" in err and words in err.lower() and "Traceback" not in err
+
+
+def test_deeply_nested_json_in_outputs_and_weights_is_named(tmp_path, capsys):
+    """An earlier annotations.json, a Hugging Face config.json and a mask's carried record, each
+    nested 100 000 deep: named (or, for the record, ignored), never a RecursionError."""
+    from insid3_core.outputs import RECORD_KEY, carried_record
+    from PIL.PngImagePlugin import PngInfo
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "annotations.json").write_text("[" * 100_000)
+    err = refused(capsys, "--out", out, TARGET)
+    assert "existing file is not an insid3 COCO document" in err and "nested too deeply" in err
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("[" * 100_000)
+    assert "config.json is not readable JSON (nested too deeply" in refused(
+        capsys, "--out", tmp_path / "o", "--weights", folder, TARGET)
+    info = PngInfo()
+    info.add_text(RECORD_KEY, "[" * 100_000)
+    Image.new("L", (4, 4)).save(tmp_path / "mask.png", pnginfo=info)
+    assert carried_record(tmp_path / "mask.png") is None
+
+
+def test_an_image_record_without_a_file_name_string_is_named(tmp_path, capsys):
+    """``"file_name": null`` was a TypeError traceback when the records were sorted."""
+    out = tmp_path / "out"
+    assert segment("--out", out, TARGET) == 0
+    document = json.loads((out / "annotations.json").read_text())
+    document["images"][0]["file_name"] = None
+    (out / "annotations.json").write_text(json.dumps(document))
+    err = refused(capsys, "--out", out, TARGET, EXAMPLES / "targets" / "scene_02.png")
+    assert "an image's file_name is a NoneType, not a string" in err
+
+
+def test_eval_refuses_to_write_into_its_dataset(tmp_path, capsys):
+    """``--out ROOT`` made figures/ and masks/ classes of the dataset: the next run read them as one."""
+    from test_eval import write_folder
+
+    root = tmp_path / "data"
+    write_folder(root, per_class=2)
+    before = sorted(root.rglob("*"))
+    for out in (root, root / "red", root / "new" / "report"):
+        assert main(["eval", "folder", str(root), "--out", str(out), "--save-masks", *FAST]) == 2
+        assert "is inside the dataset" in capsys.readouterr().err
+    assert sorted(root.rglob("*")) == before
