@@ -123,7 +123,8 @@ def positional_basis(
     directions = positional_directions(backbone, image_size, cache)
     if k > directions.shape[1]:
         raise ValueError(
-            f"svd_components={k} exceeds the {directions.shape[1]} directions of a {image_size}px grid"
+            f"svd_components={k} exceeds the {directions.shape[1]} directions of a {image_size}px grid: lower "
+            "svd_components (--svd-components) or raise image_size (--image-size)"
         )
     return directions[:, :k].contiguous()
 

@@ -40,6 +40,7 @@ def refused(capsys, *arguments) -> str:
     ("--min-area-ratio", "nan", "argument --min-area-ratio: value='nan' is not a finite number"),
     ("--max-area-ratio", "inf", "argument --max-area-ratio: value='inf' is not a finite number"),
     ("--image-size", "1600000", "use at most about"),
+    ("--image-size", "16", "exceeds the 1 directions of a 16px grid: lower svd_components (--svd-components)"),
 ])
 def test_numbers_must_be_finite_and_fit(tmp_path, capsys, option, value, words):
     """``--merge-threshold nan`` gave empty masks and exit 0; ``--image-size 1600000`` tried to allocate 7.7 TB."""
