@@ -65,7 +65,7 @@ def _open_oriented(path: str | Path, source=None) -> Image.Image:
         raise InputError(f"{path}: more pixels than decode safely ({err.args[0].split(',')[0]}; PIL's "
                          "decompression-bomb guard); the engine sees it at image_size anyway: downscale "
                          "it first") from err
-    except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
         detail = str(err).replace(repr(str(path)), "it").replace(str(path), "it")  # PIL repeats the path
         raise InputError(f"{path}: unreadable or truncated image ({type(err).__name__}: {detail})") from err
 
