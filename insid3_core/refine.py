@@ -128,8 +128,9 @@ def refine_masks(
         )
     if pixels.dtype != torch.uint8 and not pixels.is_floating_point():
         raise TypeError(f"pixels must be uint8 (0 to 255) or floating point in [0, 1], got {pixels.dtype}")
-    if pixels.is_floating_point() and pixels.numel() and float(pixels.amax()) > 1:  # a caller's tensor, not the engine's
-        raise ValueError(f"floating-point pixels must lie in [0, 1], got a maximum of {float(pixels.amax()):g}: "
+    largest = float(pixels.amax()) if pixels.is_floating_point() and pixels.numel() else 0.0  # a caller's tensor
+    if largest > 1:
+        raise ValueError(f"floating-point pixels must lie in [0, 1], got a maximum of {largest:g}: "
                          "divide 0-255 colours by 255, or pass them as uint8")
     if subsample < 1 or eps <= 0:
         raise ValueError(f"subsample must be >= 1 and eps > 0, got {subsample} and {eps}")

@@ -108,8 +108,7 @@ def run_serve(arguments: argparse.Namespace) -> int:
     try:  # the port may have been taken while the model loaded
         server = waitress.create_server(app, host=arguments.host, port=arguments.port, **options)
     except OSError as err:
-        raise UsageError(f"--host {arguments.host} --port {arguments.port}: cannot listen there "
-                         f"({err.strerror or err})") from None
+        raise cannot_listen(arguments.host, arguments.port, err) from None
     server.print_listen("insid3: Label Studio ML backend serving on http://{}:{}")
     server.run()
     return 0
@@ -135,7 +134,14 @@ def check_address(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(address)
     except OSError as err:
-        raise UsageError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+        raise cannot_listen(host, port, err) from None
+
+
+def cannot_listen(host: str, port: int, err: OSError):
+    """The ``UsageError`` for an address the backend cannot bind (busy, or not this machine's)."""
+    from insid3_core.cli import UsageError
+
+    return UsageError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})")
 
 
 def served_app(backend, threads: int):

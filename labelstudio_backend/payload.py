@@ -6,8 +6,9 @@ malformed request is a client error with a message and never reaches the handler
 
 from __future__ import annotations
 
-import json
 import re
+
+from insid3_core.io import json_value
 
 from .errors import BackendError
 
@@ -20,10 +21,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def json_object(body: bytes) -> dict:
     """The JSON object in ``body``; 400 for anything else, or for nesting deeper than ``MAX_DEPTH``."""
     try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError) as err:
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)[:200]
-        raise BackendError(f"request body is not JSON: {reason}") from None
+        payload = json_value(body)
+    except ValueError as err:
+        raise BackendError(f"request body is not JSON: {str(err)[:200]}") from None
     if not isinstance(payload, dict):
         raise BackendError("request body must be a JSON object")
     if depth(payload) > MAX_DEPTH:
