@@ -126,10 +126,14 @@ def coco_entries(records: Iterable[dict], category_ids: dict[str, int]) -> Itera
 
 
 def records_from_document(document: dict) -> dict[str, dict]:
-    """Inverse of :func:`coco_document`: records keyed by file name (``TypeError`` when one is not a string)."""
+    """Inverse of :func:`coco_document`: records keyed by file name (``TypeError`` when a file or
+    category name is not a string)."""
     for image in document.get("images", []):
         if not isinstance(image["file_name"], str):
             raise TypeError(f"an image's file_name is a {type(image['file_name']).__name__}, not a string")
+    for category in document.get("categories", []):
+        if not isinstance(category["name"], str):
+            raise TypeError(f"a category's name is a {type(category['name']).__name__}, not a string")
     categories = {category["id"]: category["name"] for category in document.get("categories", [])}
     records = {
         image["file_name"]: {

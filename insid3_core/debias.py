@@ -52,7 +52,7 @@ def positional_directions(backbone: Backbone, image_size: int, cache: Path | Non
 def _read_cached(path: Path, width: int) -> torch.Tensor | None:
     """The cached ``(C, r)`` directions at ``path``; ``None`` (with a warning naming it) when unusable."""
     try:
-        directions = np.load(path, allow_pickle=False)
+        directions = np.load(path, allow_pickle=False, mmap_mode="r")  # a header's shape is checked before any read
     except (OSError, ValueError, EOFError) as err:
         warnings.warn(f"{path}: unreadable positional-basis cache ({err}); computing it again", stacklevel=3)
         return None
@@ -60,7 +60,7 @@ def _read_cached(path: Path, width: int) -> torch.Tensor | None:
         warnings.warn(f"{path}: positional-basis cache of shape {directions.shape} does not fit a backbone of "
                       f"width {width}; computing it again", stacklevel=3)
         return None
-    return torch.from_numpy(np.ascontiguousarray(directions, dtype=np.float32))
+    return torch.from_numpy(np.array(directions, dtype=np.float32))  # a copy out of the memory map
 
 
 def positional_basis(
@@ -92,7 +92,7 @@ def positional_basis(
     width = backbone.embed_dim
     if basis_file is not None:
         try:
-            basis = np.load(basis_file, allow_pickle=False)
+            basis = np.load(basis_file, allow_pickle=False, mmap_mode="r")
         except (OSError, ValueError, EOFError) as err:
             raise ValueError(f"{basis_file}: not a readable NumPy .npy array ({err})") from None
         if not isinstance(basis, np.ndarray) or not np.issubdtype(basis.dtype, np.floating):
@@ -112,7 +112,7 @@ def positional_basis(
             f"default for this backbone: {backbone.default_svd_components()}"
         )
     if basis_file is not None:
-        basis = np.ascontiguousarray(basis, dtype=np.float32)
+        basis = np.array(basis, dtype=np.float32)  # a copy out of the memory map
         departure = np.abs(basis.T.astype(np.float64) @ basis - np.eye(k)).max(initial=0.0)
         if departure > ORTHONORMAL_TOLERANCE:
             raise ValueError(

@@ -13,11 +13,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .config import BATCH_SIZE
 from .datasets import Episode, Sample
 from .engine import Segmenter
-from .io import InputError
+from .io import InputError, load_image, reference_mask
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,11 @@ def run_episodes(
 ) -> Iterator[QueryOutcome]:
     """Encode each episode's references once and segment its queries in batches of ``batch_size``.
 
-    Raises :class:`InputError` naming the file when a query's truth mask and image differ in size.
+    Raises :class:`InputError` naming the file when a support's mask is empty or differs in size
+    from its image, or a query's truth mask does.
     """
     for episode in episodes:
-        references = segmenter.encode({episode.label: [(support.image, support.mask()) for support in episode.supports]})
+        references = segmenter.encode({episode.label: [support_pair(support) for support in episode.supports]})
         results = segmenter.segment(references, [query.image for query in episode.queries], batch_size, workers)
         for query, result in zip(episode.queries, results):
             truth = query.mask()
@@ -88,6 +90,13 @@ def run_episodes(
                 raise InputError(f"{query.source}: mask is {truth.shape[1]}x{truth.shape[0]} but its image "
                                  f"{query.image} is {result.mask.shape[1]}x{result.mask.shape[0]} (width x height)")
             yield QueryOutcome(episode, query, result.mask, truth, iou_counts(result.mask, truth), result.score)
+
+
+def support_pair(support: Sample) -> tuple[Image.Image, np.ndarray]:
+    """A support's decoded image and ``(H, W)`` bool mask, checked as the engine checks references
+    but named by where the mask comes from (given an array, the engine could name only the image)."""
+    image = load_image(support.image)
+    return image, reference_mask(support.source, image, support.mask())
 
 
 def summarise(entries: Iterable[tuple[int, str, np.ndarray]]) -> dict:

@@ -40,15 +40,17 @@ def output_mask_png(label_map: np.ndarray, classes: int, record: dict, source: s
 
 
 def carried_record(path) -> dict | None:
-    """The record an output mask carries (:data:`RECORD_KEY`); ``None`` when it has none or the
-    file is unreadable. ``path``: a path or a binary stream."""
+    """The record an output mask carries (:data:`RECORD_KEY`); ``None`` when it has none, the file
+    is unreadable or the record is not one insid3 writes (an image object, and annotations that
+    are objects naming their category). ``path``: a path or a binary stream."""
     try:
         with Image.open(path) as image:
             carried = json_value(image.text.get(RECORD_KEY, "null"))
     except (OSError, ValueError):
         return None
-    if isinstance(carried, dict) and isinstance(carried.get("annotations"), list) and \
-            isinstance(carried.get("image"), dict):
+    if isinstance(carried, dict) and isinstance(carried.get("image"), dict) and \
+            isinstance(carried.get("annotations"), list) and \
+            all(isinstance(entry, dict) and isinstance(entry.get("category"), str) for entry in carried["annotations"]):
         return carried
     return None
 

@@ -403,15 +403,20 @@ def test_deeply_nested_json_in_outputs_and_weights_is_named(tmp_path, capsys):
     assert carried_record(tmp_path / "mask.png") is None
 
 
-def test_an_image_record_without_a_file_name_string_is_named(tmp_path, capsys):
-    """``"file_name": null`` was a TypeError traceback when the records were sorted."""
+@pytest.mark.parametrize(("entry", "field", "value", "words"), [
+    ("images", "file_name", None, "an image's file_name is a NoneType, not a string"),
+    ("categories", "name", ["a", "list"], "a category's name is a list, not a string"),
+])
+def test_an_entry_without_a_name_string_is_named(tmp_path, capsys, entry, field, value, words):
+    """``"file_name": null`` was a TypeError traceback when the records were sorted, a category
+    named by a list one when the categories were gathered."""
     out = tmp_path / "out"
     assert segment("--out", out, TARGET) == 0
     document = json.loads((out / "annotations.json").read_text())
-    document["images"][0]["file_name"] = None
+    document[entry][0][field] = value
     (out / "annotations.json").write_text(json.dumps(document))
     err = refused(capsys, "--out", out, TARGET, EXAMPLES / "targets" / "scene_02.png")
-    assert "an image's file_name is a NoneType, not a string" in err
+    assert words in err
 
 
 def test_eval_refuses_to_write_into_its_dataset(tmp_path, capsys):
@@ -425,3 +430,29 @@ def test_eval_refuses_to_write_into_its_dataset(tmp_path, capsys):
         assert main(["eval", "folder", str(root), "--out", str(out), "--save-masks", *FAST]) == 2
         assert "is inside the dataset" in capsys.readouterr().err
     assert sorted(root.rglob("*")) == before
+
+
+@pytest.mark.parametrize("annotations", [
+    [{"segmentation": {}}], ["not an object"], [{"category": ["a", "list"]}], [{"category": None}],
+])
+def test_a_done_mask_carrying_a_malformed_record_gets_one_rebuilt_from_its_pixels(tmp_path, annotations):
+    """A mask whose carried record lists an annotation without a category name (edited, or written
+    by another tool) was a KeyError or TypeError traceback when annotations.json was assembled."""
+    from insid3_core.outputs import RECORD_KEY
+    from PIL.PngImagePlugin import PngInfo
+
+    out = tmp_path / "out"
+    assert segment("--out", out, TARGET) == 0
+    expected = json.loads((out / "annotations.json").read_text())
+    mask = out / "scene_01.png"
+    with Image.open(mask) as image:
+        record, pixels = json.loads(image.text[RECORD_KEY]), np.asarray(image)
+    info = PngInfo()
+    info.add_text(RECORD_KEY, json.dumps({**record, "annotations": annotations}))
+    Image.fromarray(pixels).save(mask, pnginfo=info)
+    (out / "annotations.json").unlink()  # as when a run is killed between the mask and the annotations
+    assert segment("--out", out, TARGET) == 0
+    document = json.loads((out / "annotations.json").read_text())
+    assert [a["category_id"] for a in document["annotations"]] == [a["category_id"] for a in expected["annotations"]]
+    assert [a["segmentation"] for a in document["annotations"]] == [a["segmentation"]
+                                                                  for a in expected["annotations"]]

@@ -191,11 +191,11 @@ class PlantedSegmenter:
 
     def encode(self, classes):
         (references,) = classes.values()
-        self.encoded.append([str(image) for image, _ in references])
+        self.encoded.append([mask.tobytes() for _, mask in references])
         return self.encoded[-1]
 
     def segment(self, references, targets, batch_size=8, workers=None):
-        self.segmented.append([str(t) for t in targets])
+        self.segmented.append([self.truth[str(t), self.label_of[str(t)]].tobytes() for t in targets])
         masks = [np.roll(self.truth[str(t), self.label_of[str(t)]], self.shift, axis=1) for t in targets]
         return [SimpleNamespace(mask=m, score=0.5) for m in masks]  # what run_episodes reads of a result
 
@@ -331,6 +331,20 @@ def bad_folder_mask_size(root: Path) -> str:
     return str(root / "red" / "red2_mask.png")
 
 
+def bad_folder_empty_support(root: Path) -> str:
+    write_folder(root, classes=("red",))
+    for mask in root.glob("red/*_mask.png"):
+        save_mask(mask, np.zeros(SIZE, bool))
+    return "_mask.png: reference mask is empty (no foreground pixel)"
+
+
+def bad_folder_support_size(root: Path) -> str:
+    write_folder(root, classes=("red",))
+    for mask in root.glob("red/*_mask.png"):
+        save_mask(mask, np.ones((10, 10), bool))
+    return "_mask.png: mask is 10x10 but its image is 80x64"
+
+
 def empty_root(root: Path) -> str:
     root.mkdir()
     return str(root)
@@ -338,7 +352,8 @@ def empty_root(root: Path) -> str:
 
 @pytest.mark.parametrize("layout, make", [
     ("coco20i", bad_coco), ("fss1000", bad_fss), ("isic", bad_isic), ("suim", bad_suim), ("folder", bad_folder),
-    ("folder", bad_folder_mask_size), ("fss1000", empty_root), ("isic", empty_root),
+    ("folder", bad_folder_mask_size), ("folder", bad_folder_empty_support), ("folder", bad_folder_support_size),
+    ("fss1000", empty_root), ("isic", empty_root),
 ])
 def test_bad_layouts_name_the_path(tmp_path, layout, make, capsys):
     root = tmp_path / "data"

@@ -91,6 +91,19 @@ def test_positional_basis_rejects_a_file_of_the_wrong_width(backbone, tmp_path, 
         positional_basis(backbone, 128, basis_file=path)
 
 
+@pytest.mark.parametrize("shape", [(10**7, 10**6), (96, 10**6)], ids=str)
+def test_a_basis_file_whose_header_claims_terabytes_is_named_not_allocated(backbone, tmp_path, shape):
+    """The header of a 200-byte .npy may claim any shape: loading it whole was a MemoryError."""
+    path = tmp_path / "basis.npy"
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<f8", "fortran_order": False, "shape": shape})
+        handle.write(bytes(64))
+    with pytest.raises(ValueError, match=f"{path}: "):
+        positional_basis(backbone, 128, basis_file=path)
+    with pytest.warns(UserWarning, match=f"{path}: "):
+        assert debias_module._read_cached(path, backbone.embed_dim) is None
+
+
 @pytest.mark.parametrize("spoil", ["scaled", "mixed", "repeated"])
 def test_positional_basis_rejects_a_file_whose_columns_are_not_orthonormal(backbone, tmp_path, spoil):
     """Debiasing computes ``x - U Uᵀ x``: only orthonormal columns remove a subspace (and nothing else)."""
