@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 ImageLike = str | Path | Image.Image
 MaskLike = str | Path | Image.Image | np.ndarray
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".gif")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 MAX_SMALL_FILE_BYTES = 16 * 2**20  # settings, points and class lists: far above any real one
 

@@ -180,6 +180,21 @@ def test_a_broken_link_in_a_target_folder_is_reported_not_lost(tmp_path, targets
     assert f"{targets / 'scene_09.png'}: a link to {tmp_path / 'gone.png'}, which does not exist" in capsys.readouterr().err
 
 
+def test_a_folder_of_avif_and_gif_images_is_segmented(tmp_path):
+    """Folder scans took only JPEG, PNG, BMP, TIFF and WebP: AVIF and GIF files were left out without a word."""
+    folder = tmp_path / "modern"
+    folder.mkdir()
+    Image.open(EXAMPLES / "targets" / "scene_01.png").convert("RGB").save(folder / "first.avif", quality=90)
+    Image.open(EXAMPLES / "targets" / "scene_02.png").convert("RGB").save(folder / "second.gif")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert segment("--out", out, folder) == 0
+    document = json.loads((out / "annotations.json").read_text())
+    assert [image["file_name"] for image in document["images"]] == ["first.avif", "second.gif"]
+    for name, source in (("first", "scene_01.png"), ("second", "scene_02.png")):
+        assert Image.open(out / f"{name}.png").size == Image.open(EXAMPLES / "targets" / source).size
+
+
 def test_masks_and_records_take_the_names_of_linked_targets(tmp_path, targets):
     """A folder of links into a content-addressed store (DVC, git-annex): masks are named after the
     links, not after the store's hash names, and the records list the links."""
