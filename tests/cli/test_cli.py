@@ -180,15 +180,19 @@ def test_a_broken_link_in_a_target_folder_is_reported_not_lost(tmp_path, targets
     assert f"{targets / 'scene_09.png'}: a link to {tmp_path / 'gone.png'}, which does not exist" in capsys.readouterr().err
 
 
-def test_a_folder_of_avif_and_gif_images_is_segmented(tmp_path):
-    """Folder scans took only JPEG, PNG, BMP, TIFF and WebP: AVIF and GIF files were left out without a word."""
+def test_a_folder_of_avif_and_gif_images_is_segmented_and_its_other_files_counted(tmp_path, capsys):
+    """Folder scans took only JPEG, PNG, BMP, TIFF and WebP: AVIF and GIF files were left out without
+    a word. Files that are not images are still left out, and counted."""
     folder = tmp_path / "modern"
     folder.mkdir()
     Image.open(EXAMPLES / "targets" / "scene_01.png").convert("RGB").save(folder / "first.avif", quality=90)
     Image.open(EXAMPLES / "targets" / "scene_02.png").convert("RGB").save(folder / "second.gif")
-    (folder / "notes.txt").write_text("not an image")
+    for name in ("notes.txt", "labels.txt", "photo.heic", "README", ".DS_Store"):
+        (folder / name).write_text("not an image")
     out = tmp_path / "out"
     assert segment("--out", out, folder) == 0
+    assert f"insid3: {folder}: left out 4 file(s) that are not images insid3 reads (.heic 1, .txt 2, no extension 1)" \
+        in capsys.readouterr().err
     document = json.loads((out / "annotations.json").read_text())
     assert [image["file_name"] for image in document["images"]] == ["first.avif", "second.gif"]
     for name, source in (("first", "scene_01.png"), ("second", "scene_02.png")):
