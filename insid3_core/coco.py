@@ -131,10 +131,11 @@ def records_from_document(document: dict) -> dict[str, dict]:
     for image in document.get("images", []):
         if not isinstance(image["file_name"], str):
             raise TypeError(f"an image's file_name is a {type(image['file_name']).__name__}, not a string")
+    categories = {}
     for category in document.get("categories", []):
         if not isinstance(category["name"], str):
             raise TypeError(f"a category's name is a {type(category['name']).__name__}, not a string")
-    categories = {category["id"]: category["name"] for category in document.get("categories", [])}
+        categories[category["id"]] = category["name"]
     records = {
         image["file_name"]: {
             "image": {key: value for key, value in image.items() if key != "id"},

@@ -30,25 +30,12 @@ def build_segmenter(settings: EngineSettings) -> Segmenter:
 def resolve_targets(specs: list[str]) -> list[Path]:
     """Expand files, folders (their images, sorted) and glob patterns into absolute paths, each once
     (:func:`~insid3_core.io.target_path`: links keep their own names, so two links to one image
-    are two targets; a folder's broken links are kept, to be reported). A folder's other files
-    (hidden ones aside) are counted on stderr by extension, so none is left out without a word."""
+    are two targets; a folder's broken links are kept, to be reported)."""
     found: dict[Path, None] = {}
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            files, left_out = [], collections.Counter()
-            for entry in sorted(path.iterdir()):
-                target = target_path(entry)
-                if target:
-                    files.append(target)
-                elif entry.is_file() and not entry.name.startswith("."):
-                    left_out[entry.suffix.lower() or "no extension"] += 1
-            if left_out:
-                counts = ", ".join(f"{suffix} {count}" for suffix, count in sorted(left_out.items()))
-                print(f"insid3: {spec}: left out {left_out.total()} file(s) that are not images insid3 reads "
-                      f"({counts})", file=sys.stderr)
-            if not files:
-                raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            files = folder_targets(spec, path)
         elif path.is_file():
             files = [Path(os.path.abspath(path))]
         elif broken_link(path):
@@ -68,6 +55,25 @@ def resolve_targets(specs: list[str]) -> list[Path]:
         listed = "; ".join(" and ".join(str(p) for p in paths) for paths in clashes)
         raise UsageError(f"targets share a file stem, so their output masks would collide: {listed}")
     return list(found)
+
+
+def folder_targets(spec: str, folder: Path) -> list[Path]:
+    """The images of ``folder`` (given as ``spec``), sorted; its other files (hidden ones aside)
+    are counted on stderr by extension, so none is left out without a word."""
+    files, left_out = [], collections.Counter()
+    for entry in sorted(folder.iterdir()):
+        target = target_path(entry)
+        if target:
+            files.append(target)
+        elif entry.is_file() and not entry.name.startswith("."):
+            left_out[entry.suffix.lower() or "no extension"] += 1
+    if left_out:
+        counts = ", ".join(f"{suffix} {count}" for suffix, count in sorted(left_out.items()))
+        print(f"insid3: {spec}: left out {left_out.total()} file(s) that are not images insid3 reads ({counts})",
+              file=sys.stderr)
+    if not files:
+        raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
 
 
 def add_reference_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,9 +38,9 @@ def places(value, at=()) -> list[tuple]:
 
 def replaced(value, at: tuple, new):
     """A deep copy of ``value`` with the value at key path ``at`` replaced by ``new``."""
-    copy = json.loads(json.dumps(value))
     if not at:
         return new
+    copy = json.loads(json.dumps(value))
     parent = copy
     for key in at[:-1]:
         parent = parent[key]
@@ -54,7 +54,8 @@ def mutated(draw, value):
 
 
 def reassembled(records: dict, info: dict) -> dict:
-    """What a rerun writes back: this run's categories, then the earlier records in a COCO document."""
+    """What a rerun writes back: this run's categories, then the earlier records in a COCO document
+    (which must serialise)."""
     document = coco_document(records, CATEGORIES, info)
     json.dumps(document)
     return document
