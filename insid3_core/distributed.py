@@ -4,7 +4,8 @@ The job is one Ray Data stream:
 
 1. **listing** (CPU tasks, one per ``TARGET``): a folder, glob, file or URI that any pyarrow
    filesystem reads (``s3://``, ``gs://``, ``file://``) streams out in chunks of
-   :data:`LISTING_CHUNK` paths; no process holds the whole list.
+   :data:`LISTING_CHUNK` paths; no process holds the whole list. A folder's files that are not
+   images are counted, and the counts put beside the fragments for the summary.
 2. **prepare** (CPU tasks): a target whose mask exists and was made from the same content is
    skipped (its record is the one its mask carries); the others are read once, digested, decoded
    and resized to the input size.
@@ -50,13 +51,17 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .fragments import JobSummary, fragment_file, merge_fragments
-from .io import IMAGE_EXTENSIONS, InputError, atomic_write, broken_link, load_image_bytes, target_path
+from .io import (
+    IMAGE_EXTENSIONS, InputError, atomic_write, broken_link, load_image_bytes, not_image_kind, target_path,
+)
 from .settings import EngineSettings
 
 LISTING_CHUNK = 1024
 """Paths per block of the listing stage."""
 PARTS = ".insid3-parts"
 """Folder of the fragments under ``--out`` while a job runs."""
+LEFT_OUT_PREFIX = "left-out-"
+"""Name of a fragments folder's file counting a folder's files that are not images."""
 CPU_STAGE_CPUS = 0.5
 """Logical CPUs a listing or prepare task asks: PIL decodes outside the GIL, so two share a core;
 and resources unlike the actors' keep Ray from fusing the decoding into the engine actors."""
@@ -196,10 +201,12 @@ def check_target_spec(spec: str) -> None:
         raise InputError(f"{spec}: no such file, and no image matches it as a pattern")
 
 
-def listed_targets(spec: str) -> Iterator[str]:
+def listed_targets(spec: str, left_out: collections.Counter | None = None) -> Iterator[str]:
     """The images ``spec`` names, streamed: a folder's files (not its subfolders) and broken links
     (:func:`~insid3_core.io.target_path`), a glob's matches, a file; for a URI, the same through
-    its pyarrow filesystem (as URIs)."""
+    its pyarrow filesystem (as URIs). A folder's other files (hidden ones aside) are counted in
+    ``left_out`` by :func:`~insid3_core.io.not_image_kind`."""
+    left_out = collections.Counter() if left_out is None else left_out
     if "://" in spec:
         import pyarrow.fs
 
@@ -212,6 +219,8 @@ def listed_targets(spec: str) -> Iterator[str]:
         for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=False)):
             if entry.type == pyarrow.fs.FileType.File and _is_image(entry.path):
                 yield scheme + entry.path
+            elif entry.type == pyarrow.fs.FileType.File and not_image_kind(entry.path):
+                left_out[not_image_kind(entry.path)] += 1
         return
     path = Path(spec).expanduser()
     if path.is_file():
@@ -219,7 +228,12 @@ def listed_targets(spec: str) -> Iterator[str]:
         return
     if path.is_dir():
         with os.scandir(path) as entries:
-            yield from _listed(Path(entry.path) for entry in entries)
+            for entry in entries:
+                target = target_path(Path(entry.path))
+                if target:
+                    yield str(target)
+                elif entry.is_file() and not_image_kind(entry.name):
+                    left_out[not_image_kind(entry.name)] += 1
     else:
         yield from _listed(map(Path, glob.iglob(str(path), recursive=True)))
 
@@ -230,17 +244,32 @@ def _listed(paths: Iterator[Path]) -> Iterator[str]:
             yield str(path)
 
 
-def list_batch(batch: dict) -> Iterator[dict]:
-    """Ray Data UDF: a batch of ``spec`` rows out as batches of ``path`` rows."""
-    for spec in batch["spec"]:
-        chunk = []
-        for path in listed_targets(str(spec)):
+def list_batch(batch: dict, parts: str) -> Iterator[dict]:
+    """Ray Data UDF: a batch of ``spec`` rows out as batches of ``path`` rows; a folder's files
+    that are not images are counted in a ``left-out-*.json`` file of the fragments folder ``parts``
+    (named after the spec: a retried listing writes the same file)."""
+    for spec in map(str, batch["spec"]):
+        chunk, left_out = [], collections.Counter()
+        for path in listed_targets(spec, left_out):
             chunk.append(path)
             if len(chunk) == LISTING_CHUNK:
                 yield {"path": np.array(chunk, dtype=object)}
                 chunk = []
         if chunk:
             yield {"path": np.array(chunk, dtype=object)}
+        if left_out:
+            name = f"{LEFT_OUT_PREFIX}{hashlib.sha256(spec.encode('utf-8')).hexdigest()[:20]}.json"
+            put(joined(parts, name), json.dumps({"spec": spec, "left_out": left_out}).encode("utf-8"))
+
+
+def left_out_counts(parts: Path, specs: list[str]) -> dict[str, dict[str, int]]:
+    """The listing's counts of files that are not images (:func:`list_batch`), by spec in the
+    order of ``specs``, read from the local fragments folder ``parts``."""
+    found = {}
+    for path in parts.glob(f"{LEFT_OUT_PREFIX}*.json"):
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        found[entry["spec"]] = entry["left_out"]
+    return {spec: found[spec] for spec in dict.fromkeys(specs) if spec in found}
 
 
 def is_uri(location: str) -> bool:
@@ -562,7 +591,8 @@ def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict)
 
     connect(options)
     stream = ray.data.from_items([{"spec": spec} for spec in specs])
-    stream = stream.map_batches(list_batch, batch_size=1, batch_format="numpy", num_cpus=CPU_STAGE_CPUS)
+    stream = stream.map_batches(list_batch, batch_size=1, batch_format="numpy", num_cpus=CPU_STAGE_CPUS,
+                                fn_kwargs={"parts": job.parts})
     stream = segmented_stream(stream, job, options)
     verdicts = collections.Counter()
     for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
@@ -586,6 +616,7 @@ def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict)
         document = joined(job.out, "annotations.json")
         merged = Path(scratch) / "annotations.json" if is_uri(document) else Path(document)
         summary = merge_fragments(parts, merged, list(job.categories), info)
+        summary.left_out = left_out_counts(parts, specs)
         if is_uri(document):
             import pyarrow.fs
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .coco import coco_entries
-from .io import atomic_write
+from .io import atomic_write, left_out_note
 
 MERGE_FAN_IN = 64
 """Fragments merged at once; more are merged in passes."""
@@ -42,6 +42,9 @@ class JobSummary:
         The first :data:`SHOWN_FAILURES` failure messages, each naming its target.
     smoke_test : bool
         Whether the actors ran the bundled test checkpoint.
+    left_out : dict of str to dict of str to int
+        Per TARGET folder, its files that are not images, by kind
+        (:func:`~insid3_core.io.not_image_kind`).
     """
 
     segmented: int = 0
@@ -50,6 +53,7 @@ class JobSummary:
     verdicts: collections.Counter = field(default_factory=collections.Counter)
     failures: list[str] = field(default_factory=list)
     smoke_test: bool = False
+    left_out: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def fragment_file(entries: list[dict]) -> tuple[str, bytes]:
@@ -179,7 +183,10 @@ def earlier_entries(records: dict[str, dict]) -> list[dict]:
 
 
 def print_summary(summary: JobSummary, out) -> None:
-    """The job's counts, quality verdicts and failures on stderr."""
+    """The job's counts, the files its folders held that are not images, its quality verdicts and
+    failures on stderr."""
+    for spec, counts in summary.left_out.items():
+        print(left_out_note(spec, counts), file=sys.stderr)
     print(f"insid3: segmented {summary.segmented}, skipped {summary.skipped}, failed {summary.failed} -> {out}",
           file=sys.stderr)
     shown = ", ".join(f"{verdict} {count}" for verdict, count in sorted(summary.verdicts.items()))

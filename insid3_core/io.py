@@ -11,8 +11,9 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Mapping
 from io import BytesIO
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -47,6 +48,22 @@ def target_path(path: Path) -> Path | None:
     if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or broken_link(path)):
         return Path(os.path.abspath(path))
     return None
+
+
+def not_image_kind(name: str) -> str | None:
+    """How a folder's file ``name`` that is not an image is counted in :func:`left_out_note`: its
+    lower-case extension, or ``no extension``; ``None`` for a hidden file (``.DS_Store``), not counted."""
+    name = PurePosixPath(name).name
+    if name.startswith("."):
+        return None
+    return PurePosixPath(name).suffix.lower() or "no extension"
+
+
+def left_out_note(spec: str, counts: Mapping[str, int]) -> str:
+    """The line that says which files of the folder ``spec`` were left out as not images
+    (``counts``: :func:`not_image_kind` -> files), so none is left out without a word."""
+    listed = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items()))
+    return f"insid3: {spec}: left out {sum(counts.values())} file(s) that are not images insid3 reads ({listed})"
 
 
 def _open_oriented(path: str | Path, source=None) -> Image.Image:

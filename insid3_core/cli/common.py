@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backbone import announce_smoke_test
 from ..engine import Segmenter
-from ..io import IMAGE_EXTENSIONS, broken_link, label_masks, target_path
+from ..io import IMAGE_EXTENSIONS, broken_link, label_masks, left_out_note, not_image_kind, target_path
 from ..settings import EngineSettings
 from . import UsageError
 
@@ -59,18 +59,16 @@ def resolve_targets(specs: list[str]) -> list[Path]:
 
 def folder_targets(spec: str, folder: Path) -> list[Path]:
     """The images of ``folder`` (given as ``spec``), sorted; its other files (hidden ones aside)
-    are counted on stderr by extension, so none is left out without a word."""
+    are counted on stderr by extension (:func:`~insid3_core.io.left_out_note`)."""
     files, left_out = [], collections.Counter()
     for entry in sorted(folder.iterdir()):
         target = target_path(entry)
         if target:
             files.append(target)
-        elif entry.is_file() and not entry.name.startswith("."):
-            left_out[entry.suffix.lower() or "no extension"] += 1
+        elif entry.is_file() and not_image_kind(entry.name):
+            left_out[not_image_kind(entry.name)] += 1
     if left_out:
-        counts = ", ".join(f"{suffix} {count}" for suffix, count in sorted(left_out.items()))
-        print(f"insid3: {spec}: left out {left_out.total()} file(s) that are not images insid3 reads ({counts})",
-              file=sys.stderr)
+        print(left_out_note(spec, left_out), file=sys.stderr)
     if not files:
         raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
     return files

@@ -232,6 +232,38 @@ def test_the_ray_listing_keeps_broken_links_too(tmp_path, targets):
         check_target_spec(str(targets / "scene_09.png"))
 
 
+def test_the_ray_listing_counts_a_folders_other_files_as_the_single_machine_does(tmp_path, targets, capsys):
+    """Local folders and URIs (pyarrow): the files that are not images are counted by kind into the
+    fragments folder, and the job's summary says of each folder what the single machine says."""
+    pytest.importorskip("pyarrow")
+    from insid3_core.cli.common import folder_targets
+    from insid3_core.distributed import LEFT_OUT_PREFIX, left_out_counts, list_batch
+    from insid3_core.fragments import JobSummary, print_summary
+
+    for name in ("notes.txt", "labels.TXT", "README", ".DS_Store"):
+        (targets / name).write_text("not an image")
+    (targets / "nested").mkdir()
+    (targets / "nested" / "deeper.txt").write_text("not listed: subfolders are not read")
+    empty = tmp_path / "only_images"
+    empty.mkdir()
+    shutil.copy(targets / "scene_01.png", empty / "scene_01.png")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    specs = [str(targets), f"file://{targets}", str(empty), str(targets / "scene_02.png")]
+    listed = [list(path for block in list_batch({"spec": [spec]}, str(parts)) for path in block["path"])
+              for spec in specs]
+    assert sorted(listed[0]) == sorted(os.path.abspath(path) for path in targets.glob("scene_*.png"))
+    assert sorted(listed[1]) == sorted(f"file://{path}" for path in listed[0])
+    assert len(list(parts.glob(f"{LEFT_OUT_PREFIX}*.json"))) == 2, "folders with other files only"
+    counts = {".txt": 2, "no extension": 1}
+    assert left_out_counts(parts, specs) == {specs[0]: counts, specs[1]: counts}
+    print_summary(JobSummary(left_out=left_out_counts(parts, specs)), tmp_path / "out")
+    folder_targets(specs[0], targets)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "left out" in line]
+    assert notes == [f"insid3: {spec}: left out 3 file(s) that are not images insid3 reads (.txt 2, no extension 1)"
+                     for spec in (specs[0], specs[1], specs[0])]
+
+
 def test_a_mask_that_cannot_be_written_is_a_failed_target_and_the_others_are_listed(tmp_path, targets, capsys,
                                                                                    monkeypatch):
     """A full disk, say, for one mask (planted: the writer raises ENOSPC for scene_02)."""

@@ -37,21 +37,30 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory) -> Path:
-    """24 targets: the 8 examples, mirrored and flipped (distinct content and names)."""
+    """24 targets: the 8 examples, mirrored and flipped (distinct content and names); beside them
+    two files that are not images (:func:`left_out_note`)."""
     folder = tmp_path_factory.mktemp("targets")
     for path in sorted((EXAMPLES / "targets").glob("*.png")):
         with Image.open(path) as image:
             image.save(folder / path.name)
             ImageOps.mirror(image).save(folder / f"mirrored_{path.name}")
             ImageOps.flip(image).save(folder / f"flipped_{path.name}")
+    for name in ("notes.txt", "README"):
+        (folder / name).write_text("not an image")
     return folder
+
+
+def left_out_note(spec) -> str:
+    """What the single machine and the Ray job say of the two files of :func:`targets` that are not images."""
+    return f"insid3: {spec}: left out 2 file(s) that are not images insid3 reads (.txt 1, no extension 1)"
 
 
 @pytest.fixture(scope="module")
 def single_machine(targets, tmp_path_factory) -> Path:
     """The targets' outputs of the single-machine command."""
     out = tmp_path_factory.mktemp("single") / "out"
-    assert run(targets, out).returncode == 0
+    done = run(targets, out)
+    assert done.returncode == 0 and left_out_note(targets) in done.stderr, done.stderr
     return out
 
 
@@ -86,6 +95,7 @@ def test_two_local_actors_give_the_single_machines_outputs_and_resume(targets, s
     done = run(targets, out, "--ray", "local", "--actors", "2")
     assert done.returncode == 0, done.stderr
     assert "segmented 24, skipped 0, failed 0" in done.stderr
+    assert left_out_note(targets) in done.stderr, "the files that are not images are counted, as on one machine"
     assert_same_outputs(out, single_machine)
 
     written = {path.name: path.stat().st_mtime_ns for path in out.glob("*.png")}
@@ -208,6 +218,7 @@ def test_targets_given_as_a_file_uri_are_listed_and_read_through_pyarrow(targets
     done = run(f"file://{targets}", out, "--ray", "local")
     assert done.returncode == 0, done.stderr
     assert "segmented 24, skipped 0, failed 0" in done.stderr
+    assert left_out_note(f"file://{targets}") in done.stderr
     got, want = document(out), document(single_machine)
     assert got["annotations"] == want["annotations"]
     assert [image["source"] for image in got["images"]] == [f"file://{image['source']}" for image in want["images"]]
