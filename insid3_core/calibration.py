@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .clustering import cluster_patches
 from .config import cache_dir
 from .debias import positional_basis
-from .encoder import Encoder, load_references
+from .encoder import Encoder, load_references, reference_names
 from .engine import Segmenter
 from .io import ImageLike, InputError, MaskLike
 from .metrics import mask_iou
@@ -199,15 +199,12 @@ def calibrate(
     -------
     Calibration
     """
+    episodes = calibration_episodes(classes)
     segmenter = settings.build() if segmenter is None else segmenter
     encoder = segmenter.encoder
     entries = [(name, image, mask) for name, pairs in classes.items() for image, mask in pairs]
     loaded = load_references([(image, mask) for _, image, mask in entries] + list(negatives), settings.image_size)
     features = encoder.reference_features(loaded, settings.batch_size)
-    episodes = _episodes([name for name, _, _ in entries], loaded.names[: len(entries)])
-    if not episodes:
-        raise InputError("calibration needs a class with references on at least two images (each is a "
-                         "target for the others)")
     width, patches = segmenter.backbone.embed_dim, encoder.grid[0] * encoder.grid[1]
     defaults = {"tau": settings.tau, "merge_threshold": settings.merge_threshold,
                 "svd_components": int(encoder.basis.shape[1]), "refinement": settings.refinement}
@@ -297,6 +294,18 @@ def _axes(grid: Mapping[str, Sequence], defaults: dict, settings: EngineSettings
             values.append(defaults[name])
         axes[name] = tuple(sorted(values)) if name != "refinement" else tuple(values)
     return axes
+
+
+def calibration_episodes(classes: Mapping[str, Sequence[tuple[ImageLike, MaskLike]]]) -> list[_Episode]:
+    """The leave-one-out episodes of ``classes`` (as :func:`calibrate` takes them), from the
+    images' names alone: the check a front end runs before the backbone loads. Raises
+    :class:`InputError` when there is none (no class has references on two images)."""
+    entries = [(name, image) for name, pairs in classes.items() for image, _ in pairs]
+    episodes = _episodes([name for name, _ in entries], reference_names([image for _, image in entries]))
+    if not episodes:
+        raise InputError("calibration needs a class with references on at least two images (each is a "
+                         "target for the others)")
+    return episodes
 
 
 def _episodes(categories: Sequence[str], images: Sequence[str]) -> list[_Episode]:

@@ -44,6 +44,14 @@ class LoadedReferences:
     truths: tuple[np.ndarray, ...]
 
 
+def reference_names(images: Sequence[ImageLike]) -> list[str]:
+    """How :func:`load_references` names each reference image: its path, or ``reference i`` (``i``
+    its first place) for an image object, so that one file or object is one image."""
+    in_memory: dict[int, str] = {}
+    return [str(image) if isinstance(image, (str, Path)) else in_memory.setdefault(id(image), f"reference {index}")
+            for index, image in enumerate(images)]
+
+
 def load_references(references: Sequence[tuple[ImageLike, MaskLike]], image_size: int) -> LoadedReferences:
     """Decode and check ``(image, mask)`` pairs, each image file once.
 
@@ -54,12 +62,7 @@ def load_references(references: Sequence[tuple[ImageLike, MaskLike]], image_size
         raise InputError("at least one (image, mask) reference is needed")
     names, images, masks, truths = [], [], [], []
     loaded: dict[str, tuple[Image.Image, torch.Tensor]] = {}
-    in_memory: dict[int, str] = {}
-    for index, (image, mask) in enumerate(references):
-        if isinstance(image, (str, Path)):
-            name = str(image)
-        else:
-            name = in_memory.setdefault(id(image), f"reference {index}")
+    for name, (image, mask) in zip(reference_names([image for image, _ in references]), references):
         if name not in loaded:
             decoded = load_image(image)
             loaded[name] = decoded, resized_pixels(decoded, image_size)

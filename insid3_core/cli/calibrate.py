@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..calibration import GRID_OPTIONS, calibrate, grid_option
+from ..calibration import GRID_OPTIONS, calibrate, calibration_episodes, grid_option
 from ..config import SMOKE_TEST_NOTE
 from ..io import atomic_write, check_output_files, check_references, check_writable_folder, write_json
 from ..settings import EngineSettings
@@ -65,6 +65,7 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     check_references([pair for pairs in references.classes.values() for pair in pairs] + negatives,
                      references.mask_names + [str(mask) for _, mask in negatives])
+    calibration_episodes(references.classes)  # before the backbone loads
     segmenter = build_segmenter(settings)  # the smoke-test banner, if any, before the progress bar
 
     started = time.perf_counter()

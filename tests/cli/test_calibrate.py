@@ -106,9 +106,11 @@ def test_bad_options_exit_2_with_a_message(references, tmp_path, capsys, extra, 
     assert message in capsys.readouterr().err
 
 
-def test_one_reference_image_exits_2(references, tmp_path, capsys):
+def test_one_reference_image_exits_2_before_the_backbone_loads(references, tmp_path, capsys):
     assert main(["calibrate", *ref_flags(references[:1]), "--out", str(tmp_path / "out"), *FAST]) == 2
-    assert "at least two images" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "at least two images" in error
+    assert "SMOKE TEST" not in error and "calibrate:" not in error, "no banner, no progress bar: nothing loaded"
 
 
 def test_a_bad_reference_mask_is_refused_before_the_backbone_loads(references, tmp_path, capsys):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from insid3_core import calibration as calibration_module
-from insid3_core.calibration import calibrate, grid_option
+from insid3_core.calibration import calibrate, calibration_episodes, grid_option
 from insid3_core.io import InputError
 from insid3_core.metrics import mask_iou
 from insid3_core.settings import EngineSettings, SettingsError
@@ -122,10 +122,16 @@ def test_several_classes_score_the_classes_of_each_image():
     assert len(calibration.grid) == 16
 
 
-def test_one_reference_image_cannot_calibrate():
+def test_one_reference_image_cannot_calibrate_and_is_told_before_the_backbone_loads(tmp_path):
+    """One image object given twice is one image; the check needs no backbone (the weights here
+    do not exist, and the error is still the references')."""
     (image, mask), = disk_references(1)
     with pytest.raises(InputError, match="at least two images"):
         calibrate(BASE, {"disk": [(image, mask), (image, mask)]})
+    missing = dataclasses.replace(BASE, weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(InputError, match="at least two images"):
+        calibrate(missing, {"disk": [(image, mask)], "square": [(image.copy(), mask)]})
+    assert len(calibration_episodes({"disk": [(image, mask), (image.copy(), mask)]})) == 2
 
 
 @pytest.mark.parametrize("spec, message", [
