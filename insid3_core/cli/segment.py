@@ -312,7 +312,7 @@ def written_labels(path: Path, classes: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             if image.mode not in ("L", "P"):
-                raise UsageError(f"{path}: existing output is a {image.mode} image, not an 8-bit label map; "
+                raise UsageError(f"{path}: existing output is an image of mode {image.mode}, not an 8-bit label map; "
                                  "remove it or pass --overwrite")
             return np.asarray(image)
     except OSError as err:

@@ -50,6 +50,38 @@ def test_two_classes_in_one_pass_write_a_label_map_and_coco_categories(tmp_path)
     assert [a["area"] for a in rebuilt["annotations"]] == [a["area"] for a in document["annotations"]]
 
 
+def test_a_label_map_without_its_record_is_read_back_from_its_pixels_or_refused_by_name(tmp_path, capsys):
+    """Resuming several classes where a mask carries no record (written by hand, or by an older
+    insid3): its entries come from the label map's values; a mask that is not an 8-bit label map,
+    or cannot be read, stops the run with exit 2 naming it (nothing is overwritten)."""
+    write_scene(tmp_path / "ref", "ref", disks=[(100, 120, 60)], squares=[(200, 40, 90)], seed=1)
+    write_scene(tmp_path / "targets", "a", disks=[(80, 90, 45)], squares=[(200, 140, 70)], seed=3)
+    ref, out, target = tmp_path / "ref", tmp_path / "out", tmp_path / "targets" / "a.png"
+    command = ["segment", "--class-ref", "disk", str(ref / "ref.png"), str(ref / "ref_disks.png"),
+               "--class-ref", "square", str(ref / "ref.png"), str(ref / "ref_squares.png"),
+               "--out", str(out), *FAST, str(target)]
+    assert main(command) == 0
+    written = json.loads((out / "annotations.json").read_text())["annotations"]
+    labels = np.asarray(Image.open(out / "a.png"))
+    Image.fromarray(labels).save(out / "a.png")  # the same pixels, no record
+    (out / "annotations.json").unlink()
+    assert main(command) == 0
+    rebuilt = json.loads((out / "annotations.json").read_text())["annotations"]
+    assert [(a["category_id"], a["area"], a["segmentation"]) for a in rebuilt] == \
+        [(a["category_id"], a["area"], a["segmentation"]) for a in written]
+    assert all(a["score"] is None for a in rebuilt), "no score without the record"
+
+    capsys.readouterr()
+    (out / "annotations.json").unlink()
+    Image.fromarray(np.stack([labels] * 3, axis=2)).save(out / "a.png")
+    assert main(command) == 2
+    assert f"{out / 'a.png'}: existing output is an image of mode RGB, not an 8-bit label map" in capsys.readouterr().err
+    (out / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert main(command) == 2
+    assert f"{out / 'a.png'}: existing output mask is unreadable" in capsys.readouterr().err
+    assert (out / "a.png").read_bytes() == b"\x89PNG\r\n\x1a\n truncated", "kept as it was"
+
+
 def test_negative_reference_on_the_command_line(tmp_path):
     ref = tmp_path / "ref"
     write_scene(ref, "ref", disks=[(100, 120, 60)], squares=[(200, 40, 90)], seed=1)
