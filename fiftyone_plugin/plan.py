@@ -110,7 +110,8 @@ def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
         plan = plan_run(collection, chosen)
         engine = settings.engine_settings(ctx.params, ctx.dataset)
         mask_dir = settings.plugin_setting("mask_dir", ctx.params, ctx.dataset)
-        settings.plugin_setting("ray_actors", ctx.params, ctx.dataset)  # checked here, used by delegated runs
+        for name in ("ray_actors", "delegation_threshold"):  # checked here, used by delegated runs and the
+            settings.plugin_setting(name, ctx.params, ctx.dataset)  # choice of delegation
         if mask_dir:
             check_writable_folder(mask_dir, "Mask folder")
     except (ReferenceProblem, OutputProblem, ValueError) as problem:  # SettingsError, InputError too

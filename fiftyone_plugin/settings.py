@@ -54,15 +54,10 @@ def engine_settings(params: dict, dataset=None) -> EngineSettings:
 def default(name: str, dataset=None):
     """Default of one setting for ``dataset`` (see the module docstring for the order of sources);
     the built-in default when the configured one is unusable (the form then shows the problem)."""
-    from insid3_core.config import env_setting
-
     if name in PLUGIN_DEFAULTS:
-        configured = plugin_settings(dataset).get(name)
         try:
-            if configured not in (None, ""):
-                return _typed(name, configured, f"plugin setting '{name}'")
-            return env_setting(name, PLUGIN_DEFAULTS[name], kind(name))
-        except (SettingsError, ValueError):
+            return _configured(name, dataset)
+        except SettingsError:
             return PLUGIN_DEFAULTS[name]
     try:
         return getattr(engine_settings({}, dataset), name)
@@ -71,10 +66,25 @@ def default(name: str, dataset=None):
 
 
 def plugin_setting(name: str, params: dict, dataset=None):
-    """A plugin-only setting (``mask_dir``, ``delegation_threshold``): the operator's value, else its default."""
+    """A plugin-only setting (``mask_dir``, ``delegation_threshold``, ...): the operator's value,
+    else the configured one, else the built-in default; a :class:`SettingsError` naming a bad one
+    (where :func:`default`, which fills the forms, falls back to the built-in value)."""
     if params.get(name) not in (None, ""):
         return _typed(name, params[name], f"'{name}'")
-    return default(name, dataset)
+    return _configured(name, dataset)
+
+
+def _configured(name: str, dataset=None):
+    """Plugin-only setting ``name`` from the plugin settings, else ``INSID3_<NAME>``, else its default."""
+    from insid3_core.config import ENV_PREFIX, env_setting
+
+    configured = plugin_settings(dataset).get(name)
+    if configured not in (None, ""):
+        return _typed(name, configured, f"plugin setting '{name}'")
+    variable = env_setting(name)
+    if variable is None:
+        return PLUGIN_DEFAULTS[name]
+    return _typed(name, variable, f"environment variable {ENV_PREFIX}{name.upper()}")
 
 
 def _typed(name: str, value, where: str):

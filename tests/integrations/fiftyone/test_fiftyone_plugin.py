@@ -356,6 +356,37 @@ def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, 
     assert "pred" not in dataset.get_field_schema()
 
 
+@pytest.mark.parametrize("where, name, value, message", [
+    ("dataset", "ray_actors", 0, "plugin setting 'ray_actors' must be an integer >= 1, got 0"),
+    ("app", "delegation_threshold", "many", "plugin setting 'delegation_threshold' must be an integer, got 'many'"),
+    ("environment", "ray_actors", "0", "environment variable INSID3_RAY_ACTORS must be an integer >= 1, got '0'"),
+    ("environment", "delegation_threshold", "-1",
+     "environment variable INSID3_DELEGATION_THRESHOLD must be an integer >= 0, got '-1'"),
+])
+def test_a_bad_configured_plugin_setting_is_a_form_message(fo, dataset, monkeypatch, where, name, value, message):
+    """A plugin-only setting configured out of range (dataset or App plugin settings, or its
+    environment variable) was replaced by its built-in value without a word; the form now names it,
+    and the run does not start. The form's own value still wins over it."""
+    import re
+
+    from fiftyone.operators.executor import ExecutionError
+
+    if where == "dataset":
+        dataset.app_config.plugins = {PLUGIN_URI: {name: value}}
+        dataset.save()
+    elif where == "app":
+        monkeypatch.setitem(fo.app_config.plugins, PLUGIN_URI, {name: value})
+    else:
+        monkeypatch.setenv(f"INSID3_{name.upper()}", value)
+    params = {"reference_field": "ground_truth", **ENGINE, "output_field": "pred"}
+    problem = form(dataset, **params)["problem"]
+    assert problem.invalid and message in problem.error_message
+    with pytest.raises(ExecutionError, match=re.escape(message)):
+        segment(dataset, params)
+    assert "pred" not in dataset.get_field_schema()
+    assert "problem" not in form(dataset, **params, **{name: 2}), "the operator's value is used instead"
+
+
 def test_the_form_says_how_to_enable_scheduling(fo, dataset, monkeypatch):
     monkeypatch.setattr(fo.config, "allow_legacy_orchestrators", False)
     notice = form(dataset)["scheduling"]
