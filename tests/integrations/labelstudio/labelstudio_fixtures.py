@@ -171,7 +171,9 @@ class Listener:
     """An HTTP server on ``host`` recording every request (the routes also below :data:`UPLOADS`):
     ``/x.png`` an image, ``/to?<location>`` a
     302 to that location (sent as is), ``/drip`` 1000 bytes one every 50 ms, ``/slow-headers`` its
-    headers one byte every 50 ms. With a server ``context`` it speaks https."""
+    headers one byte every 50 ms, ``/status?<code>`` that status with a body, ``/unsized?<n>``
+    ``n`` bytes with no ``Content-Length`` (the body ends where the connection does), ``/text`` a
+    200 that is not an image. With a server ``context`` it speaks https."""
 
     def __init__(self, host: str, context: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, str | None]] = []
@@ -196,6 +198,25 @@ class Listener:
                     self.drip(b"x" * 1000)
                 elif path == "/slow-headers":
                     self.drip(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"p" * 1000 + b"\r\n\r\n")
+                elif path.startswith("/status?"):
+                    body = b"<html>internal details of the image server</html>"
+                    self.send_response(int(path[8:]))
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif path.startswith("/unsized?"):
+                    self.send_response(200)
+                    self.end_headers()
+                    try:
+                        self.wfile.write(b"x" * int(path[9:]))
+                    except OSError:
+                        pass
+                elif path == "/text":
+                    body = b"not an image"
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                 else:
                     body = png_bytes()
                     self.send_response(200)

@@ -64,6 +64,14 @@ def bomb_png_url() -> str:
     return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
 
 
+def image_data_url(kind: str, size: tuple[int, int]) -> str:
+    """A bitmask region's ``imageDataURL`` holding an RGBA image of ``size`` in the format ``kind``
+    (labelled PNG whatever it holds, as a client could send it)."""
+    stream = io.BytesIO()
+    Image.new("RGBA" if kind == "PNG" else "RGB", size).save(stream, format=kind)
+    return "data:image/png;base64," + base64.b64encode(stream.getvalue()).decode()
+
+
 def region_event(kind: str, value: dict, labels=(LABEL,), size=(4, 4), config: str = "") -> dict:
     """An ANNOTATION_CREATED event whose one region of ``kind`` has ``value`` and declares ``size``."""
     controls = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels", "bitmasklabels": "BitmaskLabels"}
@@ -122,6 +130,13 @@ MALFORMED = [
      "rle holds values that are not bytes"),
     ("/webhook", region_event("polygonlabels", {"points": [[10**400, 1], [2, 3], [4, 5]]}), 422, "polygon region"),
     ("/webhook", region_event("bitmasklabels", {"imageDataURL": bomb_png_url()}), 422, "bitmask region that cannot be decoded"),
+    ("/webhook", region_event("bitmasklabels", {"imageDataURL": "https://elsewhere.example/mask.png"}), 422,
+     "imageDataURL is not a base64 PNG data URL"),
+    ("/webhook", region_event("bitmasklabels", {"imageDataURL": image_data_url("JPEG", (4, 4))}), 422,
+     "its image is JPEG, not PNG"),
+    ("/webhook", region_event("bitmasklabels", {"imageDataURL": image_data_url("PNG", (5, 4))}), 422,
+     "its image is 5x4, the task image 4x4"),
+    ("/webhook", region_event("brushlabels", {"format": "rle"}), 422, "a brush region without rle"),
     # 12 labels of 10000x10000 declared in 3 KB: the third label's mask would pass the pixel budget
     ("/webhook", region_event("polygonlabels", {"points": TRIANGLE}, MANY_LABELS, (10000, 10000)), 413,
      "exceed INSID3_MAX_PIXELS_IN_FLIGHT"),

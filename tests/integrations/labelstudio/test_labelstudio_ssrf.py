@@ -158,6 +158,26 @@ def test_credentials_never_follow_a_redirect_off_label_studio(hosts, fetcher):
     assert [auth for _, auth in allowed.requests] == [None]
 
 
+@pytest.mark.parametrize("path, status, message", [
+    ("/status?404", 422, "HTTP 404 from 127.0.0.3"),
+    ("/status?500", 422, "HTTP 500 from 127.0.0.3"),
+    ("/status?302", 422, "HTTP 302 without a Location"),
+    ("/unsized?4096", 413, "above INSID3_MAX_DOWNLOAD_BYTES=1024 bytes"),
+    ("/text", 422, "is unreadable: not an image in a format PIL reads"),
+])
+def test_an_image_server_that_fails_is_a_client_error_naming_the_image(hosts, fetcher, path, status, message):
+    """An error status, a redirect to nowhere, a body with no declared length longer than the
+    limit (counted as it streams), a page that is not an image: each is the request's error with
+    the address and why, never the server's own page."""
+    fetcher.max_bytes = 1024
+    address = hosts["allowed"].url + path
+    with pytest.raises(BackendError) as failed:
+        fetcher.fetch(address)
+    assert failed.value.status == status and message in failed.value.message and address in failed.value.message
+    assert "internal details" not in failed.value.message
+    assert hosts["allowed"].requests == [(path, None)], "asked once, never retried"
+
+
 @pytest.mark.parametrize("path", ["/drip", "/slow-headers"])
 def test_a_download_has_one_deadline_however_slowly_the_server_sends(hosts, fetcher, path):
     """1 byte every 50 ms would take 50 s; the 1 s deadline cuts the connection long before."""
