@@ -265,3 +265,49 @@ def test_form_offers_classes_instances_and_negatives(dataset):
     assert "problem" not in properties
 
     assert form(dataset, reference_class="7", output="instances")["instance_label"].default == "square"
+
+
+RGB_CLASSES = {"#000000": "background", "#ff0000": "disk", "#00ff00": "square"}
+
+
+def rgb_mask(masks) -> np.ndarray:
+    """``(H, W, 3)`` uint8: the disks red, the squares green (an RGB mask field's colours)."""
+    return (masks["disks"][..., None] * np.array([255, 0, 0]) + masks["squares"][..., None] * np.array([0, 255, 0])
+            ).astype(np.uint8)
+
+
+def test_rgb_mask_classes_are_chosen_by_colour_or_label_and_written_in_their_colours(dataset, segmenter):
+    """An RGB reference field (mask targets keyed ``#rrggbb``): classes named by colour (any case)
+    or by label segment as the engine does, and the output mask holds each class's colour."""
+    reference = dataset.match_tags("reference").first()
+    reference.ground_truth.mask = rgb_mask(REFERENCE[1])
+    reference.save()
+    dataset.mask_targets = {"ground_truth": RGB_CLASSES}
+    dataset.save()
+    assert form(dataset)["reference_classes"].view.values() == ["#ff0000", "#00ff00"]
+    segment(dataset, {"reference_classes": ["#FF0000", "square"], "output_field": "pred"})
+    segment(dataset, {"reference_class": "#ff0000", "output_field": "disks"})
+
+    classes = segmenter.encode({"disk": [(reference.filepath, REFERENCE[1]["disks"])],
+                                "square": [(reference.filepath, REFERENCE[1]["squares"])]})
+    disks = segmenter.encode({"disk": [(reference.filepath, REFERENCE[1]["disks"])]})
+    dataset.reload()
+    assert dataset.mask_targets["pred"] == RGB_CLASSES
+    colours = np.array([(0, 0, 0), (255, 0, 0), (0, 255, 0)], dtype=np.uint8)
+    found = set()
+    for sample in targets_of(dataset):
+        result = segmenter.segment(classes, [sample.filepath])[0]
+        mask = sample.pred.get_mask()
+        assert mask.shape == (*result.label_map.shape, 3) and mask.dtype == np.uint8
+        np.testing.assert_array_equal(mask, colours[result.label_map])
+        found.update(map(tuple, np.unique(mask.reshape(-1, 3), axis=0)))
+        np.testing.assert_array_equal(sample.disks.get_mask() > 0,
+                                      segmenter.segment(disks, [sample.filepath])[0].classes["disk"].mask)
+    assert found == {(0, 0, 0), (255, 0, 0), (0, 255, 0)}
+
+
+def test_a_colour_class_of_a_one_channel_mask_is_a_form_message(dataset):
+    dataset.mask_targets = {"ground_truth": {"#ff0000": "disk"}}
+    dataset.save()
+    problem = form(dataset, reference_class="#ff0000")["problem"]
+    assert problem.invalid and "class #ff0000 is an RGB colour but the mask has one channel" in problem.error_message
