@@ -101,6 +101,28 @@ def test_a_config_that_is_not_dinov3_is_refused_naming_the_folder(tmp_path):
         load_backbone(tmp_path / "other", device="cpu")
 
 
+def test_a_sharded_snapshot_is_read_through_its_index(tmp_path, pixels):
+    """Large DINOv3 checkpoints ship as shards listed by ``model.safetensors.index.json``; a
+    PyTorch ``.bin`` snapshot is refused (unpickling runs code) and a broken index is named."""
+    torch.manual_seed(0)
+    model = transformers.DINOv3ViTModel(tiny_config()).eval()
+    folder = tmp_path / "dinov3-sharded"
+    model.save_pretrained(folder, max_shard_size="200KB")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 2 and not (folder / "model.safetensors").exists()
+    backbone = load_backbone(folder, device="cpu")
+    assert (patch_features(backbone, pixels) - transformers_features(model, pixels)).abs().max() < 1e-4
+
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(BackboneError, match="model.safetensors.index.json: not a safetensors index"):
+        load_backbone(folder, device="cpu")
+    pickled = tmp_path / "dinov3-bin"
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled / "config.json")
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(BackboneError, match="no model.safetensors \\(PyTorch .bin snapshots are not read"):
+        load_backbone(pickled, device="cpu")
+
+
 def test_a_timm_layout_safetensors_file_gives_the_same_features(tmp_path, pixels):
     from safetensors.torch import save_file
 
