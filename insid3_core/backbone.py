@@ -381,9 +381,12 @@ def _unwrap_state_dict(state, path: Path) -> dict:
     for key in ("model", "teacher", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if isinstance(state, dict) and any(str(key).startswith("backbone.") for key in state):
+        # a training checkpoint's teacher: backbone.<key> beside its heads (dino_head.*, ibot_head.*)
+        state = {str(key).removeprefix("backbone."): value for key, value in state.items()
+                 if str(key).startswith("backbone.")}
     if not isinstance(state, dict) or "cls_token" not in state or "storage_tokens" not in state:
         raise BackboneError(f"{path}: not a DINOv3 checkpoint in Meta's format (no cls_token/storage_tokens)")
-    state = {str(key).removeprefix("backbone."): value for key, value in state.items()}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise BackboneError(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor")

@@ -139,6 +139,7 @@ def test_pickled_objects_are_refused(tmp_path):
     (lambda state, sidecar: {**sidecar, "qkv_bias": "yes"}, "qkv_bias must be true or false"),
     (lambda state, sidecar: {**sidecar, "depth": 10_000}, "depth=10000, but the weights of tiny.pth have 4"),
     (lambda state, sidecar: {**sidecar, "ffn_layer": "swiglu999"}, "ffn_layer='swiglu999' is not supported"),
+    (lambda state, sidecar: {**state, "blocks.0.attn.gate.weight": torch.zeros(2)}, "weights do not fit"),
 ])
 def test_damaged_checkpoints_and_sidecars_name_the_file_and_the_problem(tmp_path, damage, message):
     """Each of these gave a bare Python error ("max() arg is an empty sequence", ...) or a traceback."""
@@ -152,6 +153,24 @@ def test_damaged_checkpoints_and_sidecars_name_the_file_and_the_problem(tmp_path
     with pytest.raises(BackboneError, match="tiny") as refused:
         load_backbone(path, device="cpu")
     assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("wrapper", ["model", "teacher", "state_dict"])
+def test_a_training_checkpoint_wrapping_the_weights_gives_the_same_features(tmp_path, wrapper):
+    """Meta's training code saves ``{"teacher": {"backbone.<key>": ..., "dino_head.<key>": ...}, ...}``
+    beside other entries; the backbone's weights are taken from inside, the heads left out."""
+    from insid3_core.features import patch_features
+
+    state = torch.load(BUNDLED_CHECKPOINT, weights_only=True)
+    path = tmp_path / "tiny.pth"
+    heads = {"dino_head.mlp.0.weight": torch.zeros(4, 4), "ibot_head.last_layer.weight": torch.zeros(4, 4)}
+    torch.save({wrapper: {**{f"backbone.{key}": value for key, value in state.items()}, **heads},
+                "iteration": torch.tensor(7)}, path)
+    shutil.copy(BUNDLED_CHECKPOINT.with_suffix(".json"), tmp_path / "tiny.json")
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    wrapped = patch_features(load_backbone(path, device="cpu"), pixels)
+    torch.testing.assert_close(wrapped, patch_features(load_backbone(BUNDLED_CHECKPOINT, device="cpu"), pixels),
+                               rtol=0, atol=0)
 
 
 def test_not_a_dinov3_checkpoint(tmp_path):
