@@ -350,10 +350,51 @@ def empty_root(root: Path) -> str:
     return str(root)
 
 
+def coco_not_instances(root: Path) -> str:
+    write_coco(root)
+    (root / "annotations" / "instances_val2014.json").write_text('{"images": 5}')
+    return "instances_val2014.json: not a COCO instances file"
+
+
+def coco_too_few_categories(root: Path) -> str:
+    write_coco(root)
+    path = root / "annotations" / "instances_val2014.json"
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps({**document, "categories": document["categories"][:3]}))
+    return "instances_val2014.json: COCO-20i needs the 80 COCO categories, found 3"
+
+
+def isic_without_images(root: Path) -> str:
+    write_isic(root)
+    for image in (root / "ISIC2018_Task1-2_Training_Input").glob("*.jpg"):
+        image.unlink()
+    return "ISIC2018_Task1-2_Training_Input: no ISIC_<id>.jpg image"
+
+
+def isic_bad_class_table(root: Path) -> str:
+    write_isic(root)
+    (root / "class_id.csv").write_text("image,label\nISIC_0000000,1\n")
+    return "class_id.csv: expected the columns ID,Class"
+
+
+def suim_without_a_colour_mask(root: Path) -> str:
+    write_suim(root)
+    (root / "masks" / "d_r_1_.bmp").unlink()
+    return "d_r_1_.bmp: missing colour-coded mask of"
+
+
+def folder_without_classes(root: Path) -> str:
+    (root / "notes").mkdir(parents=True)
+    (root / "notes" / "README.txt").write_text("no image here")
+    return f"{root}: no class folder with images"
+
+
 @pytest.mark.parametrize("layout, make", [
     ("coco20i", bad_coco), ("fss1000", bad_fss), ("isic", bad_isic), ("suim", bad_suim), ("folder", bad_folder),
     ("folder", bad_folder_mask_size), ("folder", bad_folder_empty_support), ("folder", bad_folder_support_size),
-    ("fss1000", empty_root), ("isic", empty_root),
+    ("fss1000", empty_root), ("isic", empty_root), ("coco20i", coco_not_instances),
+    ("coco20i", coco_too_few_categories), ("isic", isic_without_images), ("isic", isic_bad_class_table),
+    ("suim", suim_without_a_colour_mask), ("folder", folder_without_classes),
 ])
 def test_bad_layouts_name_the_path(tmp_path, layout, make, capsys):
     root = tmp_path / "data"
@@ -371,6 +412,9 @@ def test_bad_class_list_and_arguments(tmp_path, capsys):
     out = ["--out", str(tmp_path / "out"), *FAST]
     assert main(["eval", "folder", str(root), "--classes", str(classes), *out]) == 2
     assert f"{classes}: violet: no such class" in capsys.readouterr().err
+    classes.write_text("\n\n")
+    assert main(["eval", "folder", str(root), "--classes", str(classes), *out]) == 2
+    assert f"{classes}: the class list is empty" in capsys.readouterr().err
     assert main(["eval", "folder", str(root), "--shots", "2", *out]) == 2
     assert "fold 0 has no class with at least 3 images" in capsys.readouterr().err
     assert main(["eval", "folder", str(root), "--folds", "1", *out]) == 2
