@@ -100,8 +100,13 @@ def test_calibration_outputs_never_replace_a_reference(references, tmp_path, cap
     (["--grid", "tau=2"], "tau must lie in (-1, 1)"),
     (["--settings", "missing.json"], "--settings missing.json: cannot read it"),
     (["--grid", "tau=0.5", "--grid", "tau=0.6"], "--grid tau is given twice"),
+    (["--basis", "{basis}", "--grid", "svd_components=8,16"],
+     "calibration grid: svd_components cannot vary with a --basis file"),
 ])
 def test_bad_options_exit_2_with_a_message(references, tmp_path, capsys, extra, message):
+    basis = tmp_path / "basis.npy"  # 16 orthonormal columns of the tiny checkpoint's width
+    np.save(basis, np.linalg.qr(np.random.default_rng(0).normal(size=(96, 16)))[0].astype(np.float32))
+    extra = [argument.format(basis=basis) for argument in extra]
     assert main(["calibrate", *ref_flags(references), "--out", str(tmp_path / "out"), *FAST, *extra]) == 2
     assert message in capsys.readouterr().err
 

@@ -117,6 +117,11 @@ def test_quality_report_reads_any_mask_encoding_as_its_foreground():
     (lambda: EngineSettings(weights=""), "weights (--weights, INSID3_WEIGHTS) is empty"),
     (lambda: EngineSettings(merge_threshold=-3.0), "merge_threshold (--merge-threshold, INSID3_MERGE_THRESHOLD) must lie"),
     (lambda: EngineSettings.from_env({"INSID3_TAU": "-5"}), "tau (--tau, INSID3_TAU) must lie in (-1, 1)"),
+    (lambda: EngineSettings.from_env({"INSID3_WEIGHTS": "vitl.pth"}, backbone="vit_large_patch16_dinov3"),
+     "give --weights (INSID3_WEIGHTS) or --backbone (INSID3_BACKBONE), not both"),
+    (lambda: EngineConfig(svd_components=-1), "svd_components must be >= 0, got -1"),
+    (lambda: EngineConfig(clustering="kmeans"), "clustering must be one of"),
+    (lambda: EngineConfig(refinement="crf"), "refinement must be one of"),
 ])
 def test_configuration_values_of_the_wrong_type_or_range_are_named(make, words):
     with pytest.raises((TypeError, ValueError), match=re.escape(words)):

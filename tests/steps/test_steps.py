@@ -157,6 +157,14 @@ def test_positional_directions_are_cached_and_reloaded(backbone, tmp_path, monke
     np.testing.assert_array_equal(reloaded.numpy(), computed.numpy())
 
 
+def test_a_cache_that_cannot_be_written_is_a_warning_and_the_directions_are_still_computed(backbone, tmp_path):
+    """A cache folder that cannot exist (under a file here; a read-only disk elsewhere)."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.warns(UserWarning, match="cannot write the positional-basis cache .*going on without it"):
+        directions = positional_directions(backbone, 64, cache=tmp_path / "a-file" / "cache")
+    np.testing.assert_array_equal(directions.numpy(), positional_directions(backbone, 64).numpy())
+
+
 def test_positional_directions_of_random_weights_are_never_cached(backbone, tmp_path):
     anonymous = dataclasses.replace(backbone, identity=None)
 

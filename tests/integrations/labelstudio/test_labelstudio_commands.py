@@ -80,6 +80,16 @@ def test_bad_command_arguments_are_named_before_the_model_loads(monkeypatch, tmp
     assert words.format(busy=port) in err and "Traceback" not in err
 
 
+def test_connect_to_a_label_studio_that_does_not_answer_exits_2_naming_it(monkeypatch, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0123456789abcdef")
+    assert main(["labelstudio", "connect", "--project", "4", "--backend-url", "http://127.0.0.1:9090"]) == 2
+    err = capsys.readouterr().err
+    assert f"insid3: error: cannot reach Label Studio at http://127.0.0.1:{port}" in err and "Traceback" not in err
+
+
 def test_a_port_taken_while_the_model_loads_is_named_not_a_traceback(monkeypatch, tmp_path, capsys):
     import labelstudio_backend.commands as commands
 
