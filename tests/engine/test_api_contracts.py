@@ -84,8 +84,17 @@ def test_references_are_checked_against_the_segmenter_using_them(segmenter, refe
         segmenter.segment(references["disk"], TARGETS[:1])
     with pytest.raises(ValueError, match="at least one class"):
         References({})
+    with pytest.raises(TypeError, match="References: class 'disk' holds list, not a ReferenceSet"):
+        References({"disk": [REFERENCE]})
+    larger = Segmenter(tiny_backbone, EngineConfig(image_size=160, svd_components=16), cache=False)
+    with pytest.raises(ValueError, match="cannot merge references encoded at 128px and 160px"):
+        merge_references(references["disk"], larger.encode({"d": [REFERENCE]})["d"])
+    with pytest.raises(ValueError, match="references were encoded at 128px, this segmenter runs at 160px"):
+        larger.segment(references, TARGETS[:1])
     merged = merge_references(references["disk"], references["disk"])
-    assert len(segmenter.segment(References({"disk": merged}), TARGETS[:1])) == 1
+    both = References({"disk": merged})
+    assert (len(both), both.names, both.image_size, both["disk"] is merged) == (1, ("disk",), 128, True)
+    assert len(segmenter.segment(both, TARGETS[:1])) == 1
 
 
 def test_segment_features_checks_its_features_against_their_sizes(segmenter, references):
