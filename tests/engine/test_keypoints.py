@@ -89,6 +89,18 @@ def test_one_backbone_call_per_batch(segmenter, mosaic, points):
     assert calls == [1, 2, 2, 1] and len(results) == 5
 
 
+def test_matching_arguments_and_unreadable_targets_are_named(segmenter, mosaic, points, tiny_backbone, tmp_path):
+    reference = encode_points(segmenter.encoder, Image.fromarray(mosaic), points)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        match_points(segmenter.encoder, reference, [Image.fromarray(mosaic)], batch_size=0)
+    larger = Segmenter(tiny_backbone, EngineConfig(image_size=SIDE + 32, svd_components=16), cache=False)
+    with pytest.raises(ValueError, match=f"points were encoded at {SIDE}px, this encoder runs at {SIDE + 32}px"):
+        match_points(larger.encoder, reference, [Image.fromarray(mosaic)])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="broken.png: unreadable or truncated image"):
+        match_points(segmenter.encoder, reference, [Image.fromarray(mosaic), tmp_path / "broken.png"], workers=0)
+
+
 def test_soft_argmax_lands_between_two_equally_similar_patches():
     grid = (5, 5)
     features = torch.eye(25)[None]  # patch i is the unit vector e_i
