@@ -66,18 +66,30 @@ def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") ->
         ``(N,)`` or ``(B, N)`` int64 labels ``0..K-1`` per target, on the features' device;
         only the partition is meaningful.
     """
-    if method not in CLUSTERING_METHODS:
-        raise ValueError(f"clustering method must be one of {CLUSTERING_METHODS}, got {method!r}")
+    chosen = clustering_method(method, features.device)
     if features.ndim == 2:
         return cluster_patches(features[None], tau, method)[0]
-    if method == "triton" or (method == "auto" and features.device.type == "cuda" and triton_usable()):
+    if chosen == "triton":
         return _triton_clustering(features, tau, required=method == "triton")
-    if method == "torch" or (method == "auto" and features.device.type != "cpu"):
+    if chosen == "torch":
         per_target = 32 * features.shape[1] ** 2  # float64 sums, their float32/float64 build and shrink copies
         chunk = max(1, _memory_budget(features.device) // per_target)
         return torch.cat([_torch_average_linkage(part, 1.0 - tau) for part in features.split(chunk)])
     labels = [torch.from_numpy(_scipy_average_linkage(target, tau)) for target in features]
     return torch.stack(labels).to(features.device)
+
+
+def clustering_method(method: str, device: torch.device) -> str:
+    """What clustering ``method`` runs on ``device``: ``auto`` is ``triton`` on CUDA when
+    :func:`triton_usable`, ``torch`` on other accelerators (and CUDA without triton), ``scipy`` on
+    the CPU; a named method is itself."""
+    if method not in CLUSTERING_METHODS:
+        raise ValueError(f"clustering method must be one of {CLUSTERING_METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    if device.type == "cuda" and triton_usable():
+        return "triton"
+    return "scipy" if device.type == "cpu" else "torch"
 
 
 def triton_usable() -> bool:

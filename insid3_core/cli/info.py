@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import platform
 
 from .. import __version__
 from ..backbone import resolve_device
 from ..config import SMOKE_TEST_NOTE, cache_dir, env_setting
+from . import UsageError
 
 
 def register(commands) -> None:
@@ -24,16 +26,26 @@ def run_info(arguments: argparse.Namespace) -> int:
     import timm
     import torch
 
+    from ..clustering import clustering_method
+
+    device = resolve_device(arguments.device or env_setting("device", "auto"))
+    clustering = env_setting("clustering", "auto")
+    try:
+        resolved = clustering_method(clustering, device)
+    except ValueError as err:
+        raise UsageError(f"INSID3_CLUSTERING: {err}") from None
     lines = {
         "insid3": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "triton": _version("triton"),
         "numpy": numpy.__version__,
         "scipy": scipy.__version__,
         "pillow": PIL.__version__,
         "cuda available": torch.cuda.is_available(),
-        "device": str(resolve_device(arguments.device or env_setting("device", "auto"))),
+        "device": str(device),
+        "clustering": f"{resolved} ({clustering} on {device.type}; INSID3_CLUSTERING)",
         "cache": str(cache_dir()),
         "weights": env_setting("weights") or f"(none: the {SMOKE_TEST_NOTE})",
     }
@@ -42,3 +54,11 @@ def run_info(arguments: argparse.Namespace) -> int:
     for key, value in lines.items():
         print(f"{key:15} {value}")
     return 0
+
+
+def _version(distribution: str) -> str:
+    """An installed distribution's version, read without importing it (importing triton is slow)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"

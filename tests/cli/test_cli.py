@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data import EXAMPLES
@@ -154,11 +155,29 @@ def test_svd_components_must_be_below_width(tmp_path, targets, capsys):
     assert code == 2 and "smaller than the backbone width C=96" in capsys.readouterr().err
 
 
-def test_info(capsys):
+def test_info(capsys, monkeypatch):
     assert main(["info", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "torch" in printed and "timm" in printed and "device          cpu" in printed
     assert "cache" in printed and "insid3-cache" in printed
+    assert "clustering      scipy (auto on cpu; INSID3_CLUSTERING)" in printed and "triton " in printed
+    monkeypatch.setenv("INSID3_CLUSTERING", "torch")
+    assert main(["info", "--device", "cpu"]) == 0
+    assert "clustering      torch (torch on cpu; INSID3_CLUSTERING)" in capsys.readouterr().out
+    monkeypatch.setenv("INSID3_CLUSTERING", "kmeans")
+    assert main(["info", "--device", "cpu"]) == 2
+    assert "INSID3_CLUSTERING: clustering method must be one of" in capsys.readouterr().err
+
+
+def test_auto_clustering_is_triton_on_cuda_torch_on_other_accelerators_and_scipy_on_the_cpu(monkeypatch):
+    from insid3_core import clustering
+
+    monkeypatch.setattr(clustering, "triton_usable", lambda: True)
+    chosen = {device: clustering.clustering_method("auto", torch.device(device)) for device in ("cuda", "mps", "cpu")}
+    assert chosen == {"cuda": "triton", "mps": "torch", "cpu": "scipy"}
+    monkeypatch.setattr(clustering, "triton_usable", lambda: False)
+    assert clustering.clustering_method("auto", torch.device("cuda")) == "torch"
+    assert clustering.clustering_method("triton", torch.device("cpu")) == "triton", "a named method is itself"
 
 
 def test_a_broken_link_in_a_target_folder_is_reported_not_lost(tmp_path, targets, capsys):
