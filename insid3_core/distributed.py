@@ -219,8 +219,8 @@ def listed_targets(spec: str, left_out: collections.Counter | None = None) -> It
         for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=False)):
             if entry.type == pyarrow.fs.FileType.File and _is_image(entry.path):
                 yield scheme + entry.path
-            elif entry.type == pyarrow.fs.FileType.File and not_image_kind(entry.path):
-                left_out[not_image_kind(entry.path)] += 1
+            elif entry.type == pyarrow.fs.FileType.File and (kind := not_image_kind(entry.path)):
+                left_out[kind] += 1
         return
     path = Path(spec).expanduser()
     if path.is_file():
@@ -232,8 +232,8 @@ def listed_targets(spec: str, left_out: collections.Counter | None = None) -> It
                 target = target_path(Path(entry.path))
                 if target:
                     yield str(target)
-                elif entry.is_file() and not_image_kind(entry.name):
-                    left_out[not_image_kind(entry.name)] += 1
+                elif entry.is_file() and (kind := not_image_kind(entry.name)):
+                    left_out[kind] += 1
     else:
         yield from _listed(map(Path, glob.iglob(str(path), recursive=True)))
 

@@ -65,8 +65,8 @@ def folder_targets(spec: str, folder: Path) -> list[Path]:
         target = target_path(entry)
         if target:
             files.append(target)
-        elif entry.is_file() and not_image_kind(entry.name):
-            left_out[not_image_kind(entry.name)] += 1
+        elif entry.is_file() and (kind := not_image_kind(entry.name)):
+            left_out[kind] += 1
     if left_out:
         print(left_out_note(spec, left_out), file=sys.stderr)
     if not files:
