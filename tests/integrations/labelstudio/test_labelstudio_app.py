@@ -407,6 +407,31 @@ def test_unchanged_annotations_are_not_downloaded_again(segmenter, settings, tmp
     assert len(fetched) == 2
 
 
+def test_training_keeps_the_usable_annotations_and_drops_cancelled_stale_and_mismatched_ones(
+        segmenter, settings, tmp_path, caplog):
+    """The pool after each ``/train`` holds exactly the project's usable annotations: a cancelled
+    one is left out, one whose region is not its image's size is skipped with a warning (the
+    others still count), and an annotation gone from the project leaves the pool."""
+    backend = build_backend(dataclasses.replace(settings, reference_dir=tmp_path / "none"), segmenter)
+    client = create_app(backend).test_client()
+    truth = load_mask(EXAMPLES / "masks" / TARGETS[0].name)
+    task = tasks_for(TARGETS[:1])[0]
+
+    def train(*annotations):
+        body = {"project": "7.1", "label_config": BRUSH_CONFIG,
+                "annotations": [dict(task, annotations=list(annotations))]}
+        assert client.post("/train", json=body).status_code == 200
+        return backend.store(7).annotation_ids()
+
+    good = {"id": 5, "result": [brush_region(truth)]}
+    cancelled = {"id": 6, "result": [brush_region(truth)], "was_cancelled": True}
+    mismatched = {"id": 7, "result": [brush_region(truth[:-8])]}
+    assert train(good, cancelled, mismatched) == {5}
+    assert "annotation 7: region size" in caplog.text and "differs from its image" in caplog.text
+    assert train({"id": 8, "result": [brush_region(truth)]}) == {8}, "annotation 5 is gone from the project"
+    assert train({"id": 8, "result": [brush_region(truth)], "was_cancelled": True}) == set()
+
+
 def test_basic_auth_needs_both_variables(monkeypatch):
     monkeypatch.setenv("BASIC_AUTH_USER", "lead")
     monkeypatch.delenv("BASIC_AUTH_PASS", raising=False)
