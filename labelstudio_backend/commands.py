@@ -58,8 +58,9 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
     from insid3_core.io import write_json
     from insid3_core.settings import EngineSettings, SettingsError
 
-    from .build import build_backend
+    from .build import build_backend, image_fetcher
 
+    fetcher = image_fetcher(settings)  # a bad LABEL_STUDIO_URL or allowlist is named before the model loads
     served = {} if serving else served_settings(settings.model_dir / SERVED_SETTINGS)
     try:
         EngineSettings(**served)
@@ -73,7 +74,7 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
                                                           if name not in MACHINE_OPTIONS})
     announce_smoke_test(segmenter.backbone)
     settings = dataclasses.replace(settings, batch_size=engine.batch_size, min_instance_patches=engine.min_instance_patches)
-    return build_backend(settings, segmenter, engine)
+    return build_backend(settings, segmenter, engine, fetcher)
 
 
 def served_settings(path) -> dict:

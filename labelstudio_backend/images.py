@@ -89,10 +89,7 @@ class ImageFetcher:
             self.own_prefix = own.target.split("?")[0].rstrip("/") if own else ""  # Label Studio under a sub-path
         except UnsafeURL as err:
             raise ValueError(f"LABEL_STUDIO_URL={credentials.base_url!r} {err}") from None
-        try:
-            self.allowed_hosts = frozenset(canonical_host(host) for host in allowed_hosts)
-        except UnsafeURL as err:
-            raise ValueError(f"INSID3_ALLOWED_HOSTS: a host {err}") from None
+        self.allowed_hosts = frozenset(map(_allowed_host, allowed_hosts))
         self.allowed_networks = parse_networks(allowed_networks)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
@@ -319,3 +316,11 @@ def named(address: str) -> str:
     """``image '<address>'`` for messages, cut to its first :data:`SHOWN_CHARACTERS`."""
     shown = address[:SHOWN_CHARACTERS] + ("..." if len(address) > SHOWN_CHARACTERS else "")
     return f"image {shown!r}"
+
+
+def _allowed_host(host: str) -> str:
+    """An ``INSID3_ALLOWED_HOSTS`` entry as :attr:`URL.host` spells it; a ``ValueError`` naming it."""
+    try:
+        return canonical_host(host)
+    except UnsafeURL as err:
+        raise ValueError(f"INSID3_ALLOWED_HOSTS: the entry {host!r} {err}") from None

@@ -59,6 +59,8 @@ def test_connect_arguments(monkeypatch, capsys):
     (["serve", "--host", "192.0.2.1"], {}, "--host 192.0.2.1 --port 9090: cannot listen there (Cannot assign requested address)"),
     (["serve"], {"MODEL_DIR": "{file}"}, "is a file, not a folder"),
     (["serve"], {"INSID3_MAX_QUEUED_REQUESTS": "99999999"}, "INSID3_MAX_QUEUED_REQUESTS must be from 0 to 10000"),
+    (["serve"], {"LABEL_STUDIO_URL": "ftp://ls.local"}, "LABEL_STUDIO_URL='ftp://ls.local' scheme 'ftp' is not http"),
+    (["serve"], {"INSID3_ALLOWED_HOSTS": "images.example.org,[zz"}, "INSID3_ALLOWED_HOSTS: the entry '[zz' has a malformed host and port '[zz'"),
     (["connect", "--project", "4", "--backend-url", "ftp://10.0.0.2"], {}, "--backend-url 'ftp://10.0.0.2'"),
     (["connect", "--project", "-1", "--backend-url", "http://10.0.0.2:9090"], {}, "--project must be"),
     (["connect", "--project", "4", "--backend-url", "http://10.0.0.2:9090"],
