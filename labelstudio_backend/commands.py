@@ -218,8 +218,11 @@ def run_preannotate(arguments: argparse.Namespace) -> int:
 
     if arguments.project < 1:
         raise UsageError(f"--project must be a Label Studio project id (>= 1), got {arguments.project}")
+    from .api import LabelStudioApi
+
     settings = api_settings("preannotate")
-    try:
+    try:  # Label Studio, the key and the project are checked by one call before the model loads
+        LabelStudioApi(settings.label_studio_url, settings.api_key).task_count(arguments.project)
         backend = backend_from_arguments(arguments, settings)
         report = preannotate(backend, arguments.project, backend.settings.batch_size,
                              not arguments.no_progress)

@@ -82,12 +82,17 @@ def test_bad_command_arguments_are_named_before_the_model_loads(monkeypatch, tmp
     assert words.format(busy=port) in err and "Traceback" not in err
 
 
-def test_connect_to_a_label_studio_that_does_not_answer_exits_2_naming_it(monkeypatch, capsys):
+@pytest.mark.parametrize("command", [["connect", "--backend-url", "http://127.0.0.1:9090"], ["preannotate"]])
+def test_a_label_studio_that_does_not_answer_exits_2_naming_it_before_the_model_loads(monkeypatch, capsys,
+                                                                                      command):
+    import insid3_core.settings
+
+    monkeypatch.setattr(insid3_core.settings.EngineSettings, "build", lambda *_: pytest.fail("the model loaded"))
     with socket.create_server(("127.0.0.1", 0)) as closed:
         port = closed.getsockname()[1]  # nothing listens there once closed
     monkeypatch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0123456789abcdef")
-    assert main(["labelstudio", "connect", "--project", "4", "--backend-url", "http://127.0.0.1:9090"]) == 2
+    assert main(["labelstudio", *command, "--project", "4"]) == 2
     err = capsys.readouterr().err
     assert f"insid3: error: cannot reach Label Studio at http://127.0.0.1:{port}" in err and "Traceback" not in err
 
