@@ -94,7 +94,10 @@ def positional_basis(
         try:
             basis = np.load(basis_file, allow_pickle=False, mmap_mode="r")
         except (OSError, ValueError, EOFError) as err:
-            raise ValueError(f"{basis_file}: not a readable NumPy .npy array ({err})") from None
+            objects = "pickle" in str(err) or "Python objects" in str(err)  # NumPy's words would suggest unpickling
+            reason = "not an array np.save wrote, or one of Python objects; insid3 reads arrays only" if objects \
+                else str(err)
+            raise ValueError(f"{basis_file}: not a readable NumPy .npy array ({reason})") from None
         if not isinstance(basis, np.ndarray) or not np.issubdtype(basis.dtype, np.floating):
             raise ValueError(f"{basis_file}: expected a float array of shape ({width}, k), got {getattr(basis, 'dtype', type(basis).__name__)}")
         if basis.ndim != 2 or basis.shape[0] != width:

@@ -77,6 +77,12 @@ def test_a_garbage_basis_is_named(tmp_path, capsys):
     garbage = tmp_path / "basis.npy"
     garbage.write_bytes(b"this is not an array")
     assert f"{garbage}: not a readable NumPy .npy array" in refused(capsys, "--out", tmp_path / "o", "--basis", garbage, TARGET)
+    for write in (lambda: np.save(garbage, np.array([{"an": "object"}], dtype=object), allow_pickle=True),
+                  lambda: garbage.write_text("[1, 2]")):  # an object array; a file NumPy would try to unpickle
+        write()
+        error = refused(capsys, "--out", tmp_path / "o", "--basis", garbage, TARGET)
+        assert "one of Python objects; insid3 reads arrays only" in error and "allow_pickle" not in error, \
+            "never a hint to unpickle a file a user was given"
     np.save(garbage, np.full((96, 16), np.nan, np.float32))
     assert "NaN or infinite" in refused(capsys, "--out", tmp_path / "o", "--basis", garbage, TARGET)
     np.save(garbage, np.ones((96, 16), np.float32))
