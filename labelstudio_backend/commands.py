@@ -104,6 +104,11 @@ def run_serve(arguments: argparse.Namespace) -> int:
     check_address(arguments.host, arguments.port)
     settings = Settings.from_environment()
     check_writable_folder(settings.model_dir, "MODEL_DIR")  # before the model loads
+    if settings.basic_auth is None and not is_loopback(arguments.host):
+        print(f"insid3: warning: --host {arguments.host} without BASIC_AUTH_USER and BASIC_AUTH_PASS: whoever "
+              f"reaches port {arguments.port} can ask for predictions (images downloaded with LABEL_STUDIO_API_KEY) "
+              "and change the references through /webhook; set both, or serve on 127.0.0.1 behind a proxy",
+              file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app, options = served_app(backend_from_arguments(arguments, settings, serving=True), arguments.threads)
     try:  # the port may have been taken while the model loaded
@@ -136,6 +141,19 @@ def check_address(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as err:
         raise cannot_listen(host, port, err) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` resolves to for listening is a loopback one (``127.0.0.1``,
+    ``::1``, ``localhost``), which only this machine reaches."""
+    import ipaddress
+    import socket
+
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return False
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in found)
 
 
 def cannot_listen(host: str, port: int, err: OSError):

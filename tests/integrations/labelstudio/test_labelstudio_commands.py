@@ -97,6 +97,29 @@ def test_a_label_studio_that_does_not_answer_exits_2_naming_it_before_the_model_
     assert f"insid3: error: cannot reach Label Studio at http://127.0.0.1:{port}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("host, basic_auth, warned", [
+    ("0.0.0.0", False, True), ("::", False, True), ("0.0.0.0", True, False), ("127.0.0.1", False, False),
+    ("localhost", False, False), ("::1", False, False),
+])
+def test_serving_beyond_loopback_without_basic_auth_is_warned_of_before_the_model_loads(
+        monkeypatch, tmp_path, capsys, host, basic_auth, warned):
+    import insid3_core.settings
+
+    if ":" in host and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    monkeypatch.setattr(insid3_core.settings.EngineSettings, "build", lambda *_: pytest.fail("the model loads"))
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    if basic_auth:
+        monkeypatch.setenv("BASIC_AUTH_USER", "lead")
+        monkeypatch.setenv("BASIC_AUTH_PASS", "s3cret")
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    with pytest.raises(pytest.fail.Exception, match="the model loads"):
+        main(["labelstudio", "serve", "--host", host, "--port", str(port)])
+    err = capsys.readouterr().err
+    assert (f"insid3: warning: --host {host} without BASIC_AUTH_USER and BASIC_AUTH_PASS" in err) == warned, err
+
+
 def test_a_port_taken_while_the_model_loads_is_named_not_a_traceback(monkeypatch, tmp_path, capsys):
     import labelstudio_backend.commands as commands
 
