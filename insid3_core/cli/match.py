@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..config import number
-from ..io import InputError, check_output_files, write_json
-from ..keypoints import check_refinement, encode_points, iter_match, load_points
+from ..io import InputError, check_output_files, load_image, write_json
+from ..keypoints import check_inside, check_refinement, encode_points, iter_match, load_points
 
 
 # what matching points never uses: the clustering, the mask, its verdicts and instances
@@ -55,6 +55,8 @@ def run_match(arguments: argparse.Namespace) -> int:
     check_output_files([arguments.out], "--out", arguments.overwrite,
                        inputs=[image, points_file, *targets, *settings_files(arguments)])
     settings = EngineSettings.from_arguments(arguments)
+    shown = load_image(image)  # an unreadable reference, or points off it, told before the model loads
+    check_inside(points, (shown.height, shown.width), names, points_file)
     segmenter = build_segmenter(settings)
     reference = encode_points(
         segmenter.encoder, Path(image), points, names, debiased=not arguments.original_features, source=points_file

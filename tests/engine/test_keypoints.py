@@ -210,4 +210,12 @@ def test_match_command_reports_bad_points(tmp_path, mosaic, capsys):
     code = main(["match", "--ref", str(reference), str(points_file), "--out", str(tmp_path / "m.json"), *FAST,
                  str(reference)])
     assert code == 2
-    assert f"{points_file}: point(s) outside the reference image" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"{points_file}: point(s) outside the reference image" in error
+    assert "SMOKE TEST" not in error, "told before the model loads"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(["match", "--ref", str(broken), str(points_file), "--out", str(tmp_path / "m.json"), *FAST,
+                 str(reference)]) == 2
+    error = capsys.readouterr().err
+    assert f"{broken}: unreadable or truncated image" in error and "SMOKE TEST" not in error
