@@ -46,13 +46,14 @@ def register(subparsers) -> None:
     preannotate.set_defaults(handler=run_preannotate)
 
 
-def backend_from_arguments(arguments: argparse.Namespace, settings, serving: bool = False):
+def backend_from_arguments(arguments: argparse.Namespace, settings, serving: bool = False, before_loading=None):
     """The backend for ``settings`` and the parsed engine options (loads the backbone).
 
     Each engine option comes from its flag, else from the settings the backend serving
     ``MODEL_DIR`` runs with (:data:`SERVED_SETTINGS`, which ``serving`` writes; the options of
     the machine, :data:`MACHINE_OPTIONS`, left out), else from ``INSID3_*``: ``preannotate`` then
     makes the predictions ``serve`` would, under the same model version, without repeating them.
+    ``before_loading``: called once all of that is read and checked, before the model loads.
     """
     from insid3_core.backbone import announce_smoke_test
     from insid3_core.io import write_json
@@ -68,6 +69,8 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
         raise SettingsError(f"{settings.model_dir / SERVED_SETTINGS} (written by serve): {err}; start serve again, "
                             "or delete the file") from None
     engine = EngineSettings.from_arguments(arguments, defaults=served)
+    if before_loading is not None:
+        before_loading()
     segmenter = engine.build()
     if serving:
         write_json(settings.model_dir / SERVED_SETTINGS, {name: value for name, value in engine.describe().items()
@@ -239,9 +242,9 @@ def run_preannotate(arguments: argparse.Namespace) -> int:
     from .api import LabelStudioApi
 
     settings = api_settings("preannotate")
+    api = LabelStudioApi(settings.label_studio_url, settings.api_key)
     try:  # Label Studio, the key and the project are checked by one call before the model loads
-        LabelStudioApi(settings.label_studio_url, settings.api_key).task_count(arguments.project)
-        backend = backend_from_arguments(arguments, settings)
+        backend = backend_from_arguments(arguments, settings, before_loading=lambda: api.task_count(arguments.project))
         report = preannotate(backend, arguments.project, backend.settings.batch_size,
                              not arguments.no_progress)
     except BackendError as err:
