@@ -52,7 +52,8 @@ import numpy as np
 
 from .fragments import JobSummary, fragment_file, merge_fragments
 from .io import (
-    IMAGE_EXTENSIONS, InputError, atomic_write, broken_link, load_image_bytes, not_image_kind, target_path,
+    IMAGE_EXTENSIONS, InputError, atomic_write, broken_link, folder_images, load_image_bytes, not_image_kind,
+    target_path,
 )
 from .settings import EngineSettings
 
@@ -228,12 +229,7 @@ def listed_targets(spec: str, left_out: collections.Counter | None = None) -> It
         return
     if path.is_dir():
         with os.scandir(path) as entries:
-            for entry in entries:
-                target = target_path(Path(entry.path))
-                if target:
-                    yield str(target)
-                elif entry.is_file() and (kind := not_image_kind(entry.name)):
-                    left_out[kind] += 1
+            yield from map(str, folder_images((Path(entry.path) for entry in entries), left_out))
     else:
         yield from _listed(map(Path, glob.iglob(str(path), recursive=True)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import glob
@@ -11,7 +12,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from io import BytesIO
 from pathlib import Path, PurePosixPath
 
@@ -48,6 +49,17 @@ def target_path(path: Path) -> Path | None:
     if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or broken_link(path)):
         return Path(os.path.abspath(path))
     return None
+
+
+def folder_images(entries: Iterable[Path], left_out: collections.Counter) -> Iterator[Path]:
+    """The :func:`target_path` of each of a folder's ``entries`` that is an image; the other files
+    (hidden ones aside) are counted in ``left_out`` by :func:`not_image_kind`."""
+    for entry in entries:
+        target = target_path(entry)
+        if target:
+            yield target
+        elif entry.is_file() and (kind := not_image_kind(entry.name)):
+            left_out[kind] += 1
 
 
 def not_image_kind(name: str) -> str | None:

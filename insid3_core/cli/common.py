@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backbone import announce_smoke_test
 from ..engine import Segmenter
-from ..io import IMAGE_EXTENSIONS, broken_link, label_masks, left_out_note, not_image_kind, target_path
+from ..io import IMAGE_EXTENSIONS, broken_link, folder_images, label_masks, left_out_note, target_path
 from ..settings import EngineSettings
 from . import UsageError
 
@@ -59,14 +59,10 @@ def resolve_targets(specs: list[str]) -> list[Path]:
 
 def folder_targets(spec: str, folder: Path) -> list[Path]:
     """The images of ``folder`` (given as ``spec``), sorted; its other files (hidden ones aside)
-    are counted on stderr by extension (:func:`~insid3_core.io.left_out_note`)."""
-    files, left_out = [], collections.Counter()
-    for entry in sorted(folder.iterdir()):
-        target = target_path(entry)
-        if target:
-            files.append(target)
-        elif entry.is_file() and (kind := not_image_kind(entry.name)):
-            left_out[kind] += 1
+    are counted on stderr by extension (:func:`~insid3_core.io.folder_images`,
+    :func:`~insid3_core.io.left_out_note`)."""
+    left_out = collections.Counter()
+    files = list(folder_images(sorted(folder.iterdir()), left_out))
     if left_out:
         print(left_out_note(spec, left_out), file=sys.stderr)
     if not files:

@@ -55,11 +55,11 @@ def run_match(arguments: argparse.Namespace) -> int:
     check_output_files([arguments.out], "--out", arguments.overwrite,
                        inputs=[image, points_file, *targets, *settings_files(arguments)])
     settings = EngineSettings.from_arguments(arguments)
-    shown = load_image(image)  # an unreadable reference, or points off it, told before the model loads
+    shown = load_image(image)  # decoded once; an unreadable reference, or points off it, told before the model loads
     check_inside(points, (shown.height, shown.width), names, points_file)
     segmenter = build_segmenter(settings)
     reference = encode_points(
-        segmenter.encoder, Path(image), points, names, debiased=not arguments.original_features, source=points_file
+        segmenter.encoder, shown, points, names, debiased=not arguments.original_features, source=points_file
     )
     print(f"insid3: {len(reference)} point(s), {len(targets)} target(s) on {segmenter.backbone.device}",
           file=sys.stderr)
