@@ -81,12 +81,18 @@ def left_out_note(spec: str, counts: Mapping[str, int]) -> str:
 def _open_oriented(path: str | Path, source=None) -> Image.Image:
     """Open, fully decode and apply the EXIF orientation; any failure names the file. ``source``:
     a binary stream holding the file ``path`` names (read from elsewhere, e.g. an object store)."""
+    return _decoded(path, source)[0]
+
+
+def _decoded(path: str | Path, source=None) -> tuple[Image.Image, str | None]:
+    """:func:`_open_oriented`'s image and the file's format (``"PNG"``, ``"JPEG"``, ...), which
+    the oriented copy no longer carries."""
     if source is None and os.path.exists(path) and not os.path.isfile(path):
         raise InputError(f"{path}: not a regular file (a folder, pipe or device)")
     try:
         with Image.open(path if source is None else source) as handle:
             handle.load()
-            return ImageOps.exif_transpose(handle)
+            return ImageOps.exif_transpose(handle), handle.format
     except FileNotFoundError as err:
         broken = broken_link(path) if source is None else None
         raise InputError(broken or f"{path}: file not found") from err
@@ -187,10 +193,29 @@ def mask_array(mask: Image.Image | np.ndarray, value: int | None = None) -> np.n
     return np.asarray(foreground, dtype=bool)
 
 
+LOSSY_FORMATS = frozenset({"JPEG", "MPO"})
+"""Formats whose compression changes pixel values: a binary mask stored so rings around its edges."""
+PHOTOGRAPH_COLOURS = 4096
+"""More distinct colours than any mask holds (binary, class values, colour-coded classes): a photograph."""
+_COLOUR_SAMPLE = 1 << 20
+
+
+def distinct_colours(array: np.ndarray) -> int:
+    """Distinct RGB colours of an ``(H, W, 3|4)`` uint8 array (alpha aside), among at most 2**20
+    evenly spread pixels."""
+    pixels = array.reshape(-1, array.shape[-1]).astype(np.uint32)
+    pixels = pixels[:: max(1, len(pixels) // _COLOUR_SAMPLE)]
+    return len(np.unique(pixels[:, 0] << 16 | pixels[:, 1] << 8 | pixels[:, 2]))
+
+
 def load_mask(
     path: str | Path, image_size: tuple[int, int] | None = None, value: int | None = None
 ) -> np.ndarray:
     """Load a reference mask (EXIF applied) as ``(H, W)`` bool.
+
+    Foreground is any nonzero pixel (:func:`mask_array`), except in a JPEG file, whose
+    compression leaves faint nonzero rings around a mask's edges: there it is a channel at half of
+    that channel's brightest value or more (128 and more in a 0/255 mask, 1 and more in a 0/1 one).
 
     Parameters
     ----------
@@ -199,14 +224,32 @@ def load_mask(
         Size of the image the mask belongs to; a different mask size raises
         :class:`InputError` naming both sizes.
     value : int or None
-        Take only pixels equal to this class value (multi-class and palette masks).
+        Take only pixels equal to this class value (multi-class and palette masks; not JPEG,
+        which cannot keep class values exact).
+
+    Raises
+    ------
+    InputError
+        Naming ``path``: unreadable, of another size than ``image_size``, a JPEG read for a
+        class value, or a colour picture of more than :data:`PHOTOGRAPH_COLOURS` colours (an
+        image given as its own mask, or image and mask swapped).
     """
-    image = _open_oriented(path)
+    image, file_format = _decoded(path)
     if image_size is not None and image.size != tuple(image_size):
         raise InputError(
             f"{path}: mask is {image.size[0]}x{image.size[1]} but its image is "
             f"{image_size[0]}x{image_size[1]} (width x height, EXIF orientation applied)"
         )
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] >= 3 and distinct_colours(array) > PHOTOGRAPH_COLOURS:
+        raise InputError(f"{path}: more than {PHOTOGRAPH_COLOURS} distinct colours: a photograph, not a mask "
+                         "(a mask holds 0 and a foreground value, or a few class values); is it the image "
+                         "instead of its mask?")
+    if file_format in LOSSY_FORMATS:
+        if value is not None:
+            raise InputError(f"{path}: a JPEG mask cannot hold exact class values (its compression changes "
+                             "them); store class masks as PNG")
+        return mask_array((array > 0) & (array >= array.max(axis=(0, 1)) / 2))
     return mask_array(image, value)
 
 
@@ -222,10 +265,13 @@ def label_masks(path: str | Path, max_classes: int = 255) -> dict[int, np.ndarra
         ``value -> (H, W)`` bool for every stored value other than 0 (background) and, in
         8-bit masks, 255 (void, as in Pascal VOC), in increasing order.
     """
-    image = _open_oriented(path)
+    image, file_format = _decoded(path)
     array = np.asarray(image)
     if array.ndim != 2:
         raise InputError(f"{path}: a {image.mode} mask has no class values; give a greyscale or palette mask")
+    if file_format in LOSSY_FORMATS:
+        raise InputError(f"{path}: a JPEG mask cannot hold exact class values (its compression changes them); "
+                         "store multi-class masks as PNG")
     values = [int(v) for v in np.unique(array) if v != 0 and not (v == 255 and array.dtype == np.uint8)]
     if not values:
         raise InputError(f"{path}: multi-class mask holds no class (only 0 and 255)")

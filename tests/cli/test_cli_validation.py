@@ -241,6 +241,9 @@ def test_reference_errors_come_before_the_backbone_loads(tmp_path, capsys, monke
     Image.new("L", (10, 10), 255).save(small)
     err = refused(capsys, "--out", tmp_path / "out", "--ref", EXAMPLES / "reference" / "disks.png", small, TARGET)
     assert "mask is 10x10 but its image is" in err
+    swapped = [EXAMPLES / "reference" / "disks_mask.png", EXAMPLES / "reference" / "disks.png"]
+    err = refused(capsys, "--out", tmp_path / "out", "--ref", *swapped, TARGET)
+    assert f"{swapped[1]}: more than 4096 distinct colours: a photograph, not a mask" in err
 
 
 def test_nothing_is_loaded_when_every_target_is_done(tmp_path, capsys, monkeypatch):

@@ -203,6 +203,40 @@ def test_load_mask_value_picks_one_class(tmp_path):
     np.testing.assert_array_equal(load_mask(tmp_path / "classes.png"), classes > 0)
 
 
+@pytest.mark.parametrize("colour", [(255, 255, 255), (0, 0, 160), (200, 30, 0)], ids=["white", "navy", "red"])
+def test_jpeg_mask_is_read_without_its_compression_rings(tmp_path, colour):
+    stored = np.where(foreground()[..., None], colour, 0).astype(np.uint8)
+    Image.fromarray(stored).save(tmp_path / "mask.jpg", quality=75)
+    Image.fromarray(stored).convert("L").save(tmp_path / "grey.jpg", quality=75)
+
+    for name in ("mask.jpg", "grey.jpg"):
+        rings = np.asarray(Image.open(tmp_path / name)).reshape(40, 48, -1).max(axis=2) > 0
+        assert (rings != foreground()).sum() > 100  # what `> 0` would take as the mask
+        assert (load_mask(tmp_path / name) != foreground()).sum() <= 25
+
+
+def test_jpeg_mask_cannot_give_class_values(tmp_path):
+    from insid3_core.io import label_masks
+
+    Image.fromarray(np.where(foreground(), 2, 0).astype(np.uint8)).save(tmp_path / "classes.jpg")
+
+    for read in (lambda path: load_mask(path, value=2), label_masks):
+        with pytest.raises(InputError, match=r"classes\.jpg: a JPEG mask cannot hold exact class values"):
+            read(tmp_path / "classes.jpg")
+
+
+@pytest.mark.parametrize("size", [(80, 96), (1500, 1500)], ids=["small", "sampled"])
+def test_photograph_given_as_mask_is_refused(tmp_path, size):
+    save(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8), tmp_path / "photo.png")
+    few_colours = np.where(foreground()[..., None], [[10, 200, 30]], [[0, 0, 0]]).astype(np.uint8)
+    few_colours[:5] = np.arange(48 * 5 * 3).reshape(5, 48, 3) % 256  # 240 colours: still a mask
+    save(few_colours, tmp_path / "colours.png")
+
+    with pytest.raises(InputError, match=r"photo\.png: more than 4096 distinct colours: a photograph, not a mask"):
+        load_mask(tmp_path / "photo.png")
+    assert load_mask(tmp_path / "colours.png")[20:].tolist() == foreground()[20:].tolist()
+
+
 # --- reference masks that cannot be used -----------------------------------------------
 
 
