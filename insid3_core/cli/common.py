@@ -66,7 +66,10 @@ def folder_targets(spec: str, folder: Path) -> list[Path]:
     if left_out:
         print(left_out_note(spec, left_out), file=sys.stderr)
     if not files:
-        raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        folders = sum(1 for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+        searched = (f"; its {folders} folder(s) are not searched: give them, or a pattern such as "
+                    f"'{Path(spec) / '**' / '*.jpg'}'") if folders else ""
+        raise UsageError(f"{spec}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)}){searched}")
     return files
 
 

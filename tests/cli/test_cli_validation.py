@@ -465,3 +465,14 @@ def test_a_done_mask_carrying_a_malformed_record_gets_one_rebuilt_from_its_pixel
     assert [a["category_id"] for a in document["annotations"]] == [a["category_id"] for a in expected["annotations"]]
     assert [a["segmentation"] for a in document["annotations"]] == [a["segmentation"]
                                                                   for a in expected["annotations"]]
+
+
+def test_a_folder_of_folders_says_they_are_not_searched(tmp_path, capsys):
+    (tmp_path / "shoot" / "day1").mkdir(parents=True)
+    (tmp_path / "shoot" / ".cache").mkdir()
+    shutil.copy(TARGET, tmp_path / "shoot" / "day1")
+    (tmp_path / "empty").mkdir()
+
+    err = refused(capsys, "--out", tmp_path / "out", tmp_path / "shoot")
+    assert f"its 1 folder(s) are not searched: give them, or a pattern such as '{tmp_path / 'shoot' / '**' / '*.jpg'}'" in err
+    assert "not searched" not in refused(capsys, "--out", tmp_path / "out", tmp_path / "empty")
