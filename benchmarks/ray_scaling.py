@@ -132,13 +132,15 @@ def record(index: int) -> dict:
 
 def write_fragments(parts: Path, entries: int, per_fragment: int) -> None:
     """Sorted fragments as the job's stages write them (interleaved names, as actors would)."""
-    from insid3_core.fragments import write_fragment
+    from insid3_core.fragments import fragment_file
 
     fragments = -(-entries // per_fragment)
     for fragment in range(fragments):
         indices = range(fragment, entries, fragments)
-        write_fragment(parts, [{"name": f"target_{i:07d}.jpg", "status": "segmented",
-                                "source": f"s3://bucket/target_{i:07d}.jpg", "record": record(i)} for i in indices])
+        name, content = fragment_file([{"name": f"target_{i:07d}.jpg", "status": "segmented",
+                                        "source": f"s3://bucket/target_{i:07d}.jpg", "record": record(i)}
+                                       for i in indices])
+        (parts / name).write_bytes(content)
 
 
 def merge_child(arguments: argparse.Namespace) -> None:

@@ -66,14 +66,6 @@ def fragment_file(entries: list[dict]) -> tuple[str, bytes]:
     return f"{hashlib.sha256(content).hexdigest()[:20]}-{os.getpid()}.jsonl", content
 
 
-def write_fragment(parts: Path, entries: list[dict]) -> None:
-    """Write :func:`fragment_file` of ``entries`` into the local folder ``parts``, atomically."""
-    if entries:
-        name, content = fragment_file(entries)
-        with atomic_write(Path(parts) / name) as stream:
-            stream.write(content)
-
-
 def _sorted_lines(path: Path) -> Iterator[tuple[str, str]]:
     """``(name, line)`` of a fragment, in its (sorted) order."""
     with open(path, encoding="utf-8") as stream:

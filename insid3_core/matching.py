@@ -94,28 +94,6 @@ def forward_candidates(similarity: torch.Tensor) -> torch.Tensor:
     return torch.where(positive.any(dim=1, keepdim=True), positive, similarity > quantile)
 
 
-def backward_candidates(
-    target: torch.Tensor, references: torch.Tensor, reference_masks: torch.Tensor
-) -> torch.Tensor:
-    """Target patches whose nearest reference patch lies in the reference mask, by majority.
-
-    Parameters
-    ----------
-    target : torch.Tensor
-        ``(B, N, C)`` debiased target features.
-    references : torch.Tensor
-        ``(S, M, C)`` debiased reference features.
-    reference_masks : torch.Tensor
-        ``(S, M)`` bool feature-resolution reference masks.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B, N)`` bool: at least ``ceil(S / 2)`` references vote for the patch.
-    """
-    return backward_match(target, references, reference_masks)[0]
-
-
 def backward_match(
     target: torch.Tensor,
     references: torch.Tensor,

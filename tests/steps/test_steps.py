@@ -19,7 +19,7 @@ from insid3_core import TEST_CHECKPOINT, QualityThresholds, load_backbone, quali
 from insid3_core.aggregation import cluster_scores
 from insid3_core.clustering import cluster_patches
 from insid3_core.debias import debias, positional_basis, positional_directions
-from insid3_core.matching import backward_candidates, downsample_mask, forward_candidates, reference_prototype
+from insid3_core.matching import backward_match, downsample_mask, forward_candidates, reference_prototype
 from insid3_core.upsample import upsample_mask
 from insid3_core.metrics import same_partition
 
@@ -279,15 +279,15 @@ def test_backward_candidates_need_a_majority_of_references(names, expected):
     references = torch.stack([identity[REFERENCE_PATCHES[name][0]] for name in names])
     masks = torch.tensor([REFERENCE_PATCHES[name][1] for name in names])
 
-    assert backward_candidates(target, references, masks).tolist() == [expected]
+    assert backward_match(target, references, masks)[0].tolist() == [expected]
 
 
 def test_backward_candidates_break_ties_by_first_reference_patch():
     target = torch.eye(2)[None]
     references = torch.eye(2)[[0, 0, 1]][None]  # patches 0 and 1 are both e0
 
-    votes_first = backward_candidates(target, references, torch.tensor([[True, False, False]]))
-    votes_second = backward_candidates(target, references, torch.tensor([[False, True, False]]))
+    votes_first = backward_match(target, references, torch.tensor([[True, False, False]]))[0]
+    votes_second = backward_match(target, references, torch.tensor([[False, True, False]]))[0]
 
     assert votes_first.tolist() == [[True, False]]
     assert votes_second.tolist() == [[False, False]]
@@ -299,8 +299,8 @@ def test_backward_vote_threshold_is_the_ceiling_of_half():
     references = torch.eye(2)[None].repeat(5, 1, 1)
     masks = torch.tensor([[True, False]] * 2 + [[False, False]] * 3)
 
-    assert backward_candidates(target, references[:4], masks[:4]).tolist() == [[True, False]]
-    assert backward_candidates(target, references, masks).tolist() == [[False, False]]
+    assert backward_match(target, references[:4], masks[:4])[0].tolist() == [[True, False]]
+    assert backward_match(target, references, masks)[0].tolist() == [[False, False]]
 
 
 # --- step 5: clustering ----------------------------------------------------------------
