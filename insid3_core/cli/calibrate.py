@@ -69,13 +69,19 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
     segmenter = build_segmenter(settings)  # the smoke-test banner, if any, before the progress bar
 
     started = time.perf_counter()
-    with tqdm(desc="calibrate", unit="episode", file=sys.stderr) as progress:
-        def advance(done: int, total: int) -> None:
-            progress.total = total
-            progress.update(done - progress.n)
+    bars = []  # shown from the first episode on, when its total is known
 
+    def advance(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc="calibrate", unit="episode", total=total, file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
         calibration = calibrate(settings, references.classes, negatives, grid, references.mask_names, advance,
                                 segmenter)
+    finally:
+        for bar in bars:
+            bar.close()
     seconds = time.perf_counter() - started
     document = {**calibration.document(), "seconds": seconds}
     write_json(out / "calibration.json", document)
