@@ -7,7 +7,8 @@ The job is one Ray Data stream:
    :data:`LISTING_CHUNK` paths; no process holds the whole list. A folder's files that are not
    images are counted, and the counts put beside the fragments for the summary.
 2. **prepare** (CPU tasks): a target whose mask exists and was made from the same content is
-   skipped (its record is the one its mask carries); the others are read once, digested, decoded
+   skipped (its record is the one its mask carries, or one rebuilt from the mask's pixels, as on
+   a single machine); the others are read once, digested, decoded
    and resized to the input size.
 3. **segment** (an actor pool, ``--actors`` actors of ``--gpus-per-actor`` GPUs): each actor builds
    the engine from the job's :class:`~insid3_core.settings.EngineSettings`, encodes the references
@@ -53,7 +54,7 @@ import numpy as np
 from .fragments import JobSummary, fragment_file, merge_fragments
 from .io import (
     IMAGE_EXTENSIONS, InputError, atomic_write, broken_link, folder_images, load_image_bytes, not_image_kind,
-    target_path,
+    oriented_size, target_path,
 )
 from .settings import EngineSettings
 
@@ -382,19 +383,37 @@ def _prepared(job: JobSpec, path: str):
         return None, None, _failed(path, f"{path}: cannot read ({err.strerror or err})")
     digest = hashlib.sha256(data).hexdigest()[:16]
     if output is not None and not job.overwrite and exists(output):
-        record = _carried(output)
-        made_from = (record or {}).get("image", {})
-        if record is None or made_from.get("file_name") != PurePosixPath(path).name:
-            return None, digest, _failed(path, f"{output}: exists and is not insid3's mask of {path}; "
-                                               "--overwrite redoes it")
-        if made_from.get("source_sha256") not in (None, digest):
-            return None, digest, _failed(path, f"{output}: made from other content ({made_from.get('source')}); "
-                                               "--overwrite redoes it")
-        return None, digest, {"name": PurePosixPath(path).name, "status": "skipped", "source": path, "record": record}
+        return None, digest, _skipped(job, path, output, data, digest)
     try:
         return load_image_bytes(data, path), digest, None
     except InputError as err:
         return None, digest, _failed(path, str(err))
+
+
+def _skipped(job: JobSpec, path: str, output: str, data: bytes, digest: str) -> dict:
+    """The fragment entry of a target whose mask ``output`` exists: skipped with the mask's record
+    (:func:`~insid3_core.outputs.written_record`, as on a single machine), or failed when that mask
+    cannot be read, was made from other content (``digest`` is the target's) or is not the size
+    of the target (``data``)."""
+    from io import BytesIO
+
+    from .outputs import written_record
+
+    name = PurePosixPath(path).name
+    try:
+        record = written_record(output, name, job.categories, read_bytes(output) if is_uri(output) else None)
+    except OSError as err:
+        return _failed(path, f"{output}: cannot read the existing mask ({err.strerror or err})")
+    except InputError as err:
+        return _failed(path, str(err))
+    made_from = record["image"]
+    if made_from.get("source_sha256") not in (None, digest):
+        return _failed(path, f"{output}: made from other content ({made_from.get('source')}); --overwrite redoes it")
+    size = oriented_size(path, BytesIO(data))
+    if size is not None and (made_from.get("width"), made_from.get("height")) != size:
+        return _failed(path, f"{output}: {made_from.get('width')}x{made_from.get('height')}, the target is "
+                             f"{size[0]}x{size[1]}; --overwrite redoes it")
+    return {"name": name, "status": "skipped", "source": path, "record": record}
 
 
 class SegmentActor:

@@ -165,6 +165,22 @@ def load_image_bytes(data: bytes, name: str) -> Image.Image:
     return to_rgb(_open_oriented(name, BytesIO(data)))
 
 
+ORIENTATION_TAG = 0x0112
+"""EXIF orientation; its values 5-8 turn the image a quarter."""
+
+
+def oriented_size(path: str | Path, source=None) -> tuple[int, int] | None:
+    """``(width, height)`` of an image file as the engine sees it (EXIF orientation applied), read
+    from its header (``source``: its content as a binary stream); ``None`` when it cannot be read
+    (the run reports that target itself)."""
+    try:
+        with Image.open(path if source is None else source) as image:
+            width, height = image.size
+            return (height, width) if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8) else (width, height)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def mask_array(mask: Image.Image | np.ndarray, value: int | None = None) -> np.ndarray:
     """Foreground of a mask as stored: ``array > 0`` (or ``== value`` for one class).
 
@@ -209,7 +225,7 @@ def distinct_colours(array: np.ndarray) -> int:
 
 
 def load_mask(
-    path: str | Path, image_size: tuple[int, int] | None = None, value: int | None = None
+    path: str | Path, image_size: tuple[int, int] | None = None, value: int | None = None, source=None
 ) -> np.ndarray:
     """Load a reference mask (EXIF applied) as ``(H, W)`` bool.
 
@@ -226,6 +242,8 @@ def load_mask(
     value : int or None
         Take only pixels equal to this class value (multi-class and palette masks; not JPEG,
         which cannot keep class values exact).
+    source : binary stream, optional
+        The content of the file ``path`` names, read from elsewhere (an object store).
 
     Raises
     ------
@@ -234,7 +252,7 @@ def load_mask(
         class value, or a colour picture of more than :data:`PHOTOGRAPH_COLOURS` colours (an
         image given as its own mask, or image and mask swapped).
     """
-    image, file_format = _decoded(path)
+    image, file_format = _decoded(path, source)
     if image_size is not None and image.size != tuple(image_size):
         raise InputError(
             f"{path}: mask is {image.size[0]}x{image.size[1]} but its image is "

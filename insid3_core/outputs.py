@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from . import __version__
-from .io import atomic_write, json_value, label_png
+from .coco import mask_record
+from .io import InputError, atomic_write, json_value, label_png, load_mask
 
 RECORD_KEY = "insid3-record"
 """PNG text chunk of an output mask holding its annotations.json record, so the pair stays whole
@@ -53,6 +56,43 @@ def carried_record(path) -> dict | None:
             all(isinstance(entry, dict) and isinstance(entry.get("category"), str) for entry in carried["annotations"]):
         return carried
     return None
+
+
+def written_record(path: str | Path, file_name: str, categories: Sequence[str], data: bytes | None = None) -> dict:
+    """The record of the output mask at ``path`` (``data``: its content, read from an object
+    store): the one it carries, else one rebuilt from its pixels (a mask drawn by hand, saved
+    again by an image editor, which drops PNG text, or written by an older insid3: no score).
+
+    Raises :class:`~insid3_core.io.InputError` naming ``path`` when the mask cannot be read, or
+    is not an 8-bit label map where several categories are written.
+    """
+    carried = carried_record(path if data is None else BytesIO(data))
+    if carried is not None and carried["image"].get("file_name") == file_name:
+        return carried
+    return mask_record(file_name, written_labels(path, len(categories), data), categories)
+
+
+def written_labels(path: str | Path, classes: int, data: bytes | None = None) -> np.ndarray:
+    """The ``(H, W)`` uint8 labels of the output mask at ``path`` (``data``: its content).
+
+    One class: any foreground (see :func:`insid3_core.io.load_mask`) as 255. Several: the
+    stored values of an 8-bit label map.
+    """
+    source = None if data is None else BytesIO(data)
+    if classes == 1:
+        try:
+            return load_mask(path, source=source).astype(np.uint8) * 255
+        except InputError as err:
+            raise InputError(f"existing output mask {err}; remove it or pass --overwrite") from None
+    try:
+        with Image.open(path if source is None else source) as image:
+            mode, labels = image.mode, np.asarray(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise InputError(f"{path}: existing output mask is unreadable ({err}); remove it or pass --overwrite") from err
+    if mode not in ("L", "P"):
+        raise InputError(f"{path}: existing output is an image of mode {mode}, not an 8-bit label map; "
+                         "remove it or pass --overwrite")
+    return labels
 
 
 RUN_DESCRIPTION = "insid3 segment"

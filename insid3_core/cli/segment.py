@@ -8,16 +8,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from ..coco import coco_document, mask_record, records_from_document, result_record
+from ..coco import coco_document, records_from_document, result_record
 from ..config import SMOKE_TEST_NOTE
 from ..io import (
-    InputError, check_references, check_writable_folder, file_digest, json_value, load_mask, overwritten_inputs,
+    InputError, check_references, check_writable_folder, file_digest, json_value, oriented_size, overwritten_inputs,
     remove_stale_temporaries, write_json,
 )
 from ..loader import default_workers, executor
-from ..outputs import RUN_DESCRIPTION, carried_record, run_description, write_output_mask
+from ..outputs import RUN_DESCRIPTION, run_description, write_output_mask, written_record
 from ..quality import VERDICTS
 from ..settings import EngineSettings
 from . import UsageError
@@ -79,15 +78,6 @@ def parse_document(data: bytes, path, overwrite: bool) -> dict | None:
         raise UsageError(
             f"{path}: existing file is not an insid3 COCO document ({detail}); move it away or pass --overwrite"
         ) from None
-
-
-def written_record(path: Path, file_name: str, categories: list[str]) -> dict:
-    """The record of an output mask already written: the one it carries, else one rebuilt from
-    its pixels (a mask written by hand or by an older insid3: no score)."""
-    carried = carried_record(path)
-    if carried is not None and carried["image"].get("file_name") == file_name:
-        return carried
-    return mask_record(file_name, written_labels(path, len(categories)), categories)
 
 
 def write_target_mask(path: Path, label_map: np.ndarray, classes: int, record: dict, target: Path) -> None:
@@ -285,35 +275,3 @@ def check_sources(skipped: list[Path], records: dict[str, dict], outputs: dict[P
     if stale:
         raise UsageError(f"existing masks were made from other content than, or are not the size of, {len(stale)} target(s): "
                          f"{'; '.join(stale[:5])}; pass --overwrite to redo them, or use another --out")
-
-
-ORIENTATION_TAG = 0x0112  # EXIF orientations 5-8 turn the image a quarter
-
-
-def oriented_size(path: Path) -> tuple[int, int] | None:
-    """``(width, height)`` of an image file as the engine sees it (EXIF orientation applied), read
-    from its header; ``None`` when it cannot be read (the run reports that target itself)."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            return (height, width) if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8) else (width, height)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-def written_labels(path: Path, classes: int) -> np.ndarray:
-    """A mask already at an output path (written by an earlier run or by hand), ``(H, W)`` uint8.
-
-    One class: any foreground (see :func:`insid3_core.io.load_mask`) as 255. Several: the
-    stored values of an 8-bit label map.
-    """
-    if classes == 1:
-        return load_mask(path).astype(np.uint8) * 255
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P"):
-                raise UsageError(f"{path}: existing output is an image of mode {image.mode}, not an 8-bit label map; "
-                                 "remove it or pass --overwrite")
-            return np.asarray(image)
-    except OSError as err:
-        raise UsageError(f"{path}: existing output mask is unreadable ({err}); remove it or pass --overwrite") from err

@@ -305,3 +305,39 @@ def test_a_mask_that_cannot_be_written_is_a_failed_target_and_the_others_are_lis
     assert "Traceback" not in error
     listed = json.loads((out / "annotations.json").read_text())["images"]
     assert sorted(image["file_name"] for image in listed) == [f"scene_0{i}.png" for i in (1, 3, 4, 5, 6, 7, 8)]
+
+
+def test_the_ray_job_takes_existing_masks_as_the_single_machine_does(tmp_path, targets):
+    """A mask without its record (saved again by an image editor) is a skipped target whose entry
+    is rebuilt from its pixels, on Ray as on one machine; one that is not the target's size, or
+    cannot be read, is a failed target naming it (it was 'not insid3's mask' for all three)."""
+    from insid3_core.distributed import PARTS, JobSpec, prepare_batch
+    from insid3_core.settings import EngineSettings
+
+    out = tmp_path / "out"
+    names = ["scene_01.png", "scene_02.png", "scene_03.png", "scene_04.png"]
+    assert segment("--out", out, *(targets / name for name in names)) == 0
+    written = {image["file_name"]: [a for a in document["annotations"] if a["image_id"] == image["id"]]
+               for document in [json.loads((out / "annotations.json").read_text())] for image in document["images"]}
+    with Image.open(out / "scene_01.png") as mask:
+        Image.fromarray(np.asarray(mask)).save(out / "scene_01.png")  # the same pixels, no record
+        Image.fromarray(np.asarray(mask)[::2, ::2]).save(out / "scene_02.png")
+    (out / "scene_03.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+    job = JobSpec(EngineSettings.from_env(image_size=256), str(out), ("object",), None, False, None)
+    left = prepare_batch({"path": [str(targets / name) for name in names]}, job)
+    assert len(left["path"]) == 0, "every target is settled from its existing mask"
+    entries = {entry["name"]: entry for fragment in (out / PARTS).glob("*.jsonl")
+               for entry in map(lambda line: json.loads(line.split("\t", 1)[1]), fragment.read_text().splitlines())}
+    assert entries["scene_01.png"]["status"] == "skipped"
+    rebuilt = entries["scene_01.png"]["record"]["annotations"]
+    assert [(a["segmentation"], a["area"]) for a in rebuilt] == [(a["segmentation"], a["area"]) for a in written["scene_01.png"]]
+    assert rebuilt[0]["score"] is None, "no score without the record"
+    assert entries["scene_02.png"]["status"] == "failed"
+    width, height = Image.open(targets / "scene_02.png").size
+    assert entries["scene_02.png"]["error"] == \
+        f"{out / 'scene_02.png'}: 260x200, the target is {width}x{height}; --overwrite redoes it"
+    assert entries["scene_03.png"]["status"] == "failed"
+    assert entries["scene_03.png"]["error"].startswith(f"existing output mask {out / 'scene_03.png'}: unreadable or truncated")
+    assert entries["scene_04.png"]["status"] == "skipped"
+    assert entries["scene_04.png"]["record"]["annotations"][0]["score"] is not None
