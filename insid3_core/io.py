@@ -454,6 +454,46 @@ def check_output_files(paths, what: str, overwrite: bool, inputs=()) -> None:
                          f"or choose another {what}")
 
 
+WRITER_LOCK = ".insid3.lock"
+"""The file of an output folder that the run writing there holds locked (its pid inside)."""
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold ``folder``'s :data:`WRITER_LOCK` while a run writes there, so that two runs never
+    merge into its ``annotations.json`` at once (each would drop the other's entries).
+
+    Raises :class:`InputError` naming ``what`` (the option) and the holder's pid when another
+    process holds it. A file system without locks (some network mounts) runs unlocked. The
+    lock file stays (removing it would let a third run lock a file the second one no longer sees).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    path = Path(folder) / WRITER_LOCK
+    try:  # not through a link: a planted one would have the run truncate the file it points to
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        raise InputError(f"{what} {folder}: cannot open its lock file {path.name} "
+                         f"({'a link' if path.is_symlink() else err.strerror or err}); remove it") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise InputError(f"{what} {folder}: another insid3 run (pid {holder}) is writing there; wait for it "
+                             f"to finish, or choose another {what}") from None
+        except OSError:  # ENOLCK and the like: no locks on this file system
+            pass
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
     """Delete the temporary files :func:`atomic_write` left beside ``names`` in ``folder`` when a
     process was killed; returns what was removed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from ..coco import coco_document, records_from_document, result_record
 from ..config import SMOKE_TEST_NOTE
 from ..io import (
     InputError, check_references, check_writable_folder, file_digest, json_value, oriented_size, overwritten_inputs,
-    remove_stale_temporaries, write_json,
+    remove_stale_temporaries, write_json, writer_lock,
 )
 from ..loader import default_workers, executor
 from ..outputs import RUN_DESCRIPTION, run_description, write_output_mask, written_record
@@ -132,75 +133,76 @@ def run_segment(arguments: argparse.Namespace) -> int:
     annotations_path = out / "annotations.json"
     if annotations_path.is_dir():
         raise UsageError(f"--out: {annotations_path} is a folder where the annotations file goes; move it away")
-    remove_stale_temporaries(out, [annotations_path.name, *(path.name for path in outputs.values())])
-    document = load_document(annotations_path, arguments.overwrite)
-    records = records_from_document(document) if document else {}
-    check_categories(records, list(classes), annotations_path, arguments.overwrite)
-    pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
-    for target in targets:
-        if target not in pending and target.name not in records:
-            records[target.name] = written_record(outputs[target], target.name, list(classes))
-    check_sources([t for t in targets if t not in pending], records, outputs)
-    runs = dict(document.get("info", {}).get("runs", {})) if document else {}
-    if not pending:
-        write_json(annotations_path, coco_document(records, list(classes), {**(document or {}).get("info", {}),
-                                                                            "runs": runs}))
-        print(f"insid3: all {len(targets)} target(s) already have their mask in {out}; nothing to segment "
-              "(--overwrite redoes them)", file=sys.stderr)
-        return 0
-    check_references([pair for pairs in classes.values() for pair in pairs] + negatives,
-                     references.mask_names + [str(mask) for _, mask in negatives])
+    with writer_lock(out, "--out"):  # one run at a time merges into annotations.json
+        remove_stale_temporaries(out, [annotations_path.name, *(path.name for path in outputs.values())])
+        document = load_document(annotations_path, arguments.overwrite)
+        records = records_from_document(document) if document else {}
+        check_categories(records, list(classes), annotations_path, arguments.overwrite)
+        pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
+        for target in targets:
+            if target not in pending and target.name not in records:
+                records[target.name] = written_record(outputs[target], target.name, list(classes))
+        check_sources([t for t in targets if t not in pending], records, outputs)
+        runs = dict(document.get("info", {}).get("runs", {})) if document else {}
+        if not pending:
+            write_json(annotations_path, coco_document(records, list(classes), {**(document or {}).get("info", {}),
+                                                                                "runs": runs}))
+            print(f"insid3: all {len(targets)} target(s) already have their mask in {out}; nothing to segment "
+                  "(--overwrite redoes them)", file=sys.stderr)
+            return 0
+        check_references([pair for pairs in classes.values() for pair in pairs] + negatives,
+                         references.mask_names + [str(mask) for _, mask in negatives])
 
-    segmenter = build_segmenter(settings)
-    encoded = segmenter.encode(classes, negatives)
-    run_id, run = run_description(
-        settings, segmenter.backbone, segmenter.basis.shape[1],
-        {name: list(references.names) for name, references in encoded.classes.items()},
-        [str(image) for image, _ in negatives], settings.instance_method if arguments.instances else None)
-    runs[run_id] = run
-    info = {**run, "run": run_id, "runs": runs}
-    print(f"insid3: {len(targets)} target(s), {len(targets) - len(pending)} already done, "
-          f"{len(pending)} to segment on {segmenter.backbone.device}", file=sys.stderr)
+        segmenter = build_segmenter(settings)
+        encoded = segmenter.encode(classes, negatives)
+        run_id, run = run_description(
+            settings, segmenter.backbone, segmenter.basis.shape[1],
+            {name: list(references.names) for name, references in encoded.classes.items()},
+            [str(image) for image, _ in negatives], settings.instance_method if arguments.instances else None)
+        runs[run_id] = run
+        info = {**run, "run": run_id, "runs": runs}
+        print(f"insid3: {len(targets)} target(s), {len(targets) - len(pending)} already done, "
+              f"{len(pending)} to segment on {segmenter.backbone.device}", file=sys.stderr)
 
-    from tqdm import tqdm
+        from tqdm import tqdm
 
-    failures: list[str] = []
-    verdicts = collections.Counter()
-    workers = default_workers(segmenter.backbone.device) if settings.workers is None else settings.workers
-    instance_method = settings.instance_method if arguments.instances else None
-    writes = []
-    try:
-        with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
-                executor(min(workers, 2), "insid3-write") as writer:
-            stream = segmenter.iter_segment(encoded, pending, settings.batch_size, workers)
-            for done, (target, result) in enumerate(stream, start=1):
-                progress.update(1)
-                if isinstance(result, InputError):
-                    failures.append(str(result))
-                    continue
-                record = result_record(target.name, result.classes, instance_method, settings.min_instance_patches)
-                record["image"]["run"] = run_id
-                writes.append((writer.submit(write_target_mask, outputs[target], result.label_map, len(classes),
-                                             record, target), target.name, record))
-                verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
-                progress.set_postfix(verdicts, refresh=False)
-                if done % settings.batch_size == 0:
-                    writes = settle(writes, records, wait=False, failures=failures)
-                    write_json(annotations_path, coco_document(records, list(classes), info))
-    finally:  # also on Ctrl-C: every mask written so far is listed, and only those
-        settle(writes, records, wait=True, failures=failures)
-        write_json(annotations_path, coco_document(records, list(classes), info))
+        failures: list[str] = []
+        verdicts = collections.Counter()
+        workers = default_workers(segmenter.backbone.device) if settings.workers is None else settings.workers
+        instance_method = settings.instance_method if arguments.instances else None
+        writes = []
+        try:
+            with tqdm(total=len(pending), desc="segment", unit="img", file=sys.stderr) as progress, \
+                    executor(min(workers, 2), "insid3-write") as writer:
+                stream = segmenter.iter_segment(encoded, pending, settings.batch_size, workers)
+                for done, (target, result) in enumerate(stream, start=1):
+                    progress.update(1)
+                    if isinstance(result, InputError):
+                        failures.append(str(result))
+                        continue
+                    record = result_record(target.name, result.classes, instance_method, settings.min_instance_patches)
+                    record["image"]["run"] = run_id
+                    writes.append((writer.submit(write_target_mask, outputs[target], result.label_map, len(classes),
+                                                 record, target), target.name, record))
+                    verdicts.update(class_result.quality.verdict for class_result in result.classes.values())
+                    progress.set_postfix(verdicts, refresh=False)
+                    if done % settings.batch_size == 0:
+                        writes = settle(writes, records, wait=False, failures=failures)
+                        write_json(annotations_path, coco_document(records, list(classes), info))
+        finally:  # also on Ctrl-C: every mask written so far is listed, and only those
+            settle(writes, records, wait=True, failures=failures)
+            write_json(annotations_path, coco_document(records, list(classes), info))
 
-    summary = ", ".join(f"{verdict} {verdicts[verdict]}" for verdict in VERDICTS if verdicts[verdict])
-    print(f"insid3: segmented {len(pending) - len(failures)}, skipped {len(targets) - len(pending)}, "
-          f"failed {len(failures)} -> {out}", file=sys.stderr)
-    if summary:
-        print(f"insid3: quality: {summary}", file=sys.stderr)
-    for message in failures:  # each names its file
-        print(f"insid3: FAILED {message}", file=sys.stderr)
-    if segmenter.backbone.is_smoke_test:
-        print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)
-    return 1 if failures else 0
+        summary = ", ".join(f"{verdict} {verdicts[verdict]}" for verdict in VERDICTS if verdicts[verdict])
+        print(f"insid3: segmented {len(pending) - len(failures)}, skipped {len(targets) - len(pending)}, "
+              f"failed {len(failures)} -> {out}", file=sys.stderr)
+        if summary:
+            print(f"insid3: quality: {summary}", file=sys.stderr)
+        for message in failures:  # each names its file
+            print(f"insid3: FAILED {message}", file=sys.stderr)
+        if segmenter.backbone.is_smoke_test:
+            print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)
+        return 1 if failures else 0
 
 
 def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
@@ -225,21 +227,22 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
     for spec in arguments.targets:
         check_target_spec(spec)
     payload = reference_payload(classes, [(Path(image), Path(mask)) for image, mask in arguments.negative])
-    annotations = joined(out, "annotations.json")
-    document = parse_document(read_bytes(annotations), annotations, arguments.overwrite) if exists(annotations) \
-        else None
-    records = records_from_document(document) if document else {}
-    check_categories(records, list(classes), annotations, arguments.overwrite)
-    job = JobSpec(settings, out, tuple(classes), settings.instance_method if arguments.instances else None,
-                  arguments.overwrite, payload)
-    connect(options)
-    start_parts(job)
-    settle(job, earlier_entries(records))
-    summary = run_job(job, arguments.targets, options, dict(document.get("info", {})) if document else {})
-    print_summary(summary, out)
-    if summary.smoke_test:
-        print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    with contextlib.nullcontext() if is_uri(out) else writer_lock(out, "--out"):
+        annotations = joined(out, "annotations.json")
+        document = parse_document(read_bytes(annotations), annotations, arguments.overwrite) if exists(annotations) \
+            else None
+        records = records_from_document(document) if document else {}
+        check_categories(records, list(classes), annotations, arguments.overwrite)
+        job = JobSpec(settings, out, tuple(classes), settings.instance_method if arguments.instances else None,
+                      arguments.overwrite, payload)
+        connect(options)
+        start_parts(job)
+        settle(job, earlier_entries(records))
+        summary = run_job(job, arguments.targets, options, dict(document.get("info", {})) if document else {})
+        print_summary(summary, out)
+        if summary.smoke_test:
+            print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)
+        return 1 if summary.failed else 0
 
 
 def check_categories(records: dict[str, dict], categories: list[str], path: Path, overwrite: bool) -> None:

@@ -476,3 +476,26 @@ def test_a_folder_of_folders_says_they_are_not_searched(tmp_path, capsys):
     err = refused(capsys, "--out", tmp_path / "out", tmp_path / "shoot")
     assert f"its 1 folder(s) are not searched: give them, or a pattern such as '{tmp_path / 'shoot' / '**' / '*.jpg'}'" in err
     assert "not searched" not in refused(capsys, "--out", tmp_path / "out", tmp_path / "empty")
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp_path, capsys):
+    """Two runs merging into one annotations.json would each drop the other's entries."""
+    from insid3_core.io import WRITER_LOCK, writer_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with writer_lock(out, "--out"):
+        err = refused(capsys, "--out", out, TARGET)
+        assert f"--out {out}: another insid3 run (pid {os.getpid()}) is writing there; wait for it" in err
+        err = refused(capsys, "--out", out, "--ray", "local", TARGET)
+        assert "another insid3 run" in err, "the Ray driver takes the folder's lock too, before Ray starts"
+    assert not (out / "annotations.json").exists()
+    assert segment("--out", out, TARGET) == 0, "free again once the first run is over"
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("kept")
+    (out / WRITER_LOCK).unlink()
+    (out / WRITER_LOCK).symlink_to(precious)
+    err = refused(capsys, "--out", out, "--overwrite", TARGET)
+    assert f"cannot open its lock file {WRITER_LOCK} (a link); remove it" in err
+    assert precious.read_text() == "kept", "a planted link is not followed"
