@@ -302,6 +302,7 @@ def test_form_offers_defaults_classes_and_explains_problems(fo, dataset):
     ("deleted_mask_file", "The mask file of reference disks.png no longer exists"),
     ("corrupt_mask_file", "The mask file of reference disks.png is unreadable"),
     ("flat_mask", "The mask of reference disks.png has shape (10,), not (H, W)"),
+    ("photograph_as_mask", "The mask of reference disks.png has more than 4096 distinct colours: a photograph"),
     ("ray_actors", "'ray_actors' must be an integer >= 1, got 0"),
     ("reference_class", "'1.5' is not a class of 'ground_truth'"),
 ])
@@ -345,6 +346,8 @@ def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, 
             reference.ground_truth = fo.Segmentation(mask_path=str(mask_file))
         elif case == "flat_mask":
             reference.ground_truth = fo.Segmentation(mask=np.ones(10, dtype=np.uint8))
+        elif case == "photograph_as_mask":
+            reference.ground_truth = fo.Segmentation(mask_path=str(copy))  # the image as its own mask
         else:
             copy.unlink()
         reference.save()
