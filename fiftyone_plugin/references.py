@@ -229,11 +229,11 @@ def _readable_mask(label, whose: str) -> np.ndarray:
         raise ReferenceProblem(f"The mask file of {whose} no longer exists ({label.mask_path})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ReferenceProblem(f"The mask file of {whose} is unreadable ({label.mask_path}): {err}") from None
-    from insid3_core.io import PHOTOGRAPH_COLOURS, distinct_colours
+    from insid3_core.io import PHOTOGRAPH_COLOURS, is_photograph
 
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ReferenceProblem(f"The mask of {whose} has shape {array.shape}, not (H, W) or (H, W, 3|4)")
-    if array.ndim == 3 and array.shape[2] >= 3 and distinct_colours(array) > PHOTOGRAPH_COLOURS:
+    if is_photograph(array):
         raise ReferenceProblem(f"The mask of {whose} has more than {PHOTOGRAPH_COLOURS} distinct colours: a photograph, "
                                f"not a mask ({label.mask_path or 'stored in the label'}); is it the image instead?")
     return array

@@ -216,12 +216,16 @@ PHOTOGRAPH_COLOURS = 4096
 _COLOUR_SAMPLE = 1 << 20
 
 
-def distinct_colours(array: np.ndarray) -> int:
-    """Distinct RGB colours of an ``(H, W, 3|4)`` uint8 array (alpha aside), among at most 2**20
-    evenly spread pixels."""
-    pixels = array.reshape(-1, array.shape[-1]).astype(np.uint32)
+def is_photograph(array: np.ndarray) -> bool:
+    """Whether a mask as stored, ``(H, W)`` or ``(H, W, C)``, is a colour picture of more than
+    :data:`PHOTOGRAPH_COLOURS` colours (among at most 2**20 evenly spread pixels) whose alpha, if
+    any, is opaque: an image given as its mask. A cut-out (a photograph whose transparency is the
+    mask) is a mask."""
+    if array.ndim != 3 or array.shape[2] < 3 or (array.shape[2] == 4 and (array[..., 3] < array[..., 3].max()).any()):
+        return False
+    pixels = array.reshape(-1, array.shape[2]).astype(np.uint32)
     pixels = pixels[:: max(1, len(pixels) // _COLOUR_SAMPLE)]
-    return len(np.unique(pixels[:, 0] << 16 | pixels[:, 1] << 8 | pixels[:, 2]))
+    return len(np.unique(pixels[:, 0] << 16 | pixels[:, 1] << 8 | pixels[:, 2])) > PHOTOGRAPH_COLOURS
 
 
 def load_mask(
@@ -249,8 +253,8 @@ def load_mask(
     ------
     InputError
         Naming ``path``: unreadable, of another size than ``image_size``, a JPEG read for a
-        class value, or a colour picture of more than :data:`PHOTOGRAPH_COLOURS` colours (an
-        image given as its own mask, or image and mask swapped).
+        class value, or a photograph (:func:`is_photograph`: an image given as its own mask, or
+        image and mask swapped).
     """
     image, file_format = _decoded(path, source)
     if image_size is not None and image.size != tuple(image_size):
@@ -259,7 +263,7 @@ def load_mask(
             f"{image_size[0]}x{image_size[1]} (width x height, EXIF orientation applied)"
         )
     array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] >= 3 and distinct_colours(array) > PHOTOGRAPH_COLOURS:
+    if is_photograph(array):
         raise InputError(f"{path}: more than {PHOTOGRAPH_COLOURS} distinct colours: a photograph, not a mask "
                          "(a mask holds 0 and a foreground value, or a few class values); is it the image "
                          "instead of its mask?")

@@ -227,14 +227,22 @@ def test_jpeg_mask_cannot_give_class_values(tmp_path):
 
 @pytest.mark.parametrize("size", [(80, 96), (1500, 1500)], ids=["small", "sampled"])
 def test_photograph_given_as_mask_is_refused(tmp_path, size):
-    save(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8), tmp_path / "photo.png")
+    photo = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    save(photo, tmp_path / "photo.png")
     few_colours = np.where(foreground()[..., None], [[10, 200, 30]], [[0, 0, 0]]).astype(np.uint8)
     few_colours[:5] = np.arange(48 * 5 * 3).reshape(5, 48, 3) % 256  # 240 colours: still a mask
     save(few_colours, tmp_path / "colours.png")
+    opaque = np.dstack([photo, np.full(size, 255, np.uint8)])
+    save(opaque, tmp_path / "opaque.png")
+    cut_out = opaque.copy()
+    cut_out[: size[0] // 2, ..., 3] = 0  # the top half transparent: the alpha is the mask
+    save(cut_out, tmp_path / "cut_out.png")
 
-    with pytest.raises(InputError, match=r"photo\.png: more than 4096 distinct colours: a photograph, not a mask"):
-        load_mask(tmp_path / "photo.png")
+    for name in ("photo.png", "opaque.png"):
+        with pytest.raises(InputError, match=rf"{name}: more than 4096 distinct colours: a photograph, not a mask"):
+            load_mask(tmp_path / name)
     assert load_mask(tmp_path / "colours.png")[20:].tolist() == foreground()[20:].tolist()
+    assert load_mask(tmp_path / "cut_out.png").tolist() == ((cut_out[..., 3] > 0) & (photo.max(axis=2) > 0)).tolist()
 
 
 # --- reference masks that cannot be used -----------------------------------------------
