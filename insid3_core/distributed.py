@@ -142,6 +142,8 @@ class JobSpec:
         One annotation per instance, split this way; ``None``: one per class.
     overwrite : bool
     references : ReferencePayload
+    inputs : frozenset of str
+        The resolved paths of the reference and settings files: no mask is written over them.
     """
 
     settings: EngineSettings
@@ -150,6 +152,7 @@ class JobSpec:
     instance_method: str | None
     overwrite: bool
     references: ReferencePayload
+    inputs: frozenset[str] = frozenset()
 
     @property
     def parts(self) -> str:
@@ -374,9 +377,12 @@ def _prepared(job: JobSpec, path: str):
     """``(image, digest, settled)`` of one target: its decoded image and digest, or ``None`` and
     the fragment entry that settles it (skipped, or failed with a message)."""
     output = None if job.out is None else output_path(job, path)
-    if output is not None and not is_uri(output) and not is_uri(path) and \
-            Path(output).resolve() == Path(path).resolve():
-        return None, None, _failed(path, f"{path}: its output mask would overwrite it; choose another --out")
+    if output is not None and not is_uri(output):
+        if not is_uri(path) and Path(output).resolve() == Path(path).resolve():
+            return None, None, _failed(path, f"{path}: its output mask would overwrite it; choose another --out")
+        if os.path.realpath(output) in job.inputs:
+            return None, None, _failed(path, f"{path}: its output mask would overwrite the reference or settings "
+                                             f"file {output}; choose another --out")
     try:
         data = read_bytes(path)
     except OSError as err:

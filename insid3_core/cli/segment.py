@@ -234,7 +234,8 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
         records = records_from_document(document) if document else {}
         check_categories(records, list(classes), annotations, arguments.overwrite)
         job = JobSpec(settings, out, tuple(classes), settings.instance_method if arguments.instances else None,
-                      arguments.overwrite, payload)
+                      arguments.overwrite, payload,
+                      frozenset(map(str, [*reference_files(arguments), *settings_files(arguments)])))
         connect(options)
         start_parts(job)
         settle(job, earlier_entries(records))

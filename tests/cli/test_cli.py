@@ -341,3 +341,35 @@ def test_the_ray_job_takes_existing_masks_as_the_single_machine_does(tmp_path, t
     assert entries["scene_03.png"]["error"].startswith(f"existing output mask {out / 'scene_03.png'}: unreadable or truncated")
     assert entries["scene_04.png"]["status"] == "skipped"
     assert entries["scene_04.png"]["record"]["annotations"][0]["score"] is not None
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_ray_job_never_writes_a_mask_over_a_reference(tmp_path, targets, capsys, overwrite):
+    """``--ref data/a.png out/a.png --out out data/``: the single machine refuses before any work;
+    on Ray the target fails (its mask would have been the reference mask, taken as done, or with
+    --overwrite written over it)."""
+    import os
+
+    from insid3_core.distributed import PARTS, JobSpec, prepare_batch
+    from insid3_core.settings import EngineSettings
+
+    out = tmp_path / "out"
+    out.mkdir()
+    reference_mask = out / "scene_01.png"
+    shutil.copy(REFERENCE[1], reference_mask)
+    job = JobSpec(EngineSettings.from_env(image_size=256), str(out), ("object",), None, overwrite, None,
+                  frozenset({os.path.realpath(reference_mask)}))
+    left = prepare_batch({"path": [str(targets / "scene_01.png"), str(targets / "scene_02.png")]}, job)
+
+    assert list(left["path"]) == [str(targets / "scene_02.png")]
+    entries = [json.loads(line.split("\t", 1)[1]) for fragment in (out / PARTS).glob("*.jsonl")
+               for line in fragment.read_text().splitlines()]
+    assert entries == [{"name": "scene_01.png", "status": "failed", "source": str(targets / "scene_01.png"),
+                        "error": f"{targets / 'scene_01.png'}: its output mask would overwrite the reference or "
+                                 f"settings file {reference_mask}; choose another --out"}]
+    assert reference_mask.read_bytes() == Path(REFERENCE[1]).read_bytes()
+    capsys.readouterr()
+    assert main(["segment", "--ref", str(REFERENCE[0]), str(reference_mask), *FAST, "--out", str(out),
+                 str(targets / "scene_01.png")]) == 2
+    assert f"output masks would overwrite input files: {reference_mask}" in capsys.readouterr().err, \
+        "the single machine refuses it before any work"
