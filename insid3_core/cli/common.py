@@ -57,6 +57,30 @@ def resolve_targets(specs: list[str]) -> list[Path]:
     return list(found)
 
 
+def listed_output_folder(out: str, specs: list[str]) -> str | None:
+    """The TARGET of ``specs`` that lists the local folder ``out`` (the folder itself, a pattern
+    in it, or a ``**`` pattern above it), or ``None``. ``insid3 segment --ray`` streams its
+    listing while it writes, so there a mask could be listed as a target, or with ``--overwrite``
+    replace an image of the same stem; the single machine lists everything before it writes."""
+    folder = os.path.realpath(out)
+    for spec in specs:
+        if "://" in spec and not spec.startswith("file://"):
+            continue
+        path = os.path.expanduser(spec.removeprefix("file://"))
+        if not glob.has_magic(path):
+            if os.path.isdir(path) and os.path.realpath(path) == folder:
+                return spec
+            continue
+        if "**" in path:
+            parts = Path(path).parts
+            fixed = os.path.join(os.curdir, *parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part))])
+            if (folder + os.sep).startswith(os.path.realpath(fixed).rstrip(os.sep) + os.sep):
+                return spec
+        elif folder in {os.path.realpath(match) for match in glob.glob(os.path.dirname(path) or os.curdir)}:
+            return spec
+    return None
+
+
 def folder_targets(spec: str, folder: Path) -> list[Path]:
     """The images of ``folder`` (given as ``spec``), sorted; its other files (hidden ones aside)
     are counted on stderr by extension (:func:`~insid3_core.io.folder_images`,

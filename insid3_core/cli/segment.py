@@ -21,8 +21,8 @@ from ..outputs import RUN_DESCRIPTION, run_description, write_output_mask, writt
 from ..quality import VERDICTS
 from ..settings import EngineSettings
 from . import UsageError
-from .common import (add_reference_arguments, build_segmenter, reference_classes, reference_files, resolve_targets,
-                     settings_files)
+from .common import (add_reference_arguments, build_segmenter, listed_output_folder, reference_classes,
+                     reference_files, resolve_targets, settings_files)
 
 
 def register(commands) -> None:
@@ -223,6 +223,10 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
         check_output_store(out)
     else:
         check_writable_folder(out, "--out")
+        listing = listed_output_folder(out, arguments.targets)
+        if listing:
+            raise UsageError(f"--out {out}: TARGET {listing} lists that folder; with --ray the masks written there "
+                             "could be listed as targets, or replace images of the same name: choose another --out")
     classes = reference_classes(arguments).classes
     for spec in arguments.targets:
         check_target_spec(spec)

@@ -499,3 +499,21 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tmp
     err = refused(capsys, "--out", out, "--overwrite", TARGET)
     assert f"cannot open its lock file {WRITER_LOCK} (a link); remove it" in err
     assert precious.read_text() == "kept", "a planted link is not followed"
+
+
+@pytest.mark.parametrize("listing", ["{data}", "file://{data}", "{data}/*.jpg", "{root}/*/*.jpg", "{root}/**/*.jpg"])
+def test_a_ray_job_writing_into_a_folder_it_lists_is_refused_before_ray_starts(tmp_path, capsys, listing):
+    """With --ray the listing streams while masks are written: a.jpg's mask could be listed as a
+    target, or with --overwrite replace the image a.png; the single machine lists everything first."""
+    data = tmp_path / "root" / "data"
+    data.mkdir(parents=True)
+    shutil.copy(TARGET, data / "a.jpg")
+    spec = listing.format(data=data, root=tmp_path / "root")
+
+    err = refused(capsys, "--out", data, "--ray", "local", "--overwrite", spec)
+    assert f"--out {data}: TARGET {spec} lists that folder; with --ray the masks written there could be listed" in err
+    assert sorted(path.name for path in data.iterdir()) == ["a.jpg"]
+    from insid3_core.cli.common import listed_output_folder
+
+    assert listed_output_folder(str(tmp_path / "elsewhere"), [spec]) is None
+    assert listed_output_folder(str(data / "masks"), [spec]) == (spec if "**" in spec else None)
