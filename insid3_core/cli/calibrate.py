@@ -69,19 +69,20 @@ def run_calibrate(arguments: argparse.Namespace) -> int:
     segmenter = build_segmenter(settings)  # the smoke-test banner, if any, before the progress bar
 
     started = time.perf_counter()
-    bars = []  # shown from the first episode on, when its total is known
+    progress = None  # shown from the first episode on, when its total is known
 
     def advance(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(desc="calibrate", unit="episode", total=total, file=sys.stderr))
-        bars[0].update(done - bars[0].n)
+        nonlocal progress
+        if progress is None:
+            progress = tqdm(desc="calibrate", unit="episode", total=total, file=sys.stderr)
+        progress.update(done - progress.n)
 
     try:
         calibration = calibrate(settings, references.classes, negatives, grid, references.mask_names, advance,
                                 segmenter)
     finally:
-        for bar in bars:
-            bar.close()
+        if progress is not None:
+            progress.close()
     seconds = time.perf_counter() - started
     document = {**calibration.document(), "seconds": seconds}
     write_json(out / "calibration.json", document)
