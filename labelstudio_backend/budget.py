@@ -75,12 +75,14 @@ class Lease:
         self.budget = budget
         self.pixels = 0
         self.deadline = time.monotonic() + seconds
+        self._lock = threading.Lock()  # the request's downloads run in threads of their own
 
     def take(self, pixels: int, what: str) -> None:
         """Hold ``pixels`` more for this request (see :meth:`PixelBudget.take`); ``what`` names
         them in the error."""
-        self.budget.take(pixels, what, held=self.pixels)
-        self.pixels += pixels
+        with self._lock:
+            self.budget.take(pixels, what, held=self.pixels)
+            self.pixels += pixels
 
     def __enter__(self) -> "Lease":
         return self

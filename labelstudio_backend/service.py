@@ -237,13 +237,20 @@ class Backend:
         return pairs, (digest, *pairs), self.predictor.model_version(digest)
 
     def _task_images(self, tasks: Sequence[dict], target: RegionTarget, lease) -> list:
-        images = []
+        """Each task's decoded image, or the :class:`BackendError` that says why it has none; the
+        downloads run at once (:meth:`ImageFetcher.fetch_all`)."""
+        images: list = []
         for task in tasks:
             try:
-                images.append(self.fetcher.fetch(required_image_address(task, target), lease))
+                images.append(required_image_address(task, target))
             except BackendError as err:
-                log.warning("task %s: %s", task.get("id"), err.message)
                 images.append(err)
+        addresses = [index for index, image in enumerate(images) if isinstance(image, str)]
+        for index, image in zip(addresses, self.fetcher.fetch_all([images[index] for index in addresses], lease)):
+            images[index] = image
+        for task, image in zip(tasks, images):
+            if isinstance(image, BackendError):
+                log.warning("task %s: %s", task.get("id"), image.message)
         return images
 
     def webhook(self, payload: dict) -> dict:

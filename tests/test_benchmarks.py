@@ -1,4 +1,4 @@
-"""The scripts ``benchmarks/gpu_check.sh`` runs, run here at CPU sizes.
+"""The scripts ``benchmarks/gpu_check.sh`` runs (and the Label Studio download benchmark), run here at CPU sizes.
 
 A session lent a GPU has minutes of it: a script broken by a change to the engine would spend
 them on a traceback. These runs check that each script the check calls still runs to its last
@@ -60,3 +60,9 @@ def test_memory_benchmark_prints_a_row_per_size():
     printed = run_benchmark("memory.py", "--device", "cpu", "--backbone", "vit_small_patch16_dinov3",
                             "--sizes", "256")
     assert re.search(r"^\| 256 \| 256 \| [\d.]+ \| [\d.]+ \| 0\.0 \|$", printed, re.MULTILINE)
+
+
+def test_labelstudio_fetch_benchmark_prints_both_timings_and_their_ratio():
+    printed = run_benchmark("labelstudio_fetch.py", "--tasks", "2", "--latency", "0", "--repeats", "1")
+    timings = dict(re.findall(r"^(\w+) seconds=([\d.]+)$", printed, re.MULTILINE))
+    assert set(timings) == {"one_after_another", "fetch_all"} and re.search(r"^speedup=[\d.]+$", printed, re.MULTILINE)

@@ -173,12 +173,14 @@ class Listener:
     302 to that location (sent as is), ``/drip`` 1000 bytes one every 50 ms, ``/slow-headers`` its
     headers one byte every 50 ms, ``/status?<code>`` that status with a body, ``/unsized?<n>``
     ``n`` bytes with no ``Content-Length`` (the body ends where the connection does), ``/text`` a
-    200 that is not an image. With a server ``context`` it speaks https."""
+    200 that is not an image, ``/together?<n>&...`` the image once ``n`` such requests are in
+    (a 503 when they are not within 5 s). With a server ``context`` it speaks https."""
 
     def __init__(self, host: str, context: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, str | None]] = []
         self.host_headers: list[str | None] = []
         self.dripped = 0
+        self.barriers: dict[int, threading.Barrier] = {}
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -211,6 +213,20 @@ class Listener:
                         self.wfile.write(b"x" * int(path[9:]))
                     except OSError:
                         pass
+                elif path.startswith("/together?"):
+                    parties = int(path[10:].split("&")[0])
+                    try:
+                        listener.barriers.setdefault(parties, threading.Barrier(parties, timeout=5)).wait()
+                    except threading.BrokenBarrierError:
+                        self.send_response(503)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    body = png_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                 elif path == "/text":
                     body = b"not an image"
                     self.send_response(200)

@@ -203,6 +203,21 @@ def test_one_request_shares_one_download_deadline(hosts, fetcher):
     assert fetcher.fetch(allowed.url + "/x.png", fetcher.lease()).size == (8, 6)  # a new request, a new deadline
 
 
+def test_a_requests_downloads_run_at_once(hosts):
+    """Each of the four images is sent once all four requests are in: one download after another,
+    the first would wait alone until its deadline. A failing one keeps its place."""
+    label_studio = hosts["label_studio"]
+    fetcher = ImageFetcher(Credentials(label_studio.url, API_KEY), download_seconds=10.0)
+    addresses = [f"{label_studio.url}{UPLOADS}/together?4&{index}" for index in range(4)]
+    addresses.insert(2, f"{label_studio.url}{UPLOADS}/status?404")
+
+    with fetcher.lease() as lease:
+        images = fetcher.fetch_all(addresses, lease)
+        assert lease.pixels == 4 * 8 * 6, "every image's pixels are on the request's lease"
+    assert [getattr(image, "size", None) for image in images] == [(8, 6), (8, 6), None, (8, 6), (8, 6)]
+    assert isinstance(images[2], BackendError) and images[2].status == 422 and "HTTP 404" in images[2].message
+
+
 def test_a_failed_connection_does_not_say_why(hosts, fetcher):
     """Refused, reset or unreachable read the same to the client (no port scanner); the log has the cause."""
     closed_port = f"http://{canonical_host('127.0.0.3')}:1/x.png"
