@@ -68,17 +68,18 @@ def chosen_classes(dataset, field: str, choices, every: bool = False) -> dict:
     return {value: str(classes.get(value, value)) for value in values}
 
 
-def stored_mask(label) -> np.ndarray:
-    """A ``Segmentation``'s mask as stored: ``(H, W)`` or ``(H, W, 3|4)``.
+def stored_mask(label) -> tuple[np.ndarray, str | None]:
+    """A ``Segmentation``'s mask as stored, ``(H, W)`` or ``(H, W, 3|4)``, and the format of its
+    file (``"PNG"``, ``"JPEG"``, ...; ``None`` for a mask held in the label).
 
     Mask files are read in their EXIF orientation, as the engine reads images.
     """
     if label.mask is not None:
-        return np.asarray(label.mask)
+        return np.asarray(label.mask), None
     from PIL import Image, ImageOps
 
     with Image.open(label.mask_path) as handle:
-        return np.asarray(ImageOps.exif_transpose(handle))
+        return np.asarray(ImageOps.exif_transpose(handle)), handle.format
 
 
 def class_mask(array: np.ndarray, value: int | str | None = None) -> np.ndarray:
@@ -112,7 +113,7 @@ def reference_pairs(dataset, tag: str, field: str, value=None, role: str = "refe
         samples, as ``role`` s.
     """
     pairs, empty = [], []
-    for filepath, array in tagged_masks(dataset, tag, field, role):
+    for filepath, array in tagged_masks(dataset, tag, field, role, by_value=value is not None):
         mask = class_mask(array, value)
         if mask.any():
             pairs.append((filepath, mask))
@@ -138,7 +139,7 @@ def class_references(dataset, tag: str, field: str, classes: dict, skip_absent: 
     raises :class:`ReferenceProblem` unless ``skip_absent`` (and another class is shown).
     """
     pairs: dict = {value: [] for value in classes}
-    for filepath, array in tagged_masks(dataset, tag, field):
+    for filepath, array in tagged_masks(dataset, tag, field, by_value=True):
         for value in classes:
             mask = class_mask(array, value)
             if mask.any():
@@ -189,14 +190,22 @@ def check_files(pairs: list[tuple[str, np.ndarray]], role: str = "reference") ->
                                    f"{width}x{height} (width x height)")
 
 
-def tagged_masks(dataset, tag: str, field: str, role: str = "reference") -> list[tuple[str, np.ndarray]]:
-    """``(image path, stored mask)`` of every sample tagged ``tag``.
+def tagged_masks(dataset, tag: str, field: str, role: str = "reference",
+                 by_value: bool = False) -> list[tuple[str, np.ndarray]]:
+    """``(image path, stored mask)`` of every sample tagged ``tag``; a JPEG mask file comes as
+    its ``(H, W)`` foreground (:func:`insid3_core.io.lossy_foreground`: its compression rings are
+    no foreground).
+
+    Parameters
+    ----------
+    by_value : bool
+        The masks will be read by class value, which a JPEG mask file cannot hold exactly.
 
     Raises
     ------
     ReferenceProblem
-        ``field`` is not a ``Segmentation`` field, no sample carries the tag, or one has no
-        mask in ``field`` (the message names the samples).
+        ``field`` is not a ``Segmentation`` field, no sample carries the tag, one has no
+        mask in ``field`` (the message names the samples), or, ``by_value``, a JPEG mask file.
     """
     if field is None:
         raise ReferenceProblem(f"Dataset '{dataset._root_dataset.name}' has no Segmentation field to take {role} "
@@ -213,29 +222,35 @@ def tagged_masks(dataset, tag: str, field: str, role: str = "reference") -> list
         if label is None or (label.mask is None and not label.mask_path):
             missing.append(os.path.basename(filepath))
         else:
-            masks.append((filepath, _readable_mask(label, f"{role} {os.path.basename(filepath)}")))
+            masks.append((filepath, _readable_mask(label, f"{role} {os.path.basename(filepath)}", by_value)))
     if missing:
         raise ReferenceProblem(f"{len(missing)} {role}(s) tagged '{tag}' have no mask in '{field}': {_names(missing)}")
     return masks
 
 
-def _readable_mask(label, whose: str) -> np.ndarray:
-    """:func:`stored_mask`, or a :class:`ReferenceProblem` saying why the mask of ``whose`` cannot be used."""
+def _readable_mask(label, whose: str, by_value: bool) -> np.ndarray:
+    """:func:`stored_mask` (a JPEG file's as its foreground), or a :class:`ReferenceProblem` saying
+    why the mask of ``whose`` cannot be used (see :func:`tagged_masks`)."""
     from PIL import Image
 
     try:
-        array = stored_mask(label)
+        array, file_format = stored_mask(label)
     except FileNotFoundError:
         raise ReferenceProblem(f"The mask file of {whose} no longer exists ({label.mask_path})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ReferenceProblem(f"The mask file of {whose} is unreadable ({label.mask_path}): {err}") from None
-    from insid3_core.io import PHOTOGRAPH_COLOURS, is_photograph
+    from insid3_core.io import LOSSY_FORMATS, PHOTOGRAPH_COLOURS, is_photograph, lossy_foreground
 
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ReferenceProblem(f"The mask of {whose} has shape {array.shape}, not (H, W) or (H, W, 3|4)")
     if is_photograph(array):
         raise ReferenceProblem(f"The mask of {whose} has more than {PHOTOGRAPH_COLOURS} distinct colours: a photograph, "
                                f"not a mask ({label.mask_path or 'stored in the label'}); is it the image instead?")
+    if file_format in LOSSY_FORMATS:
+        if by_value:
+            raise ReferenceProblem(f"The mask file of {whose} is a JPEG, whose compression changes class values "
+                                   f"({label.mask_path}); store class masks as PNG")
+        return lossy_foreground(array)
     return array
 
 

@@ -234,8 +234,7 @@ def load_mask(
     """Load a reference mask (EXIF applied) as ``(H, W)`` bool.
 
     Foreground is any nonzero pixel (:func:`mask_array`), except in a JPEG file, whose
-    compression leaves faint nonzero rings around a mask's edges: there it is a channel at half of
-    that channel's brightest value or more (128 and more in a 0/255 mask, 1 and more in a 0/1 one).
+    compression leaves faint rings around a mask's edges (:func:`lossy_foreground`).
 
     Parameters
     ----------
@@ -271,8 +270,19 @@ def load_mask(
         if value is not None:
             raise InputError(f"{path}: a JPEG mask cannot hold exact class values (its compression changes "
                              "them); store class masks as PNG")
-        return mask_array((array > 0) & (array >= array.max(axis=(0, 1)) / 2))
+        return lossy_foreground(array)
     return mask_array(image, value)
+
+
+def lossy_foreground(array: np.ndarray) -> np.ndarray:
+    """Foreground of a mask read from a JPEG file, ``(H, W)`` or ``(H, W, C)`` -> ``(H, W)`` bool.
+
+    Compression leaves faint nonzero rings around a mask's edges, so a pixel counts where a
+    channel is nonzero and at half of that channel's brightest value or more (128 and more in a
+    0/255 mask, 1 and more in a 0/1 one); otherwise as :func:`mask_array`.
+    """
+    array = np.asarray(array)
+    return mask_array((array > 0) & (array >= array.max(axis=(0, 1)) / 2))
 
 
 def label_masks(path: str | Path, max_classes: int = 255) -> dict[int, np.ndarray]:

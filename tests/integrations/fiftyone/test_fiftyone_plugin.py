@@ -303,6 +303,7 @@ def test_form_offers_defaults_classes_and_explains_problems(fo, dataset):
     ("corrupt_mask_file", "The mask file of reference disks.png is unreadable"),
     ("flat_mask", "The mask of reference disks.png has shape (10,), not (H, W)"),
     ("photograph_as_mask", "The mask of reference disks.png has more than 4096 distinct colours: a photograph"),
+    ("jpeg_class_mask", "The mask file of reference disks.png is a JPEG, whose compression changes class values"),
     ("ray_actors", "'ray_actors' must be an integer >= 1, got 0"),
     ("reference_class", "'1.5' is not a class of 'ground_truth'"),
 ])
@@ -348,6 +349,12 @@ def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, 
             reference.ground_truth = fo.Segmentation(mask=np.ones(10, dtype=np.uint8))
         elif case == "photograph_as_mask":
             reference.ground_truth = fo.Segmentation(mask_path=str(copy))  # the image as its own mask
+        elif case == "jpeg_class_mask":
+            from PIL import Image
+
+            Image.open(REFERENCE[1]).save(tmp_path / "disks_mask.jpg")
+            reference.ground_truth = fo.Segmentation(mask_path=str(tmp_path / "disks_mask.jpg"))
+            params["reference_class"] = 255
         else:
             copy.unlink()
         reference.save()
@@ -357,6 +364,27 @@ def test_engine_and_reference_problems_are_form_messages(fo, dataset, tmp_path, 
     with pytest.raises(ExecutionError, match=re.escape(message)):
         segment(dataset, params)
     assert "pred" not in dataset.get_field_schema()
+
+
+def test_a_jpeg_reference_mask_is_read_without_its_compression_rings(fo, dataset, tmp_path):
+    """A reference whose ``mask_path`` is a JPEG was read as its every nonzero pixel, so the faint
+    rings its compression leaves around the mask's edges became foreground; it is now read as the
+    command line reads it (foreground at half the brightest value or more)."""
+    from PIL import Image
+
+    from fiftyone_plugin.references import reference_pairs
+
+    stored = np.asarray(Image.open(REFERENCE[1])) > 0
+    jpeg = tmp_path / "disks_mask.jpg"
+    Image.open(REFERENCE[1]).save(jpeg, quality=75)
+    assert ((np.asarray(Image.open(jpeg)) > 0) != stored).sum() > 500  # the rings `> 0` took
+    reference = dataset.match_tags("reference").first()
+    reference.ground_truth = fo.Segmentation(mask_path=str(jpeg))
+    reference.save()
+
+    [(filepath, mask)] = reference_pairs(dataset, "reference", "ground_truth")
+    assert filepath == str(REFERENCE[0]) and mask.shape == stored.shape
+    assert (mask != stored).sum() <= 10
 
 
 @pytest.mark.parametrize("where, name, value, message", [
