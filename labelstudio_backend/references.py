@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -83,8 +84,9 @@ class AnnotationStore:
     """References made from one project's annotations, cached under ``root``.
 
     Beside the pairs, ``root/stamps.json`` maps each cached annotation id to the stamp of the
-    content it was made from, so that an unchanged annotation is not downloaded again. Callers
-    serialise writes.
+    content it was made from, so that an unchanged annotation is not downloaded again. Writes
+    (:meth:`put`, :meth:`remove`) are serialised: a project's sync caches its annotations from
+    several threads.
 
     Parameters
     ----------
@@ -94,6 +96,7 @@ class AnnotationStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._writing = threading.RLock()
 
     def pairs(self) -> Pairs:
         """The cached pairs per label."""
@@ -101,26 +104,28 @@ class AnnotationStore:
 
     def put(self, annotation_id: int, image: Image.Image, masks: dict[str, np.ndarray], stamp: str) -> None:
         """Replace annotation ``annotation_id``'s references by ``masks`` (label -> ``(H, W)`` bool) on ``image``."""
-        self.remove(annotation_id)
-        stem = _stem(annotation_id)
-        for label, mask in masks.items():
-            folder = self.root / label_folder(label)
-            with atomic_write(folder / f"{stem}.png") as handle:
-                image.save(handle, format="PNG")
-            write_mask_png(folder / f"{stem}{MASK_SUFFIX}.png", mask)
-        self._write_stamps({**self._stamps(), str(int(annotation_id)): stamp})
+        with self._writing:
+            self.remove(annotation_id)
+            stem = _stem(annotation_id)
+            for label, mask in masks.items():
+                folder = self.root / label_folder(label)
+                with atomic_write(folder / f"{stem}.png") as handle:
+                    image.save(handle, format="PNG")
+                write_mask_png(folder / f"{stem}{MASK_SUFFIX}.png", mask)
+            self._write_stamps({**self._stamps(), str(int(annotation_id)): stamp})
 
     def remove(self, annotation_id: int) -> bool:
         """Drop annotation ``annotation_id``'s references; ``True`` when there were any."""
         stem = _stem(annotation_id)
         removed = False
-        for path in self.root.glob(f"*/{stem}.png"):
-            path.unlink()
-            path.with_name(f"{stem}{MASK_SUFFIX}.png").unlink(missing_ok=True)
-            removed = True
-        stamps = self._stamps()
-        if stamps.pop(str(int(annotation_id)), None) is not None:
-            self._write_stamps(stamps)
+        with self._writing:
+            for path in self.root.glob(f"*/{stem}.png"):
+                path.unlink()
+                path.with_name(f"{stem}{MASK_SUFFIX}.png").unlink(missing_ok=True)
+                removed = True
+            stamps = self._stamps()
+            if stamps.pop(str(int(annotation_id)), None) is not None:
+                self._write_stamps(stamps)
         return removed
 
     def stamp(self, annotation_id: int) -> str | None:

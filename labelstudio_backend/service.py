@@ -8,13 +8,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from insid3_core.io import write_json
 
 from .errors import BackendError
-from .images import ImageFetcher
+from .images import FETCH_THREADS, ImageFetcher
 from .labelconfig import RegionTarget, region_target
 from .payload import identifier, objects, optional_object, project_id, text
 from .references import AnnotationStore, Pairs, merge, pool_version, scan_folder
@@ -60,6 +60,7 @@ class Backend:
         self._locks_lock = threading.Lock()
         self._device_lock = threading.Lock()
         self._synced: set[int] = set()
+        self._stores: dict[int, AnnotationStore] = {}
 
     def project_lock(self, project: int | None) -> threading.RLock:
         """The lock of ``project``'s references: held while they change or are encoded, so
@@ -68,8 +69,11 @@ class Backend:
             return self._project_locks.setdefault(project, threading.RLock())
 
     def store(self, project: int) -> AnnotationStore:
-        """Cached annotation references of ``project``."""
-        return AnnotationStore(self.settings.model_dir / "projects" / str(project) / "references")
+        """Cached annotation references of ``project`` (one store per project, whose writes it serialises)."""
+        with self._locks_lock:
+            if project not in self._stores:
+                self._stores[project] = AnnotationStore(self.settings.model_dir / "projects" / str(project) / "references")
+            return self._stores[project]
 
     def pool(self, project: int | None) -> tuple[Pairs, str]:
         """``(label -> pairs, digest)`` of the reference folder and ``project``'s annotations.
@@ -322,18 +326,24 @@ class Backend:
             self._synced.add(project)
 
     def _replace(self, project: int, target: RegionTarget, tasks: Iterable[dict]) -> None:
-        """Cache every usable annotation of ``tasks`` and drop the others; a bad one is logged and skipped."""
-        seen = set()
-        for task in tasks:
-            annotations = task.get("annotations") if isinstance(task, dict) else None
-            for annotation in annotations if isinstance(annotations, list) else []:
-                try:
-                    if self.add_annotation(project, target, task, annotation):
-                        seen.add(annotation_id(annotation))
-                except BackendError as err:
-                    log.warning("project %s, task %s: annotation skipped: %s", project, task.get("id"), err.message)
-                except Exception:  # one annotation Label Studio holds must not stop a project's references
-                    log.exception("project %s, task %s: annotation skipped", project, task.get("id"))
+        """Cache every usable annotation of ``tasks`` and drop the others; a bad one is logged and skipped.
+
+        Up to :data:`~labelstudio_backend.images.FETCH_THREADS` annotations download at once (a
+        project's first sync is one image per annotation), each on a lease of its own.
+        """
+        def cached(task: dict, annotation) -> int | None:
+            try:
+                return annotation_id(annotation) if self.add_annotation(project, target, task, annotation) else None
+            except BackendError as err:
+                log.warning("project %s, task %s: annotation skipped: %s", project, task.get("id"), err.message)
+            except Exception:  # one annotation Label Studio holds must not stop a project's references
+                log.exception("project %s, task %s: annotation skipped", project, task.get("id"))
+            return None
+
+        pairs = [(task, annotation) for task in tasks if isinstance(task, dict)
+                 for annotation in (task.get("annotations") if isinstance(task.get("annotations"), list) else [])]
+        with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="insid3-sync") as pool:
+            seen = set(pool.map(lambda pair: cached(*pair), pairs)) - {None}
         store = self.store(project)
         for stale in store.annotation_ids() - seen:
             store.remove(stale)

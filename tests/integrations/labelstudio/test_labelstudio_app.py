@@ -15,7 +15,7 @@ pytest.importorskip("flask")
 pytest.importorskip("label_studio_sdk")
 
 from labelstudio_fixtures import (  # noqa: E402
-    BRUSH_CONFIG, CHOICES_CONFIG, EXAMPLES, LABEL, TARGETS, StaticServer, brush_region, reference_folder,
+    BRUSH_CONFIG, CHOICES_CONFIG, EXAMPLES, LABEL, TARGETS, Listener, StaticServer, brush_region, reference_folder,
     UPLOADS, scene_reference_folder, small_segmenter, two_disk_scenes, verdict_images, verdict_segmenter,
 )
 
@@ -217,6 +217,28 @@ def test_train_request_replaces_references(segmenter, settings, tmp_path):
     answer = client.post("/train", json={"project": "7.1", "label_config": BRUSH_CONFIG, "annotations": [task]})
     assert answer.status_code == 200, answer.get_json()
     assert predict(client, tasks_for(TARGETS[1:2])).status_code == 200
+
+
+def test_a_projects_annotations_download_at_once(segmenter, tmp_path):
+    """A project's annotations (its first sync, or ``/train``) were downloaded one after another:
+    here each image is sent once all three are asked for, so the first one alone waited until the
+    server gave up (503) and every annotation was skipped. A failing one is still skipped alone."""
+    mask = np.zeros((6, 8), dtype=bool)
+    mask[1:5, 2:6] = True
+    listener = Listener("127.0.0.1")
+    try:
+        backend = build_backend(Settings(label_studio_url=listener.url, model_dir=tmp_path / "model",
+                                         reference_dir=tmp_path / "none"), segmenter)
+        images = [f"{UPLOADS}/together?3&{index}" for index in range(3)] + [f"{UPLOADS}/status?404"]
+        tasks = [{"id": index + 1, "data": {"image": image}, "annotations": [{"id": 10 + index, "result": [brush_region(mask)]}]}
+                 for index, image in enumerate(images)]
+        answer = create_app(backend).test_client().post(
+            "/train", json={"project": "7.1", "label_config": BRUSH_CONFIG, "annotations": tasks})
+    finally:
+        listener.close()
+    assert answer.status_code == 200, answer.get_json()
+    assert backend.store(7).annotation_ids() == {10, 11, 12}
+    assert sorted(path for path, _ in listener.requests) == sorted(images)
 
 
 def test_unexpected_failures_are_json_not_tracebacks(segmenter, settings):
