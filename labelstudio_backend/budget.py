@@ -39,15 +39,16 @@ class PixelBudget:
         self.used = 0
         self._changed = threading.Condition()
 
-    def take(self, pixels: int, what: str, held: int = 0) -> None:
-        """Hold ``pixels`` (``what`` names them in errors), waiting at most ``wait_seconds``; a 503
-        :class:`BackendError` when they stay taken, a 413 at once when they and the ``held`` pixels
-        of the same request could never fit in the budget."""
+    def take(self, pixels: int, what: str, held: int = 0, wait: float | None = None) -> None:
+        """Hold ``pixels`` (``what`` names them in errors), waiting at most ``wait`` seconds (``None``:
+        ``wait_seconds``); a 503 :class:`BackendError` when they stay taken, a 413 at once when they
+        and the ``held`` pixels of the same request could never fit in the budget."""
         if held + pixels > self.limit:
             raise BackendError(f"{what}: {held + pixels} pixels in one request exceed "
                                f"INSID3_MAX_PIXELS_IN_FLIGHT={self.limit}", 413)
         with self._changed:
-            if not self._changed.wait_for(lambda: self.used + pixels <= self.limit, timeout=self.wait_seconds):
+            if not self._changed.wait_for(lambda: self.used + pixels <= self.limit,
+                                          timeout=self.wait_seconds if wait is None else wait):
                 raise BackendError(
                     f"{what}: {pixels} pixels would exceed INSID3_MAX_PIXELS_IN_FLIGHT={self.limit} "
                     f"(images other requests are decoding); retry in {RETRY_AFTER} s", 503, retry_after=RETRY_AFTER)
@@ -69,10 +70,13 @@ class Lease:
     budget : PixelBudget
     seconds : float
         ``INSID3_DOWNLOAD_SECONDS``: all of the request's downloads end within it.
+    wait : float or None
+        Seconds a :meth:`take` waits for pixels; ``None``: the budget's ``wait_seconds``.
     """
 
-    def __init__(self, budget: PixelBudget, seconds: float = float("inf")) -> None:
+    def __init__(self, budget: PixelBudget, seconds: float = float("inf"), wait: float | None = None) -> None:
         self.budget = budget
+        self.wait = wait
         self.pixels = 0
         self.deadline = time.monotonic() + seconds
         self._lock = threading.Lock()  # the request's downloads run in threads of their own
@@ -81,7 +85,7 @@ class Lease:
         """Hold ``pixels`` more for this request (see :meth:`PixelBudget.take`); ``what`` names
         them in the error."""
         with self._lock:
-            self.budget.take(pixels, what, held=self.pixels)
+            self.budget.take(pixels, what, held=self.pixels, wait=self.wait)
             self.pixels += pixels
 
     def __enter__(self) -> "Lease":

@@ -101,10 +101,10 @@ class ImageFetcher:
         self.download_seconds = download_seconds
         self.budget = budget or PixelBudget(2 * max_pixels, 30.0)
 
-    def lease(self) -> Lease:
+    def lease(self, wait: float | None = None) -> Lease:
         """A request's share of the pixel budget, given back when its ``with`` block ends, and
-        the deadline of all its downloads (``download_seconds`` from now)."""
-        return Lease(self.budget, self.download_seconds)
+        the deadline of all its downloads (``download_seconds`` from now); see :class:`Lease`."""
+        return Lease(self.budget, self.download_seconds, wait)
 
     def url(self, address: str) -> URL:
         """The checked URL of a task's image address; raises :class:`BackendError` when refused.

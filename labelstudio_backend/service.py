@@ -286,10 +286,12 @@ class Backend:
             return {"status": "started", "action": action, "model_version": self.model_version(project)}
         return {"status": "ok", "action": action, "model_version": self.model_version(project)}
 
-    def add_annotation(self, project: int, target: RegionTarget, task: dict, annotation: dict) -> bool:
+    def add_annotation(self, project: int, target: RegionTarget, task: dict, annotation: dict,
+                       wait: float | None = None) -> bool:
         """Cache ``annotation``'s masks as references; ``True`` when it has any.
 
-        An annotation cached from the same content (its stamp) is not downloaded again.
+        An annotation cached from the same content (its stamp) is not downloaded again. ``wait``:
+        seconds to wait for pixels (:meth:`ImageFetcher.lease`).
         """
         identifier = annotation_id(annotation)
         store = self.store(project)
@@ -300,7 +302,7 @@ class Backend:
             return False
         if store.stamp(identifier) == stamp:
             return True
-        with self.fetcher.lease() as lease:
+        with self.fetcher.lease(wait) as lease:
             masks = annotation_masks(annotation, target, self.settings.max_pixels, lease)
             if not masks:
                 store.remove(identifier)
@@ -329,12 +331,19 @@ class Backend:
         """Cache every usable annotation of ``tasks`` and drop the others; a bad one is logged and skipped.
 
         Up to :data:`~labelstudio_backend.images.FETCH_THREADS` annotations download at once (a
-        project's first sync is one image per annotation), each on a lease of its own.
+        project's first sync is one image per annotation), each on a lease of its own that does not
+        wait for pixels (``INSID3_MAX_PIXELS_IN_FLIGHT``): annotations holding some while waiting
+        for more could hold all. One that found them taken is tried again alone once they are done,
+        waiting as requests do.
         """
-        def cached(task: dict, annotation) -> int | None:
+        def cached(pair: tuple, last_try: bool) -> int | BackendError | None:
+            task, annotation = pair
             try:
-                return annotation_id(annotation) if self.add_annotation(project, target, task, annotation) else None
+                return annotation_id(annotation) if self.add_annotation(
+                    project, target, task, annotation, wait=None if last_try else 0.0) else None
             except BackendError as err:
+                if err.status == 503 and not last_try:
+                    return err
                 log.warning("project %s, task %s: annotation skipped: %s", project, task.get("id"), err.message)
             except Exception:  # one annotation Label Studio holds must not stop a project's references
                 log.exception("project %s, task %s: annotation skipped", project, task.get("id"))
@@ -343,7 +352,10 @@ class Backend:
         pairs = [(task, annotation) for task in tasks if isinstance(task, dict)
                  for annotation in (task.get("annotations") if isinstance(task.get("annotations"), list) else [])]
         with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="insid3-sync") as pool:
-            seen = set(pool.map(lambda pair: cached(*pair), pairs)) - {None}
+            outcomes = list(pool.map(lambda pair: cached(pair, last_try=False), pairs))
+        outcomes += [cached(pair, last_try=True) for pair, outcome in zip(pairs, outcomes)
+                     if isinstance(outcome, BackendError)]
+        seen = {outcome for outcome in outcomes if isinstance(outcome, int)}
         store = self.store(project)
         for stale in store.annotation_ids() - seen:
             store.remove(stale)

@@ -174,7 +174,8 @@ class Listener:
     headers one byte every 50 ms, ``/status?<code>`` that status with a body, ``/unsized?<n>``
     ``n`` bytes with no ``Content-Length`` (the body ends where the connection does), ``/text`` a
     200 that is not an image, ``/together?<n>&...`` the image once ``n`` such requests are in
-    (a 503 when they are not within 5 s). With a server ``context`` it speaks https."""
+    (a 503 when they are not within 5 s), ``/late?<seconds>&...`` the image after ``seconds``.
+    With a server ``context`` it speaks https."""
 
     def __init__(self, host: str, context: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, str | None]] = []
@@ -184,6 +185,13 @@ class Listener:
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
+            def send_image(self):
+                body = png_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_GET(self):
                 listener.requests.append((self.path, self.headers.get("Authorization")))
                 listener.host_headers.append(self.headers.get("Host"))
@@ -222,11 +230,10 @@ class Listener:
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
-                    body = png_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    self.send_image()
+                elif path.startswith("/late?"):
+                    time.sleep(float(path[6:].split("&")[0]))
+                    self.send_image()
                 elif path == "/text":
                     body = b"not an image"
                     self.send_response(200)
@@ -234,11 +241,7 @@ class Listener:
                     self.end_headers()
                     self.wfile.write(body)
                 else:
-                    body = png_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    self.send_image()
 
             def drip(self, data: bytes) -> None:
                 try:

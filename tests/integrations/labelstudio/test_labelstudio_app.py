@@ -241,6 +241,29 @@ def test_a_projects_annotations_download_at_once(segmenter, tmp_path):
     assert sorted(path for path, _ in listener.requests) == sorted(images)
 
 
+def test_annotations_downloading_at_once_do_not_starve_each_other_of_pixels(segmenter, tmp_path):
+    """INSID3_MAX_PIXELS_IN_FLIGHT fits one annotation (its mask, then its image). Two downloading
+    at once each hold their mask's pixels while their image arrives, so neither could take the
+    image's: each waited INSID3_DECODE_WAIT for the other and both were skipped. A sync's
+    annotation that finds the pixels taken is now tried again alone."""
+    mask = np.zeros((6, 8), dtype=bool)
+    mask[1:5, 2:6] = True
+    listener = Listener("127.0.0.1")
+    try:
+        backend = build_backend(Settings(label_studio_url=listener.url, model_dir=tmp_path / "model",
+                                         reference_dir=tmp_path / "none", max_pixels=48, max_pixels_in_flight=96,
+                                         decode_wait=0.5), segmenter)
+        tasks = [{"id": index + 1, "data": {"image": f"{UPLOADS}/late?0.5&{index}"},
+                  "annotations": [{"id": 10 + index, "result": [brush_region(mask)]}]} for index in range(2)]
+        answer = create_app(backend).test_client().post(
+            "/train", json={"project": "7.1", "label_config": BRUSH_CONFIG, "annotations": tasks})
+    finally:
+        listener.close()
+    assert answer.status_code == 200, answer.get_json()
+    assert backend.store(7).annotation_ids() == {10, 11}
+    assert backend.fetcher.budget.used == 0
+
+
 def test_unexpected_failures_are_json_not_tracebacks(segmenter, settings):
     client = make_client(segmenter, settings)
     annotation = {"id": 1, "result": [{"from_name": "tag", "type": "brushlabels", "original_width": 4,

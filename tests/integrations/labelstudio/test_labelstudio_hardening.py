@@ -285,10 +285,10 @@ def test_one_bad_annotation_in_label_studio_leaves_the_others(segmenter, setting
     backend = build_backend(settings, segmenter)
     added = backend.add_annotation
 
-    def failing_on_the_first(project, target, task, annotation):
+    def failing_on_the_first(project, target, task, annotation, **options):
         if annotation["id"] == 1:
             raise OverflowError("a value no decoder expected")
-        return added(project, target, task, annotation)
+        return added(project, target, task, annotation, **options)
 
     monkeypatch.setattr(backend, "add_annotation", failing_on_the_first)
     region = {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 8, "original_height": 6,
