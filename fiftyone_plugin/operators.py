@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Iterator
 
 import fiftyone.operators as foo
 from insid3_core.config import SMOKE_TEST_NOTE
@@ -111,8 +112,8 @@ def start_run(ctx):
     remember_form_values(ctx)  # once the engine has loaded and read the references with them
     record_provenance(ctx.dataset, outputs.fields, engine, segmenter, classes)
     counts = collections.Counter()
-    job = segment_collection(segmenter, classes, plan.collection, target_samples(ctx, chosen, plan.collection),
-                             outputs, engine.batch_size, counts, ray_predictions(ctx, engine, plan))
+    job = explained(segment_collection(segmenter, classes, plan.collection, target_samples(ctx, chosen, plan.collection),
+                                       outputs, engine.batch_size, counts, ray_predictions(ctx, engine, plan)))
 
     def report() -> str:
         return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test)
@@ -247,6 +248,19 @@ def output_inputs(inputs, dataset, chosen: dict) -> None:
                             "clusters: regions of one feature cluster")
     inputs.int("min_instance_patches", default=plugin_settings.default("min_instance_patches", dataset),
                label="Minimum instance patches", description="instances of fewer feature patches are dropped")
+
+
+def explained(job: Iterator) -> Iterator:
+    """``job``'s progress; running out of memory raises a ``RuntimeError`` naming the settings that
+    lower the memory a run needs (:func:`insid3_core.engine.out_of_memory_message`)."""
+    from insid3_core.engine import out_of_memory_message
+
+    try:
+        yield from job
+    except (RuntimeError, MemoryError) as err:
+        if out_of_memory_message(err) is None:
+            raise
+        raise RuntimeError(out_of_memory_message(err)) from err
 
 
 def run_delegated(ctx) -> dict:

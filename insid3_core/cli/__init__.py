@@ -10,6 +10,7 @@ from importlib.metadata import entry_points
 
 from .. import __version__
 from ..backbone import BackboneError
+from ..engine import out_of_memory_message
 from ..io import InputError
 
 
@@ -25,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, InputError, BackboneError, ValueError) as err:  # SettingsError is a ValueError
         print(f"insid3: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # pathlib's expanduser of "~name/..." for a user this machine lacks
-        if "home directory" not in str(err):
+    except (RuntimeError, MemoryError) as err:
+        if out_of_memory_message(err):
+            print(f"insid3: error: {out_of_memory_message(err)}; the outputs written so far are complete and "
+                  "listed (run again to resume)", file=sys.stderr)
+            return 2
+        if "home directory" not in str(err):  # pathlib's expanduser of "~name/..." for a user this machine lacks
             raise
         print(f"insid3: error: a path or INSID3_CACHE_DIR starting with '~' names no home directory here "
               f"({err})", file=sys.stderr)

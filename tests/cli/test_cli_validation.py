@@ -517,3 +517,55 @@ def test_a_ray_job_writing_into_a_folder_it_lists_is_refused_before_ray_starts(t
 
     assert listed_output_folder(str(tmp_path / "elsewhere"), [spec]) is None
     assert listed_output_folder(str(data / "masks"), [spec]) == (spec if "**" in spec else None)
+
+
+RUN_UNDER_A_MEMORY_CAP = """
+import resource, sys
+from insid3_core.cli import main
+
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+cap = int(status["VmSize"].split()[0]) * 1024 + (1 << 30)  # what it has mapped, and 1 GiB more
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_running_out_of_memory_names_the_settings_that_lower_it(tmp_path):
+    """A batch that did not fit (here, under an address-space cap: 2048 px targets, whose
+    clustering alone needs 2 GiB) ended in a torch or NumPy traceback; it is now exit 2 naming
+    batch_size and image_size, and the run's listing is still written."""
+    import subprocess
+    import sys
+
+    from test_cli import REFERENCE
+
+    out = tmp_path / "out"
+    answer = subprocess.run(
+        [sys.executable, "-c", RUN_UNDER_A_MEMORY_CAP, "segment", "--ref", *REFERENCE, "--out", str(out),
+         "--image-size", "2048", "--svd-components", "8", "--device", "cpu", "--batch-size", "2",
+         str(EXAMPLES / "targets" / "scene_01.png"), str(EXAMPLES / "targets" / "scene_02.png")],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert answer.returncode == 2, answer.stderr[-2000:]
+    assert "Traceback" not in answer.stderr
+    assert "insid3: error: out of memory (" in answer.stderr
+    assert "lower batch_size (--batch-size, INSID3_BATCH_SIZE) or image_size (--image-size, INSID3_IMAGE_SIZE)" in answer.stderr
+    assert json.loads((out / "annotations.json").read_text())["annotations"] == []
+
+
+def test_only_failed_allocations_are_called_out_of_memory():
+    """NumPy's and torch's own failures to allocate 728 TiB and 9 TB (refused at once, whatever the
+    overcommit) are; another RuntimeError is not."""
+    import torch
+
+    from insid3_core.engine import out_of_memory_message
+
+    failures = []
+    for allocate in (lambda: np.empty(10**14), lambda: torch.empty(10**13, dtype=torch.uint8)):
+        try:
+            allocate()
+        except (MemoryError, RuntimeError) as err:
+            failures.append(out_of_memory_message(err))
+    assert len(failures) == 2 and all(message.startswith("out of memory (") for message in failures)
+    assert "Unable to allocate 728. TiB" in failures[0] and "can't allocate memory" in failures[1]
+    assert out_of_memory_message(RuntimeError("Expected all tensors to be on the same device")) is None
+    assert out_of_memory_message(ValueError("can't allocate memory")) is None

@@ -387,6 +387,30 @@ def test_a_jpeg_reference_mask_is_read_without_its_compression_rings(fo, dataset
     assert (mask != stored).sum() <= 10
 
 
+def test_running_out_of_memory_names_the_settings_that_lower_it(fo, dataset, monkeypatch):
+    """A run that ran out of device memory failed with torch's message about its allocator; it now
+    names the form's batch_size and image_size, and writes no field. (The failure is raised here:
+    a real one needs a GPU, or a memory cap on the process, which the command line's test uses.)"""
+    import re
+
+    import torch
+    from fiftyone.operators.executor import ExecutionError
+
+    from insid3_core.engine import Segmenter
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB. If reserved but unallocated memory is large try setting ...")
+        yield
+
+    monkeypatch.setattr(Segmenter, "iter_segment", out_of_memory)
+    message = ("out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower batch_size (--batch-size, "
+               "INSID3_BATCH_SIZE) or image_size (--image-size, INSID3_IMAGE_SIZE)")
+    with pytest.raises(ExecutionError, match=re.escape(message)):
+        segment(dataset, {"output_field": "pred"})
+    assert "pred" not in dataset.get_field_schema()
+
+
 @pytest.mark.parametrize("where, name, value, message", [
     ("dataset", "ray_actors", 0, "plugin setting 'ray_actors' must be an integer >= 1, got 0"),
     ("app", "delegation_threshold", "many", "plugin setting 'delegation_threshold' must be an integer, got 'many'"),

@@ -264,6 +264,26 @@ def test_annotations_downloading_at_once_do_not_starve_each_other_of_pixels(segm
     assert backend.fetcher.budget.used == 0
 
 
+def test_running_out_of_device_memory_is_a_503_naming_the_settings(segmenter, settings, monkeypatch):
+    """A prediction that ran out of memory was a 500 saying only ``OutOfMemoryError``; the answer now
+    names the settings that lower the memory it needs. (The failure is raised here: a real one
+    needs a GPU, or a memory cap on the process, which the command line's test uses.)"""
+    import torch
+
+    backend = build_backend(settings, segmenter)
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.19 GiB. If reserved but unallocated memory is large try setting ...")
+
+    monkeypatch.setattr(backend.predictor, "segment", out_of_memory)
+    answer = predict(create_app(backend).test_client(), tasks_for(TARGETS[:1]))
+    assert answer.status_code == 503
+    assert answer.get_json()["error"] == (
+        "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); lower batch_size (--batch-size, "
+        "INSID3_BATCH_SIZE) or image_size (--image-size, INSID3_IMAGE_SIZE), or run on a device with more memory")
+
+
 def test_unexpected_failures_are_json_not_tracebacks(segmenter, settings):
     client = make_client(segmenter, settings)
     annotation = {"id": 1, "result": [{"from_name": "tag", "type": "brushlabels", "original_width": 4,
