@@ -333,9 +333,25 @@ class _Exchange:
 
 
 def named(address: str) -> str:
-    """``image '<address>'`` for messages, cut to its first :data:`SHOWN_CHARACTERS`."""
-    shown = address[:SHOWN_CHARACTERS] + ("..." if len(address) > SHOWN_CHARACTERS else "")
+    """``image '<address>'`` for messages and the log, its credentials (:func:`redacted`) hidden,
+    cut to its first :data:`SHOWN_CHARACTERS`."""
+    shown = redacted(address)
+    shown = shown[:SHOWN_CHARACTERS] + ("..." if len(shown) > SHOWN_CHARACTERS else "")
     return f"image {shown!r}"
+
+
+USER_INFORMATION = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//[^/?#]*@")
+SECRET_PARAMETER = re.compile(r"([?&;]([^=&;#]*(?:sig|token|key|secret|pass|credential|auth|session)[^=&;#]*)=)[^&;#]*",
+                              re.IGNORECASE)
+
+
+def redacted(address: str) -> str:
+    """``address`` with its user information and the values of its credential-like query parameters
+    (the signature and credential of a presigned S3 or GCS URL, an Azure SAS ``sig``, a ``token``
+    or ``api_key``) shown as ``***``, so that neither Label Studio's users nor the log see them.
+    Other parameters (``?d=`` of a local file) stay readable."""
+    address = USER_INFORMATION.sub(lambda found: f"{found.group(1) or ''}//***@", address)
+    return SECRET_PARAMETER.sub(lambda found: f"{found.group(1)}***", address)
 
 
 def _allowed_host(host: str) -> str:

@@ -210,7 +210,7 @@ class Listener:
                     self.drip(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: " + b"p" * 1000 + b"\r\n\r\n")
                 elif path.startswith("/status?"):
                     body = b"<html>internal details of the image server</html>"
-                    self.send_response(int(path[8:]))
+                    self.send_response(int(path[8:].split("&")[0]))
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)

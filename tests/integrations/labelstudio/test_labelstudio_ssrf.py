@@ -218,6 +218,29 @@ def test_a_requests_downloads_run_at_once(hosts):
     assert isinstance(images[2], BackendError) and images[2].status == 422 and "HTTP 404" in images[2].message
 
 
+def test_messages_and_the_log_hide_the_credentials_in_an_image_url(hosts, fetcher, caplog):
+    """A refused URL with a password in it, and a presigned URL that failed, were quoted whole in the
+    answer to Label Studio (whose users see it) and in the log: the password, and the signature and
+    access key of the presigned URL. Their values are now ``***``; other parameters stay readable."""
+    allowed = hosts["allowed"]
+    secrets = ("s3cr3t", "AKIAEXAMPLE", "0a1b2c3d4e", "FQoGZXIvYXdzE", "tok-123")
+    presigned = (f"{allowed.url}/status?404&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20261203"
+                 "&X-Amz-Signature=0a1b2c3d4e&X-Amz-Security-Token=FQoGZXIvYXdzE&access_token=tok-123")
+    messages = []
+    with caplog.at_level("INFO"):
+        for address in (f"http://alice:s3cr3t@{allowed.authority}/x.png", presigned,
+                        f"http://bob:s3cr3t@{canonical_host('127.0.0.3')}:1/x.png?d=scans/a.png"):
+            with pytest.raises(BackendError) as failed:
+                fetcher.fetch(address)
+            messages.append(failed.value.message)
+    assert [path for path, _ in allowed.requests] == [presigned.removeprefix(allowed.url)]  # it was asked for
+    assert not [secret for secret in secrets if secret in " ".join(messages) + caplog.text]
+    assert messages[0].startswith("image 'http://***@127.0.0.3:") and "user information" in messages[0]
+    assert "X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&access_token=***" in messages[1]
+    assert "HTTP 404" in messages[1] and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in messages[1]
+    assert messages[2].startswith("image 'http://***@127.0.0.3:1/x.png?d=scans/a.png'")
+
+
 def test_a_failed_connection_does_not_say_why(hosts, fetcher):
     """Refused, reset or unreachable read the same to the client (no port scanner); the log has the cause."""
     closed_port = f"http://{canonical_host('127.0.0.3')}:1/x.png"
