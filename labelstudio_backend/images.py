@@ -341,7 +341,7 @@ def named(address: str) -> str:
 
 
 USER_INFORMATION = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//[^/?#]*@")
-SECRET_PARAMETER = re.compile(r"([?&;]([^=&;#]*(?:sig|token|key|secret|pass|credential|auth|session)[^=&;#]*)=)[^&;#]*",
+SECRET_PARAMETER = re.compile(r"([?&;#]([^=&;#]*(?:sig|token|key|secret|pass|credential|auth|session)[^=&;#]*)=)[^&;#]*",
                               re.IGNORECASE)
 
 

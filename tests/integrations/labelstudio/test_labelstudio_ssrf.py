@@ -23,7 +23,7 @@ from labelstudio_fixtures import (BRUSH_CONFIG, Listener, UPLOADS, brush_region,
 from labelstudio_backend.addresses import is_allowed, parse_networks  # noqa: E402
 from labelstudio_backend.credentials import Credentials  # noqa: E402
 from labelstudio_backend.errors import BackendError  # noqa: E402
-from labelstudio_backend.images import ImageFetcher  # noqa: E402
+from labelstudio_backend.images import ImageFetcher, redacted  # noqa: E402
 from labelstudio_backend.urls import UnsafeURL, canonical_host, parse_url  # noqa: E402
 
 API_KEY = "secret-api-key"
@@ -239,6 +239,8 @@ def test_messages_and_the_log_hide_the_credentials_in_an_image_url(hosts, fetche
     assert "X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&access_token=***" in messages[1]
     assert "HTTP 404" in messages[1] and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in messages[1]
     assert messages[2].startswith("image 'http://***@127.0.0.3:1/x.png?d=scans/a.png'")
+    assert redacted("https://h/a.png?GoogleAccessId=bot&Signature=c2ln#access_token=tok") == \
+        "https://h/a.png?GoogleAccessId=bot&Signature=***#access_token=***"
 
 
 def test_a_failed_connection_does_not_say_why(hosts, fetcher):
