@@ -252,8 +252,8 @@ def output_inputs(inputs, dataset, chosen: dict) -> None:
 
 def explained(job: Iterator) -> Iterator:
     """``job``'s progress; running out of memory raises a ``RuntimeError`` naming the settings that
-    lower the memory a run needs (:func:`insid3_core.engine.out_of_memory_message`)."""
-    from insid3_core.engine import out_of_memory_message
+    lower the memory a run needs (:func:`insid3_core.settings.out_of_memory_message`)."""
+    from insid3_core.settings import out_of_memory_message
 
     try:
         yield from job

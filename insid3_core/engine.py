@@ -21,7 +21,6 @@ from .io import ImageLike, InputError, MaskLike
 from .loader import default_workers, executor, load_batches
 from .matching import reference_prototype
 from .quality import QualityThresholds, quality_report
-from .settings import describe
 from .timing import StageTimer
 from .pipeline import TargetMasks, lowres_masks
 from .results import Prediction, References, ReferenceSet, SegmentationResult
@@ -51,21 +50,6 @@ def check_image_size_fits(image_size: int, patch_size: int, device: torch.device
         f"to cluster one target ({(image_size // patch_size) ** 2:,} patches), more than the "
         f"{available / 2**30:.0f} GiB of {device}; use at most about {largest}"
     )
-
-
-def out_of_memory_message(error: BaseException) -> str | None:
-    """What a front end tells its user when ``error`` is a failed allocation (``torch.OutOfMemoryError``
-    on a device, the CPU allocator's ``RuntimeError``, NumPy's ``MemoryError``): which settings
-    lower the memory a run needs. ``None`` for any other error."""
-    text = " ".join(str(error).split())
-    if not (isinstance(error, (torch.OutOfMemoryError, MemoryError))
-            or (isinstance(error, RuntimeError) and "can't allocate memory" in text)):
-        return None
-    sentences = text.split(". ")
-    first = next((index for index, sentence in enumerate(sentences) if "allocate" in sentence or "memory" in sentence), 0)
-    what = ". ".join(sentences[first:first + 2]).rstrip(".") or type(error).__name__  # not torch's advice on its allocator
-    return (f"out of memory ({what}); lower {describe('batch_size')} or {describe('image_size')}, "
-            f"or run on a device with more memory")
 
 
 class Segmenter:

@@ -262,6 +262,23 @@ def describe(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')}, {variable(name)})"
 
 
+def out_of_memory_message(error: BaseException) -> str | None:
+    """What a front end tells its user when ``error`` is a failed allocation (``torch.OutOfMemoryError``
+    on a device, the CPU allocator's ``RuntimeError``, NumPy's ``MemoryError``): which settings
+    lower the memory a run needs. ``None`` for any other error."""
+    import torch
+
+    text = " ".join(str(error).split())
+    if not (isinstance(error, (torch.OutOfMemoryError, MemoryError))
+            or (isinstance(error, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    sentences = text.split(". ")
+    first = next((index for index, sentence in enumerate(sentences) if "allocate" in sentence or "memory" in sentence), 0)
+    what = ". ".join(sentences[first:first + 2]).rstrip(".") or type(error).__name__  # not torch's advice on its allocator
+    return (f"out of memory ({what}); lower {describe('batch_size')} or {describe('image_size')}, "
+            f"or run on a device with more memory")
+
+
 def parse(name: str, text: str, where: str):
     """Option ``name``'s value from ``text``; a :class:`SettingsError` naming ``where`` when it does not parse."""
     kind = EngineSettings.__dataclass_fields__[name].metadata["kind"]

@@ -11,7 +11,7 @@ import hmac
 import logging
 from pathlib import Path
 
-from insid3_core.engine import out_of_memory_message
+from insid3_core.settings import out_of_memory_message
 
 from .errors import BackendError
 from .interactive import context_regions

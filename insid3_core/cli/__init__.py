@@ -10,8 +10,8 @@ from importlib.metadata import entry_points
 
 from .. import __version__
 from ..backbone import BackboneError
-from ..engine import out_of_memory_message
 from ..io import InputError
+from ..settings import out_of_memory_message
 
 
 class UsageError(Exception):

@@ -557,7 +557,7 @@ def test_only_failed_allocations_are_called_out_of_memory():
     overcommit) are; another RuntimeError is not."""
     import torch
 
-    from insid3_core.engine import out_of_memory_message
+    from insid3_core.settings import out_of_memory_message
 
     failures = []
     for allocate in (lambda: np.empty(10**14), lambda: torch.empty(10**13, dtype=torch.uint8)):
