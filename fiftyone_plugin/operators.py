@@ -258,9 +258,10 @@ def explained(job: Iterator) -> Iterator:
     try:
         yield from job
     except (RuntimeError, MemoryError) as err:
-        if out_of_memory_message(err) is None:
+        message = out_of_memory_message(err)
+        if message is None:
             raise
-        raise RuntimeError(out_of_memory_message(err)) from err
+        raise RuntimeError(message) from err
 
 
 def run_delegated(ctx) -> dict:

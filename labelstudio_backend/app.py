@@ -87,8 +87,8 @@ def create_app(backend, turns: Turns | None = None):
     @app.errorhandler(Exception)
     def unexpected_error(err: Exception):
         log.exception("%s %s failed", request.method, request.path)
-        if out_of_memory_message(err):  # the settings are the operator's to change: no Retry-After
-            return jsonify(error=out_of_memory_message(err)), 503
+        if message := out_of_memory_message(err):  # the settings are the operator's to change: no Retry-After
+            return jsonify(error=message), 503
         return jsonify(error=f"insid3 backend failed ({type(err).__name__}); its log has the details"), 500
 
     @app.get("/")

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"insid3: error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as err:
-        if out_of_memory_message(err):
-            print(f"insid3: error: {out_of_memory_message(err)}; the outputs written so far are complete and "
+        if message := out_of_memory_message(err):
+            print(f"insid3: error: {message}; the outputs written so far are complete and "
                   "listed (run again to resume)", file=sys.stderr)
             return 2
         if "home directory" not in str(err):  # pathlib's expanduser of "~name/..." for a user this machine lacks
