@@ -133,6 +133,8 @@ class JobSpec:
     Attributes
     ----------
     settings : EngineSettings
+        Kept :meth:`~insid3_core.settings.EngineSettings.anchored`: a relative ``weights`` or
+        ``basis`` is made absolute here, where it was given.
     out : str or None
         Output folder: a path (local, or a disk every node mounts at the same path) or a URI of
         a pyarrow filesystem (``s3://bucket/masks``); ``None``: the actors return their
@@ -153,6 +155,9 @@ class JobSpec:
     overwrite: bool
     references: ReferencePayload
     inputs: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", self.settings.anchored())
 
     @property
     def parts(self) -> str:
@@ -422,16 +427,31 @@ def _skipped(job: JobSpec, path: str, output: str, data: bytes, digest: str) -> 
     return {"name": name, "status": "skipped", "source": path, "record": record}
 
 
+class WorkerError(Exception):
+    """An engine actor cannot go on (its engine does not build on its node, its device ran out of
+    memory, its masks cannot be written): the job stops and the message says why and where."""
+
+
 class SegmentActor:
-    """Ray Data actor: the engine on this actor's device, the references encoded once."""
+    """Ray Data actor: the engine on this actor's device, the references encoded once.
+
+    An engine that cannot start or go on does not raise: Ray would restart the actor, retry, and end
+    with its own error holding the message as text. The actor answers every batch with a
+    ``fatal`` message instead, which :func:`stopped_by` turns into a :class:`WorkerError`."""
 
     def __init__(self, job: JobSpec):
         from .outputs import run_description
 
-        self.job = job
-        self.segmenter = job.settings.build()
-        classes, negatives = job.references.pairs()
-        self.references = self.segmenter.encode(classes, negatives)
+        self.job, self.fatal = job, ""
+        try:
+            self.segmenter = job.settings.build()
+            classes, negatives = job.references.pairs()
+            self.references = self.segmenter.encode(classes, negatives)
+        except (ValueError, OSError, RuntimeError, MemoryError) as err:  # BackboneError is a RuntimeError
+            if not (fatal := _worker_failure("could not start its engine", err)):
+                raise
+            self.fatal = fatal
+            return
         self.run_id, self.run = run_description(
             job.settings, self.segmenter.backbone, self.segmenter.basis.shape[1],
             {label: [name for name, _ in pairs] for label, pairs in job.references.classes.items()},
@@ -440,10 +460,25 @@ class SegmentActor:
     def __call__(self, batch: dict) -> dict:
         """Segment a prepared batch. Writing masks: returns ``key`` and ``verdicts`` (the classes'
         verdicts, comma-separated); otherwise ``key`` and ``prediction`` (a
-        :class:`~insid3_core.Prediction`, or an :class:`InputError` for a target that failed)."""
+        :class:`~insid3_core.Prediction`, or an :class:`InputError` for a target that failed).
+        And ``fatal``: empty, or on every row why this actor cannot go on."""
+        keys = np.array([str(k) for k in batch["key"]], dtype=object)
+        if not self.fatal:
+            try:
+                return {"key": keys, **self._segmented(batch), "fatal": np.full(len(keys), "", dtype=object)}
+            except (OSError, RuntimeError, MemoryError) as err:
+                if not (fatal := _worker_failure("stopped", err)):
+                    raise
+                self.fatal = fatal
+        column = "prediction" if self.job.out is None else "verdicts"
+        return {"key": keys, column: np.full(len(keys), None if self.job.out is None else "", dtype=object),
+                "fatal": np.full(len(keys), self.fatal, dtype=object)}
+
+    def _segmented(self, batch: dict) -> dict:
+        """``prediction`` or ``verdicts`` of :meth:`__call__` (the masks written when writing)."""
         import torch
 
-        keys, errors = [str(k) for k in batch["key"]], [str(e) for e in batch["error"]]
+        errors = [str(e) for e in batch["error"]]
         good = [index for index, error in enumerate(errors) if not error]
         predictions: list = [InputError(error) if error else None for error in errors]
         if good:
@@ -454,11 +489,11 @@ class SegmentActor:
                                                                                pixels)):
                 predictions[index] = prediction
         if self.job.out is None:
-            return {"key": np.array(keys, dtype=object), "prediction": np.array(predictions, dtype=object)}
+            return {"prediction": np.array(predictions, dtype=object)}
         self._write(batch, good, predictions)  # writing, the prepare stage settled every failure
         verdicts = [",".join(result.quality.verdict for result in prediction.classes.values())
                     for prediction in predictions]
-        return {"key": np.array(keys, dtype=object), "verdicts": np.array(verdicts, dtype=object)}
+        return {"verdicts": np.array(verdicts, dtype=object)}
 
     def _write(self, batch: dict, good: list[int], predictions: list) -> None:
         from .coco import result_record
@@ -529,6 +564,29 @@ def _carried(location: str) -> dict | None:
         return None
 
 
+def _worker_failure(what: str, error: BaseException) -> str:
+    """:class:`WorkerError`'s message (the engine actor on this node ``what``, and why) when
+    ``error`` is one an actor reports: a backbone, settings or file problem, or a failed allocation
+    (named with the settings that lower the memory a run needs); ``""`` for a defect, which
+    the caller raises for Ray's traceback to show."""
+    import ray
+
+    from .backbone import BackboneError
+    from .settings import out_of_memory_message
+
+    reason = out_of_memory_message(error)
+    if reason is None and isinstance(error, OSError) and error.filename is not None:
+        reason = f"{error.filename}: {error.strerror or error}"
+    if reason is None and not isinstance(error, (BackboneError, ValueError, OSError)):
+        return ""
+    return f"the engine actor on Ray node {ray.util.get_node_ip_address()} {what}: {reason or error}"
+
+
+def stopped_by(batch: dict) -> str:
+    """The first ``fatal`` message of an engine actor's batch (see :class:`SegmentActor`), or ``""``."""
+    return next((str(message) for message in batch["fatal"] if message), "")
+
+
 def _failed(path: str, message: str) -> dict:
     return {"name": PurePosixPath(path).name, "status": "failed", "source": path, "error": message}
 
@@ -539,7 +597,8 @@ def _is_image(name: str) -> bool:
 
 def connect(options: ClusterOptions, what: str = "--ray") -> None:
     """``ray.init`` for ``options.address``; ``local`` starts a runtime on this machine with
-    enough logical CPUs for the actors and the CPU stages beside them. :class:`InputError`
+    enough logical CPUs for the actors and the CPU stages beside them (a new one, even where
+    ``RAY_ADDRESS`` or a ``ray start`` names a cluster). :class:`InputError`
     naming ``what`` (the option or setting) when Ray Data is not installed or the cluster cannot
     be reached."""
     try:
@@ -554,7 +613,8 @@ def connect(options: ClusterOptions, what: str = "--ray") -> None:
     try:
         if options.address == "local":
             needed = int(np.ceil(options.actors * options.cpus_per_actor)) + 2
-            ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+                     log_to_driver=False)
         else:
             ray.init(address=options.address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -601,13 +661,16 @@ def iter_predictions(job: JobSpec, targets: list[dict], options: ClusterOptions)
     connect(options)
     stream = segmented_stream(ray.data.from_items(targets), job, options)
     for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
+        if fatal := stopped_by(batch):
+            raise WorkerError(fatal)
         yield from zip((str(key) for key in batch["key"]), batch["prediction"])
 
 
 def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict) -> JobSummary:
     """Run the stream (see the module docstring) and merge its fragments into
     ``<out>/annotations.json``; ``info`` is the document's ``info`` (this run's description is
-    added from the actors' run files)."""
+    added from the actors' run files). An engine actor that cannot go on stops the job: what was
+    settled is merged, then :class:`WorkerError` says why."""
     import ray
 
     connect(options)
@@ -615,8 +678,10 @@ def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict)
     stream = stream.map_batches(list_batch, batch_size=1, batch_format="numpy", num_cpus=CPU_STAGE_CPUS,
                                 fn_kwargs={"parts": job.parts})
     stream = segmented_stream(stream, job, options)
-    verdicts = collections.Counter()
+    verdicts, fatal = collections.Counter(), ""
     for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
+        if fatal := stopped_by(batch):
+            break  # what was settled is still merged: the document lists every mask written so far
         for listed in batch["verdicts"]:
             verdicts.update(v for v in str(listed).split(",") if v)
     with tempfile.TemporaryDirectory(prefix="insid3-merge-") as scratch:
@@ -643,6 +708,8 @@ def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict)
 
             pyarrow.fs.copy_files(str(merged), document)
     remove_parts(job)
+    if fatal:
+        raise WorkerError(f"{fatal}; {document} lists the masks written so far (run again to resume)")
     summary.verdicts, summary.smoke_test = verdicts, bool(latest.get("smoke_test"))
     return summary
 

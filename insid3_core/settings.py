@@ -123,6 +123,14 @@ class EngineSettings:
             name, _, rest = str(err).partition(" ")
             raise SettingsError(f"{describe(name)} {rest}" if name in self.names() else str(err)) from None
 
+    def anchored(self) -> EngineSettings:
+        """These settings with ``weights`` and ``basis`` made absolute where they name a file or
+        folder here: what travels to other processes, whose working directory is not this one's (a
+        Ray worker's). A path that is not here (one the workers' nodes hold) is left as it is."""
+        return dataclasses.replace(self, **{name: str(Path(value).expanduser().resolve())
+                                            for name in ("weights", "basis")
+                                            if (value := getattr(self, name)) and Path(value).expanduser().exists()})
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """Every option's name, in order."""

@@ -210,7 +210,7 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
     output folder, the references and the TARGET arguments are checked here, before Ray starts."""
     from ..distributed import (
         ClusterOptions, JobSpec, check_output_store, check_target_spec, connect, exists, is_uri, joined, read_bytes,
-        reference_payload, run_job, settle, start_parts,
+        WorkerError, reference_payload, run_job, settle, start_parts,
     )
     from ..fragments import earlier_entries, print_summary
 
@@ -243,7 +243,10 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
         connect(options)
         start_parts(job)
         settle(job, earlier_entries(records))
-        summary = run_job(job, arguments.targets, options, dict(document.get("info", {})) if document else {})
+        try:
+            summary = run_job(job, arguments.targets, options, dict(document.get("info", {})) if document else {})
+        except WorkerError as err:
+            raise UsageError(str(err)) from None
         print_summary(summary, out)
         if summary.smoke_test:
             print(f"insid3: reminder: {SMOKE_TEST_NOTE}", file=sys.stderr)

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from data import EXAMPLES
+from insid3_core.backbone import BUNDLED_CHECKPOINT
 from test_cli import FAST, REFERENCE
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(find_spec("ray") is None, reason="needs the ray extra")]
@@ -64,12 +65,13 @@ def single_machine(targets, tmp_path_factory) -> Path:
     return out
 
 
-def run(target, out, *options, env=None) -> subprocess.CompletedProcess:
-    """``insid3 segment --ref ... TARGET... --out OUT OPTIONS`` in a subprocess (``env`` added);
-    ``target``: one or a list."""
+def run(target, out, *options, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """``insid3 segment --ref ... TARGET... --out OUT OPTIONS`` in a subprocess (``env`` added,
+    in ``cwd``); ``target``: one or a list."""
     given = [str(path) for path in (target if isinstance(target, list) else [target])]
     command = [INSID3, "segment", "--ref", *REFERENCE, *FAST, *given, "--out", str(out), *map(str, options)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+                          cwd=cwd)
 
 
 def masks(out: Path) -> dict[str, bytes]:
@@ -174,6 +176,40 @@ def test_a_bad_reference_is_refused_before_ray_starts(targets, tmp_path):
     assert unreachable.returncode == 2 and f"--ray {nobody}: no Ray cluster answers there" in unreachable.stderr
 
 
+def test_an_engine_that_cannot_start_on_a_worker_stops_the_job_with_its_reason(targets, single_machine, tmp_path):
+    """A checkpoint the workers cannot load (on a cluster: a file only the driver's machine holds,
+    or a damaged copy): exit 2 naming the node and the file, no traceback, the earlier masks still
+    listed; :func:`~insid3_core.distributed.iter_predictions` (the FiftyOne plugin's fan-out)
+    raises :class:`~insid3_core.distributed.WorkerError` with the same reason."""
+    broken = tmp_path / "damaged.pth"
+    broken.write_bytes(b"\x00" * 4096)
+    out = tmp_path / "out"
+    shutil.copytree(single_machine, out)
+    done = run(targets, out, "--ray", "local", "--overwrite", "--weights", broken)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("insid3: error: the engine actor on Ray node ") and "could not start its engine: " \
+        f"{broken}: not a PyTorch checkpoint" in last and "(run again to resume)" in last, last
+    assert "Traceback" not in done.stderr
+    assert_same_outputs(out, single_machine)  # --overwrite, but nothing was segmented: nothing replaced or lost
+
+    script = f"""
+import sys
+from insid3_core.distributed import ClusterOptions, JobSpec, WorkerError, iter_predictions, reference_payload
+from insid3_core.settings import EngineSettings
+payload = reference_payload({{"object": [({REFERENCE[0]!r}, {REFERENCE[1]!r})]}}, [])
+job = JobSpec(EngineSettings(weights={str(broken)!r}, image_size=128, device="cpu"), None, ("object",), None, False,
+              payload)
+try:
+    list(iter_predictions(job, [{{"path": {str(sorted(targets.glob("*.png"))[0])!r}}}], ClusterOptions("local")))
+except WorkerError as err:
+    sys.exit(f"WorkerError: {{err}}")
+"""
+    raised = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert "WorkerError: the engine actor on Ray node" in raised.stderr and \
+        f"{broken}: not a PyTorch checkpoint" in raised.stderr, raised.stderr
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -200,11 +236,24 @@ def ray_cluster():
 
 
 def test_a_ray_start_cluster_gives_the_same_masks(targets, single_machine, tmp_path, ray_cluster):
+    """Also with ``--weights`` relative to the driver's working directory, which is not the
+    workers' (theirs is where ``ray start`` ran); and ``--ray local`` beside it, with
+    ``RAY_ADDRESS`` naming it, starts a runtime of its own."""
+    import numpy as np
+
     address, env = ray_cluster
     out = tmp_path / "out"
     done = run(targets, out, "--ray", address, "--actors", "2", env=env)
     assert done.returncode == 0, done.stderr
     assert_same_outputs(out, single_machine)
+    relative = run(targets, tmp_path / "relative", "--ray", address, "--weights", "tiny_dinov3_meta.pth", env=env,
+                   cwd=BUNDLED_CHECKPOINT.parent)
+    assert relative.returncode == 0, relative.stderr
+    for name in masks(single_machine):  # the same pixels (the records name other weights)
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "relative" / name)),
+                                      np.asarray(Image.open(single_machine / name)))
+    beside = run(targets, tmp_path / "beside", "--ray", "local", env={**env, "RAY_ADDRESS": address})
+    assert beside.returncode == 0 and "Started a local Ray instance" in beside.stderr, beside.stderr
     refused = run(targets, tmp_path / "other", "--ray", address, env={**env, "RAY_AUTH_TOKEN": "0" * 64})
     assert refused.returncode != 0, "a client without the cluster's token is turned away"
 
