@@ -64,9 +64,9 @@ def transformers_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     Meta's architecture does not have.
     """
     config = _read_config(folder)
-    if config.get("model_type") != HF_MODEL_TYPE:
-        raise ValueError(f"{folder}: config.json describes a {config.get('model_type')!r} model, not DINOv3 "
-                         f"(model_type {HF_MODEL_TYPE!r})")
+    if (model_type := config.get("model_type")) != HF_MODEL_TYPE:
+        described = "names no model_type" if model_type is None else f"describes a {model_type!r} model"
+        raise ValueError(f"{folder}: config.json {described}, not DINOv3 (model_type {HF_MODEL_TYPE!r})")
     gated = bool(config.get("use_gated_mlp", False))
     expected_act = "silu" if gated else "gelu"
     if config.get("hidden_act", "gelu") != expected_act:

@@ -92,6 +92,9 @@ def test_a_config_that_is_not_dinov3_is_refused_naming_the_folder(tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "model_type": "vit"}))
     with pytest.raises(BackboneError, match=f"{tmp_path / 'other'}: config.json describes a 'vit' model, not DINOv3"):
         load_backbone(tmp_path / "other", device="cpu")
+    (tmp_path / "other" / "config.json").write_text(json.dumps({}))
+    with pytest.raises(BackboneError, match="config.json names no model_type, not DINOv3"):
+        load_backbone(tmp_path / "other", device="cpu")
     (tmp_path / "empty").mkdir()
     with pytest.raises(BackboneError, match="a folder without config.json"):
         load_backbone(tmp_path / "empty", device="cpu")
