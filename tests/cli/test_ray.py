@@ -1,5 +1,6 @@
 """``insid3 segment --ray`` on a real local Ray runtime (and a ``ray start --head`` cluster): the
-single-machine masks byte for byte, resume, a bad target in the middle, an actor killed mid-job,
+single-machine masks byte for byte, resume, a bad target in the middle, an actor killed mid-job, an
+actor whose engine cannot start or runs out of memory,
 a bad reference refused before Ray starts.
 
 Each run is a subprocess, so its Ray runtime stops with it. Ray's servers bind every interface
@@ -208,6 +209,43 @@ except WorkerError as err:
     raised = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert "WorkerError: the engine actor on Ray node" in raised.stderr and \
         f"{broken}: not a PyTorch checkpoint" in raised.stderr, raised.stderr
+
+
+ACTOR_UNDER_A_MEMORY_CAP = """
+import json, resource, sys
+import numpy as np
+from insid3_core.distributed import JobSpec, SegmentActor, prepare_batch, reference_payload
+from insid3_core.settings import EngineSettings
+
+reference, mask, *targets = sys.argv[1:]
+job = JobSpec(EngineSettings(image_size=2048, svd_components=8, device="cpu", batch_size=2), None, ("object",),
+              None, False, reference_payload({"object": [(reference, mask)]}, []))
+actor = SegmentActor(job)
+batch = prepare_batch({"path": np.array(targets, dtype=object)}, job)
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+cap = int(status["VmSize"].split()[0]) * 1024 + (1 << 30)  # what it has mapped, and 1 GiB more
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+for _ in range(2):
+    answer = actor(batch)
+    print(json.dumps({name: list(column) for name, column in answer.items()}))
+"""
+
+
+def test_an_engine_actor_out_of_memory_answers_why_instead_of_raising(targets):
+    """A batch that does not fit (a real allocation failure, under an address-space cap: 2048 px,
+    whose clustering alone needs 2 GiB) is answered with the out-of-memory message on every row,
+    as is every later batch; Ray would otherwise retry it and end with its own traceback."""
+    paths = [str(targets / "scene_01.png"), str(targets / "scene_02.png")]
+    answer = subprocess.run([sys.executable, "-c", ACTOR_UNDER_A_MEMORY_CAP, *REFERENCE, *paths],
+                            capture_output=True, text=True, timeout=600)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    lines = answer.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1], answer.stdout
+    columns = json.loads(lines[0])
+    assert columns["key"] == paths and columns["prediction"] == [None, None]
+    fatal = columns["fatal"]
+    assert len(set(fatal)) == 1 and fatal[0].startswith("the engine actor on Ray node ") and \
+        " stopped: out of memory (" in fatal[0] and "lower batch_size (--batch-size, INSID3_BATCH_SIZE)" in fatal[0]
 
 
 def free_port() -> int:
