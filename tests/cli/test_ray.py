@@ -1,7 +1,6 @@
 """``insid3 segment --ray`` on a real local Ray runtime (and a ``ray start --head`` cluster): the
 single-machine masks byte for byte, resume, a bad target in the middle, an actor killed mid-job, an
-actor whose engine cannot start or runs out of memory,
-a bad reference refused before Ray starts.
+actor whose engine cannot start or runs out of memory, a bad reference refused before Ray starts.
 
 Each run is a subprocess, so its Ray runtime stops with it. Ray's servers bind every interface
 whatever ``--node-ip-address`` says (Ray replaces a loopback address by the host's), so the cluster
