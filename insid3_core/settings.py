@@ -238,7 +238,9 @@ def settings_file(path: str | Path, where: str) -> dict:
     """Engine options from the JSON file ``path`` (given by ``where``, e.g. ``--settings``): the
     ``settings`` object of a ``calibration.json``, else the document itself, an object of option
     name -> value; a :class:`SettingsError` naming the file when it is unreadable, not such an
-    object, or holds an unknown option or a bad value."""
+    object, or holds an unknown option or a bad value. A relative ``weights`` or ``basis`` that
+    names a file or folder beside the settings file is that one (else it is read as given: from
+    the working directory, or as a Hugging Face repo id)."""
     try:
         document = json_value(read_small_file(path).decode("utf-8"))
     except OSError as err:
@@ -257,6 +259,10 @@ def settings_file(path: str | Path, where: str) -> dict:
         EngineSettings(**options)
     except SettingsError as err:
         raise SettingsError(f"{where} {path}: {err}") from None
+    beside = Path(path).expanduser().parent
+    for name in ("weights", "basis"):
+        if name in options and not Path(options[name]).expanduser().is_absolute() and (beside / options[name]).exists():
+            options[name] = str(beside / options[name])
     return options
 
 

@@ -145,6 +145,30 @@ def test_flags_and_variables_win_over_settings_files(tmp_path, monkeypatch):
     assert (settings.tau, settings.merge_threshold, settings.svd_components, settings.refinement) == (0.8, 0.1, 8, "guided")
 
 
+def test_paths_in_a_settings_file_are_read_beside_it(tmp_path, monkeypatch):
+    """``INSID3_SETTINGS`` read by a server started anywhere: a relative ``weights``/``basis`` that
+    is beside the file is that one; one that is not stays as given (the working directory's, or a
+    Hugging Face repo id)."""
+    import numpy as np
+
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "weights.pth").write_bytes(b"")
+    np.save(project / "basis.npy", np.eye(4)[:, :2])
+    shared = project / "insid3.json"
+    shared.write_text(json.dumps({"weights": "models/weights.pth", "basis": "basis.npy"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("INSID3_SETTINGS", str(shared))
+    settings = EngineSettings.from_env()
+    assert (settings.weights, settings.basis) == (str(project / "models" / "weights.pth"), str(project / "basis.npy"))
+    shared.write_text(json.dumps({"weights": "facebook/dinov3-vitl16-pretrain-lvd1689m", "basis": "here.npy"}))
+    np.save(elsewhere / "here.npy", np.eye(4)[:, :2])
+    settings = EngineSettings.from_env()
+    assert (settings.weights, settings.basis) == ("facebook/dinov3-vitl16-pretrain-lvd1689m", "here.npy")
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not a JSON document"),
     ("[1, 2]", "expected a JSON object of engine options, got list"),
