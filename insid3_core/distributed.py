@@ -338,11 +338,14 @@ def output_path(job: JobSpec, path: str) -> str:
     return joined(job.out, f"{PurePosixPath(path).stem}.png")
 
 
-def settle(job: JobSpec, entries: list[dict]) -> None:
-    """Write settled entries as one fragment of the job (see :mod:`insid3_core.fragments`)."""
-    if entries:
-        name, data = fragment_file(entries)
-        put(joined(job.parts, name), data)
+def settle(job: JobSpec, entries: list[dict]) -> str:
+    """Write settled entries as one fragment of the job (see :mod:`insid3_core.fragments`);
+    its name, ``""`` when there are none."""
+    if not entries:
+        return ""
+    name, data = fragment_file(entries)
+    put(joined(job.parts, name), data)
+    return name
 
 
 def prepare_batch(batch: dict, job: JobSpec) -> dict:
@@ -461,6 +464,7 @@ class SegmentActor:
         """Segment a prepared batch. Writing masks: returns ``key`` and ``verdicts`` (the classes'
         verdicts, comma-separated); otherwise ``key`` and ``prediction`` (a
         :class:`~insid3_core.Prediction`, or an :class:`InputError` for a target that failed).
+        Writing, also ``fragment``: on every row, the name of the fragment that settled the batch.
         And ``fatal``: empty, or on every row why this actor cannot go on."""
         keys = np.array([str(k) for k in batch["key"]], dtype=object)
         if not self.fatal:
@@ -470,8 +474,8 @@ class SegmentActor:
                 if not (fatal := _worker_failure("stopped", err)):
                     raise
                 self.fatal = fatal
-        column = "prediction" if self.job.out is None else "verdicts"
-        return {"key": keys, column: np.full(len(keys), None if self.job.out is None else "", dtype=object),
+        empty = {"prediction": None} if self.job.out is None else {"verdicts": "", "fragment": ""}
+        return {"key": keys, **{name: np.full(len(keys), value, dtype=object) for name, value in empty.items()},
                 "fatal": np.full(len(keys), self.fatal, dtype=object)}
 
     def _segmented(self, batch: dict) -> dict:
@@ -490,16 +494,18 @@ class SegmentActor:
                 predictions[index] = prediction
         if self.job.out is None:
             return {"prediction": np.array(predictions, dtype=object)}
-        self._write(batch, good, predictions)  # writing, the prepare stage settled every failure
+        fragment = self._write(batch, good, predictions)  # writing, the prepare stage settled every failure
         verdicts = [",".join(result.quality.verdict for result in prediction.classes.values())
                     for prediction in predictions]
-        return {"verdicts": np.array(verdicts, dtype=object)}
+        return {"verdicts": np.array(verdicts, dtype=object),
+                "fragment": np.full(len(verdicts), fragment, dtype=object)}
 
-    def _write(self, batch: dict, good: list[int], predictions: list) -> None:
+    def _write(self, batch: dict, good: list[int], predictions: list) -> str:
+        """Write the batch's masks and its fragment; the fragment's name (``""``: nothing to write)."""
         from .coco import result_record
 
         if not good:
-            return
+            return ""
         if self.run is not None:  # here, not in __init__: an actor may finish starting after the job
             described = json.dumps({"run": self.run_id, **self.run}).encode()
             put(joined(self.job.parts, f"run-{self.run_id}.json"), described)
@@ -511,7 +517,7 @@ class SegmentActor:
                                    self.job.settings.min_instance_patches)
             record["image"]["run"] = self.run_id
             settled.append(place_mask(self.job, path, str(batch["digest"][index]), prediction.label_map, record))
-        settle(self.job, settled)
+        return settle(self.job, settled)
 
 
 def place_mask(job: JobSpec, path: str, digest: str, label_map: np.ndarray, record: dict) -> dict:
@@ -678,12 +684,14 @@ def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict)
     stream = stream.map_batches(list_batch, batch_size=1, batch_format="numpy", num_cpus=CPU_STAGE_CPUS,
                                 fn_kwargs={"parts": job.parts})
     stream = segmented_stream(stream, job, options)
-    verdicts, fatal = collections.Counter(), ""
+    verdicts, fatal, fragments = collections.Counter(), "", set()
     for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
         if fatal := stopped_by(batch):
             break  # what was settled is still merged: the document lists every mask written so far
         for listed in batch["verdicts"]:
             verdicts.update(v for v in str(listed).split(",") if v)
+        fragments.update(str(name) for name in batch["fragment"] if name)
+    check_shared_parts(job, fragments)
     with tempfile.TemporaryDirectory(prefix="insid3-merge-") as scratch:
         parts = Path(job.parts)
         if is_uri(job.parts):  # the merge reads and writes local files: fetch the fragments
@@ -712,6 +720,20 @@ def run_job(job: JobSpec, specs: list[str], options: ClusterOptions, info: dict)
         raise WorkerError(f"{fatal}; {document} lists the masks written so far (run again to resume)")
     summary.verdicts, summary.smoke_test = verdicts, bool(latest.get("smoke_test"))
     return summary
+
+
+def check_shared_parts(job: JobSpec, fragments: set[str]) -> None:
+    """:class:`WorkerError` when fragments the engine actors wrote (``fragments``: their names)
+    are not in this machine's fragments folder: ``--out`` is a disk the nodes do not share, and
+    the masks written there are beyond the merge (on an object store every node shares it)."""
+    if is_uri(job.parts):
+        return
+    unseen = sorted(name for name in fragments if not (Path(job.parts) / name).exists())
+    if unseen:
+        raise WorkerError(f"--out {job.out}: {len(unseen)} of the {len(fragments)} fragments the engine actors wrote "
+                          f"are not in {job.parts} on this machine: the Ray nodes do not share this folder, and "
+                          "the masks written on the others are not listed; give a folder every node mounts at the "
+                          "same path, or an object-store URI (s3://bucket/masks)")
 
 
 def remove_parts(job: JobSpec) -> None:

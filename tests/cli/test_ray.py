@@ -10,6 +10,7 @@ random token, and is stopped in teardown.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -256,20 +257,57 @@ def free_port() -> int:
 @pytest.fixture
 def ray_cluster():
     """``ray start --head`` on this machine, token authentication on; its address and environment."""
+    with started_cluster(head_cpus=4) as (address, env):
+        yield address, env
+
+
+@contextlib.contextmanager
+def started_cluster(head_cpus: int, node_command: str | None = None):
+    """``ray start --head`` with ``head_cpus`` CPUs, token authentication on, and, given a
+    ``node_command`` (a shell command ``{ray_start}`` ends), a worker node; the address and the
+    environment. Every Ray process of the machine is stopped after."""
     port = free_port()
     sessions = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": sessions}
     environment = {**os.environ, **env}
-    started = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                              "--include-dashboard", "false", "--num-cpus", "4", "--disable-usage-stats"],
-                             capture_output=True, text=True, timeout=120, env=environment)
-    assert started.returncode == 0, started.stderr
     try:
+        started = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                                  "--include-dashboard", "false", "--num-cpus", str(head_cpus),
+                                  "--disable-usage-stats"], capture_output=True, text=True, timeout=120, env=environment)
+        assert started.returncode == 0, started.stderr
+        if node_command is not None:
+            ray_start = f"{RAY} start --address 127.0.0.1:{port} --node-ip-address 127.0.0.1 --num-cpus 4 " \
+                        "--disable-usage-stats"
+            joined = subprocess.run(["sh", "-c", node_command.format(ray_start=ray_start)], capture_output=True,
+                                    text=True, timeout=120, env=environment)
+            assert joined.returncode == 0, joined.stderr
         yield f"127.0.0.1:{port}", env
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120, env=environment)
         shutil.rmtree(sessions, ignore_errors=True)
+
+
+def can_mount_privately() -> bool:
+    """Whether this process may make a private mount namespace and mount a tmpfs in it (root)."""
+    return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or not can_mount_privately(),
+                    reason="needs unshare and mount (root) for a node with a private folder")
+def test_an_output_folder_the_nodes_do_not_share_is_named_not_silently_left_out(targets, tmp_path):
+    """The actors run on a node that sees its own empty folder at ``--out`` (a tmpfs in a private
+    mount namespace): their masks and fragments land there, out of the driver's sight. That was
+    exit 0 with "segmented 0" and an empty ``annotations.json``; it is exit 2 naming the folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    node = f"unshare -m --propagation private sh -c 'mount -t tmpfs none {out} && {{ray_start}}'"
+    with started_cluster(head_cpus=0, node_command=node) as (address, env):
+        done = run(targets, out, "--ray", address, env=env)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"insid3: error: --out {out}: ") and "the Ray nodes do not share this folder" in last, last
+    assert not list(out.glob("*.png")), "the masks are on the other node's folder"
 
 
 def test_a_ray_start_cluster_gives_the_same_masks(targets, single_machine, tmp_path, ray_cluster):
