@@ -41,6 +41,11 @@ def _option(default, help: str, kind=str, choices=None, minimum=None, flag: str 
                                             "flag": flag})
 
 
+PATH_OPTIONS = ("weights", "basis")
+"""The options that may name a local file or folder: anchored where they were given
+(:meth:`EngineSettings.anchored`, :func:`settings_file`)."""
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """Every option of the engine (see ``docs/algorithm.md`` for what each step does).
@@ -128,7 +133,7 @@ class EngineSettings:
         folder here: what travels to other processes, whose working directory is not this one's (a
         Ray worker's). A path that is not here (one the workers' nodes hold) is left as it is."""
         return dataclasses.replace(self, **{name: str(Path(value).expanduser().resolve())
-                                            for name in ("weights", "basis")
+                                            for name in PATH_OPTIONS
                                             if (value := getattr(self, name)) and Path(value).expanduser().exists()})
 
     @classmethod
@@ -260,7 +265,7 @@ def settings_file(path: str | Path, where: str) -> dict:
     except SettingsError as err:
         raise SettingsError(f"{where} {path}: {err}") from None
     beside = Path(path).expanduser().parent
-    for name in ("weights", "basis"):
+    for name in PATH_OPTIONS:
         if name in options and not Path(options[name]).expanduser().is_absolute() and (beside / options[name]).exists():
             options[name] = str(beside / options[name])
     return options
