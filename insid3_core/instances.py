@@ -111,19 +111,24 @@ def split_instances(
 ) -> list[Instance]:
     """The instances of an engine result (see :func:`instance_labels` for the methods).
 
-    Every pixel of ``result.mask`` goes to the instance of its nearest instance patch, so
-    the instance masks partition the result's mask (less what dropped regions covered).
+    Every pixel of ``result.mask`` goes to the instance of its nearest foreground patch, so the
+    instance masks partition the result's mask, less the pixels nearest to a region dropped by
+    ``min_patches`` (which belong to no instance: they neither stretch a kept instance's box nor
+    add to its area).
     """
     labels = instance_labels(result.lowres_mask, result.clusters, method, min_patches)
     count = int(labels.max())
     if count == 0:
         return []
-    nearest = ndimage.distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
-    filled = labels[nearest[0], nearest[1]]
+    dropped = count + 1  # the patches of regions below ``min_patches``: their pixels go to no instance
+    seeds = np.where(result.lowres_mask & (labels == 0), dropped, labels)
+    nearest = ndimage.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
+    filled = seeds[nearest[0], nearest[1]]
     height, width = result.mask.shape
     rows = np.minimum(np.arange(height) * labels.shape[0] // height, labels.shape[0] - 1)
     cols = np.minimum(np.arange(width) * labels.shape[1] // width, labels.shape[1] - 1)
     full = np.where(result.mask, filled[rows[:, None], cols[None, :]], 0)
+    full[full == dropped] = 0
     instances = []
     for index in range(1, count + 1):
         mask = full == index

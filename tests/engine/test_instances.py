@@ -49,6 +49,24 @@ def test_min_patches_drops_small_regions_and_labels_stay_consecutive():
     assert labels.max() == 1 and labels[0, 0] == 0
 
 
+def test_pixels_of_a_dropped_region_join_no_kept_instance():
+    """A region below ``min_patches`` is left out of the instances: its pixels neither stretch the
+    box of the nearest kept instance nor add to its area."""
+    from insid3_core.quality import quality_report
+    from insid3_core.results import SegmentationResult
+
+    lowres = np.zeros((8, 8), dtype=bool)
+    lowres[0:3, 0:3] = True
+    lowres[7, 7] = True
+    mask = np.kron(lowres, np.ones((16, 16), dtype=bool))
+    result = SegmentationResult(mask, lowres, 0.5, quality_report(mask), np.full((8, 8), 0.5, np.float32),
+                                np.zeros((8, 8), np.int32))
+    assert len(split_instances(result, "components")) == 2
+    (kept,) = split_instances(result, "components", min_patches=2)
+    assert kept.box == (0.0, 0.0, 48.0, 48.0)
+    np.testing.assert_array_equal(kept.mask, mask & (np.arange(128)[:, None] < 48) & (np.arange(128)[None, :] < 48))
+
+
 def test_bad_method_and_missing_clusters_are_refused():
     with pytest.raises(ValueError, match="instance method"):
         instance_labels(touching_disks(), method="kmeans")
