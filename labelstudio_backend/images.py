@@ -93,7 +93,7 @@ class ImageFetcher:
             self.own_origin = own.origin if own else None
             self.own_prefix = own.target.split("?")[0].rstrip("/") if own else ""  # Label Studio under a sub-path
         except UnsafeURL as err:
-            raise ValueError(f"LABEL_STUDIO_URL={credentials.base_url!r} {err}") from None
+            raise ValueError(f"LABEL_STUDIO_URL={redacted(credentials.base_url)!r} {err}") from None
         self.allowed_hosts = frozenset(map(_allowed_host, allowed_hosts))
         self.allowed_networks = parse_networks(allowed_networks)
         self.max_bytes = max_bytes

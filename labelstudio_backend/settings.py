@@ -124,6 +124,7 @@ class Settings:
             raise ValueError(f"INSID3_POLYGON_TOLERANCE must be a number of pixels >= 0, got {self.polygon_tolerance}")
         if self.min_instance_patches < 1:
             raise ValueError(f"INSID3_MIN_INSTANCE_PATCHES must be >= 1, got {self.min_instance_patches}")
+        check_credentials(self.api_key, self.basic_auth)
 
     @classmethod
     def from_environment(cls) -> "Settings":
@@ -158,6 +159,30 @@ class Settings:
             polygon_tolerance=env_setting("polygon_tolerance", cls.polygon_tolerance, number),
             calibrate=switch("calibrate"),
         )
+
+
+def check_credentials(api_key: str, basic_auth: tuple[str, str] | None) -> None:
+    """A ``ValueError`` naming the variable of a credential no HTTP header can carry; the
+    message never holds the value (it would reach logs and Label Studio's users).
+
+    The token goes into an ``Authorization`` header as it is, so it must be printable ASCII
+    without spaces: a trailing newline from a secrets file would otherwise fail every call, and
+    the HTTP client's error quotes the header. A Basic-auth user name cannot hold ``:`` (the
+    scheme splits user and password at the first one) and neither part a control character.
+    """
+    if api_key and not all("!" <= char <= "~" for char in api_key):
+        raise ValueError("LABEL_STUDIO_API_KEY holds spaces, control or non-ASCII characters (a trailing newline "
+                         "from a secrets file?): set the token alone; its value is not shown here")
+    if basic_auth is None:
+        return
+    user, password = basic_auth
+    if ":" in user:
+        raise ValueError("BASIC_AUTH_USER must not hold ':' (HTTP Basic auth splits user and password there, "
+                         "so no client could log in)")
+    for name, value in (("BASIC_AUTH_USER", user), ("BASIC_AUTH_PASS", password)):
+        if not value.isprintable():
+            raise ValueError(f"{name} holds control characters (a trailing newline from a secrets file?); "
+                             "its value is not shown here")
 
 
 def switch(name: str) -> bool:

@@ -118,7 +118,7 @@ def canonical_host(host: str) -> str:
 
 def _authority(authority: str, scheme: str) -> tuple[str, int]:
     if "@" in authority:
-        raise UnsafeURL("holds user information ('@' before the host); credentials in image URLs are refused")
+        raise UnsafeURL("holds user information ('@' before the host); credentials in URLs are refused")
     if "%" in authority:
         raise UnsafeURL("holds a percent-encoded host or an IPv6 zone; write the host as plain ASCII")
     match = _AUTHORITY.fullmatch(authority)

@@ -153,6 +153,31 @@ def test_preannotate_without_label_studio_is_a_clear_error(monkeypatch, tmp_path
     assert "insid3: error: preannotate needs LABEL_STUDIO_URL" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variables, named", [
+    ({"LABEL_STUDIO_API_KEY": "s3cret-token\n"}, "LABEL_STUDIO_API_KEY holds spaces, control"),
+    ({"LABEL_STUDIO_API_KEY": "s3cret token"}, "LABEL_STUDIO_API_KEY holds spaces, control"),
+    ({"BASIC_AUTH_USER": "lead:s3cret", "BASIC_AUTH_PASS": "pw"}, "BASIC_AUTH_USER must not hold ':'"),
+    ({"BASIC_AUTH_USER": "lead", "BASIC_AUTH_PASS": "s3cret\n"}, "BASIC_AUTH_PASS holds control characters"),
+    ({"LABEL_STUDIO_URL": "http://admin:s3cret@127.0.0.1:8080"}, "LABEL_STUDIO_URL='http://***@127.0.0.1:8080' holds user"),
+])
+@pytest.mark.parametrize("command", ["serve", "preannotate"])
+def test_a_credential_no_header_can_carry_is_named_and_never_shown(monkeypatch, tmp_path, capsys, variables, named,
+                                                                    command):
+    """A trailing newline in a token went into the Authorization header and came back in 502
+    bodies (Label Studio shows them to its users) and tracebacks; a password in the URL was echoed."""
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:8080")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "token")
+    monkeypatch.delenv("BASIC_AUTH_USER", raising=False)
+    monkeypatch.delenv("BASIC_AUTH_PASS", raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    arguments = ["--project", "3"] if command == "preannotate" else ["--port", str(free_port())]
+    assert main(["labelstudio", command, *arguments, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "s3cret" not in err and "Traceback" not in err, err
+
+
 @pytest.mark.live
 def test_serve_answers_health(tmp_path):
     """``serve`` runs waitress (threads in one process), not Flask's development server."""
