@@ -131,8 +131,9 @@ def create_app(backend, turns: Turns | None = None):
     @app.post("/train")
     def train():
         payload = json_body()
-        version = backend.train(project_id(payload.get("project")), text(payload, "label_config"),
-                                objects(payload, "annotations", required=False), backend.settings.warmup_wait)
+        tasks = None if payload.get("annotations") is None else objects(payload, "annotations")
+        version = backend.train(project_id(payload.get("project")), text(payload, "label_config"), tasks,
+                                backend.settings.warmup_wait)
         return jsonify(model_version=version)
 
     @app.post("/webhook")

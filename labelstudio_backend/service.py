@@ -98,8 +98,11 @@ class Backend:
         self.warm(project, target)
         return self.model_version(project)
 
-    def train(self, project: int | None, label_config: str, tasks: Iterable[dict], wait: float | None) -> str:
-        """Replace ``project``'s annotation references by those of ``tasks`` (Label Studio's ``/train``).
+    def train(self, project: int | None, label_config: str, tasks: Iterable[dict] | None, wait: float | None) -> str:
+        """Replace ``project``'s annotation references by those of ``tasks`` (Label Studio's
+        ``/train``); ``None`` (a request without annotations) reads them again from the API, and
+        is a 400 without one: it must not read as "the project has no annotations" and empty
+        the cache.
 
         Runs in the background; waits at most ``wait`` seconds (``None``: until done) and
         returns the model version at that time.
@@ -107,7 +110,10 @@ class Backend:
         target = region_target(label_config)
         if project is None:
             raise BackendError("train request has no project id")
-        future = self.warm(project, target, tasks=list(tasks))
+        if tasks is None and self.api is None:
+            raise BackendError("train request has no 'annotations', and without LABEL_STUDIO_URL and "
+                               "LABEL_STUDIO_API_KEY the backend cannot read the project's own")
+        future = self.warm(project, target, tasks=None if tasks is None else list(tasks), force=tasks is None)
         try:
             future.result(timeout=wait)
         except FutureTimeout:

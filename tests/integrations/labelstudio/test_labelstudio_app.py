@@ -217,6 +217,10 @@ def test_train_request_replaces_references(segmenter, settings, tmp_path):
     answer = client.post("/train", json={"project": "7.1", "label_config": BRUSH_CONFIG, "annotations": [task]})
     assert answer.status_code == 200, answer.get_json()
     assert predict(client, tasks_for(TARGETS[1:2])).status_code == 200
+    for missing in ({}, {"annotations": None}):  # not "no annotations": without the API it cannot read them
+        answer = client.post("/train", json={"project": "7.1", "label_config": BRUSH_CONFIG, **missing})
+        assert answer.status_code == 400 and "no 'annotations'" in answer.get_json()["error"]
+    assert predict(client, tasks_for(TARGETS[1:2])).status_code == 200, "a /train without annotations emptied the cache"
 
 
 def test_a_projects_annotations_download_at_once(segmenter, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("flask")
 pytest.importorskip("label_studio_sdk")
 
+import requests  # noqa: E402
 from PIL import Image  # noqa: E402
 from labelstudio_fixtures import (  # noqa: E402
     BRUSH_CONFIG, EXAMPLES, LABEL, TARGETS, brush_region, insid3_parser, reference_folder,
@@ -143,6 +144,12 @@ def test_end_to_end(label_studio, project, tiny_backbone, tmp_path, monkeypatch,
         new_version = backend.model_version(project)
         assert new_version != version, "the webhook did not change the reference pool"
         assert len(backend.pool(project)[0][LABEL]) == 2
+
+        # a /train without annotations reads them from Label Studio again (it emptied the cache)
+        answer = requests.post(f"{server.url}/train", json={"project": project, "label_config": BRUSH_CONFIG},
+                               auth=BASIC_AUTH, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_version"] == new_version and len(backend.pool(project)[0][LABEL]) == 2
 
         assert preannotate(backend, project, batch_size=4, progress=False) == Report(new_version, len(TARGETS), 0, [])
         check_predictions(tasks_by_name(label_studio, project), expected_masks(segmenter, [first, second]), new_version,
