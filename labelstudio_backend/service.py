@@ -136,10 +136,12 @@ class Backend:
 
     def predict_interactive(self, task: dict, project: int | None, label_config: str, regions: list[dict]) -> tuple[dict, str]:
         """Interactive pre-annotation of one task (see :mod:`labelstudio_backend.interactive`): the
-        drawn ``regions`` are references from the task's own image; the prediction holds every
-        other instance of their labels in it, and the model version.
+        drawn ``regions`` are references from the task's own image (those of
+        ``INSID3_NEGATIVE_LABEL`` negatives, as in a project's pool); the prediction holds every
+        other instance of their other labels in it, and the model version.
 
-        Raises :class:`BackendError` (422) when no drawn region is of the project's labels.
+        Raises :class:`BackendError` (422) when no drawn region is of the project's labels, or all
+        are of the negative label.
         """
         from .interactive import drawn_masks, other_instances
 
@@ -152,9 +154,14 @@ class Backend:
             if not drawn:
                 raise BackendError(f"the drawn regions hold no {target.kind} region or keypoint of the labels "
                                    f"{', '.join(target.labels)}", 422)
+            negative = self.predictor.negative_label
+            classes = {label: [(image, mask)] for label, mask in drawn.items() if label != negative}
+            if not classes:
+                raise BackendError(f"only {negative!r} (negative) regions are drawn: draw a region or keypoint "
+                                   "of another label", 422)
             segmenter = self.predictor.segmenter
             with self._device_lock:
-                references = segmenter.encode({label: [(image, mask)] for label, mask in drawn.items()})
+                references = segmenter.encode(classes, [(image, drawn[negative])] if negative in drawn else [])
                 (found,) = segmenter.segment(references, [image], workers=0)
             del image
         method = self.predictor.instances if self.predictor.instances != "off" else "necks"

@@ -149,6 +149,32 @@ def test_paint_one_get_all(segmenter, served, tmp_path, how):
     assert not any((region & drawn_disk()).sum() > 0.5 * region.sum() for region in regions)
 
 
+def test_drawn_regions_of_the_negative_label_are_negatives_and_never_predicted(segmenter, served, tmp_path):
+    """INSID3_NEGATIVE_LABEL in an interactive request: a region drawn with it is a negative of the
+    other labels, as in a project's pool, not a class of its own."""
+    two_labels = config("BrushLabels").replace('</BrushLabels>', '  <Label value="Other"/>\n  </BrushLabels>')
+    client = client_for(segmenter, served, tmp_path, references=False, negative_label="Other")
+    task = {"id": 3, "data": {"image": UPLOADS + "/two_disks_0.png"}}
+
+    def drawn(label: str, mask: np.ndarray) -> dict:
+        (value,) = mask_values("brushlabels", label, mask)
+        return {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 384,
+                "original_height": 320, "value": value}
+
+    def ask(*regions):
+        return client.post("/predict", json={"tasks": [task], "project": "7.1", "label_config": two_labels,
+                                             "params": {"context": {"result": list(regions)}}})
+
+    answer = ask(drawn("Other", drawn_disk()))
+    assert answer.status_code == 422 and "only 'Other' (negative) regions" in answer.get_json()["error"]
+    background = np.zeros((320, 384), dtype=bool)
+    background[5:40, 5:40] = True
+    answer = ask(drawn(LABEL, drawn_disk()), drawn("Other", background))
+    assert answer.status_code == 200, answer.get_json()
+    (found,) = answer.get_json()["results"]
+    assert found["result"] and {label for r in found["result"] for label in r["value"]["brushlabels"]} == {LABEL}
+
+
 def test_interactive_requests_that_cannot_be_answered(segmenter, served, tmp_path):
     client = client_for(segmenter, served, tmp_path, references=False)
     task = {"id": 3, "data": {"image": UPLOADS + "/two_disks_0.png"}}
