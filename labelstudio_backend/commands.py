@@ -10,6 +10,9 @@ import sys
 SERVER_THREADS = 8
 SERVED_SETTINGS = "served-engine-settings.json"  # in MODEL_DIR: the engine settings of ``serve``, for ``preannotate``
 MACHINE_OPTIONS = ("device", "precision", "batch_size", "workers")  # where it runs, not what it predicts
+PREDICTION_SETTINGS = {"instances": str, "negative_label": str, "calibrate": bool, "polygon_tolerance": (int, float)}
+"""The backend's own ``INSID3_*`` settings that change what it predicts (and its model version):
+``serve`` writes them beside its engine settings (under ``"backend"``), ``preannotate`` reads them."""
 ENGINE_UNUSED = ("instance_method",)  # the backend's INSID3_INSTANCES says whether and how to split
 MAX_THREADS = 1024  # --threads beyond it would exhaust the process's threads before serving
 CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
@@ -51,8 +54,10 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
 
     Each engine option comes from its flag, else from the settings the backend serving
     ``MODEL_DIR`` runs with (:data:`SERVED_SETTINGS`, which ``serving`` writes; the options of
-    the machine, :data:`MACHINE_OPTIONS`, left out), else from ``INSID3_*``: ``preannotate`` then
-    makes the predictions ``serve`` would, under the same model version, without repeating them.
+    the machine, :data:`MACHINE_OPTIONS`, left out), else from ``INSID3_*``; so do the backend's
+    :data:`PREDICTION_SETTINGS` (instances, negative label, calibration, polygon tolerance), which
+    have no flags: ``preannotate`` then makes the predictions ``serve`` would, under the same
+    model version, without repeating them.
     ``before_loading``: called once all of that is read and checked, before the model loads.
     """
     from insid3_core.backbone import announce_smoke_test
@@ -62,10 +67,11 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
     from .build import build_backend, image_fetcher
 
     fetcher = image_fetcher(settings)  # a bad LABEL_STUDIO_URL or allowlist is named before the model loads
-    served = {} if serving else served_settings(settings.model_dir / SERVED_SETTINGS)
+    served, served_backend = ({}, {}) if serving else served_settings(settings.model_dir / SERVED_SETTINGS)
     try:
         EngineSettings(**served)
-    except SettingsError as err:  # named as the file's, not as a flag the user never gave
+        settings = dataclasses.replace(settings, **served_backend)
+    except ValueError as err:  # named as the file's, not as a flag or variable the user never gave
         raise SettingsError(f"{settings.model_dir / SERVED_SETTINGS} (written by serve): {err}; start serve again, "
                             "or delete the file") from None
     engine = EngineSettings.from_arguments(arguments, defaults=served)
@@ -73,23 +79,31 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
         before_loading()
     segmenter = engine.build()
     if serving:
-        write_json(settings.model_dir / SERVED_SETTINGS, {name: value for name, value in engine.describe().items()
-                                                          if name not in MACHINE_OPTIONS})
+        write_json(settings.model_dir / SERVED_SETTINGS, {
+            **{name: value for name, value in engine.describe().items() if name not in MACHINE_OPTIONS},
+            "backend": {name: getattr(settings, name) for name in PREDICTION_SETTINGS}})
     announce_smoke_test(segmenter.backbone)
     settings = dataclasses.replace(settings, batch_size=engine.batch_size, min_instance_patches=engine.min_instance_patches)
     return build_backend(settings, segmenter, engine, fetcher)
 
 
-def served_settings(path) -> dict:
-    """The engine settings a serving backend runs with (``{}`` when none was started, or unreadable)."""
+def served_settings(path) -> tuple[dict, dict]:
+    """``(engine settings, prediction settings)`` a serving backend runs with (empty when none
+    was started, or unreadable; a prediction setting of the wrong type is left out)."""
     from insid3_core.io import json_value
     from insid3_core.settings import EngineSettings
 
     try:
         stored = json_value(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
-    return {name: value for name, value in stored.items() if name in EngineSettings.names()} if isinstance(stored, dict) else {}
+        return {}, {}
+    if not isinstance(stored, dict):
+        return {}, {}
+    backend = stored.get("backend") if isinstance(stored.get("backend"), dict) else {}
+    return ({name: value for name, value in stored.items() if name in EngineSettings.names()},
+            {name: value for name, value in backend.items()
+             if name in PREDICTION_SETTINGS and isinstance(value, PREDICTION_SETTINGS[name])
+             and (name == "calibrate" or not isinstance(value, bool))})
 
 
 def run_serve(arguments: argparse.Namespace) -> int:

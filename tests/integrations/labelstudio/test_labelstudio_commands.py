@@ -218,24 +218,33 @@ def test_preannotate_predicts_with_the_settings_serve_was_started_with(tmp_path,
     from labelstudio_backend.settings import Settings
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "model"))
+    serving = {"INSID3_INSTANCES": "necks", "INSID3_NEGATIVE_LABEL": "Other", "INSID3_POLYGON_TOLERANCE": "2.5"}
+    for name, value in serving.items():
+        monkeypatch.setenv(name, value)
     flags = ["--image-size", "128", "--svd-components", "16", "--tau", "0.7", "--device", "cpu"]
     served = backend_from_arguments(insid3_parser().parse_args(["labelstudio", "serve", *flags]),
                                     Settings.from_environment(), serving=True)
+    for name in serving:  # preannotate in another shell, without the backend's variables
+        monkeypatch.delenv(name)
     plain = backend_from_arguments(insid3_parser().parse_args(["labelstudio", "preannotate", "--project", "1"]),
                                    Settings.from_environment())
     assert plain.model_version(None) == served.model_version(None)
     assert plain.predictor.segmenter.config.tau == 0.7
+    assert (plain.predictor.instances, plain.predictor.negative_label, plain.settings.polygon_tolerance) == \
+        ("necks", "Other", 2.5)
     changed = backend_from_arguments(
         insid3_parser().parse_args(["labelstudio", "preannotate", "--project", "1", "--tau", "0.6"]),
         Settings.from_environment())
     assert changed.model_version(None) != served.model_version(None)
 
 
-def test_a_bad_value_in_the_served_settings_names_that_file(monkeypatch, tmp_path, capsys):
-    (tmp_path / "served-engine-settings.json").write_text('{"tau": 5}')
+@pytest.mark.parametrize("served, named", [('{"tau": 5}', "tau"),
+                                           ('{"backend": {"instances": "kmeans"}}', "INSID3_INSTANCES")])
+def test_a_bad_value_in_the_served_settings_names_that_file(monkeypatch, tmp_path, capsys, served, named):
+    (tmp_path / "served-engine-settings.json").write_text(served)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
     monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k")
     assert main(["labelstudio", "preannotate", "--project", "3", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'served-engine-settings.json'} (written by serve): tau" in err and "must lie in" in err
+    assert f"{tmp_path / 'served-engine-settings.json'} (written by serve): {named}" in err and "must" in err
