@@ -13,7 +13,7 @@ import fiftyone.operators.types as types
 
 from . import settings as plugin_settings
 from .plan import check_run, choices, is_multiclass, single_label, target_samples
-from .references import BACKGROUND, class_value, mask_classes, segmentation_fields
+from .references import BACKGROUND, ReferenceProblem, class_value, mask_classes, segmentation_fields
 from .segment import failure_tag, segment_collection
 
 ENGINE_LABELS = {"weights": "Weights", "backbone": "timm backbone", "device": "Device", "precision": "Precision",
@@ -73,7 +73,10 @@ class SegmentByExample(foo.Operator):
         return types.Property(inputs, view=types.View(label="Segment by example"))
 
     def resolve_execution_options(self, ctx):
-        targets = len(target_samples(ctx, choices(ctx)))
+        try:
+            targets = len(target_samples(ctx, choices(ctx)))
+        except ReferenceProblem:  # the form says why; nothing runs
+            targets = 0
         threshold = plugin_settings.default("delegation_threshold", ctx.dataset)
         return foo.ExecutionOptions(
             allow_immediate_execution=True,

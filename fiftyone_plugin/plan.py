@@ -89,13 +89,27 @@ def run_collection(ctx, chosen: dict):
 
 def target_samples(ctx, chosen: dict, collection=None):
     """The chosen target view (dataset, current view or selection) without references and
-    negatives; for videos, their frames in ``collection`` (the run's frames view)."""
+    negatives; for videos, their frames in ``collection`` (the run's frames view).
+
+    A view of patches stands for the images they are patches of, a frames view of a video
+    dataset for those frames: their ids are not the dataset's sample ids, and masks written under
+    them would land nowhere. A clips view is refused (:class:`ReferenceProblem`): its videos hold
+    frames outside its clips.
+    """
     from .video import is_video, target_frames
 
-    targets = ctx.target_view().match_tags([chosen["reference_tag"], chosen["negative_tag"]], bool=False)
+    view = ctx.target_view()
+    if view._is_clips:
+        raise ReferenceProblem("The target is a clips view: choose the videos, or their frames view (to_frames)")
+    tags = [chosen["reference_tag"], chosen["negative_tag"]]
+    if view._is_patches:
+        view = ctx.dataset.select(view.distinct("sample_id"))
     if not is_video(ctx.dataset):
-        return targets
-    return target_frames(targets, collection if collection is not None else run_collection(ctx, chosen), chosen)
+        return view.match_tags(tags, bool=False)
+    frames = collection if collection is not None else run_collection(ctx, chosen)
+    if view._is_frames:
+        return frames.select(view.values("id")).match_tags(tags, bool=False)
+    return target_frames(view.match_tags(tags, bool=False), frames, chosen)
 
 
 def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
@@ -114,9 +128,10 @@ def check_run(ctx, chosen: dict) -> tuple[Plan | None, str | None]:
             settings.plugin_setting(name, ctx.params, ctx.dataset)  # choice of delegation
         if mask_dir:
             check_writable_folder(mask_dir, "Mask folder")
+        targets = len(target_samples(ctx, chosen, collection))
     except (ReferenceProblem, OutputProblem, ValueError) as problem:  # SettingsError, InputError too
         return None, str(problem)
-    if not len(target_samples(ctx, chosen, collection)):
+    if not targets:
         return None, "No target sample: the chosen target holds only references and negatives"
     problem = engine_problem(engine)
     return (None, problem) if problem else (plan, None)

@@ -94,6 +94,22 @@ def test_selection_to_mask_files_and_overwrite(dataset, expected, tmp_path):
             assert sample.pred is None
 
 
+def test_a_patches_view_as_the_target_segments_the_images_behind_its_patches(fo, dataset, expected):
+    """Patch ids are not sample ids: the run reported masks written, and wrote none."""
+    chosen = target_samples(dataset)[1:3]
+    for sample in chosen:
+        sample["boxes"] = fo.Detections(detections=[fo.Detection(label="a", bounding_box=[0.1, 0.1, 0.3, 0.3]),
+                                                    fo.Detection(label="b", bounding_box=[0.5, 0.5, 0.3, 0.3])])
+        sample.save()
+    segment(dataset, {"output_field": "pred"}, view=dataset.to_patches("boxes"), view_target="CURRENT_VIEW")
+    dataset.reload()
+    for sample in target_samples(dataset):
+        if sample.id in {s.id for s in chosen}:
+            assert_matches_engine(sample, "pred", expected)
+        else:
+            assert sample.pred is None
+
+
 def test_multiclass_reference_uses_the_chosen_class(fo, dataset, expected):
     from insid3_core.io import load_mask
 

@@ -96,6 +96,34 @@ def test_the_frames_of_target_videos_are_segmented(fo, dataset):
     assert dataset.info["insid3"]["pred"]["references"]
 
 
+def test_a_frames_view_as_the_target_segments_those_frames_and_a_clips_view_is_a_form_problem(fo, dataset):
+    """Frame ids were taken for video ids: "No target sample", a false form message."""
+    import fiftyone.operators as foo
+    from fiftyone import ViewField as F
+
+    target = dataset.skip(1).first()
+    frames = dataset.select(target.id).to_frames(sample_frames=True).match(F("frame_number") > 2)
+    context = {"dataset": dataset, "view": frames, "view_target": "CURRENT_VIEW"}
+    result = foo.execute_operator(SEGMENT, context, params={"reference_field": "ground_truth", "output_field": "pred",
+                                                            **ENGINE})
+    assert result.error is None, result.error
+    dataset.reload()
+    target = dataset.skip(1).first()
+    expected = expected_masks(dataset, [1, 2])
+    for number, prediction in zip(range(1, 5), expected):
+        label = target.frames[number]["pred"]
+        if number > 2:
+            np.testing.assert_array_equal(label.get_mask() > 0, prediction.mask)
+        else:
+            assert label is None
+    from fiftyone.operators.executor import ExecutionError
+
+    clips = dataset.to_clips([[(1, 2)], [(2, 3)]])
+    with pytest.raises(ExecutionError, match="The target is a clips view"):
+        foo.execute_operator(SEGMENT, {**context, "view": clips},
+                             params={"reference_field": "ground_truth", "output_field": "clipped", **ENGINE})
+
+
 def test_a_tagged_frame_label_is_a_reference_and_the_form_lists_frame_fields(fo, dataset):
     """Untag the reference video; tag only its second frame's mask label: that frame alone is the reference."""
     import asyncio
