@@ -216,7 +216,8 @@ class Segmenter:
         caller's thread, for callers that already hold the features.
 
         ``pixels`` (``(B, 3, s, s)`` uint8, the images the features came from) is needed by
-        the ``guided`` refinement; ``sizes`` holds each target's ``(H, W)``.
+        the ``guided`` refinement; ``sizes`` holds each target's ``(H, W)`` (positive integers).
+        The features are read detached, on the segmenter's device.
         """
         self._check_references(references)
         if not isinstance(features, torch.Tensor) or features.ndim != 3 or not features.is_floating_point():
@@ -228,8 +229,13 @@ class Segmenter:
                              f"{expected[1]})")
         if len(sizes) != features.shape[0]:
             raise ValueError(f"sizes holds {len(sizes)} (H, W) but the features hold {features.shape[0]} targets")
-        masks = lowres_masks(tuple(references.classes.values()), features.to(self.basis.dtype), self.basis,
-                             self.config, pixels, self.timer)
+        for size in sizes:
+            if not (isinstance(size, (tuple, list)) and len(size) == 2
+                    and all(isinstance(side, (int, np.integer)) and side >= 1 for side in size)):
+                raise ValueError(f"sizes must hold each target's (H, W) as two positive integers, got {size!r}")
+        features = features.detach().to(self.basis.device, self.basis.dtype)
+        masks = lowres_masks(tuple(references.classes.values()), features, self.basis, self.config, pixels,
+                             self.timer)
         return [self._prediction(references.names, self._finish(target, size))
                 for target, size in zip(masks.per_target(), sizes)]
 

@@ -108,6 +108,13 @@ def test_segment_features_checks_its_features_against_their_sizes(segmenter, ref
         segmenter.segment_features(references, features[:, :10], sizes)
     with pytest.raises(TypeError, match="features must be a \\(B, N, C\\) float tensor"):
         segmenter.segment_features(references, features[0], sizes)
+    for bad in ((400, 520, 3), (0, 0), (400.0, 520.0), 400):
+        with pytest.raises(ValueError, match="sizes must hold each target's \\(H, W\\) as two positive integers"):
+            segmenter.segment_features(references, features, [sizes[0], bad])
+    tracked = features.clone().requires_grad_(True)  # features of a model being trained beside it
+    masks = [p.mask for p in segmenter.segment_features(references, tracked, sizes)]
+    for mask, expected in zip(masks, segmenter.segment_features(references, features, sizes)):
+        np.testing.assert_array_equal(mask, expected.mask)
 
 
 def test_quality_report_reads_any_mask_encoding_as_its_foreground():
