@@ -15,6 +15,7 @@ through the backbone once and segments it with the references encoded when it wa
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 
 from .labels import Outputs, sample_labels
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "insid3-dinov3-torch"
 SOURCE = Path(__file__).resolve().parent / "zoo_source"
@@ -32,7 +35,8 @@ SINGLE_VALUE = 255
 
 class TargetItem(fout.GetItem):
     """What a DataLoader worker makes of one sample: its image decoded (EXIF orientation applied)
-    and resized to the model's input, and its size."""
+    and resized to the model's input, and its size; or, for an image that cannot be read, why
+    (``problem``): one such sample gets no label and the rest of its batch goes on."""
 
     def __init__(self, image_size: int, field_mapping=None):
         self.image_size = image_size
@@ -44,17 +48,23 @@ class TargetItem(fout.GetItem):
 
     def __call__(self, d: dict) -> dict:
         from insid3_core.features import resized_pixels
-        from insid3_core.io import load_image
+        from insid3_core.io import InputError, load_image
 
-        image = load_image(d["filepath"])
+        try:
+            image = load_image(d["filepath"])
+        except InputError as err:
+            return {"problem": str(err)}
         return {"pixels": resized_pixels(image, self.image_size), "size": (image.height, image.width)}
 
 
 def collate_targets(items: list[dict]) -> dict:
-    """A batch of :class:`TargetItem` outputs: ``pixels`` ``(B, 3, s, s)`` uint8 and ``sizes``."""
+    """A batch of :class:`TargetItem` outputs: ``pixels`` ``(B', 3, s, s)`` uint8 and ``sizes`` of
+    the ``B'`` readable images, and ``problems``: per item, ``None`` or why it cannot be read."""
     import torch
 
-    return {"pixels": torch.stack([item["pixels"] for item in items]), "sizes": [item["size"] for item in items]}
+    readable = [item for item in items if "problem" not in item]
+    return {"pixels": torch.stack([item["pixels"] for item in readable]) if readable else None,
+            "sizes": [item["size"] for item in readable], "problems": [item.get("problem") for item in items]}
 
 
 class SegmentByExample(fom.Model, fom.TorchModelMixin, fom.SupportsGetItem):
@@ -132,13 +142,19 @@ class SegmentByExample(fom.Model, fom.TorchModelMixin, fom.SupportsGetItem):
         (or PIL images)."""
         if not isinstance(args, dict):
             args = collate_targets([_array_item(array, self.engine.image_size) for array in args])
-        pixels = args["pixels"].to(self.segmenter.backbone.device, non_blocking=True)
-        features = self.segmenter.encoder.features(pixels)
-        predictions = self.segmenter.segment_features(self.references, features, args["sizes"], pixels)
-        labels = [sample_labels(prediction, self.outputs, "", self.segmenter.quality)[0] for prediction in predictions]
+        for problem in filter(None, args["problems"]):
+            log.warning("insid3: no label: %s", problem)
+        labels = iter(self._labels(args["pixels"], args["sizes"]) if args["sizes"] else ())
         if len(self.outputs.fields) == 1:
-            return [found[self.outputs.fields[0]] for found in labels]
-        return labels
+            return [None if problem else next(labels)[self.outputs.fields[0]] for problem in args["problems"]]
+        return [None if problem else next(labels) for problem in args["problems"]]
+
+    def _labels(self, pixels, sizes: list) -> list[dict]:
+        """The labels of each output field for ``pixels`` ``(B, 3, s, s)`` uint8 of images of ``sizes``."""
+        pixels = pixels.to(self.segmenter.backbone.device, non_blocking=True)
+        features = self.segmenter.encoder.features(pixels)
+        predictions = self.segmenter.segment_features(self.references, features, sizes, pixels)
+        return [sample_labels(prediction, self.outputs, "", self.segmenter.quality)[0] for prediction in predictions]
 
 
 def _array_item(image, image_size: int) -> dict:

@@ -58,6 +58,26 @@ def test_apply_model_writes_the_engines_masks(fo, dataset, expected, num_workers
         assert label.score == pytest.approx(truth.score) and label.verdict == truth.quality.verdict
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_unreadable_image_leaves_only_its_own_sample_without_a_label(fo, dataset, expected, tmp_path, caplog,
+                                                                       num_workers):
+    """One missing file failed its whole batch: its batch-mates got no label either."""
+    import fiftyone.zoo as foz
+
+    missing = fo.Sample(filepath=str(tmp_path / "gone.png"))
+    dataset.add_sample(missing)
+    ordered = dataset.sort_by("filepath")  # gone.png (under /tmp) in the first batch of three
+    model = foz.load_zoo_model(MODEL, references=[REFERENCE], **ENGINE)
+    ordered.apply_model(model, "insid3", batch_size=3, num_workers=num_workers)
+    for sample in ordered:
+        if sample.id == missing.id:
+            assert sample["insid3"] is None
+        else:
+            np.testing.assert_array_equal(sample["insid3"].get_mask() > 0, expected[sample.filename].mask)
+    if num_workers == 0:
+        assert "gone.png" in caplog.text
+
+
 def test_instances_and_several_classes(fo, dataset):
     import fiftyone.zoo as foz
 
