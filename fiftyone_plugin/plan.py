@@ -13,6 +13,7 @@ from .references import (
     chosen_classes,
     class_references,
     class_value,
+    field_mask_targets,
     mask_classes,
     negative_pairs,
     reference_pairs,
@@ -187,8 +188,7 @@ def plan_references(dataset, chosen: dict) -> ReferencePlan:
         found = class_references(dataset, chosen["reference_tag"], field, wanted, skip_absent=chosen["all_classes"])
         references = {str(value): pairs for value, pairs in found.items()}
         classes = tuple((wanted[value], value) for value in found)
-        targets = dataset.mask_targets.get(field)
-        mask_targets = dict(targets) if targets else None
+        mask_targets = field_mask_targets(dataset, field)
     else:
         value = class_value(dataset, field, chosen["reference_class"])
         label = chosen["instance_label"] or single_label(dataset, field, value)

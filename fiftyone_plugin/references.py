@@ -26,9 +26,19 @@ def segmentation_fields(collection) -> list[str]:
     return sorted(label_schema(collection, embedded_doc_type=fo.Segmentation))
 
 
+def field_mask_targets(collection, field: str) -> dict | None:
+    """``field``'s own mask targets; a video dataset's frame field keeps them as ``frames.<field>``
+    (FiftyOne's key, which a frames view and the video dataset itself both read here)."""
+    targets = collection.mask_targets.get(field)
+    root = collection._root_dataset
+    if not targets and root.media_type == "video":
+        targets = root.mask_targets.get("frames." + field)
+    return dict(targets) if targets else None
+
+
 def mask_classes(dataset, field: str) -> dict:
     """The dataset's mask targets for ``field`` (its own, else the default ones), maybe empty."""
-    return dict(dataset.mask_targets.get(field) or dataset.default_mask_targets or {})
+    return field_mask_targets(dataset, field) or dict(dataset.default_mask_targets or {})
 
 
 def class_value(dataset, field: str, choice) -> int | str | None:

@@ -124,6 +124,18 @@ def test_a_frames_view_as_the_target_segments_those_frames_and_a_clips_view_is_a
                              params={"reference_field": "ground_truth", "output_field": "clipped", **ENGINE})
 
 
+def test_the_mask_targets_of_a_frame_field_name_its_classes(fo, dataset):
+    """FiftyOne keeps a frame field's mask targets as ``frames.<field>``; they were not found."""
+    dataset.mask_targets = {"frames.ground_truth": {255: "disk"}}
+    dataset.save()
+    run(dataset, output_field="pred", reference_class="disk")
+    dataset.reload()
+    target = dataset.skip(1).first()
+    for number, prediction in zip(range(1, 5), expected_masks(dataset, [1, 2])):
+        np.testing.assert_array_equal(target.frames[number]["pred"].get_mask() > 0, prediction.mask)
+    assert dataset.mask_targets["frames.pred"] == {255: "disk"}
+
+
 def test_a_tagged_frame_label_is_a_reference_and_the_form_lists_frame_fields(fo, dataset):
     """Untag the reference video; tag only its second frame's mask label: that frame alone is the reference."""
     import asyncio
