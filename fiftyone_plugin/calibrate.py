@@ -8,7 +8,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from . import settings as plugin_settings
-from .plan import choices, plan_references
+from .plan import choices, plan_references, run_collection
 from .references import ReferenceProblem, segmentation_fields
 
 INFO_KEY = "insid3_calibration"
@@ -109,7 +109,7 @@ def calibration_plan(ctx, chosen: dict):
     from .models import engine_problem
 
     try:
-        found = plan_references(ctx.dataset, chosen)
+        found = plan_references(run_collection(ctx, chosen), chosen)  # a video dataset's frames view
         engine = plugin_settings.engine_settings(ctx.params, ctx.dataset)
     except (ReferenceProblem, ValueError) as problem:  # SettingsError too
         return None, None, str(problem)

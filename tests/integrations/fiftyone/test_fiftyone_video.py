@@ -136,6 +136,23 @@ def test_the_mask_targets_of_a_frame_field_name_its_classes(fo, dataset):
     assert dataset.mask_targets["frames.pred"] == {255: "disk"}
 
 
+def test_the_reference_frames_of_a_video_dataset_calibrate(fo, dataset):
+    """calibrate_references read a frame field on the video samples: "has no field 'ground_truth'"."""
+    import fiftyone.operators as foo
+
+    from insid3_core.calibration import calibrate
+    from insid3_core.io import load_mask
+    from insid3_core.settings import EngineSettings
+
+    result = foo.execute_operator(f"{PLUGIN_URI}/calibrate_references", {"dataset": dataset},
+                                  params={"reference_field": "ground_truth", **ENGINE}).result
+    frames = dataset.match_tags("reference").to_frames(sample_frames=True)
+    pairs = [(path, load_mask(label.mask_path)) for path, label in zip(frames.values("filepath"), frames.values("ground_truth"))]
+    expected = calibrate(EngineSettings(**ENGINE), {"object": pairs})
+    assert [row["chosen"] for row in result["settings"]] == list(expected.settings.values())
+    assert result["summary"].startswith("Calibrated: leave-one-out IoU")
+
+
 def test_a_tagged_frame_label_is_a_reference_and_the_form_lists_frame_fields(fo, dataset):
     """Untag the reference video; tag only its second frame's mask label: that frame alone is the reference."""
     import asyncio
