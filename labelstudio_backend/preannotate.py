@@ -34,7 +34,9 @@ def preannotate(backend, project: int, batch_size: int = 8, progress: bool = Tru
 
     The references are read from the project's annotations first (unchanged ones are not
     downloaded again). Each batch of ``batch_size`` tasks is segmented in one pass and its
-    predictions stored in one API request, so an interrupted run loses at most one batch and
+    predictions stored in one API request (a task whose image did not fit in
+    ``INSID3_MAX_PIXELS_IN_FLIGHT`` beside its batch-mates' is tried again alone), so an
+    interrupted run loses at most one batch and
     the next run skips the tasks already done. Then every task's verdict columns are set from
     its current prediction (:func:`sync_verdicts`). Raises :class:`BackendError` when nothing can be
     predicted (bad config, no references, Label Studio unreachable).
@@ -54,6 +56,9 @@ def preannotate(backend, project: int, batch_size: int = 8, progress: bool = Tru
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
             predictions, _ = backend.predict(batch, project, label_config, wait=None)
+            for index, item in enumerate(predictions):  # a 413 of the batch's pixels together: alone it may fit
+                if len(batch) > 1 and isinstance(item, BackendError) and item.status == 413:
+                    (predictions[index],), _ = backend.predict([batch[index]], project, label_config, wait=None)
             stored = []
             for task, item in zip(batch, predictions):
                 if isinstance(item, BackendError):

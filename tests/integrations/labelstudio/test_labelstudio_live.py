@@ -175,6 +175,9 @@ def test_preannotate_command_resumes(label_studio, project, monkeypatch, tmp_pat
         for prediction in task["predictions"]:
             if prediction["model_version"] == version:
                 label_studio.api("DELETE", f"/api/predictions/{prediction['id']}/")
+    width, height = Image.open(TARGETS[0]).size  # the three tasks' pixels together exceed the budget
+    monkeypatch.setenv("INSID3_MAX_PIXELS", str(width * height))
+    monkeypatch.setenv("INSID3_MAX_PIXELS_IN_FLIGHT", str(2 * width * height))
     arguments = insid3_parser().parse_args(command)
     assert arguments.handler(arguments) == 0
     assert f"{version}: 3 task(s) predicted, {len(TARGETS) - 3} already had" in capsys.readouterr().err
