@@ -356,9 +356,11 @@ def atomic_write(path: str | Path, mode: str = "wb"):
         with os.fdopen(handle, mode, **text) as stream:
             yield stream
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        if isinstance(err, OSError) and err.filename is None:  # a full disk: name the file it was for
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 

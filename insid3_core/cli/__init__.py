@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"insid3: error: a path or INSID3_CACHE_DIR starting with '~' names no home directory here "
               f"({err})", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk or a folder gone while writing, after the checks up front
+        print(f"insid3: error: {err.filename or ''}: {err.strerror or err}; the masks written so far are "
+              "complete (run again to resume)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("insid3: interrupted; the outputs written so far are complete and listed (run again to resume)",
               file=sys.stderr)

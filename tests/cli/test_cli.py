@@ -34,6 +34,33 @@ def segment(*arguments) -> int:
     return main(["segment", "--ref", *REFERENCE, *FAST, *map(str, arguments)])
 
 
+@pytest.mark.parametrize("command", ["segment", "match", "calibrate"])
+def test_a_full_disk_is_named_not_a_traceback(tmp_path, command):
+    """No second byte can be written (RLIMIT_FSIZE, as a full disk: EFBIG): the write checks up front pass
+    (an empty file), then annotations.json, OUT.json or calibration.json failed with a traceback."""
+    import resource
+    import signal
+
+    def no_bytes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))
+
+    target = str(EXAMPLES / "targets" / "scene_01.png")
+    out = tmp_path / "out"
+    points = tmp_path / "points.json"
+    points.write_text('[{"name": "centre", "x": 100, "y": 120}]')
+    arguments = {
+        "segment": ["--ref", *REFERENCE, "--out", str(out), target],
+        "match": ["--ref", REFERENCE[0], str(points), "--out", str(out / "points.json"), target],
+        "calibrate": ["--ref", *REFERENCE, "--ref", target, str(EXAMPLES / "masks" / "scene_01.png"),
+                      "--grid", "tau=0.6", "--out", str(out)],
+    }[command]
+    run = subprocess.run([str(Path(sys.executable).parent / "insid3"), command, *arguments, *FAST],
+                         capture_output=True, text=True, preexec_fn=no_bytes)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"insid3: error: {out}" in run.stderr and "File too large" in run.stderr, run.stderr
+
+
 def test_console_script_end_to_end(tmp_path, targets):
     out = tmp_path / "out"
     command = [str(Path(sys.executable).parent / "insid3"), "segment", "--ref", *REFERENCE,
