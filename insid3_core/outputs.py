@@ -63,12 +63,18 @@ def written_record(path: str | Path, file_name: str, categories: Sequence[str], 
     store): the one it carries, else one rebuilt from its pixels (a mask drawn by hand, saved
     again by an image editor, which drops PNG text, or written by an older insid3: no score).
 
-    Raises :class:`~insid3_core.io.InputError` naming ``path`` when the mask cannot be read, or
-    is not an 8-bit label map where several categories are written.
+    Raises :class:`~insid3_core.io.InputError` naming ``path`` when the mask cannot be read, is
+    not an 8-bit label map where several categories are written, or carries the record of
+    another target (``a.png``'s mask is ``a.jpg``'s output too: the two share a stem).
     """
     carried = carried_record(path if data is None else BytesIO(data))
-    if carried is not None and carried["image"].get("file_name") == file_name:
-        return carried
+    if carried is not None:
+        made_for = carried["image"].get("file_name")
+        if made_for == file_name:
+            return carried
+        if isinstance(made_for, str) and made_for:
+            raise InputError(f"{path}: the mask of {made_for}, not of {file_name} (their names share a stem); "
+                             "--overwrite redoes it, or choose another --out")
     return mask_record(file_name, written_labels(path, len(categories), data), categories)
 
 

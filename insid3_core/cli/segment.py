@@ -139,6 +139,9 @@ def run_segment(arguments: argparse.Namespace) -> int:
         records = records_from_document(document) if document else {}
         check_categories(records, list(classes), annotations_path, arguments.overwrite)
         pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
+        replaced = {target.stem: target.name for target in pending}  # a.jpg's mask replaces a.png's: a.png goes
+        records = {name: record for name, record in records.items()
+                   if replaced.get(Path(name).stem, name) == name}
         for target in targets:
             if target not in pending and target.name not in records:
                 records[target.name] = written_record(outputs[target], target.name, list(classes))

@@ -43,6 +43,24 @@ def by_file(document) -> dict[str, list[dict]]:
     return found
 
 
+def test_a_target_sharing_a_stem_with_a_done_one_is_refused_not_given_its_mask(tmp_path, targets, capsys):
+    """a.jpg after a.png into one --out: "already have their mask", a.png's mask listed as a.jpg's."""
+    from PIL import Image
+
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.open(targets / "scene_01.png").convert("RGB").transpose(Image.FLIP_LEFT_RIGHT).save(other / "scene_01.jpg")
+    out = tmp_path / "out"
+    assert segment("--out", out, targets / "scene_01.png") == 0
+    before = (out / "annotations.json").read_bytes()
+    capsys.readouterr()
+    assert segment("--out", out, other / "scene_01.jpg") == 2
+    assert "the mask of scene_01.png, not of scene_01.jpg" in capsys.readouterr().err
+    assert (out / "annotations.json").read_bytes() == before
+    assert segment("--out", out, other / "scene_01.jpg", "--overwrite") == 0
+    assert [image["file_name"] for image in annotations(out)["images"]] == ["scene_01.jpg"]
+
+
 def test_a_mask_whose_record_was_lost_is_rebuilt_with_its_score(tmp_path, targets):
     """A kill after a mask's write but before annotations.json's left the mask unlisted; its
     entry came back with ``score: null``."""
