@@ -108,6 +108,12 @@ class Predictor:
         prefix = "insid3-smoke" if self.segmenter.backbone.is_smoke_test else "insid3"
         return f"{prefix}-{self.engine_id}-{pool}"
 
+    def classes_and_negatives(self, pairs: Pairs) -> tuple[dict, list]:
+        """``pairs`` of each label split into the classes to predict (every label but
+        ``negative_label``) and the negative label's pairs, the negatives of them all."""
+        negatives = list(pairs.get(self.negative_label, ())) if self.negative_label else []
+        return {label: list(found) for label, found in pairs.items() if label != self.negative_label}, negatives
+
     def references(self, pairs: Pairs, key: Hashable) -> EncodedPool:
         """The :class:`EncodedPool` of ``pairs`` (one class per label), calibrated when that is on
         and the pool allows it, encoded once and cached under ``key``.
@@ -117,8 +123,7 @@ class Predictor:
         cached = self.cached(key)
         if cached is not None:
             return cached
-        negatives = list(pairs.get(self.negative_label, ())) if self.negative_label else []
-        classes = {label: list(found) for label, found in pairs.items() if label != self.negative_label}
+        classes, negatives = self.classes_and_negatives(pairs)
         if not classes:
             raise ValueError(f"only {self.negative_label!r} (negative) regions are annotated yet: "
                              "annotate at least one region of another label")

@@ -154,14 +154,14 @@ class Backend:
             if not drawn:
                 raise BackendError(f"the drawn regions hold no {target.kind} region or keypoint of the labels "
                                    f"{', '.join(target.labels)}", 422)
-            negative = self.predictor.negative_label
-            classes = {label: [(image, mask)] for label, mask in drawn.items() if label != negative}
+            classes, negatives = self.predictor.classes_and_negatives(
+                {label: [(image, mask)] for label, mask in drawn.items()})
             if not classes:
-                raise BackendError(f"only {negative!r} (negative) regions are drawn: draw a region or keypoint "
-                                   "of another label", 422)
+                raise BackendError(f"only {self.predictor.negative_label!r} (negative) regions are drawn: draw a "
+                                   "region or keypoint of another label", 422)
             segmenter = self.predictor.segmenter
             with self._device_lock:
-                references = segmenter.encode(classes, [(image, drawn[negative])] if negative in drawn else [])
+                references = segmenter.encode(classes, negatives)
                 (found,) = segmenter.segment(references, [image], workers=0)
             del image
         method = self.predictor.instances if self.predictor.instances != "off" else "necks"
