@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({err})", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk or a folder gone while writing, after the checks up front
-        print(f"insid3: error: {err.filename or ''}: {err.strerror or err}; the masks written so far are "
+        print(f"insid3: error: {err.filename or ''}: {err.strerror or err}; the outputs written before it are "
               "complete (run again to resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
