@@ -82,14 +82,17 @@ def stored_mask(label) -> tuple[np.ndarray, str | None]:
     """A ``Segmentation``'s mask as stored, ``(H, W)`` or ``(H, W, 3|4)``, and the format of its
     file (``"PNG"``, ``"JPEG"``, ...; ``None`` for a mask held in the label).
 
-    Mask files are read in their EXIF orientation, as the engine reads images.
+    Mask files are read in their EXIF orientation, as the engine reads images (a CMYK file as
+    its RGB rendering: :func:`insid3_core.io.mask_pixels`).
     """
     if label.mask is not None:
         return np.asarray(label.mask), None
     from PIL import Image, ImageOps
 
+    from insid3_core.io import mask_pixels
+
     with Image.open(label.mask_path) as handle:
-        return np.asarray(ImageOps.exif_transpose(handle)), handle.format
+        return mask_pixels(ImageOps.exif_transpose(handle)), handle.format
 
 
 def class_mask(array: np.ndarray, value: int | str | None = None) -> np.ndarray:

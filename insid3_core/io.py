@@ -181,18 +181,26 @@ def oriented_size(path: str | Path, source=None) -> tuple[int, int] | None:
         return None
 
 
+def mask_pixels(image: Image.Image) -> np.ndarray:
+    """The pixels of a decoded mask as stored, ``(H, W)`` or ``(H, W, C)``; a CMYK mask (print
+    software's) as its RGB rendering, so that what shows white is foreground, not only ink."""
+    return np.asarray(image.convert("RGB") if image.mode == "CMYK" else image)
+
+
 def mask_array(mask: Image.Image | np.ndarray, value: int | None = None) -> np.ndarray:
     """Foreground of a mask as stored: ``array > 0`` (or ``== value`` for one class).
 
     Palette masks compare their indices; colour masks count a pixel as foreground when any
-    colour channel is nonzero and, with an alpha channel, the pixel is not transparent.
+    colour channel is nonzero and, with an alpha channel, the pixel is not transparent. A mask
+    whose colour is black everywhere and whose alpha varies is an alpha mask: its foreground
+    is where it is not transparent.
 
     Returns
     -------
     np.ndarray
         ``(H, W)`` bool.
     """
-    array = np.asarray(mask)
+    array = mask_pixels(mask) if isinstance(mask, Image.Image) else np.asarray(mask)
     if array.ndim not in (2, 3) or (array.ndim == 3 and not 1 <= array.shape[2] <= 4):
         raise ValueError(f"a mask must be (H, W) or (H, W, C) with C from 1 to 4 (channels last), "
                          f"got shape {array.shape}")
@@ -205,7 +213,9 @@ def mask_array(mask: Image.Image | np.ndarray, value: int | None = None) -> np.n
     has_alpha = array.shape[2] in (2, 4)
     foreground = (array[..., :-1] if has_alpha else array).max(axis=2) > 0
     if has_alpha:
-        foreground &= array[..., -1] > 0
+        alpha = array[..., -1]
+        alpha_only = not foreground.any() and alpha.min() < alpha.max()
+        foreground = alpha > 0 if alpha_only else foreground & (alpha > 0)
     return np.asarray(foreground, dtype=bool)
 
 
@@ -261,7 +271,7 @@ def load_mask(
             f"{path}: mask is {image.size[0]}x{image.size[1]} but its image is "
             f"{image_size[0]}x{image_size[1]} (width x height, EXIF orientation applied)"
         )
-    array = np.asarray(image)
+    array = mask_pixels(image)
     if is_photograph(array):
         raise InputError(f"{path}: more than {PHOTOGRAPH_COLOURS} distinct colours: a photograph, not a mask "
                          "(a mask holds 0 and a foreground value, or a few class values); is it the image "
@@ -271,7 +281,7 @@ def load_mask(
             raise InputError(f"{path}: a JPEG mask cannot hold exact class values (its compression changes "
                              "them); store class masks as PNG")
         return lossy_foreground(array)
-    return mask_array(image, value)
+    return mask_array(array, value)
 
 
 def lossy_foreground(array: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from insid3_core import TEST_CHECKPOINT, EngineConfig, InputError, Segmenter, load_backbone, load_image, load_mask
-from insid3_core.io import atomic_write, write_mask_png
+from insid3_core.io import atomic_write, mask_array, write_mask_png
 
 ORIENTATION = 0x0112
 CLOCKWISE_QUARTER_TURNS = {6: -1, 8: 1}  # EXIF orientation -> np.rot90 k giving the displayed image
@@ -179,17 +179,34 @@ MASK_ENCODINGS = {
     "rgb": lambda fg: Image.fromarray(np.where(fg[..., None], [0, 128, 0], 0).astype(np.uint8)),
     "rgba": lambda fg: Image.fromarray(with_alpha(np.full((*fg.shape, 3), 255, np.uint8), fg)),
     "grey-alpha": lambda fg: Image.fromarray(with_alpha(np.full(fg.shape, 255, np.uint8), fg)),
+    # black everywhere, the mask only in the alpha channel (read as empty before)
+    "black-alpha": lambda fg: Image.fromarray(with_alpha(np.zeros((*fg.shape, 3), np.uint8), fg)),
+    "black-grey-alpha": lambda fg: Image.fromarray(with_alpha(np.zeros(fg.shape, np.uint8), fg)),
+    # white (no ink) object on black (full key ink), as print software saves it (read as empty before)
+    "cmyk": lambda fg: Image.frombytes("CMYK", fg.shape[::-1], np.dstack(
+        [np.zeros((*fg.shape, 3), np.uint8), np.where(fg, 0, 255).astype(np.uint8)]).tobytes()),
 }
 
 
 @pytest.mark.parametrize("encoding", sorted(MASK_ENCODINGS))
 def test_mask_encodings_give_the_same_foreground(tmp_path, encoding):
-    MASK_ENCODINGS[encoding](foreground()).save(tmp_path / "mask.png")
+    image = MASK_ENCODINGS[encoding](foreground())
+    path = tmp_path / ("mask.tif" if image.mode == "CMYK" else "mask.png")  # PNG holds no CMYK
+    image.save(path)
 
-    mask = load_mask(tmp_path / "mask.png")
+    mask = load_mask(path)
 
     assert mask.dtype == bool
     np.testing.assert_array_equal(mask, foreground())
+    np.testing.assert_array_equal(mask_array(image), foreground())  # an image given to the API
+
+
+@pytest.mark.parametrize("alpha", [0, 255])
+def test_a_black_mask_of_uniform_alpha_is_empty_not_whole(alpha):
+    """The alpha-only reading applies where alpha varies: a black, fully opaque (or fully
+    transparent) mask stays empty."""
+    black = np.dstack([np.zeros((8, 8, 3), np.uint8), np.full((8, 8), alpha, np.uint8)])
+    assert not mask_array(black).any()
 
 
 def test_load_mask_value_picks_one_class(tmp_path):

@@ -403,6 +403,26 @@ def test_a_jpeg_reference_mask_is_read_without_its_compression_rings(fo, dataset
     assert (mask != stored).sum() <= 10
 
 
+def test_a_cmyk_reference_mask_file_is_read_as_it_shows(fo, dataset, tmp_path):
+    """A CMYK mask file (white object on black, as print software saves it) has no colour ink on
+    its object, so it was read as empty; it is now read as its RGB rendering."""
+    from PIL import Image
+
+    from fiftyone_plugin.references import reference_pairs
+
+    stored = np.asarray(Image.open(REFERENCE[1])) > 0
+    cmyk = tmp_path / "disks_mask.tif"
+    key_ink = np.where(stored, 0, 255).astype(np.uint8)
+    pixels = np.dstack([np.zeros((*stored.shape, 3), np.uint8), key_ink])
+    Image.frombytes("CMYK", stored.shape[::-1], pixels.tobytes()).save(cmyk)
+    reference = dataset.match_tags("reference").first()
+    reference.ground_truth = fo.Segmentation(mask_path=str(cmyk))
+    reference.save()
+
+    [(_, mask)] = reference_pairs(dataset, "reference", "ground_truth")
+    np.testing.assert_array_equal(mask, stored)
+
+
 def test_running_out_of_memory_names_the_settings_that_lower_it(fo, dataset, monkeypatch):
     """A run that ran out of device memory failed with torch's message about its allocator; it now
     names the form's batch_size and image_size, and writes no field. (The failure is raised here:
