@@ -136,8 +136,7 @@ def run_segment(arguments: argparse.Namespace) -> int:
     with writer_lock(out, "--out"):  # one run at a time merges into annotations.json
         remove_stale_temporaries(out, [annotations_path.name, *(path.name for path in outputs.values())])
         document = load_document(annotations_path, arguments.overwrite)
-        records = records_from_document(document) if document else {}
-        check_categories(records, list(classes), annotations_path, arguments.overwrite)
+        records = earlier_records(document, list(classes), annotations_path, arguments.overwrite)
         pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
         replaced = {target.stem: target.name for target in pending}  # a.jpg's mask replaces a.png's: a.png goes
         records = {name: record for name, record in records.items()
@@ -238,8 +237,7 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
         annotations = joined(out, "annotations.json")
         document = parse_document(read_bytes(annotations), annotations, arguments.overwrite) if exists(annotations) \
             else None
-        records = records_from_document(document) if document else {}
-        check_categories(records, list(classes), annotations, arguments.overwrite)
+        records = earlier_records(document, list(classes), annotations, arguments.overwrite)
         job = JobSpec(settings, out, tuple(classes), settings.instance_method if arguments.instances else None,
                       arguments.overwrite, payload,
                       frozenset(map(str, [*reference_files(arguments), *settings_files(arguments)])))
@@ -256,16 +254,26 @@ def run_on_ray(arguments: argparse.Namespace, settings: EngineSettings) -> int:
         return 1 if summary.failed else 0
 
 
-def check_categories(records: dict[str, dict], categories: list[str], path: Path, overwrite: bool) -> None:
-    """Refuse to mix runs of other classes into ``path`` (single-class and multi-class masks of one
-    folder would disagree); with ``overwrite``, the earlier records are dropped instead."""
-    earlier = list(dict.fromkeys(entry["category"] for record in records.values() for entry in record["annotations"]))
-    if earlier and set(earlier) != set(categories):
+def earlier_records(document: dict | None, categories: list[str], path, overwrite: bool) -> dict[str, dict]:
+    """The records of the annotations ``document`` at ``path`` (``None``: there is none) that this
+    run of ``categories`` adds to; with ``overwrite``, none when their categories differ.
+
+    An earlier run of other categories, or of the same ones in another order, is refused: a
+    multi-class mask's label value ``i`` is its ``i``-th category, so the masks of one folder
+    would disagree on what a value means (and single-class masks hold no class values at all).
+    """
+    records = records_from_document(document) if document else {}
+    earlier = [category["name"] for category in document.get("categories", [])] if records else []
+    if earlier and earlier != categories:
         if overwrite:
-            records.clear()
-            return
+            return {}
+        reordered = sorted(earlier) == sorted(categories)
+        remedy = " in another order (label values 1, 2, ... follow it): give --class-ref in the earlier order, " \
+            if reordered else "; "
         raise UsageError(f"{path} holds masks of {', '.join(map(repr, earlier))}, this run segments "
-                         f"{', '.join(map(repr, categories))}; use another --out, or --overwrite to start it afresh")
+                         f"{', '.join(map(repr, categories))}{remedy}use another --out, or --overwrite to start it "
+                         "afresh")
+    return records
 
 
 def check_sources(skipped: list[Path], records: dict[str, dict], outputs: dict[Path, Path]) -> None:

@@ -174,3 +174,28 @@ def test_label_ref_with_too_many_values_is_refused(tmp_path, capsys):
     assert main(["segment", "--label-ref", str(tmp_path / "ref" / "ref.png"), str(tmp_path / "ref" / "noise.png"),
                  "--out", str(tmp_path / "out"), *FAST, str(tmp_path / "ref" / "ref.png")]) == 2
     assert "999 class values, more than 255" in capsys.readouterr().err
+
+
+def test_a_rerun_with_the_classes_in_another_order_is_refused(tmp_path, capsys):
+    """The folder's masks hold disk as 1 and square as 2; a rerun giving ``--class-ref square``
+    first (sets compared) added masks holding square as 1 beside them. It is refused with exit 2,
+    naming the order, and writes nothing; the earlier order resumes."""
+    write_scene(tmp_path / "ref", "ref", disks=[(100, 120, 60)], squares=[(200, 40, 90)], seed=1)
+    write_scene(tmp_path / "targets", "a", disks=[(80, 90, 45)], squares=[(200, 140, 70)], seed=3)
+    write_scene(tmp_path / "targets", "b", disks=[(160, 100, 50)], squares=[(40, 40, 60)], seed=4)
+    ref, out, targets = tmp_path / "ref", tmp_path / "out", tmp_path / "targets"
+    disk = ["--class-ref", "disk", str(ref / "ref.png"), str(ref / "ref_disks.png")]
+    square = ["--class-ref", "square", str(ref / "ref.png"), str(ref / "ref_squares.png")]
+    assert main(["segment", *disk, *square, "--out", str(out), *FAST, str(targets / "a.png")]) == 0
+    before = (out / "annotations.json").read_bytes()
+    capsys.readouterr()
+
+    assert main(["segment", *square, *disk, "--out", str(out), *FAST, str(targets / "b.png")]) == 2
+    error = capsys.readouterr().err
+    assert "holds masks of 'disk', 'square'" in error and "in another order" in error
+    assert not (out / "b.png").exists() and (out / "annotations.json").read_bytes() == before
+
+    assert main(["segment", *disk, *square, "--out", str(out), *FAST, str(targets / "b.png")]) == 0
+    document = json.loads((out / "annotations.json").read_text())
+    assert [c["name"] for c in document["categories"]] == ["disk", "square"]
+    assert [image["file_name"] for image in document["images"]] == ["a.png", "b.png"]
