@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fnmatch
 import glob
 import os
 import sys
@@ -47,14 +48,30 @@ def resolve_targets(specs: list[str]) -> list[Path]:
             if not files:
                 raise UsageError(f"{spec}: no such file, and no image matches it as a pattern")
         found.update((f, None) for f in files)
+    return list(found)
+
+
+def check_mask_names(targets: list[Path]) -> None:
+    """Refuse targets sharing a file stem (``a.png`` and ``a.jpg``): their masks, ``a.png``, would collide."""
     by_stem = collections.defaultdict(list)
-    for target in found:
+    for target in targets:
         by_stem[target.stem].append(target)
     clashes = [paths for paths in by_stem.values() if len(paths) > 1]
     if clashes:
         listed = "; ".join(" and ".join(str(p) for p in paths) for paths in clashes)
         raise UsageError(f"targets share a file stem, so their output masks would collide: {listed}")
-    return list(found)
+
+
+def relisting_target(out: Path, specs: list[str], mask_names) -> str | None:
+    """The TARGET of ``specs`` that would list masks named ``mask_names`` written into the local
+    folder ``out`` as targets of the next run (the folder itself, or a pattern in or above it
+    whose file part matches them: ``*.jpg`` lists no mask), or ``None``."""
+    for spec in specs:
+        if listed_output_folder(str(out), [spec]) and (
+            not glob.has_magic(spec) or any(fnmatch.fnmatch(name, os.path.basename(spec)) for name in mask_names)
+        ):
+            return spec
+    return None
 
 
 def listed_output_folder(out: str, specs: list[str]) -> str | None:

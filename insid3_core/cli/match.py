@@ -49,7 +49,7 @@ def run_match(arguments: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(f"--{err}") from None
     names, points = load_points(points_file)
-    targets = list(dict.fromkeys(target for spec in arguments.targets for target in resolve_targets([spec])))
+    targets = resolve_targets(arguments.targets)
     if arguments.out.suffix.lower() != ".json":
         raise UsageError(f"--out {arguments.out}: expected a .json file")
     check_output_files([arguments.out], "--out", arguments.overwrite,

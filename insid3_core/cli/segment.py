@@ -21,8 +21,8 @@ from ..outputs import RUN_DESCRIPTION, run_description, write_output_mask, writt
 from ..quality import VERDICTS
 from ..settings import EngineSettings
 from . import UsageError
-from .common import (add_reference_arguments, build_segmenter, listed_output_folder, reference_classes,
-                     reference_files, resolve_targets, settings_files)
+from .common import (add_reference_arguments, build_segmenter, check_mask_names, listed_output_folder,
+                     reference_classes, reference_files, relisting_target, resolve_targets, settings_files)
 
 
 def register(commands) -> None:
@@ -122,6 +122,11 @@ def run_segment(arguments: argparse.Namespace) -> int:
     classes = references.classes
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
+    relisting = relisting_target(out, arguments.targets, {f"{target.stem}.png" for target in targets})
+    if relisting:
+        raise UsageError(f"--out {out}: TARGET {relisting} lists that folder, so the next run would take the masks "
+                         "written there for targets: choose another --out")
+    check_mask_names(targets)
     inputs = set(reference_files(arguments)) | set(targets) | set(settings_files(arguments))
     outputs = {target: out.resolve() / f"{target.stem}.png" for target in targets}
     clobbered = overwritten_inputs(outputs.values(), inputs)

@@ -519,6 +519,26 @@ def test_a_ray_job_writing_into_a_folder_it_lists_is_refused_before_ray_starts(t
     assert listed_output_folder(str(data / "masks"), [spec]) == (spec if "**" in spec else None)
 
 
+@pytest.mark.parametrize("listing", ["{data}", "{data}/*", "{root}/*/*", "{root}/**/*.*"])
+def test_writing_the_masks_into_a_folder_the_targets_list_is_refused_before_any_work(tmp_path, capsys, listing):
+    """``--out photos photos`` wrote ``a.png`` beside ``a.jpg``; the next run listed the masks as
+    targets and failed on their stems. It is refused on the first run, writing nothing; a pattern
+    that lists no mask (``*.jpg``) writes there and resumes."""
+    data = tmp_path / "root" / "data"
+    data.mkdir(parents=True)
+    Image.open(TARGET).convert("RGB").save(data / "a.jpg")
+    spec = listing.format(data=data, root=tmp_path / "root")
+
+    err = refused(capsys, "--out", data, spec)
+    assert f"--out {data}: TARGET {spec} lists that folder, so the next run would take the masks" in err
+    assert sorted(path.name for path in data.iterdir()) == ["a.jpg"]
+
+    assert segment("--out", data, data / "*.jpg") == 0
+    assert segment("--out", data, data / "*.jpg") == 0
+    assert "already have their mask" in capsys.readouterr().err
+    assert sorted(path.name for path in data.glob("[!.]*")) == ["a.jpg", "a.png", "annotations.json"]
+
+
 RUN_UNDER_A_MEMORY_CAP = """
 import resource, sys
 from insid3_core.cli import main

@@ -219,3 +219,19 @@ def test_match_command_reports_bad_points(tmp_path, mosaic, capsys):
                  str(reference)]) == 2
     error = capsys.readouterr().err
     assert f"{broken}: unreadable or truncated image" in error and "SMOKE TEST" not in error
+
+
+def test_match_takes_a_folder_holding_two_images_of_one_stem(tmp_path, mosaic, points, capsys):
+    """``match`` writes one JSON file, no mask per target, yet it refused a folder holding
+    ``a.png`` and ``a.jpg`` as if their masks would collide; both are matched now."""
+    reference, folder = tmp_path / "ref.png", tmp_path / "targets"
+    folder.mkdir()
+    Image.fromarray(mosaic).save(reference)
+    Image.fromarray(mosaic).save(folder / "a.png")
+    Image.fromarray(np.ascontiguousarray(mosaic[:, ::-1])).save(folder / "a.jpg", quality=95)
+    points_file = tmp_path / "points.json"
+    points_file.write_text(json.dumps([{"name": "p0", "x": int(points[0, 0]), "y": int(points[0, 1])}]))
+    out = tmp_path / "matches.json"
+
+    assert main(["match", "--ref", str(reference), str(points_file), "--out", str(out), *FAST, str(folder)]) == 0
+    assert [t["image"] for t in json.loads(out.read_text())["targets"]] == [str(folder / "a.jpg"), str(folder / "a.png")]
