@@ -82,9 +82,12 @@ def cluster_patches(features: torch.Tensor, tau: float, method: str = "auto") ->
 def clustering_method(method: str, device: torch.device) -> str:
     """What clustering ``method`` runs on ``device``: ``auto`` is ``triton`` on CUDA when
     :func:`triton_usable`, ``torch`` on other accelerators (and CUDA without triton), ``scipy`` on
-    the CPU; a named method is itself."""
+    the CPU; a named method is itself. ``triton`` off CUDA is a ``ValueError`` unless
+    ``TRITON_INTERPRET=1`` (Triton's CPU interpreter: for tests)."""
     if method not in CLUSTERING_METHODS:
         raise ValueError(f"clustering method must be one of {CLUSTERING_METHODS}, got {method!r}")
+    if method == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("clustering='triton' needs a CUDA device (or TRITON_INTERPRET=1: Triton's CPU interpreter)")
     if method != "auto":
         return method
     if device.type == "cuda" and triton_usable():
@@ -103,8 +106,6 @@ def _triton_clustering(features: torch.Tensor, tau: float, required: bool) -> to
     clustering instead (for the rest of the process)."""
     from .triton_clustering import triton_average_linkage
 
-    if features.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("clustering='triton' needs a CUDA device (or TRITON_INTERPRET=1: Triton's CPU interpreter)")
     per_target = 12 * features.shape[1] ** 2  # float32 similarities and the float64 distances made from them
     chunk = max(1, _memory_budget(features.device) // per_target)
     try:

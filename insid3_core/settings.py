@@ -209,7 +209,22 @@ class EngineSettings:
         from .engine import Segmenter
 
         self.check_basis_file()
+        self.clustering_on_device()
         return Segmenter(self.load_backbone(), self.config(), self.quality(), basis_file=self.basis)
+
+    def clustering_on_device(self) -> str:
+        """The clustering ``clustering`` runs on ``device`` (``auto`` resolved); a
+        :class:`SettingsError` when it cannot run there (``triton`` off CUDA), before anything loads."""
+        from .backbone import resolve_device
+        from .clustering import clustering_method
+
+        device = resolve_device(self.device)
+        try:
+            return clustering_method(self.clustering, device)
+        except ValueError:
+            raise SettingsError(f"{describe('clustering')} 'triton' needs a CUDA device, and {describe('device')} "
+                                f"{self.device!r} is {device.type}: choose another clustering (auto picks one "
+                                "for the device) or a CUDA device") from None
 
     def check_basis_file(self) -> None:
         """Raise :class:`SettingsError` when ``basis`` names no file (before anything is loaded)."""

@@ -1,21 +1,26 @@
-"""``insid3 info``: versions, the device ``auto`` resolves to, the cache and the weights."""
+"""``insid3 info``: versions, the device and clustering the settings resolve to, the cache and
+the weights, read as ``insid3 segment`` reads them (flags, ``--settings``, ``INSID3_*``,
+``INSID3_SETTINGS``), so what it reports is what a run would use, refusals included."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 
 from .. import __version__
 from ..backbone import resolve_device
-from ..config import SMOKE_TEST_NOTE, cache_dir, env_setting
-from . import UsageError
+from ..config import SMOKE_TEST_NOTE, cache_dir
+from ..settings import EngineSettings, variable
 
 
 def register(commands) -> None:
     """Add ``info`` to the ``insid3`` sub-commands (entry point ``insid3.commands``)."""
     info = commands.add_parser("info", help="print versions, device and cache location")
     info.add_argument("--device", default=None, help="device to resolve (default auto; INSID3_DEVICE)")
+    info.add_argument("--clustering", default=None, help="clustering to resolve (default auto; INSID3_CLUSTERING)")
+    info.add_argument("--settings", metavar="FILE", help="engine options from a JSON file, as segment reads them")
     info.set_defaults(handler=run_info)
 
 
@@ -26,14 +31,10 @@ def run_info(arguments: argparse.Namespace) -> int:
     import timm
     import torch
 
-    from ..clustering import clustering_method
-
-    device = resolve_device(arguments.device or env_setting("device", "auto"))
-    clustering = env_setting("clustering", "auto")
-    try:
-        resolved = clustering_method(clustering, device)
-    except ValueError as err:
-        raise UsageError(f"INSID3_CLUSTERING: {err}") from None
+    settings = EngineSettings.from_arguments(arguments)
+    device = resolve_device(settings.device)
+    clustering = settings.clustering_on_device()
+    settings_files = [arguments.settings, os.environ.get(variable("settings"))]
     lines = {
         "insid3": __version__,
         "python": platform.python_version(),
@@ -45,9 +46,10 @@ def run_info(arguments: argparse.Namespace) -> int:
         "pillow": PIL.__version__,
         "cuda available": torch.cuda.is_available(),
         "device": str(device),
-        "clustering": f"{resolved} ({clustering} on {device.type}; INSID3_CLUSTERING)",
+        "clustering": f"{clustering} ({settings.clustering} on {device.type}; INSID3_CLUSTERING)",
+        "settings": ", ".join(path for path in settings_files if path) or "(no file)",
         "cache": str(cache_dir()),
-        "weights": env_setting("weights") or f"(none: the {SMOKE_TEST_NOTE})",
+        "weights": settings.weights or settings.backbone or f"(none: the {SMOKE_TEST_NOTE})",
     }
     if torch.cuda.is_available():
         lines["gpu"] = torch.cuda.get_device_name()

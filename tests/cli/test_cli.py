@@ -193,7 +193,34 @@ def test_info(capsys, monkeypatch):
     assert "clustering      torch (torch on cpu; INSID3_CLUSTERING)" in capsys.readouterr().out
     monkeypatch.setenv("INSID3_CLUSTERING", "kmeans")
     assert main(["info", "--device", "cpu"]) == 2
-    assert "INSID3_CLUSTERING: clustering method must be one of" in capsys.readouterr().err
+    assert "clustering (--clustering, INSID3_CLUSTERING) must be one of" in capsys.readouterr().err
+
+
+def test_info_reads_the_settings_as_segment_does_and_refuses_what_segment_would(tmp_path, capsys, monkeypatch):
+    """``info`` read INSID3_DEVICE and INSID3_CLUSTERING only: it ignored INSID3_SETTINGS and
+    --settings, and reported ``triton`` on the CPU, which segment then refused after loading the
+    backbone. Both now read the settings alike and refuse triton off CUDA before any loading."""
+    import insid3_core.settings
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    shared = tmp_path / "shared.json"
+    shared.write_text('{"clustering": "torch", "weights": "facebook/dinov3-vits16-pretrain-lvd1689m"}')
+    monkeypatch.setenv("INSID3_SETTINGS", str(shared))
+    assert main(["info", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "clustering      torch (torch on cpu; INSID3_CLUSTERING)" in printed
+    assert "weights         facebook/dinov3-vits16-pretrain-lvd1689m" in printed and str(shared) in printed
+
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"clustering": "triton"}')
+    monkeypatch.setattr(insid3_core.settings.EngineSettings, "load_backbone", lambda self: pytest.fail("loaded"))
+    for command in (["info", "--settings", str(mine)],
+                    ["segment", "--settings", str(mine), "--ref", *REFERENCE, "--out", str(tmp_path / "out"),
+                     str(EXAMPLES / "targets" / "scene_01.png")]):
+        assert main([*command, "--device", "cpu"]) == 2
+        error = capsys.readouterr().err
+        assert "'triton' needs a CUDA device, and device (--device, INSID3_DEVICE) 'cpu' is cpu" in error
+    assert not (tmp_path / "out" / "scene_01.png").exists()
 
 
 def test_auto_clustering_is_triton_on_cuda_torch_on_other_accelerators_and_scipy_on_the_cpu(monkeypatch):
