@@ -113,6 +113,10 @@ def run_eval(arguments: argparse.Namespace) -> int:
     write_json(out / "report.json", report)
     with atomic_write(out / "report.md", "w") as stream:
         stream.write(markdown(report))
+    if arguments.overwrite:
+        written = {figure["path"] for figure in figures} | {
+            query["mask"] for record in records for query in record["queries"] if "mask" in query}
+        remove_earlier_outputs(out, written)
     print(f"insid3: mIoU {100 * results['miou']:.1f}, FB-IoU {100 * results['fb_iou']:.1f} over "
           f"{len(results['folds'])} fold(s), {len(episodes)} episodes in {seconds:.1f} s -> {out / 'report.md'}",
           file=sys.stderr)
@@ -120,6 +124,16 @@ def run_eval(arguments: argparse.Namespace) -> int:
         print(f"insid3: reminder: these numbers come from the {SMOKE_TEST_NOTE}",
               file=sys.stderr)
     return 0
+
+
+def remove_earlier_outputs(out: Path, written: set[str]) -> None:
+    """Delete the figures and masks of an earlier run (``figures/episode_*.png``,
+    ``masks/episode_*.png``) that this run's report, which replaced its report, does not name
+    (``written``: paths relative to ``out``); other files there are kept."""
+    for folder in ("figures", "masks"):
+        for path in sorted((out / folder).glob("episode_*.png")):
+            if path.relative_to(out).as_posix() not in written and path.is_file() and not path.is_symlink():
+                path.unlink()
 
 
 def collect(

@@ -481,3 +481,22 @@ def test_an_earlier_report_is_kept_and_a_bad_out_refused_before_any_episode(tmp_
     assert main(["eval", "folder", str(root), "--figures", "1", *FAST, "--out", str(tmp_path / "afile2"),
                  "--episodes", "99999999999999999999"]) == 2
     assert "--episodes must be at most" in capsys.readouterr().err
+
+
+def test_overwrite_removes_the_earlier_runs_figures_and_masks_its_report_does_not_name(tmp_path):
+    """A rerun with --overwrite and fewer figures (or no --save-masks) left the earlier run's
+    files beside a report that no longer names them; they go now, other files stay."""
+    root = tmp_path / "data"
+    write_folder(root, per_class=2)
+    out = tmp_path / "out"
+    arguments = ["eval", "folder", str(root), *FAST, "--out", str(out)]
+    assert main([*arguments, "--figures", "3", "--save-masks"]) == 0
+    assert len(list((out / "figures").iterdir())) == 3 and any((out / "masks").iterdir())
+    (out / "figures" / "notes.txt").write_text("mine")
+
+    assert main([*arguments, "--figures", "1", "--overwrite"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "figures").glob("*.png")) == \
+        [figure["path"] for figure in report["figures"]]
+    assert not list((out / "masks").iterdir())
+    assert (out / "figures" / "notes.txt").read_text() == "mine"
