@@ -205,13 +205,12 @@ def api_settings(command: str):
     settings = Settings.from_environment()
     if not settings.label_studio_url or not settings.api_key:
         raise UsageError(f"{command} needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-    from .images import redacted
-    from .urls import UnsafeURL, parse_url
+    from .images import label_studio_url
 
     try:
-        parse_url(settings.label_studio_url)
-    except UnsafeURL as err:
-        raise UsageError(f"LABEL_STUDIO_URL={redacted(settings.label_studio_url)!r} {err}") from None
+        label_studio_url(settings.label_studio_url)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return settings
 
 

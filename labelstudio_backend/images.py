@@ -88,12 +88,9 @@ class ImageFetcher:
                  max_bytes: int = 50 * 2**20, max_pixels: int = 100_000_000, download_seconds: float = 120.0,
                  budget: PixelBudget | None = None) -> None:
         self.credentials = credentials
-        try:
-            own = parse_url(credentials.base_url) if credentials.base_url else None
-            self.own_origin = own.origin if own else None
-            self.own_prefix = own.target.split("?")[0].rstrip("/") if own else ""  # Label Studio under a sub-path
-        except UnsafeURL as err:
-            raise ValueError(f"LABEL_STUDIO_URL={redacted(credentials.base_url)!r} {err}") from None
+        own = label_studio_url(credentials.base_url) if credentials.base_url else None
+        self.own_origin = own.origin if own else None
+        self.own_prefix = own.target.split("?")[0].rstrip("/") if own else ""  # Label Studio under a sub-path
         self.allowed_hosts = frozenset(map(_allowed_host, allowed_hosts))
         self.allowed_networks = parse_networks(allowed_networks)
         self.max_bytes = max_bytes
@@ -343,6 +340,15 @@ def named(address: str) -> str:
 USER_INFORMATION = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//[^/?#]*@")
 SECRET_PARAMETER = re.compile(r"([?&;#]([^=&;#]*(?:sig|token|key|secret|pass|credential|auth|session)[^=&;#]*)=)[^&;#]*",
                               re.IGNORECASE)
+
+
+def label_studio_url(address: str) -> URL:
+    """``LABEL_STUDIO_URL`` parsed; a ``ValueError`` naming the variable (the address
+    :func:`redacted`) when :func:`~labelstudio_backend.urls.parse_url` refuses it."""
+    try:
+        return parse_url(address)
+    except UnsafeURL as err:
+        raise ValueError(f"LABEL_STUDIO_URL={redacted(address)!r} {err}") from None
 
 
 def redacted(address: str) -> str:
