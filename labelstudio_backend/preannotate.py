@@ -69,15 +69,15 @@ def preannotate(backend, project: int, batch_size: int = 8, progress: bool = Tru
                 backend.api.import_predictions(project, stored)
             report.done += len(stored)
             bar.update(len(batch))
-    sync_verdicts(backend.api, project, version)
+    sync_verdicts(backend.api, project, version, backend.predicted_labels(project, target))
     return report
 
 
-def sync_verdicts(api, project: int, version: str) -> int:
+def sync_verdicts(api, project: int, version: str, labels: list[str]) -> int:
     """Set the verdict columns (:data:`~labelstudio_backend.results.VERDICT_FIELDS`) of every task
-    from its prediction of ``version``, so filtering and sorting by them sees the current model
-    version only; a task with none (its image failed) that carries older ones gets
-    ``insid3_verdict`` ``not predicted``. Returns the number of tasks updated."""
+    from its prediction of ``version`` (which segments ``labels``), so filtering and sorting by
+    them sees the current model version only; a task with none (its image failed) that carries
+    older ones gets ``insid3_verdict`` ``not predicted``. Returns the number of tasks updated."""
     from .results import VERDICT_FIELDS, verdict_fields
 
     updated = 0
@@ -85,7 +85,7 @@ def sync_verdicts(api, project: int, version: str) -> int:
         current = [p for p in task.get("predictions") or [] if p.get("model_version") == version]
         data = task.get("data") or {}
         if current:
-            fields = verdict_fields(current[-1])
+            fields = verdict_fields(current[-1], labels)
         elif any(name in data for name in VERDICT_FIELDS):
             fields = {"insid3_verdict": "not predicted", "insid3_verdicts": "", "insid3_score": None,
                       "insid3_model_version": version}

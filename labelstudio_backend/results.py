@@ -4,14 +4,14 @@ Every label segmented gives a region (brush or bitmask: an empty mask too, with 
 score 0), so that each quality verdict is stored in the prediction's ``result`` as region meta
 text (``insid3 quality: <verdict> (...)``), which the Data Manager's *Prediction results
 contains* filter searches. Polygons give one region per connected part (none for an empty
-mask). With instances on, a label gives one region per instance instead, each with the label's
+mask: :func:`verdict_fields` gives such a label the ``empty`` verdict). With instances on, a label gives one region per instance instead, each with the label's
 verdict.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -101,18 +101,20 @@ VERDICT_FIELDS = ("insid3_verdict", "insid3_verdicts", "insid3_score", "insid3_m
 """Task data fields the Data Manager shows as sortable, filterable columns (set by ``preannotate``)."""
 
 
-def verdict_fields(prediction: dict) -> dict:
+def verdict_fields(prediction: dict, labels: Sequence[str] = ()) -> dict:
     """A prediction's verdicts as task data fields (:data:`VERDICT_FIELDS`): ``insid3_verdict`` is
     ``ok`` or the failures found (e.g. ``empty, too_small``), ``insid3_verdicts`` each label's, with
-    the prediction's score and model version."""
+    the prediction's score and model version. ``labels``: those segmented; one with no region in
+    the prediction (an empty polygon mask gives none) is ``empty``."""
     from insid3_core.quality import VERDICTS
 
     per_label = {}
     for region in prediction["result"]:
         text = (region.get("meta") or {}).get("text") or [""]
-        labels = region["value"].get(region["type"]) or []
-        if text[0].startswith(QUALITY_PREFIX) and labels:
-            per_label[labels[0]] = text[0][len(QUALITY_PREFIX):].split(" ", 1)[0]
+        named = region["value"].get(region["type"]) or []
+        if text[0].startswith(QUALITY_PREFIX) and named:
+            per_label[named[0]] = text[0][len(QUALITY_PREFIX):].split(" ", 1)[0]
+    per_label = {**{label: per_label.get(label, "empty") for label in labels}, **per_label}
     failures = sorted({verdict for verdict in per_label.values() if verdict != "ok"}, key=VERDICTS.index)
     return {
         "insid3_verdict": ", ".join(failures) or ("ok" if per_label else "empty"),

@@ -247,6 +247,11 @@ class Backend:
             write_json(where / CALIBRATION_FILE, {**pool.calibration.document(), "model_version": version})
         return pool, version
 
+    def predicted_labels(self, project: int | None, target: RegionTarget) -> list[str]:
+        """The labels a prediction for ``project`` segments: ``target``'s labels with references,
+        less the negative label."""
+        return list(self.predictor.classes_and_negatives(self._target_pool(project, target)[0])[0])
+
     def _target_pool(self, project: int | None, target: RegionTarget) -> tuple[Pairs, tuple, str]:
         """The pool's pairs of ``target``'s labels, their cache key and the model version."""
         pairs, digest = self.pool(project)

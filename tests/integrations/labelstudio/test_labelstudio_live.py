@@ -8,6 +8,7 @@ import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -467,3 +468,27 @@ def data_manager_screenshot(label_studio, path: str, name: str) -> None:
         page.wait_for_timeout(2000)
         page.screenshot(path=str(ARTIFACTS / name))
         browser.close()
+
+
+def test_preannotate_gives_a_polygon_task_with_an_empty_mask_the_empty_verdict(label_studio, tiny_backbone, tmp_path):
+    """A polygon prediction holds no region for an empty mask: its verdict columns said nothing of
+    the label (``insid3_verdicts`` blank). ``preannotate`` passes the labels it segmented, so the
+    blank image's task reads ``Disk: empty`` and is found by filtering for ``empty``."""
+    from labelstudio_fixtures import blank_image
+
+    images = [shutil.copy(TARGETS[0], tmp_path / TARGETS[0].name), blank_image(tmp_path / "blank.png")]
+    images = [Path(path) for path in images]
+    project = label_studio.api("POST", "/api/projects/", json={"title": "insid3 polygon verdicts",
+                                                              "label_config": region_config("PolygonLabels")})["id"]
+    files = [(f"file{i}", (path.name, path.read_bytes(), "image/png")) for i, path in enumerate(images)]
+    label_studio.api("POST", f"/api/projects/{project}/import", files=files)
+    segmenter = verdict_segmenter(tiny_backbone)
+    settings = Settings(label_studio_url=label_studio.url, api_key=label_studio.personal_access_token,
+                        model_dir=tmp_path / "model", reference_dir=reference_folder(tmp_path / "references"))
+
+    preannotate(build_backend(settings, segmenter), project, progress=False)
+    tasks = label_studio.api("GET", f"/api/tasks?project={project}&fields=all&page_size=100")["tasks"]
+    by_name = {next(p.name for p in images if t["data"]["image"].endswith(p.name)): t["data"] for t in tasks}
+    assert by_name["blank.png"]["insid3_verdict"] == "empty"
+    assert by_name["blank.png"]["insid3_verdicts"] == f"{LABEL}: empty"
+    assert by_name[TARGETS[0].name]["insid3_verdicts"].startswith(f"{LABEL}: ")

@@ -187,3 +187,28 @@ def test_interactive_requests_that_cannot_be_answered(segmenter, served, tmp_pat
     answer = predict(client, "BrushLabels", [task, dict(task, id=4)], params={"context": {"result": [point]}})
     assert answer.status_code == 400 and "for one task" in answer.get_json()["error"]
     assert predict(client, "BrushLabels", [task], params="no").status_code == 400
+
+
+def test_a_label_whose_polygon_mask_is_empty_has_the_empty_verdict(segmenter, tmp_path):
+    """An empty mask gives no polygon region, so the verdict columns left its label out: a task
+    of one ok and one empty label read ``ok``. The labels segmented are passed now, and one with
+    no region is ``empty``."""
+    from PIL import Image
+
+    from labelstudio_backend.labelconfig import region_target
+    from labelstudio_backend.results import prediction, verdict_fields
+
+    Image.new("RGB", (200, 150), (128, 128, 128)).save(tmp_path / "blank.png")
+    references = segmenter.encode({LABEL: [(EXAMPLES / "reference" / "disks.png",
+                                            EXAMPLES / "reference" / "disks_mask.png")]})
+    found, blank = (result.classes[LABEL] for result in segmenter.segment(references, [TARGETS[0], tmp_path / "blank.png"]))
+    assert found.mask.any() and not blank.mask.any()
+    target = region_target(config("PolygonLabels").replace(
+        f'<Label value="{LABEL}" background="#ff0000"/>', f'<Label value="{LABEL}"/><Label value="Other"/>', 1))
+
+    answer = prediction(target, {LABEL: found, "Other": blank}, "v1")
+    assert {region["value"]["polygonlabels"][0] for region in answer["result"]} == {LABEL}
+    fields = verdict_fields(answer, [LABEL, "Other"])
+    assert fields["insid3_verdicts"] == f"{LABEL}: {found.quality.verdict}, Other: empty"
+    assert "empty" in fields["insid3_verdict"].split(", ")
+    assert verdict_fields(prediction(target, {LABEL: blank}, "v1"), [LABEL])["insid3_verdicts"] == f"{LABEL}: empty"
