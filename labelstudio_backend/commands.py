@@ -70,7 +70,7 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
     served, served_backend = ({}, {}) if serving else served_settings(settings.model_dir / SERVED_SETTINGS)
     try:
         EngineSettings(**served)
-        settings = dataclasses.replace(settings, **served_backend)
+        settings = dataclasses.replace(settings, **checked_prediction_settings(served_backend))
     except ValueError as err:  # named as the file's, not as a flag or variable the user never gave
         raise SettingsError(f"{settings.model_dir / SERVED_SETTINGS} (written by serve): {err}; start serve again, "
                             "or delete the file") from None
@@ -87,9 +87,20 @@ def backend_from_arguments(arguments: argparse.Namespace, settings, serving: boo
     return build_backend(settings, segmenter, engine, fetcher)
 
 
+def checked_prediction_settings(values: dict) -> dict:
+    """``values`` (:data:`PREDICTION_SETTINGS` by name) when each is of its type; else a
+    ``ValueError`` naming the first that is not (``Settings`` checks the values themselves)."""
+    for name, value in values.items():
+        kind = PREDICTION_SETTINGS[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            shown = kind.__name__ if isinstance(kind, type) else "number"
+            raise ValueError(f"INSID3_{name.upper()} (backend.{name}) must be a {shown}, got {value!r}")
+    return values
+
+
 def served_settings(path) -> tuple[dict, dict]:
     """``(engine settings, prediction settings)`` a serving backend runs with (empty when none
-    was started, or unreadable; a prediction setting of the wrong type is left out)."""
+    was started, or unreadable), as stored: :func:`checked_prediction_settings` checks the latter."""
     from insid3_core.io import json_value
     from insid3_core.settings import EngineSettings
 
@@ -101,9 +112,7 @@ def served_settings(path) -> tuple[dict, dict]:
         return {}, {}
     backend = stored.get("backend") if isinstance(stored.get("backend"), dict) else {}
     return ({name: value for name, value in stored.items() if name in EngineSettings.names()},
-            {name: value for name, value in backend.items()
-             if name in PREDICTION_SETTINGS and isinstance(value, PREDICTION_SETTINGS[name])
-             and (name == "calibrate" or not isinstance(value, bool))})
+            {name: value for name, value in backend.items() if name in PREDICTION_SETTINGS})
 
 
 def run_serve(arguments: argparse.Namespace) -> int:

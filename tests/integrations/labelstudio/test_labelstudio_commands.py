@@ -238,8 +238,14 @@ def test_preannotate_predicts_with_the_settings_serve_was_started_with(tmp_path,
     assert changed.model_version(None) != served.model_version(None)
 
 
-@pytest.mark.parametrize("served, named", [('{"tau": 5}', "tau"),
-                                           ('{"backend": {"instances": "kmeans"}}', "INSID3_INSTANCES")])
+@pytest.mark.parametrize("served, named", [
+    ('{"tau": 5}', "tau"),
+    ('{"backend": {"instances": "kmeans"}}', "INSID3_INSTANCES"),
+    # of the wrong type: left out before, so preannotate predicted with its own setting instead
+    ('{"backend": {"polygon_tolerance": "2.5"}}', "INSID3_POLYGON_TOLERANCE (backend.polygon_tolerance) must be a number"),
+    ('{"backend": {"calibrate": "yes"}}', "INSID3_CALIBRATE (backend.calibrate) must be a bool"),
+    ('{"backend": {"negative_label": true}}', "INSID3_NEGATIVE_LABEL (backend.negative_label) must be a str"),
+])
 def test_a_bad_value_in_the_served_settings_names_that_file(monkeypatch, tmp_path, capsys, served, named):
     (tmp_path / "served-engine-settings.json").write_text(served)
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
