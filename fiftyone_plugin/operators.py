@@ -119,7 +119,7 @@ def start_run(ctx):
                                        outputs, engine.batch_size, counts, ray_predictions(ctx, engine, plan)))
 
     def report() -> str:
-        return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test)
+        return summary(counts, outputs.fields, segmenter.backbone.is_smoke_test, ctx.dataset.media_type == "video")
 
     return job, engine.batch_size, counts, outputs, report
 
@@ -296,11 +296,12 @@ def run_immediate(ctx):
     yield ctx.ops.reload_dataset()
 
 
-def summary(counts: collections.Counter, fields: list[str], smoke_test: bool) -> str:
-    """One line on a run: samples per category and the tags that mark the failures."""
+def summary(counts: collections.Counter, fields: list[str], smoke_test: bool, frames: bool = False) -> str:
+    """One line on a run: samples per category and the tags that mark the failures (on a
+    video's ``frames``, label tags)."""
     parts = ", ".join(f"{category} {count}" for category, count in sorted(counts.items()))
     failures = sorted(failure_tag(fields[0], category) for category in counts if category != "ok")
-    tagged = f"; review tags {', '.join(failures)}" if failures else ""
+    tagged = f"; review {'label ' if frames else ''}tags {', '.join(failures)}" if failures else ""
     warning = f" ({SMOKE_TEST_NOTE})" if smoke_test else ""
     where = " and ".join(f"'{field}'" for field in fields)
     return f"{sum(counts.values())} masks in {where}: {parts}{tagged}{warning}"

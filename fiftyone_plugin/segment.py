@@ -108,10 +108,14 @@ def segment_collection(segmenter, classes: dict, dataset, targets, outputs, batc
     field ``F`` and gets
     ``insid3:F:<category>`` when its mask is not ``ok`` and, with several classes,
     ``insid3:F:<label>:<category>`` for each class
-    whose own mask is not ``ok``. The ``Segmentation`` field gets ``outputs.mask_targets`` at
+    whose own mask is not ``ok``. On a video's frames these tags are the tags of the frame's
+    label (an unreadable frame, which has none, tags its video), and a run drops the earlier tags
+    and decisions of the videos it works on. The ``Segmentation`` field gets ``outputs.mask_targets`` at
     the end (or loses the mask targets of an earlier run when there are none).
     """
     ids, paths = targets.values(["id", "filepath"])
+    if dataset._root_dataset.media_type == "video":
+        _untag_field(dataset._root_dataset.select(targets.distinct("sample_id")), outputs.fields[0])
     samples_of = collections.defaultdict(collections.deque)  # unreadable targets may come out early
     for sample_id, path in zip(ids, paths):
         samples_of[path].append(sample_id)
@@ -143,6 +147,7 @@ def _write(dataset, outputs, results, thresholds, counts) -> None:
 
     labels = {name: {} for name in outputs.fields}
     field = outputs.fields[0]  # the one the failure tags name
+    on_frames = dataset._root_dataset.media_type == "video"
     failed = collections.defaultdict(list)
     for sample_id, result in results:
         if isinstance(result, InputError):
@@ -152,15 +157,36 @@ def _write(dataset, outputs, results, thresholds, counts) -> None:
         for name, label in written.items():
             labels[name][sample_id] = label
         counts[category] += 1
-        if category != "ok":
-            failed[failure_tag(field, category)].append(sample_id)
+        tags = [failure_tag(field, category)] if category != "ok" else []
         if outputs.multiclass and not isinstance(result, InputError):
-            for (label, _), class_result in zip(outputs.classes, result.classes.values()):
-                if class_result.quality.verdict != "ok":
-                    failed[failure_tag(field, class_result.quality.verdict, label)].append(sample_id)
+            tags += [failure_tag(field, class_result.quality.verdict, label)
+                     for (label, _), class_result in zip(outputs.classes, result.classes.values())
+                     if class_result.quality.verdict != "ok"]
+        if on_frames and written[field] is not None:
+            _tag_label(written[field], tags)
+        else:
+            for tag in tags:
+                failed[tag].append(sample_id)
     for name, values in labels.items():
         dataset.set_values(name, values, key_field="id")
+    if on_frames:  # an unreadable frame tags its video (the video's earlier tags went at the start)
+        for tag, frame_ids in failed.items():
+            dataset._root_dataset.select(dataset.select(frame_ids).distinct("sample_id")).tag_samples(tag)
+        return
     written = dataset.select([sample_id for sample_id, _ in results])
-    written.untag_samples([tag for tag in written.distinct("tags") if is_field_tag(tag, field)])
+    _untag_field(written, field)
     for tag, sample_ids in failed.items():
         dataset.select(sample_ids).tag_samples(tag)
+
+
+def _untag_field(samples, field: str) -> None:
+    """Drop the failure tags and review decisions of ``field`` from ``samples``."""
+    samples.untag_samples([tag for tag in samples.distinct("tags") if is_field_tag(tag, field)])
+
+
+def _tag_label(label, tags: list[str]) -> None:
+    """Give a video frame's label (a ``Segmentation``, or each ``Detection`` of a ``Detections``)
+    its failure ``tags`` as label tags: a frames view's sample tags would stay in FiftyOne's
+    generated frames dataset, unseen on the video's frames."""
+    for holder in label.detections if hasattr(label, "detections") else [label]:
+        holder.tags = list(tags)

@@ -205,3 +205,27 @@ def test_a_reference_field_that_is_no_segmentation_names_the_video_dataset(fo, d
 
     with pytest.raises(ExecutionError, match=f"'nothing' is not a Segmentation field of dataset '{dataset.name}'"):
         run(dataset, output_field="pred", reference_field="nothing")
+
+
+def test_failure_tags_of_frames_are_label_tags_on_the_videos_frames(fo, dataset):
+    """A frame's failure tag went to FiftyOne's generated frames dataset (a frames view's sample
+    tags), unseen on the video. It is now a tag of the frame's label, which the App filters by;
+    a rerun drops the earlier tags and the video's review decision on the field."""
+    run(dataset, output_field="pred", max_area_ratio=0.001)
+    dataset.reload()
+    target = dataset.skip(1).first()
+    verdicts = [target.frames[number]["pred"].verdict for number in range(1, 5)]
+    assert "too_large" in verdicts
+    for number in range(1, 5):
+        label = target.frames[number]["pred"]
+        assert label.tags == ([] if label.verdict == "ok" else [f"insid3:pred:{label.verdict}"])
+    assert dataset.count_label_tags()["insid3:pred:too_large"] == verdicts.count("too_large")
+
+    dataset.select(target.id).tag_samples("insid3:pred:approved")
+    run(dataset, output_field="pred", overwrite=True)
+    dataset.reload()
+    target = dataset.skip(1).first()
+    assert "insid3:pred:approved" not in target.tags
+    assert all(target.frames[n]["pred"].tags == ([] if target.frames[n]["pred"].verdict == "ok"
+                                                  else [f"insid3:pred:{target.frames[n]['pred'].verdict}"])
+               for n in range(1, 5))
