@@ -5,6 +5,11 @@ Functions over FiftyOne collections, so that the review panel (:mod:`fiftyone_pl
 Python users share them. A sample's review decision is a tag naming the field,
 ``insid3:<field>:approved`` or ``insid3:<field>:rejected``; a new run over the sample drops it
 (:func:`fiftyone_plugin.segment.is_field_tag`), since the decision was about the old masks.
+
+A video dataset's predictions are frame fields, named ``frames.<field>`` here: verdicts,
+scores and classes count frames, and their views hold the videos with only the matching frames;
+decisions are the videos' (a tag naming ``<field>``, as the run's tags do), and copying the
+approved masks fills ``frames.<ground truth>``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ def decision_tag(field: str, decision: str) -> str:
     """Sample tag of a review decision on ``field``'s masks, e.g. ``insid3:pred:approved``."""
     if decision not in DECISIONS:
         raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, got '{decision}'")
-    return failure_tag(field, decision)
+    return failure_tag(tag_field(field), decision)
+
+
+def tag_field(field: str) -> str:
+    """The name tags give ``field``: a video's ``frames.<field>`` is ``<field>``, as in a run's tags."""
+    return field.removeprefix(FRAMES)
 
 
 @dataclass(frozen=True)
@@ -74,21 +84,28 @@ class FieldSummary:
     histogram: dict = dataclass_field(default_factory=dict)
 
 
+FRAMES = "frames."
+
+
 def predicted_fields(dataset) -> list[str]:
-    """The dataset's ``Segmentation`` and ``Detections`` fields, those insid3 wrote first (in the
-    order it wrote them, the last one last), then the others by name."""
+    """The dataset's ``Segmentation`` and ``Detections`` fields (a video dataset's frame fields,
+    as ``frames.<field>``), those insid3 wrote first (in the order it wrote them, the last one
+    last), then the others by name."""
     import fiftyone as fo
 
-    fields = sorted(dataset.get_field_schema(embedded_doc_type=(fo.Segmentation, fo.Detections)))
-    made = [name for name in ((dataset.info or {}).get("insid3") or {}) if name in fields]
+    prefix = FRAMES if dataset.media_type == "video" else ""
+    schema = dataset.get_frame_field_schema if prefix else dataset.get_field_schema
+    fields = [prefix + name for name in sorted(schema(embedded_doc_type=(fo.Segmentation, fo.Detections)) or {})]
+    made = [prefix + name for name in ((dataset.info or {}).get("insid3") or {}) if prefix + name in fields]
     return made + [name for name in fields if name not in made]
 
 
 def default_field(dataset) -> str | None:
     """The field insid3 wrote last, else ``insid3`` when present, else the first mask field."""
     fields = predicted_fields(dataset)
-    made = [name for name in ((dataset.info or {}).get("insid3") or {}) if name in fields]
-    return made[-1] if made else "insid3" if "insid3" in fields else next(iter(fields), None)
+    made = [name for name in ((dataset.info or {}).get("insid3") or {}) if _prefixed(dataset, name) in fields]
+    default = _prefixed(dataset, "insid3")
+    return _prefixed(dataset, made[-1]) if made else default if default in fields else next(iter(fields), None)
 
 
 def summarize(collection, field: str) -> FieldSummary:
@@ -103,11 +120,12 @@ def summarize(collection, field: str) -> FieldSummary:
         fo.CountValues(f"{field}.verdict"), fo.CountValues("tags"),
         fo.HistogramValues(f"{field}.score", bins=BINS, range=[0.0, 1.0]), fo.Count(field),
     ])
+    samples = len(collection.exists(field)) if field.startswith(FRAMES) else predicted  # decisions: the videos'
     counts, edges, _ = histogram
     by_verdict = {verdict: int(verdicts.get(verdict, 0)) for verdict in VERDICTS}
-    by_verdict["unreadable"] = sum(int(tags.get(tag, 0)) for tag in failure_tags(field, "unreadable"))
+    by_verdict["unreadable"] = sum(int(tags.get(tag, 0)) for tag in failure_tags(tag_field(field), "unreadable"))
     decisions = {decision: int(tags.get(decision_tag(field, decision), 0)) for decision in DECISIONS}
-    decisions["unreviewed"] = max(predicted - sum(decisions.values()), 0)
+    decisions["unreviewed"] = max(samples - sum(decisions.values()), 0)
     return FieldSummary(field, kind, predicted, by_verdict, decisions, class_summaries(collection, field, kind),
                         {"edges": [round(float(edge), 3) for edge in edges], "counts": [int(c) for c in counts]})
 
@@ -136,8 +154,12 @@ def class_keys(collection, field: str) -> list[str]:
     sample's is enough: a run writes every class for every target)."""
     from fiftyone import ViewField as F
 
-    first = collection.match(F(f"{field}.classes") != None).limit(1).values(f"{field}.classes")  # noqa: E711
-    return sorted(first[0]) if first else []
+    found = _matching(collection, field, lambda label: F(f"{label}.classes") != None)  # noqa: E711
+    values = found.limit(1).values(f"{field}.classes")
+    if field.startswith(FRAMES):  # per video, a list of its frames' values
+        values = [frame for frames in values for frame in frames]
+    first = next((value for value in values if value), None)
+    return sorted(first) if first else []
 
 
 def verdict_view(collection, field: str, verdict: str):
@@ -145,10 +167,10 @@ def verdict_view(collection, field: str, verdict: str):
     from fiftyone import ViewField as F
 
     if verdict == "unreadable":
-        return collection.match_tags(failure_tags(field, verdict))
+        return collection.match_tags(failure_tags(tag_field(field), verdict))
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {', '.join(VERDICTS)} or unreadable, got '{verdict}'")
-    return collection.match(F(f"{field}.verdict") == verdict)
+    return _matching(collection, field, lambda label: F(f"{label}.verdict") == verdict)
 
 
 def decision_view(collection, field: str, decision: str):
@@ -167,19 +189,23 @@ def class_view(collection, field: str, label: str, failed: bool = False):
 
     if _kind(collection, field) == "Detections":
         return collection.filter_labels(field, F("label") == label)
-    verdict = F(f"{field}.classes.{class_key(label)}.verdict")
-    if failed:
-        return collection.match((verdict != None) & (verdict != "ok"))  # noqa: E711
-    return collection.match((verdict != None) & (verdict != "empty"))  # noqa: E711
+
+    def judged(name: str):
+        verdict = F(f"{name}.classes.{class_key(label)}.verdict")
+        return (verdict != None) & (verdict != ("ok" if failed else "empty"))  # noqa: E711
+
+    return _matching(collection, field, judged)
 
 
 def score_view(collection, field: str, low: float = 0.0, high: float = 1.0):
     """Samples whose ``field`` score is in ``[low, high)`` (``high`` 1.0 includes 1.0)."""
     from fiftyone import ViewField as F
 
-    score = F(f"{field}.score")
-    upper = score <= high if high >= 1.0 else score < high
-    return collection.match((score >= low) & upper)
+    def scored(name: str):
+        score = F(f"{name}.score")
+        return (score >= low) & (score <= high if high >= 1.0 else score < high)
+
+    return _matching(collection, field, scored)
 
 
 def decide(samples, field: str, decision: str) -> int:
@@ -200,9 +226,9 @@ class CopyResult:
     Attributes
     ----------
     copied : int
-        Approved samples whose label now fills the ground-truth field.
+        Approved samples (of videos: frames) whose label now fills the ground-truth field.
     kept : int
-        Approved samples whose ground truth was kept (it existed and ``replace`` was off).
+        Approved samples (frames) whose ground truth was kept (it existed and ``replace`` was off).
     """
 
     copied: int
@@ -223,35 +249,60 @@ def copy_approved(dataset, field: str, target_field: str, replace: bool = False)
         has mask targets and ``field`` other ones (or none).
     """
     check_field_name(target_field)
-    if target_field == field:
-        raise ValueError(f"'{field}' is the predicted field itself; choose a ground-truth field")
+    if target_field == tag_field(field):
+        raise ValueError(f"'{target_field}' is the predicted field itself; choose a ground-truth field")
     kind = _kind(dataset, field)
-    existing = dataset.get_field_schema().get(target_field)
+    frames = field.startswith(FRAMES)
+    target_path = FRAMES + target_field if frames else target_field
+    existing = ((dataset.get_frame_field_schema() or {}) if frames else dataset.get_field_schema()).get(target_field)
     if existing is not None and getattr(getattr(existing, "document_type", None), "__name__", None) != kind:
-        raise ValueError(f"field '{target_field}' does not hold {kind} labels")
-    targets, theirs = dataset.mask_targets.get(field), dataset.mask_targets.get(target_field)
+        raise ValueError(f"field '{target_path}' does not hold {kind} labels")
+    targets, theirs = dataset.mask_targets.get(field), dataset.mask_targets.get(target_path)
     if theirs and theirs != targets:
-        raise ValueError(f"field '{target_field}' has other mask targets than '{field}' ({theirs} against "
+        raise ValueError(f"field '{target_path}' has other mask targets than '{field}' ({theirs} against "
                          f"{targets or 'none'}): its masks' values would not mean the same; choose another "
                          "ground-truth field")
     approved = decision_view(dataset, field, "approved").exists(field)
-    ids, labels = approved.values(["id", field])
-    present = approved.values(target_field) if existing is not None else [None] * len(ids)
-    copies = {sample_id: _inline_copy(label) for sample_id, label, current in zip(ids, labels, present)
-              if replace or current is None}
-    if copies:
-        dataset.set_values(target_field, copies, key_field="id", dynamic=True)
-    if targets and target_field not in dataset.mask_targets:
-        dataset.mask_targets = {**dataset.mask_targets, target_field: targets}
+    if frames:
+        copied, kept = _copy_frames(approved, field, target_path, existing is not None, replace)
+    else:
+        ids, labels = approved.values(["id", field])
+        present = approved.values(target_field) if existing is not None else [None] * len(ids)
+        copies = {sample_id: _inline_copy(label) for sample_id, label, current in zip(ids, labels, present)
+                  if replace or current is None}
+        if copies:
+            dataset.set_values(target_field, copies, key_field="id", dynamic=True)
+        copied, kept = len(copies), len(ids) - len(copies)
+    if targets and target_path not in dataset.mask_targets:
+        dataset.mask_targets = {**dataset.mask_targets, target_path: targets}
         dataset.save()
-    return CopyResult(len(copies), len(ids) - len(copies))
+    return CopyResult(copied, kept)
+
+
+def _copy_frames(videos, field: str, target_path: str, exists: bool, replace: bool) -> tuple[int, int]:
+    """:func:`copy_approved` of the frames of ``videos``: ``(frames copied, frames kept)``."""
+    labels = videos.values(field)  # per video, its frames' labels in frame order
+    present = videos.values(target_path) if exists else [[None] * len(frames) for frames in labels]
+    copied = kept = 0
+    values = []
+    for frame_labels, frame_present in zip(labels, present):
+        row = []
+        for label, current in zip(frame_labels, frame_present):
+            take = label is not None and (replace or current is None)
+            row.append(_inline_copy(label) if take else current)
+            copied += take
+            kept += label is not None and not take
+        values.append(row)
+    if copied:
+        videos.set_values(target_path, values, dynamic=True)
+    return copied, kept
 
 
 def run_description(dataset, field: str) -> str:
     """Markdown of how ``field`` was made (``dataset.info["insid3"][field]``): the weights, the
     references per class and the settings given (unset ones left out); a line saying so when
     insid3 did not write it."""
-    made = ((dataset.info or {}).get("insid3") or {}).get(field)
+    made = ((dataset.info or {}).get("insid3") or {}).get(tag_field(field))
     if not made:
         return f"`{field}` was not written by insid3: no run settings to show."
     weights = made.get("weights_id") or "none"
@@ -268,11 +319,25 @@ def run_description(dataset, field: str) -> str:
 
 def _kind(collection, field: str) -> str:
     """``"Segmentation"`` or ``"Detections"``: the labels of ``field``; a ``ValueError`` otherwise."""
-    kind = getattr(collection.get_field_schema().get(field), "document_type", None)
+    schema = (collection.get_frame_field_schema() or {}) if field.startswith(FRAMES) else collection.get_field_schema()
+    kind = getattr(schema.get(field.removeprefix(FRAMES)), "document_type", None)
     if getattr(kind, "__name__", None) not in ("Segmentation", "Detections"):
         dataset = collection._root_dataset.name
         raise ValueError(f"'{field}' is no Segmentation or Detections field of dataset '{dataset}'")
     return kind.__name__
+
+
+def _prefixed(dataset, name: str) -> str:
+    """``name`` of a run's field as :func:`predicted_fields` lists it (``frames.<name>`` on videos)."""
+    return FRAMES + name if dataset.media_type == "video" else name
+
+
+def _matching(collection, field: str, condition):
+    """The samples whose label in ``field`` meets ``condition`` (the label's path to a
+    ``ViewExpression``); of a frame field, the videos holding such frames, with those only."""
+    if field.startswith(FRAMES):
+        return collection.match_frames(condition(field.removeprefix(FRAMES)))
+    return collection.match(condition(field))
 
 
 def _inline_copy(label):

@@ -229,3 +229,55 @@ def test_failure_tags_of_frames_are_label_tags_on_the_videos_frames(fo, dataset)
     assert all(target.frames[n]["pred"].tags == ([] if target.frames[n]["pred"].verdict == "ok"
                                                   else [f"insid3:pred:{target.frames[n]['pred'].verdict}"])
                for n in range(1, 5))
+
+
+def test_a_video_datasets_frame_field_is_reviewed(fo, dataset):
+    """The review read sample fields only: a video dataset's ``frames.<field>`` had no quality
+    report, failure views or panel. Its verdicts and scores now count frames, its views hold the
+    videos with the matching frames only, decisions tag the videos, and the approved frames'
+    masks are copied into ``frames.<ground truth>``."""
+    from fiftyone import ViewField as F
+
+    from fiftyone_plugin import curation
+
+    run(dataset, output_field="pred", max_area_ratio=0.2)
+    dataset.reload()
+    assert curation.predicted_fields(dataset) == ["frames.pred", "frames.ground_truth"]
+    assert curation.default_field(dataset) == "frames.pred"
+    target = dataset.skip(1).first()
+    verdicts = [target.frames[number]["pred"].verdict for number in range(1, 5)]
+    summary = curation.summarize(dataset, "frames.pred")
+    assert summary.kind == "Segmentation" and summary.predicted == 4
+    assert {v: n for v, n in summary.verdicts.items() if n} == {v: verdicts.count(v) for v in set(verdicts)}
+    assert sum(summary.histogram["counts"]) == 4 and summary.decisions["unreviewed"] == 1  # the target video
+    failing = next(v for v in verdicts if v != "ok")
+    view = curation.verdict_view(dataset, "frames.pred", failing)
+    assert view.values("id") == [target.id] and view.count("frames") == verdicts.count(failing)
+    scores = [target.frames[number]["pred"].score for number in range(1, 5)]
+    assert curation.score_view(dataset, "frames.pred", high=0.5).count("frames") == sum(s < 0.5 for s in scores)
+    import fiftyone.operators as foo
+
+    from fiftyone_setup import PLUGIN_URI as plugin
+
+    report = foo.execute_operator(f"{plugin}/quality_report", {"dataset": dataset},
+                                  params={"field": "frames.pred", "view_target": "DATASET"})
+    assert report.error is None and report.result["counts"][failing] == verdicts.count(failing)
+    saved = foo.execute_operator(f"{plugin}/save_failure_views", {"dataset": dataset}, params={"field": "frames.pred"})
+    assert saved.result["views"] == [f"frames.pred {failing}"]
+    assert dataset.load_saved_view(f"frames.pred {failing}").count("frames") == verdicts.count(failing)
+
+    assert curation.decide(dataset, "frames.pred", "approved") == 1
+    assert "insid3:pred:approved" in dataset.skip(1).first().tags
+    assert curation.summarize(dataset, "frames.pred").decisions == {"approved": 1, "rejected": 0, "unreviewed": 0}
+    assert len(curation.decision_view(dataset, "frames.pred", "approved")) == 1
+
+    result = curation.copy_approved(dataset, "frames.pred", "reviewed")
+    assert (result.copied, result.kept) == (4, 0)
+    dataset.reload()
+    target = dataset.skip(1).first()
+    for number in range(1, 5):
+        copy, prediction = target.frames[number]["reviewed"], target.frames[number]["pred"]
+        assert copy.mask_path is None and np.array_equal(copy.get_mask(), prediction.get_mask())
+    assert curation.copy_approved(dataset, "frames.pred", "reviewed") == curation.CopyResult(0, 4)
+    assert len(dataset.match_frames(F("reviewed") != None)) == 1  # noqa: E711
+    assert "**" in curation.run_description(dataset, "frames.pred")
