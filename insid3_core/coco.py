@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import PurePosixPath
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -87,8 +88,14 @@ def mask_record(file_name: str, label_map: np.ndarray, categories: Sequence[str]
     }
 
 
+def mask_file_name(file_name: str) -> str:
+    """The label PNG a target's mask is written to: ``a.jpg`` and ``a.png`` both give ``a.png``."""
+    return f"{PurePosixPath(file_name).stem}.png"
+
+
 def coco_document(records: dict[str, dict], categories: Sequence[str], info: dict) -> dict:
-    """Assemble a COCO document from records keyed by file name (ids follow sorted names).
+    """Assemble a COCO document from records keyed by file name (ids follow the sorted names of
+    their masks, :func:`mask_file_name`, then the names).
 
     Records may name categories missing from ``categories`` (an earlier run's); they are
     appended after them.
@@ -96,7 +103,7 @@ def coco_document(records: dict[str, dict], categories: Sequence[str], info: dic
     names = list(dict.fromkeys([*categories, *(a["category"] for r in records.values() for a in r["annotations"])]))
     category_ids = {name: index for index, name in enumerate(names, start=1)}
     images, annotations = [], []
-    for image, entries in coco_entries((records[name] for name in sorted(records)), category_ids):
+    for image, entries in coco_entries((records[name] for name in sorted(records, key=lambda name: (mask_file_name(name), name))), category_ids):
         images.append(image)
         annotations.extend(entries)
     return {

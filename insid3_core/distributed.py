@@ -51,6 +51,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .coco import mask_file_name
 from .fragments import JobSummary, fragment_file, merge_fragments
 from .io import (
     IMAGE_EXTENSIONS, InputError, atomic_write, broken_link, folder_images, load_image_bytes, not_image_kind,
@@ -334,8 +335,8 @@ def exists(location: str) -> bool:
 
 
 def output_path(job: JobSpec, path: str) -> str:
-    """``<out>/<stem>.png`` of a target path or URI."""
-    return joined(job.out, f"{PurePosixPath(path).stem}.png")
+    """``<out>/<stem>.png`` of a target path or URI (:func:`~insid3_core.coco.mask_file_name`)."""
+    return joined(job.out, mask_file_name(path))
 
 
 def settle(job: JobSpec, entries: list[dict]) -> str:
@@ -551,7 +552,7 @@ def place_mask(job: JobSpec, path: str, digest: str, label_map: np.ndarray, reco
             Path(staged).unlink(missing_ok=True)
     existing = _carried(output) or {}
     if existing.get("image", {}).get("source_sha256") != digest:
-        return _failed(path, f"{output}: another target's mask is there (same file stem); "
+        return _failed(path, f"{path}: another target's mask is at {output} (same file stem); "
                              "give the targets distinct names or another --out")
     return {**placed, "record": existing}
 

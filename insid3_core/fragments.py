@@ -1,7 +1,9 @@
 """Settled targets as sorted JSON-lines fragments, and their merge into one COCO document in
 bounded memory: how the workers of :mod:`insid3_core.distributed` hand their records to the driver.
 
-Each line of a fragment is a target's name in JSON, a tab, and its entry in JSON: ``name``,
+Each line of a fragment is the name of the target's mask in JSON
+(:func:`~insid3_core.coco.mask_file_name`: ``a.jpg`` and ``a.png`` share ``a.png``), a tab, and
+the target's entry in JSON: ``name``,
 ``status`` (``segmented``, ``skipped``, ``failed``, or ``earlier`` for an earlier document's
 record), ``source``, and ``record`` (its annotations.json record) or ``error``. Written here: no
 well-kept library merges sorted JSON-lines files into a COCO document without holding it.
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .coco import coco_entries
+from .coco import coco_entries, mask_file_name
 from .io import atomic_write, left_out_note
 
 MERGE_FAN_IN = 64
@@ -58,16 +60,16 @@ class JobSummary:
 
 def fragment_file(entries: list[dict]) -> tuple[str, bytes]:
     """``(file name, content)`` of one fragment of settled entries: a line per entry, sorted by
-    name, its name in JSON, a tab, the entry in JSON (the merge reads the names without decoding
-    entries). The name is unique to the content and the writing process."""
-    lines = sorted((entry["name"], json.dumps(entry["name"]) + "\t" + json.dumps(entry, separators=(",", ":")))
-                   for entry in entries)
+    the name of its mask, that name in JSON, a tab, the entry in JSON (the merge reads the names
+    without decoding entries). The file name is unique to the content and the writing process."""
+    lines = sorted((mask_file_name(entry["name"]), json.dumps(mask_file_name(entry["name"])) + "\t"
+                    + json.dumps(entry, separators=(",", ":"))) for entry in entries)
     content = "".join(line + "\n" for _, line in lines).encode("utf-8")
     return f"{hashlib.sha256(content).hexdigest()[:20]}-{os.getpid()}.jsonl", content
 
 
 def _sorted_lines(path: Path) -> Iterator[tuple[str, str]]:
-    """``(name, line)`` of a fragment, in its (sorted) order."""
+    """``(mask name, line)`` of a fragment, in its (sorted) order."""
     with open(path, encoding="utf-8") as stream:
         for line in stream:
             yield json.loads(line[:line.index("\t")]), line
@@ -77,7 +79,7 @@ def merge_fragments(parts: Path, destination: Path, categories: list[str], info:
     """Merge the job's sorted fragments into the COCO document ``destination`` in bounded memory.
 
     Fragments are merged :data:`MERGE_FAN_IN` at a time (in passes when there are more), each
-    name kept once: a segmented entry before a skipped one before an earlier run's; a failure
+    mask listed once: a segmented entry before a skipped one before an earlier run's; a failure
     is reported unless the same source also has a record. Ids follow sorted names, numbered by
     :func:`insid3_core.coco.coco_entries` as in :func:`insid3_core.coco.coco_document`.
     """
@@ -120,7 +122,7 @@ PRIORITY = {"segmented": 0, "skipped": 1, "earlier": 2}
 
 
 def _listed(lines, summary: JobSummary) -> Iterator[dict]:
-    """The record to list of each name of the merged ``(name, line)`` stream, counting what
+    """The record to list of each mask of the merged ``(mask name, line)`` stream, counting what
     :func:`_chosen` decides into ``summary``."""
     for _, group in _grouped(lines):
         record, failures = _chosen(group, summary)
@@ -131,7 +133,7 @@ def _listed(lines, summary: JobSummary) -> Iterator[dict]:
 
 
 def _grouped(lines) -> Iterator[tuple[str, list[dict]]]:
-    """Consecutive lines of one name, decoded."""
+    """Consecutive lines of one mask name, decoded."""
     current, group = None, []
     for name, line in lines:
         if name != current and group:
@@ -144,15 +146,16 @@ def _grouped(lines) -> Iterator[tuple[str, list[dict]]]:
 
 
 def _chosen(group: list[dict], summary: JobSummary) -> tuple[dict | None, list[str]]:
-    """The record to list for one name and the failures to report; counts the record's status.
+    """The record to list for one mask and the failures to report; counts the record's status.
 
-    Two targets of this job with one file name (``a/x.png``, ``b/x.png``) share an output mask:
-    without ``--overwrite`` the second could not place its mask and failed; with it, the mask
-    on disk is either's, so neither is listed and both fail.
+    Two targets of this job with one file stem (``a/x.png``, ``b/x.png``, ``x.jpg``) share an
+    output mask: without ``--overwrite`` the second could not place its mask and failed; with
+    it, the mask on disk is either's, so neither is listed and both fail. An earlier run's
+    record of another name (``x.png`` when ``x.jpg`` is segmented now) goes with its mask.
     """
     sources = list(dict.fromkeys(entry["source"] for entry in group if entry["status"] in ("segmented", "skipped")))
     if len(sources) > 1:
-        return None, [f"{source}: shares its output mask {group[0]['name'].rsplit('.', 1)[0]}.png with "
+        return None, [f"{source}: shares its output mask {mask_file_name(group[0]['name'])} with "
                       f"{', '.join(other for other in sources if other != source)}; give the targets distinct "
                       "names or separate --out folders" for source in sources]
     records = sorted((entry for entry in group if entry["status"] in PRIORITY), key=lambda e: PRIORITY[e["status"]])
@@ -162,9 +165,11 @@ def _chosen(group: list[dict], summary: JobSummary) -> tuple[dict | None, list[s
     elif chosen is not None and chosen["status"] == "skipped":
         summary.skipped += 1
     listed_source = None if chosen is None else chosen.get("source")
-    failures = list(dict.fromkeys(entry["error"] for entry in group
-                                  if entry["status"] == "failed" and entry["source"] != listed_source))
-    return (None if chosen is None else chosen["record"]), failures
+    failures = {}  # a source's first failure (a batch run again after its actor died fails again)
+    for entry in group:
+        if entry["status"] == "failed" and entry["source"] != listed_source:
+            failures.setdefault(entry["source"], entry["error"])
+    return (None if chosen is None else chosen["record"]), list(failures.values())
 
 
 def earlier_entries(records: dict[str, dict]) -> list[dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backbone import announce_smoke_test
+from ..coco import mask_file_name
 from ..engine import Segmenter
 from ..io import IMAGE_EXTENSIONS, broken_link, folder_images, label_masks, left_out_note, target_path
 from ..settings import EngineSettings
@@ -55,7 +56,7 @@ def check_mask_names(targets: list[Path]) -> None:
     """Refuse targets sharing a file stem (``a.png`` and ``a.jpg``): their masks, ``a.png``, would collide."""
     by_stem = collections.defaultdict(list)
     for target in targets:
-        by_stem[target.stem].append(target)
+        by_stem[mask_file_name(target.name)].append(target)
     clashes = [paths for paths in by_stem.values() if len(paths) > 1]
     if clashes:
         listed = "; ".join(" and ".join(str(p) for p in paths) for paths in clashes)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..coco import coco_document, records_from_document, result_record
+from ..coco import coco_document, mask_file_name, records_from_document, result_record
 from ..config import SMOKE_TEST_NOTE
 from ..io import (
     InputError, check_references, check_writable_folder, file_digest, json_value, oriented_size, overwritten_inputs,
@@ -122,13 +122,13 @@ def run_segment(arguments: argparse.Namespace) -> int:
     classes = references.classes
     negatives = [(Path(image), Path(mask)) for image, mask in arguments.negative]
     targets = resolve_targets(arguments.targets)
-    relisting = relisting_target(out, arguments.targets, {f"{target.stem}.png" for target in targets})
+    relisting = relisting_target(out, arguments.targets, {mask_file_name(target.name) for target in targets})
     if relisting:
         raise UsageError(f"--out {out}: TARGET {relisting} lists that folder, so the next run would take the masks "
                          "written there for targets: choose another --out")
     check_mask_names(targets)
     inputs = set(reference_files(arguments)) | set(targets) | set(settings_files(arguments))
-    outputs = {target: out.resolve() / f"{target.stem}.png" for target in targets}
+    outputs = {target: out.resolve() / mask_file_name(target.name) for target in targets}
     clobbered = overwritten_inputs(outputs.values(), inputs)
     if clobbered:
         raise UsageError(f"output masks would overwrite input files: {', '.join(clobbered)}; choose another --out")
@@ -143,9 +143,9 @@ def run_segment(arguments: argparse.Namespace) -> int:
         document = load_document(annotations_path, arguments.overwrite)
         records = earlier_records(document, list(classes), annotations_path, arguments.overwrite)
         pending = [t for t in targets if arguments.overwrite or not outputs[t].exists()]
-        replaced = {target.stem: target.name for target in pending}  # a.jpg's mask replaces a.png's: a.png goes
+        replaced = {mask_file_name(target.name): target.name for target in pending}  # a.jpg's replaces a.png's
         records = {name: record for name, record in records.items()
-                   if replaced.get(Path(name).stem, name) == name}
+                   if replaced.get(mask_file_name(name), name) == name}
         for target in targets:
             if target not in pending and target.name not in records:
                 records[target.name] = written_record(outputs[target], target.name, list(classes))

@@ -231,7 +231,12 @@ def test_auto_clustering_is_triton_on_cuda_torch_on_other_accelerators_and_scipy
     assert chosen == {"cuda": "triton", "mps": "torch", "cpu": "scipy"}
     monkeypatch.setattr(clustering, "triton_usable", lambda: False)
     assert clustering.clustering_method("auto", torch.device("cuda")) == "torch"
-    assert clustering.clustering_method("triton", torch.device("cpu")) == "triton", "a named method is itself"
+    assert clustering.clustering_method("torch", torch.device("cpu")) == "torch", "a named method is itself"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="clustering='triton' needs a CUDA device"):
+        clustering.clustering_method("triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert clustering.clustering_method("triton", torch.device("cpu")) == "triton", "Triton's CPU interpreter"
 
 
 def test_a_broken_link_in_a_target_folder_is_reported_not_lost(tmp_path, targets, capsys):

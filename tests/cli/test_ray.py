@@ -350,30 +350,40 @@ def test_targets_given_as_a_file_uri_are_listed_and_read_through_pyarrow(targets
         np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(single_machine / name)))
 
 
-def test_targets_sharing_a_file_name_never_replace_each_others_mask(targets, tmp_path):
-    """``a/scene_01.png`` and ``b/scene_01.png`` (other content) map to one output: the single
-    machine refuses them up front; the streamed job, which cannot see the whole listing, keeps
-    the first mask placed and fails the other (with ``--overwrite``, where either may have
-    written last, it lists neither and fails both)."""
+def test_targets_sharing_a_file_stem_never_replace_each_others_mask(targets, tmp_path):
+    """``a/scene_01.png``, ``b/scene_01.png`` and ``b/scene_01.jpg`` (other content) map to one
+    output: the single machine refuses them up front; the streamed job, which cannot see the
+    whole listing, keeps the first mask placed and fails the others (with ``--overwrite``, where
+    any may have written last, it lists none and fails all). A mask made again from
+    ``scene_01.jpg`` takes the place of ``scene_01.png``'s record."""
     other = tmp_path / "other"
     other.mkdir()
     with Image.open(targets / "scene_01.png") as image:
         ImageOps.invert(image.convert("RGB")).save(other / "scene_01.png")
+        ImageOps.mirror(image.convert("RGB")).save(other / "scene_01.jpg", quality=95)
+    given = [targets, other / "scene_01.png", other / "scene_01.jpg"]
     out = tmp_path / "out"
-    done = run([targets, other / "scene_01.png"], out, "--ray", "local", "--actors", "2")
+    done = run(given, out, "--ray", "local", "--actors", "2")
     assert done.returncode == 1
-    assert "segmented 24, skipped 0, failed 1" in done.stderr
-    assert "another target's mask is there (same file stem)" in done.stderr
-    listed = [image for image in document(out)["images"] if image["file_name"] == "scene_01.png"]
+    assert "segmented 24, skipped 0, failed 2" in done.stderr
+    assert done.stderr.count(f"another target's mask is at {out / 'scene_01.png'} (same file stem)") == 2
+    listed = [image for image in document(out)["images"] if image["file_name"].startswith("scene_01.")]
     assert len(listed) == 1
     assert listed[0]["source_sha256"] == json.loads(Image.open(out / "scene_01.png").text["insid3-record"])[
         "image"]["source_sha256"], "the listed record is the mask's own"
 
-    again = run([targets, other / "scene_01.png"], out, "--ray", "local", "--overwrite")
-    assert again.returncode == 1
-    assert "segmented 23, skipped 0, failed 2" in again.stderr
-    assert again.stderr.count("shares its output mask scene_01.png") == 2
-    assert "scene_01.png" not in [image["file_name"] for image in document(out)["images"]]
+    again = run(other / "scene_01.jpg", out, "--ray", "local", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    images = document(out)["images"]
+    assert [image["file_name"] for image in images if image["file_name"].startswith("scene_01.")] == ["scene_01.jpg"]
+    assert len(images) == 24, "the 23 other masks stay listed"
+    assert json.loads(Image.open(out / "scene_01.png").text["insid3-record"])["image"]["file_name"] == "scene_01.jpg"
+
+    clashing = run(given, out, "--ray", "local", "--overwrite")
+    assert clashing.returncode == 1
+    assert "segmented 23, skipped 0, failed 3" in clashing.stderr
+    assert clashing.stderr.count("shares its output mask scene_01.png") == 3
+    assert not [image for image in document(out)["images"] if image["file_name"].startswith("scene_01.")]
 
 
 def test_an_output_folder_uri_gets_the_same_bytes_and_resumes(targets, single_machine, tmp_path):
