@@ -162,8 +162,10 @@ class ReviewPanel(foo.Panel):
         copy = panel.h_stack("copy", gap=1, align_x="left", align_y="center")
         copy.str("ground_truth", default=DEFAULT_GROUND_TRUTH, label="Ground-truth field")
         copy.bool("replace", default=False, label="Replace existing ground truth")
-        copy.btn("copy_approved", label=f"Copy {summary.decisions['approved']} approved masks",
-                 on_click=self.copy_approved, variant="contained", disabled=not summary.decisions["approved"])
+        approved = summary.decisions["approved"]
+        label = (f"Copy the masks of {approved} approved videos" if summary.field.startswith(curation.FRAMES)
+                 else f"Copy {approved} approved masks")
+        copy.btn("copy_approved", label=label, on_click=self.copy_approved, variant="contained", disabled=not approved)
 
     def _decide(self, ctx, decision: str) -> None:
         field = self._field(ctx)

@@ -15,6 +15,7 @@ from importlib.util import find_spec
 import pytest
 from data import ARTIFACTS, EXAMPLES
 from fiftyone_setup import PLUGIN_URI, free_port
+from videos import reference_and_target
 
 CHROMIUM = os.environ.get("INSID3_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -336,3 +337,47 @@ def test_the_review_panel_counts_loads_views_and_records_decisions(fo, dataset):
         assert (sample.ground_truth.mask == sample.pred.get_mask()).all()
     assert dataset.match_tags("reference").first().ground_truth.mask_path.endswith("disks_mask.png")
     assert not below.exists("ground_truth"), "rejected masks are not copied"
+
+
+@pytest.fixture
+def video_dataset(fo, tmp_path):
+    """:func:`videos.reference_and_target`, in a dataset the App's server process finds."""
+    collection = fo.Dataset("insid3-app-video-test", overwrite=True)
+    collection.persistent = True
+    reference_and_target(collection, tmp_path)
+    yield collection
+    collection.delete()
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_the_review_panel_reviews_the_frames_of_a_video_dataset(fo, video_dataset):
+    """On a video dataset the panel reviews ``frames.pred``: it counts the frames' masks, a
+    verdict loads the videos holding such frames, approve tags the video in view, and the copy
+    fills the frames' ground truth (the reference video's own kept)."""
+    import fiftyone.operators as foo
+
+    foo.execute_operator(f"{PLUGIN_URI}/segment_by_example", {"dataset": video_dataset, "view_target": "DATASET"},
+                         params={"reference_field": "ground_truth", "output_field": "pred",
+                                 "image_size": 128, "svd_components": 16, "device": "cpu"})
+    verdict, count = max(video_dataset.count_values("frames.pred.verdict").items(), key=lambda item: item[1])
+    with app_page(fo, video_dataset) as page:
+        page.set_viewport_size({"width": 1400, "height": 1500})
+        open_review_panel(page)
+        page.get_by_text("4 masks in frames.pred (Segmentation)").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name=f"{verdict} · {count}").click()
+        page.get_by_text("1 sample", exact=True).first.wait_for(timeout=30_000)  # the target video
+        page.get_by_role("button", name="Approve the samples in view").click()
+        page.get_by_text("Approved 1 sample(s) of 'frames.pred'").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name="Copy the masks of 1 approved videos").click()
+        page.get_by_text("Copied 4 approved mask(s) of 'frames.pred' into 'ground_truth'").first.wait_for(
+            timeout=30_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "fiftyone_review_video.png"))
+
+    video_dataset.reload()
+    reference, target = video_dataset.first(), video_dataset.skip(1).first()
+    assert target.tags == ["insid3:pred:approved"]
+    for number in range(1, 5):
+        frame = target.frames[number]
+        assert (frame["ground_truth"].mask == frame["pred"].get_mask()).all()
+    assert reference.frames[1]["ground_truth"].mask_path.endswith("001_mask.png"), "the reference's own is kept"

@@ -1,60 +1,29 @@
 """Video datasets on a real FiftyOne: the frames are the targets (``frames.<field>``), references
 come from a tagged video's masked frames or a tagged frame label, progress counts frames.
 
-The test writes two small H.264 videos of the example scenes with Debian's ffmpeg (which
-FiftyOne itself needs to read and sample videos)."""
+The test writes two small H.264 videos of the example scenes (:func:`videos.write_video`)."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from importlib.util import find_spec
 
 import numpy as np
 import pytest
-from data import EXAMPLES
 from fiftyone_setup import PLUGIN_URI
+from videos import reference_and_target
 
 pytestmark = pytest.mark.skipif(find_spec("fiftyone") is None or shutil.which("ffmpeg") is None,
                                 reason="needs the fiftyone extra and ffmpeg")
 
 SEGMENT = f"{PLUGIN_URI}/segment_by_example"
 ENGINE = {"image_size": 128, "svd_components": 16, "device": "cpu", "batch_size": 3}
-SCENES = sorted((EXAMPLES / "targets").glob("*.png"))
-
-
-SIZE = (320, 256)
-
-
-def write_video(path, scenes) -> list:
-    """A 2 fps H.264 video of ``scenes`` resized to 320 x 256, one frame each; returns the paths
-    of their true masks at that size."""
-    from PIL import Image
-
-    frames = path.parent / f"{path.stem}_frames"
-    frames.mkdir()
-    masks = []
-    for index, scene in enumerate(scenes, start=1):
-        Image.open(scene).convert("RGB").resize(SIZE, Image.BILINEAR).save(frames / f"{index:03d}.png")
-        masks.append(frames / f"{index:03d}_mask.png")
-        Image.open(EXAMPLES / "masks" / scene.name).convert("L").resize(SIZE, Image.NEAREST).save(masks[-1])
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-framerate", "2", "-i", str(frames / "%03d.png"),
-                    "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)], check=True)
-    return masks
 
 
 @pytest.fixture
 def dataset(fo, tmp_path):
-    """A reference video (tagged ``reference``; its frames hold the scenes' true masks) and a target video."""
-    masks = write_video(tmp_path / "reference.mp4", SCENES[:2])
-    write_video(tmp_path / "target.mp4", SCENES[2:6])
-    collection = fo.Dataset()
-    collection.add_samples([fo.Sample(filepath=str(tmp_path / "reference.mp4"), tags=["reference"]),
-                            fo.Sample(filepath=str(tmp_path / "target.mp4"))])
-    reference = collection.match_tags("reference").first()
-    for number, mask in enumerate(masks, start=1):
-        reference.frames[number]["ground_truth"] = fo.Segmentation(mask_path=str(mask))
-    reference.save()
+    """:func:`videos.reference_and_target`."""
+    collection = reference_and_target(fo.Dataset(), tmp_path)
     yield collection
     collection.delete()
 
