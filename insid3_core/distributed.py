@@ -525,9 +525,11 @@ def place_mask(job: JobSpec, path: str, digest: str, label_map: np.ndarray, reco
     """Write a target's mask (:func:`insid3_core.outputs.output_mask_png`) and return its fragment
     entry. Without ``overwrite`` a mask never replaces a file: on a disk it is linked into place
     only where no file is; on an object store it is put only where none was found (an object
-    store cannot link, so two targets of one name writing at the same instant stay a race
-    there). A mask found made from the same content (this batch run again after its actor died)
-    counts as written; any other stays, and the target fails."""
+    store cannot link, so two targets of one mask name writing at the same instant may both
+    put theirs: both are then segmented entries of one mask, which the merge fails, see
+    :func:`insid3_core.fragments.merge_fragments`). A mask found made from the same content
+    (this batch run again after its actor died) counts as written; any other stays, and the
+    target fails."""
     from .outputs import output_mask_png
 
     output, name = output_path(job, path), PurePosixPath(path).name

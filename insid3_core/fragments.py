@@ -80,8 +80,10 @@ def merge_fragments(parts: Path, destination: Path, categories: list[str], info:
 
     Fragments are merged :data:`MERGE_FAN_IN` at a time (in passes when there are more), each
     mask listed once: a segmented entry before a skipped one before an earlier run's; a failure
-    is reported unless the same source also has a record. Ids follow sorted names, numbered by
-    :func:`insid3_core.coco.coco_entries` as in :func:`insid3_core.coco.coco_document`.
+    is reported unless the same source also has a record; two sources with a record of one
+    mask (``a/x.png`` and ``b/x.jpg``) both fail, neither listed. Ids follow the sorted mask
+    names, numbered by :func:`insid3_core.coco.coco_entries` as in
+    :func:`insid3_core.coco.coco_document`.
     """
     fragments = sorted(parts.glob("*.jsonl"))
     passes = 0

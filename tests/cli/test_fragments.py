@@ -85,3 +85,22 @@ def test_the_merge_keeps_one_record_a_name_and_reports_what_failed(tmp_path):
     assert (summary.segmented, summary.skipped, summary.failed) == (1, 0, 3)
     assert document["categories"] == [{"id": 1, "name": "object"}, {"id": 2, "name": "old class"}], \
         "an earlier run's category is appended, as coco_document does"
+
+
+def test_records_are_merged_by_the_name_of_their_mask(tmp_path):
+    """``a.jpg`` and ``a.png`` share the mask ``a.png``: a segmented ``a.jpg`` takes the place of an
+    earlier ``a.png`` record; the order is the masks' (``a.k.png`` before ``a.png``), as
+    :func:`coco_document` sorts; two targets failing with one message are both counted."""
+    jpg, other = record("a.jpg", 1), record("a.k.png", 2)
+    shared = "/out/b.png: another target's mask is there"
+    groups = [
+        [entry("a.jpg", "segmented", "/data/a.jpg", record=jpg),
+         entry("b.png", "failed", "/data/b.png", error=shared)],
+        [entry("a.png", "earlier", "/old/a.png", record=record("a.png", 3)),
+         entry("a.k.png", "segmented", "/data/a.k.png", record=other),
+         entry("b.jpg", "failed", "/data/b.jpg", error=shared)],
+    ]
+    summary, document, _ = merged(tmp_path, groups)
+    assert [image["file_name"] for image in document["images"]] == ["a.k.png", "a.jpg"]
+    assert document == json.loads(json.dumps(coco_document({"a.jpg": jpg, "a.k.png": other}, ["object"], INFO)))
+    assert (summary.segmented, summary.skipped, summary.failed) == (2, 0, 2)
