@@ -103,7 +103,8 @@ def coco_document(records: dict[str, dict], categories: Sequence[str], info: dic
     names = list(dict.fromkeys([*categories, *(a["category"] for r in records.values() for a in r["annotations"])]))
     category_ids = {name: index for index, name in enumerate(names, start=1)}
     images, annotations = [], []
-    for image, entries in coco_entries((records[name] for name in sorted(records, key=lambda name: (mask_file_name(name), name))), category_ids):
+    ordered = sorted(records, key=lambda name: (mask_file_name(name), name))
+    for image, entries in coco_entries((records[name] for name in ordered), category_ids):
         images.append(image)
         annotations.extend(entries)
     return {
