@@ -144,10 +144,11 @@ class ReviewPanel(foo.Panel):
                     view=types.SliderView(label="Threshold", value_precision=2))
         below = len(curation.score_view(ctx.dataset, summary.field, high=threshold))
         above = len(curation.score_view(ctx.dataset, summary.field, low=threshold))
+        videos = " video(s)" if summary.field.startswith(curation.FRAMES) else ""  # what the click loads
         scores = panel.h_stack("threshold_views", gap=1, align_x="left")
-        scores.btn("below", label=f"{below} below {threshold:.2f}", on_click=self.show_below, variant="contained",
-                   disabled=not below)
-        scores.btn("above", label=f"{above} at or above {threshold:.2f}", on_click=self.show_above,
+        scores.btn("below", label=f"{below}{videos} below {threshold:.2f}", on_click=self.show_below,
+                   variant="contained", disabled=not below)
+        scores.btn("above", label=f"{above}{videos} at or above {threshold:.2f}", on_click=self.show_above,
                    variant="outlined", disabled=not above)
 
     def _decisions(self, panel, ctx, summary) -> None:
@@ -163,7 +164,7 @@ class ReviewPanel(foo.Panel):
         copy.str("ground_truth", default=DEFAULT_GROUND_TRUTH, label="Ground-truth field")
         copy.bool("replace", default=False, label="Replace existing ground truth")
         approved = summary.decisions["approved"]
-        label = (f"Copy the masks of {approved} approved videos" if summary.field.startswith(curation.FRAMES)
+        label = (f"Copy the masks of {approved} approved video(s)" if summary.field.startswith(curation.FRAMES)
                  else f"Copy {approved} approved masks")
         copy.btn("copy_approved", label=label, on_click=self.copy_approved, variant="contained", disabled=not approved)
 

@@ -355,20 +355,23 @@ def test_the_review_panel_reviews_the_frames_of_a_video_dataset(fo, video_datase
     verdict loads the videos holding such frames, approve tags the video in view, and the copy
     fills the frames' ground truth (the reference video's own kept)."""
     import fiftyone.operators as foo
+    from fiftyone_plugin import curation
 
     foo.execute_operator(f"{PLUGIN_URI}/segment_by_example", {"dataset": video_dataset, "view_target": "DATASET"},
                          params={"reference_field": "ground_truth", "output_field": "pred",
                                  "image_size": 128, "svd_components": 16, "device": "cpu"})
     verdict, count = max(video_dataset.count_values("frames.pred.verdict").items(), key=lambda item: item[1])
+    above = len(curation.score_view(video_dataset, "frames.pred", low=0.5))  # the videos the button loads
     with app_page(fo, video_dataset) as page:
         page.set_viewport_size({"width": 1400, "height": 1500})
         open_review_panel(page)
         page.get_by_text("4 masks in frames.pred (Segmentation)").first.wait_for(timeout=30_000)
+        page.get_by_role("button", name=f"{above} video(s) at or above 0.50").wait_for(timeout=30_000)
         page.get_by_role("button", name=f"{verdict} · {count}").click()
         page.get_by_text("1 sample", exact=True).first.wait_for(timeout=30_000)  # the target video
         page.get_by_role("button", name="Approve the samples in view").click()
         page.get_by_text("Approved 1 sample(s) of 'frames.pred'").first.wait_for(timeout=30_000)
-        page.get_by_role("button", name="Copy the masks of 1 approved videos").click()
+        page.get_by_role("button", name="Copy the masks of 1 approved video(s)").click()
         page.get_by_text("Copied 4 approved mask(s) of 'frames.pred' into 'ground_truth'").first.wait_for(
             timeout=30_000)
         page.wait_for_timeout(1000)
