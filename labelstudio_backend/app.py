@@ -13,7 +13,7 @@ from pathlib import Path
 
 from insid3_core.settings import out_of_memory_message
 
-from .errors import BackendError
+from .errors import BackendError, body_too_large
 from .interactive import context_regions
 from .payload import json_object, objects, optional_object, project_id, text
 from .turns import Turns
@@ -77,7 +77,9 @@ def create_app(backend, turns: Turns | None = None):
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
-        response = jsonify(error=err.description)
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        message = body_too_large(limit) if err.code == 413 and (request.content_length or 0) > limit else err.description
+        response = jsonify(error=message)
         response.status_code = err.code
         for name, value in err.get_headers():
             if name.lower() != "content-type":

@@ -117,8 +117,7 @@ def served_settings(path) -> tuple[dict, dict]:
 
 def run_serve(arguments: argparse.Namespace) -> int:
     """Serve the ML backend with waitress (threads in one process: the model is loaded once) until interrupted."""
-    import waitress
-
+    from .server import backend_server
     from .settings import Settings
 
     from insid3_core.cli import UsageError
@@ -138,7 +137,7 @@ def run_serve(arguments: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     app, options = served_app(backend_from_arguments(arguments, settings, serving=True), arguments.threads)
     try:  # the port may have been taken while the model loaded
-        server = waitress.create_server(app, host=arguments.host, port=arguments.port, **options)
+        server = backend_server(app, host=arguments.host, port=arguments.port, **options)
     except OSError as err:
         raise cannot_listen(arguments.host, arguments.port, err) from None
     server.print_listen("insid3: Label Studio ML backend serving on http://{}:{}")

@@ -21,3 +21,8 @@ class BackendError(Exception):
         self.message = message
         self.status = status
         self.retry_after = retry_after
+
+
+def body_too_large(limit: int) -> str:
+    """The message of a 413 for a request body above ``limit`` bytes (``INSID3_MAX_REQUEST_BYTES``)."""
+    return f"the request body is above INSID3_MAX_REQUEST_BYTES={limit} bytes"

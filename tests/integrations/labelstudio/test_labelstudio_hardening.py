@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import io
 import json
+import socket
 import struct
 import threading
 import time
@@ -175,11 +176,18 @@ def test_request_bodies_are_bounded(segmenter, settings):
     small = dataclasses.replace(settings, max_request_bytes=1 << 20)
     client = create_app(build_backend(small, segmenter)).test_client()
     big = json.dumps({"tasks": [], "padding": "x" * (2 << 20)})
+    message = f"the request body is above INSID3_MAX_REQUEST_BYTES={1 << 20} bytes"
     answer = client.post("/predict", data=big, content_type="application/json")
-    assert answer.status_code == 413 and answer.get_json()["error"]
+    assert answer.status_code == 413 and answer.get_json() == {"error": message}
     with BackendServer(build_backend(small, segmenter), threads=2) as server:
         answer = requests.post(server.url + "/predict", data=big, headers={"Content-Type": "application/json"}, timeout=30)
-        assert answer.status_code == 413 and "Request Entity Too Large" in answer.text, "waitress says why, in text"
+        assert answer.status_code == 413 and answer.json() == {"error": message}, "waitress's refusal is JSON too"
+        assert answer.headers["Content-Type"] == "application/json"
+        with socket.create_connection(("127.0.0.1", server.server.effective_port), timeout=10) as raw:
+            raw.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            status, _, rest = raw.recv(4096).partition(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 400") and json.loads(rest.partition(b"\r\n\r\n")[2])["error"], \
+            "a malformed chunked body: a JSON 400"
 
 
 def test_busy_workers_leave_health_answering(segmenter, settings, hosts):
