@@ -172,7 +172,8 @@ class ReviewPanel(foo.Panel):
         field = self._field(ctx)
         samples = ctx.dataset.select(ctx.selected) if ctx.selected else ctx.view
         tagged = curation.decide(samples, field, decision)
-        ctx.ops.notify(f"{decision.capitalize()} {tagged} sample(s) of '{field}' "
+        unit = "video(s)" if field.startswith(curation.FRAMES) else "sample(s)"
+        ctx.ops.notify(f"{decision.capitalize()} {tagged} {unit} of '{field}' "
                        f"(tag {curation.decision_tag(field, decision)})", variant="success" if tagged else "info")
         ctx.ops.reload_dataset()
 

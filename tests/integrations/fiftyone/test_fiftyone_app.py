@@ -370,7 +370,7 @@ def test_the_review_panel_reviews_the_frames_of_a_video_dataset(fo, video_datase
         page.get_by_role("button", name=f"{verdict} · {count}").click()
         page.get_by_text("1 sample", exact=True).first.wait_for(timeout=30_000)  # the target video
         page.get_by_role("button", name="Approve the samples in view").click()
-        page.get_by_text("Approved 1 sample(s) of 'frames.pred'").first.wait_for(timeout=30_000)
+        page.get_by_text("Approved 1 video(s) of 'frames.pred'").first.wait_for(timeout=30_000)
         page.get_by_role("button", name="Copy the masks of 1 approved video(s)").click()
         page.get_by_text("Copied 4 approved mask(s) of 'frames.pred' into 'ground_truth'").first.wait_for(
             timeout=30_000)
