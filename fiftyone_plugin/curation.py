@@ -31,7 +31,7 @@ def decision_tag(field: str, decision: str) -> str:
 
 
 def tag_field(field: str) -> str:
-    """The name tags give ``field``: a video's ``frames.<field>`` is ``<field>``, as in a run's tags."""
+    """``field``'s own name, which tags and the frame schema give it: a video's ``frames.<field>`` is ``<field>``."""
     return field.removeprefix(FRAMES)
 
 
@@ -87,25 +87,30 @@ class FieldSummary:
 FRAMES = "frames."
 
 
+def is_frame_field(field: str) -> bool:
+    """Whether ``field`` is a video dataset's frame field (``frames.<field>``)."""
+    return field.startswith(FRAMES)
+
+
 def predicted_fields(dataset) -> list[str]:
     """The dataset's ``Segmentation`` and ``Detections`` fields (a video dataset's frame fields,
     as ``frames.<field>``), those insid3 wrote first (in the order it wrote them, the last one
     last), then the others by name."""
     import fiftyone as fo
 
-    prefix = FRAMES if dataset.media_type == "video" else ""
-    schema = dataset.get_frame_field_schema if prefix else dataset.get_field_schema
-    fields = [prefix + name for name in sorted(schema(embedded_doc_type=(fo.Segmentation, fo.Detections)) or {})]
-    made = [prefix + name for name in ((dataset.info or {}).get("insid3") or {}) if prefix + name in fields]
+    schema = dataset.get_frame_field_schema if dataset.media_type == "video" else dataset.get_field_schema
+    fields = [_prefixed(dataset, name)
+              for name in sorted(schema(embedded_doc_type=(fo.Segmentation, fo.Detections)) or {})]
+    made = _written(dataset, fields)
     return made + [name for name in fields if name not in made]
 
 
 def default_field(dataset) -> str | None:
     """The field insid3 wrote last, else ``insid3`` when present, else the first mask field."""
     fields = predicted_fields(dataset)
-    made = [name for name in ((dataset.info or {}).get("insid3") or {}) if _prefixed(dataset, name) in fields]
+    made = _written(dataset, fields)
     default = _prefixed(dataset, "insid3")
-    return _prefixed(dataset, made[-1]) if made else default if default in fields else next(iter(fields), None)
+    return made[-1] if made else default if default in fields else next(iter(fields), None)
 
 
 def summarize(collection, field: str) -> FieldSummary:
@@ -120,7 +125,7 @@ def summarize(collection, field: str) -> FieldSummary:
         fo.CountValues(f"{field}.verdict"), fo.CountValues("tags"),
         fo.HistogramValues(f"{field}.score", bins=BINS, range=[0.0, 1.0]), fo.Count(field),
     ])
-    samples = len(collection.exists(field)) if field.startswith(FRAMES) else predicted  # decisions: the videos'
+    samples = len(collection.exists(field)) if is_frame_field(field) else predicted  # decisions: the videos'
     counts, edges, _ = histogram
     by_verdict = {verdict: int(verdicts.get(verdict, 0)) for verdict in VERDICTS}
     by_verdict["unreadable"] = sum(int(tags.get(tag, 0)) for tag in failure_tags(tag_field(field), "unreadable"))
@@ -156,7 +161,7 @@ def class_keys(collection, field: str) -> list[str]:
 
     found = _matching(collection, field, lambda label: F(f"{label}.classes") != None)  # noqa: E711
     values = found.limit(1).values(f"{field}.classes")
-    if field.startswith(FRAMES):  # per video, a list of its frames' values
+    if is_frame_field(field):  # per video, a list of its frames' values
         values = [frame for frames in values for frame in frames]
     first = next((value for value in values if value), None)
     return sorted(first) if first else []
@@ -252,9 +257,9 @@ def copy_approved(dataset, field: str, target_field: str, replace: bool = False)
     if target_field == tag_field(field):
         raise ValueError(f"'{target_field}' is the predicted field itself; choose a ground-truth field")
     kind = _kind(dataset, field)
-    frames = field.startswith(FRAMES)
+    frames = is_frame_field(field)
     target_path = FRAMES + target_field if frames else target_field
-    existing = ((dataset.get_frame_field_schema() or {}) if frames else dataset.get_field_schema()).get(target_field)
+    existing = _field_type(dataset, target_path)
     if existing is not None and getattr(getattr(existing, "document_type", None), "__name__", None) != kind:
         raise ValueError(f"field '{target_path}' does not hold {kind} labels")
     targets, theirs = dataset.mask_targets.get(field), dataset.mask_targets.get(target_path)
@@ -319,12 +324,24 @@ def run_description(dataset, field: str) -> str:
 
 def _kind(collection, field: str) -> str:
     """``"Segmentation"`` or ``"Detections"``: the labels of ``field``; a ``ValueError`` otherwise."""
-    schema = (collection.get_frame_field_schema() or {}) if field.startswith(FRAMES) else collection.get_field_schema()
-    kind = getattr(schema.get(field.removeprefix(FRAMES)), "document_type", None)
+    kind = getattr(_field_type(collection, field), "document_type", None)
     if getattr(kind, "__name__", None) not in ("Segmentation", "Detections"):
         dataset = collection._root_dataset.name
         raise ValueError(f"'{field}' is no Segmentation or Detections field of dataset '{dataset}'")
     return kind.__name__
+
+
+def _field_type(collection, field: str):
+    """The schema entry of ``field`` (of a frame field, in the frame schema), or ``None``."""
+    if is_frame_field(field):
+        return (collection.get_frame_field_schema() or {}).get(tag_field(field))
+    return collection.get_field_schema().get(field)
+
+
+def _written(dataset, fields: list[str]) -> list[str]:
+    """The fields of ``fields`` insid3 wrote (``dataset.info["insid3"]``), in the order it wrote them."""
+    made = (_prefixed(dataset, name) for name in ((dataset.info or {}).get("insid3") or {}))
+    return [name for name in made if name in fields]
 
 
 def _prefixed(dataset, name: str) -> str:
@@ -335,8 +352,8 @@ def _prefixed(dataset, name: str) -> str:
 def _matching(collection, field: str, condition):
     """The samples whose label in ``field`` meets ``condition`` (the label's path to a
     ``ViewExpression``); of a frame field, the videos holding such frames, with those only."""
-    if field.startswith(FRAMES):
-        return collection.match_frames(condition(field.removeprefix(FRAMES)))
+    if is_frame_field(field):
+        return collection.match_frames(condition(tag_field(field)))
     return collection.match(condition(field))
 
 

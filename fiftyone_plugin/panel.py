@@ -144,7 +144,7 @@ class ReviewPanel(foo.Panel):
                     view=types.SliderView(label="Threshold", value_precision=2))
         below = len(curation.score_view(ctx.dataset, summary.field, high=threshold))
         above = len(curation.score_view(ctx.dataset, summary.field, low=threshold))
-        videos = " video(s)" if summary.field.startswith(curation.FRAMES) else ""  # what the click loads
+        videos = " video(s)" if curation.is_frame_field(summary.field) else ""  # what the click loads
         scores = panel.h_stack("threshold_views", gap=1, align_x="left")
         scores.btn("below", label=f"{below}{videos} below {threshold:.2f}", on_click=self.show_below,
                    variant="contained", disabled=not below)
@@ -164,7 +164,7 @@ class ReviewPanel(foo.Panel):
         copy.str("ground_truth", default=DEFAULT_GROUND_TRUTH, label="Ground-truth field")
         copy.bool("replace", default=False, label="Replace existing ground truth")
         approved = summary.decisions["approved"]
-        label = (f"Copy the masks of {approved} approved video(s)" if summary.field.startswith(curation.FRAMES)
+        label = (f"Copy the masks of {approved} approved video(s)" if curation.is_frame_field(summary.field)
                  else f"Copy {approved} approved masks")
         copy.btn("copy_approved", label=label, on_click=self.copy_approved, variant="contained", disabled=not approved)
 
@@ -172,7 +172,7 @@ class ReviewPanel(foo.Panel):
         field = self._field(ctx)
         samples = ctx.dataset.select(ctx.selected) if ctx.selected else ctx.view
         tagged = curation.decide(samples, field, decision)
-        unit = "video(s)" if field.startswith(curation.FRAMES) else "sample(s)"
+        unit = "video(s)" if curation.is_frame_field(field) else "sample(s)"
         ctx.ops.notify(f"{decision.capitalize()} {tagged} {unit} of '{field}' "
                        f"(tag {curation.decision_tag(field, decision)})", variant="success" if tagged else "info")
         ctx.ops.reload_dataset()

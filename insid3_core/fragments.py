@@ -62,8 +62,8 @@ def fragment_file(entries: list[dict]) -> tuple[str, bytes]:
     """``(file name, content)`` of one fragment of settled entries: a line per entry, sorted by
     the name of its mask, that name in JSON, a tab, the entry in JSON (the merge reads the names
     without decoding entries). The file name is unique to the content and the writing process."""
-    lines = sorted((mask_file_name(entry["name"]), json.dumps(mask_file_name(entry["name"])) + "\t"
-                    + json.dumps(entry, separators=(",", ":"))) for entry in entries)
+    keyed = ((mask_file_name(entry["name"]), entry) for entry in entries)
+    lines = sorted((key, json.dumps(key) + "\t" + json.dumps(entry, separators=(",", ":"))) for key, entry in keyed)
     content = "".join(line + "\n" for _, line in lines).encode("utf-8")
     return f"{hashlib.sha256(content).hexdigest()[:20]}-{os.getpid()}.jsonl", content
 

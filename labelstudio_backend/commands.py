@@ -15,8 +15,6 @@ PREDICTION_SETTINGS = {"instances": str, "negative_label": str, "calibrate": boo
 ``serve`` writes them beside its engine settings (under ``"backend"``), ``preannotate`` reads them."""
 ENGINE_UNUSED = ("instance_method",)  # the backend's INSID3_INSTANCES says whether and how to split
 MAX_THREADS = 1024  # --threads beyond it would exhaust the process's threads before serving
-CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
-IDLE_SECONDS = 20  # a connection that sent no complete request for this long is closed (waitress: 120)
 
 
 def register(subparsers) -> None:
@@ -135,9 +133,9 @@ def run_serve(arguments: argparse.Namespace) -> int:
               "and change the references through /webhook; set both, or serve on 127.0.0.1 behind a proxy",
               file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    app, options = served_app(backend_from_arguments(arguments, settings, serving=True), arguments.threads)
+    backend = backend_from_arguments(arguments, settings, serving=True)
     try:  # the port may have been taken while the model loaded
-        server = backend_server(app, host=arguments.host, port=arguments.port, **options)
+        server = backend_server(backend, arguments.threads, arguments.host, arguments.port)
     except OSError as err:
         raise cannot_listen(arguments.host, arguments.port, err) from None
     server.print_listen("insid3: Label Studio ML backend serving on http://{}:{}")
@@ -186,21 +184,6 @@ def cannot_listen(host: str, port: int, err: OSError):
     from insid3_core.cli import UsageError
 
     return UsageError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})")
-
-
-def served_app(backend, threads: int):
-    """``(app, waitress options)`` serving ``backend``: ``threads`` work requests at once,
-    ``INSID3_MAX_QUEUED_REQUESTS`` waiting, and a thread beyond them for ``/health`` and refusals."""
-    from .app import create_app
-    from .turns import Turns
-
-    settings = backend.settings
-    turns = Turns(threads, settings.max_queued_requests, settings.queue_wait)
-    served_at_once = threads + settings.max_queued_requests + 1
-    options = {"threads": served_at_once, "connection_limit": served_at_once + CONNECTIONS_BEYOND_THREADS,
-               "ident": "insid3", "max_request_body_size": settings.max_request_bytes,
-               "channel_timeout": IDLE_SECONDS, "cleanup_interval": 5}
-    return create_app(backend, turns), options
 
 
 def api_settings(command: str):

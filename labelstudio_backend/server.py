@@ -1,4 +1,5 @@
-"""The waitress server of ``insid3 labelstudio serve``, whose own answers are JSON like the app's.
+"""The waitress server of ``insid3 labelstudio serve``: its threads and bounds, and its own
+answers in JSON like the app's.
 
 waitress answers some requests before the app sees them: a declared body above
 ``max_request_body_size`` (``INSID3_MAX_REQUEST_BYTES``), a malformed request line, headers or
@@ -15,7 +16,12 @@ from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
 
+from .app import create_app
 from .errors import body_too_large
+from .turns import Turns
+
+CONNECTIONS_BEYOND_THREADS = 64  # open connections waitress keeps beyond its threads (idle keep-alives, /health)
+IDLE_SECONDS = 20  # a connection that sent no complete request for this long is closed (waitress: 120)
 
 
 class JSONErrorTask(ErrorTask):
@@ -39,11 +45,19 @@ class JSONErrorChannel(HTTPChannel):
     error_task_class = JSONErrorTask
 
 
-def backend_server(app, **options):
-    """``waitress.create_server(app, **options)`` (one server per address ``host`` resolves to),
-    its connections :class:`JSONErrorChannel`; not yet serving (``run()`` serves)."""
+def backend_server(backend, threads: int, host: str, port: int):
+    """The waitress server of ``backend`` on ``host:port`` (one listener per address ``host``
+    resolves to), not yet serving (``run()`` serves): ``threads`` work requests at once,
+    ``INSID3_MAX_QUEUED_REQUESTS`` waiting, and a thread beyond them for ``/health`` and
+    refusals; its connections are :class:`JSONErrorChannel`."""
+    settings = backend.settings
+    turns = Turns(threads, settings.max_queued_requests, settings.queue_wait)
+    served_at_once = threads + settings.max_queued_requests + 1
     listeners = {}
-    server = create_server(app, map=listeners, **options)
+    server = create_server(create_app(backend, turns), map=listeners, host=host, port=port, threads=served_at_once,
+                           connection_limit=served_at_once + CONNECTIONS_BEYOND_THREADS, ident="insid3",
+                           max_request_body_size=settings.max_request_bytes, channel_timeout=IDLE_SECONDS,
+                           cleanup_interval=5)
     for listener in listeners.values():
         if isinstance(listener, BaseWSGIServer):
             listener.channel_class = JSONErrorChannel

@@ -109,11 +109,9 @@ class BackendServer:
     """A backend served by waitress, as ``insid3 labelstudio serve`` serves it, on a free 127.0.0.1 port in a thread."""
 
     def __init__(self, backend, threads: int = 4) -> None:
-        from labelstudio_backend.commands import served_app
         from labelstudio_backend.server import backend_server
 
-        app, options = served_app(backend, threads)
-        self.server = backend_server(app, host="127.0.0.1", port=0, **options)
+        self.server = backend_server(backend, threads, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
